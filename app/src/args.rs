@@ -1,0 +1,133 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Run Mixture-of-Experts language models on laptop GPUs through wgpu")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it as it is produced.
+    Generate(GenerateArgs),
+    /// Chat in the terminal with the model's chat template and history.
+    Chat(ChatArgs),
+    /// Print logits (and routing) for token ids as one JSON object.
+    Logits(LogitsArgs),
+    /// Describe a model: family, layers, experts, parameter and byte counts.
+    Info(InfoArgs),
+    /// List the wgpu adapters on this machine.
+    Devices(DevicesArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// HuggingFace model folder (config.json, *.safetensors, tokenizer.json). Default: Ferry's
+    /// built-in model, generated into the cache folder on first use.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].
+    #[arg(long, default_value = "default")]
+    pub adapter: String,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Always take the most likely token (the default unless --temperature is given).
+    #[arg(long, conflicts_with = "temperature")]
+    pub greedy: bool,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Drop tokens less likely than MIN_P times the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens already seen (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    pub prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Option<Vec<u32>>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (ids, text, timing) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// Logits for every position, not only the last.
+    #[arg(long)]
+    pub all_positions: bool,
+    /// Include the experts each token was routed to, per layer.
+    #[arg(long)]
+    pub routing: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DevicesArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

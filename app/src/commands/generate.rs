@@ -1,0 +1,65 @@
+//! `ferry generate`: stream text for a prompt, or print one JSON object with `--json`.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use ferry_runtime::chat::Message;
+use ferry_runtime::engine::{Event, GenerateRequest};
+
+use crate::args::GenerateArgs;
+use crate::load;
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let loaded = load::engine(&args.model, args.prompt.is_some())?;
+    let engine = &loaded.engine;
+    let prompt_ids = match (&args.prompt, &args.ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => {
+            let tokenizer = engine.tokenizer.as_ref().context("--prompt needs tokenizer.json in the model folder")?;
+            if args.chat {
+                tokenizer.encode_chat(&[Message::new("user", text)])?
+            } else {
+                tokenizer.encode(text, true)?
+            }
+        }
+        (None, None) => anyhow::bail!("give --prompt TEXT or --ids 1,2,3"),
+    };
+    let request = GenerateRequest {
+        prompt_ids: prompt_ids.clone(),
+        max_new_tokens: args.sampling.max_new_tokens,
+        sampling: super::sampling_config(&args.sampling)?,
+        stop_strings: args.sampling.stop.clone(),
+        stop_at_eos: !args.sampling.ignore_eos,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let output = engine.generate(&request, |event| {
+        if let (false, Event::Token { text, .. }) = (args.json, event) {
+            // Streaming to a closed pipe is not worth failing the generation over.
+            let _ = write!(stdout, "{text}");
+            let _ = stdout.flush();
+        }
+    })?;
+    if args.json {
+        let value = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "ids": output.ids,
+            "text": output.text,
+            "stats": output.stats,
+            "adapter": loaded.gpu.adapter,
+        });
+        writeln!(stdout, "{value}")?;
+    } else {
+        writeln!(stdout)?;
+        let s = &output.stats;
+        eprintln!(
+            "[{} prompt tokens, {} new; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3} s; {}]",
+            s.prompt_tokens,
+            s.new_tokens,
+            s.prefill_tokens_per_second,
+            s.decode_tokens_per_second,
+            s.time_to_first_token_seconds,
+            loaded.gpu.describe()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The `ferry` binary as a user runs it: its JSON contracts against the transformers fixtures,
+//! and one-line errors with a non-zero exit for bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(family)
+}
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().expect("ferry runs")
+}
+
+fn json_of(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "ferry failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
+}
+
+/// The error line ferry printed (wgpu's GL probe may print unrelated lines first).
+fn error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "ferry should have failed");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> =
+        stderr.lines().filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert_eq!(lines.len(), 1, "exactly one error line expected in {stderr:?}");
+    lines[0].to_string()
+}
+
+fn ids_arg(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn reference(family: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(family).join("reference.json")).unwrap()).unwrap()
+}
+
+fn as_ids(value: &serde_json::Value) -> Vec<u64> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+}
+
+#[test]
+fn logits_command_prints_the_contract_matching_transformers() {
+    let reference = reference("qwen2_moe");
+    let ids = ids_arg(&as_ids(&reference["input_ids"]));
+    let model = fixture("qwen2_moe");
+    let out =
+        json_of(&ferry(&["logits", "--model", model.to_str().unwrap(), "--ids", &ids, "--all-positions", "--routing"]));
+    assert_eq!(out["routing"], reference["routing"]);
+    let ours = out["logits"].as_array().unwrap();
+    let theirs = reference["logits"].as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(theirs) {
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 2e-4);
+        }
+    }
+    // Without --all-positions: only the last position; without --routing: no routing key.
+    let last = json_of(&ferry(&["logits", "--model", model.to_str().unwrap(), "--ids", &ids]));
+    assert_eq!(last["logits"].as_array().unwrap().len(), 1);
+    assert!(last.get("routing").is_none());
+}
+
+#[test]
+fn generate_json_gives_transformers_greedy_tokens() {
+    let reference = reference("mixtral");
+    let prompt = ids_arg(&as_ids(&reference["greedy"]["prompt_ids"]));
+    let expected = as_ids(&reference["greedy"]["new_ids"]);
+    let model = fixture("mixtral");
+    let n = expected.len().to_string();
+    let out = json_of(&ferry(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &prompt,
+        "--greedy",
+        "--ignore-eos",
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ]));
+    assert_eq!(as_ids(&out["ids"]), expected);
+    assert!(out["stats"]["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(out["adapter"]["name"].is_string());
+}
+
+#[test]
+fn generate_streams_text_for_a_prompt() {
+    let model = fixture("olmoe");
+    let out = ferry(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The robot",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 new"));
+}
+
+#[test]
+fn info_reports_family_and_expert_bytes() {
+    let out = json_of(&ferry(&["info", "--model", fixture("qwen3_moe").to_str().unwrap(), "--json"]));
+    assert_eq!(out["family"], "qwen3_moe");
+    assert_eq!(out["layers"], 3);
+    assert_eq!(out["moe_layers"], 2);
+    // 2 MoE layers x 8 experts x 3 x 64 x 32 parameters.
+    assert_eq!(out["expert_parameters"], 2 * 8 * 3 * 64 * 32);
+}
+
+#[test]
+fn devices_lists_at_least_one_adapter() {
+    let out = json_of(&ferry(&["devices", "--json"]));
+    assert!(!out.as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_missing_model_folder_is_one_error_line() {
+    let line = error_line(&ferry(&["logits", "--model", "/nonexistent/model", "--ids", "1"]));
+    assert!(line.contains("/nonexistent/model"), "{line}");
+}
+
+#[test]
+fn a_bad_adapter_flag_is_named() {
+    let model = fixture("olmoe");
+    let line =
+        error_line(&ferry(&["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--adapter", "quantum"]));
+    assert!(line.contains("--adapter"), "{line}");
+}
+
+#[test]
+fn an_adapter_that_does_not_exist_is_a_clear_error() {
+    let model = fixture("olmoe");
+    let line =
+        error_line(&ferry(&["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--adapter", "discrete:7"]));
+    assert!(line.contains("no usable GPU adapter"), "{line}");
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_one_error_line() {
+    let model = fixture("olmoe");
+    let line = error_line(&ferry(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,99999"]));
+    assert!(line.contains("99999") && line.contains("vocabulary"), "{line}");
+}
+
+#[test]
+fn bad_sampling_flags_are_named() {
+    let model = fixture("olmoe");
+    let line = error_line(&ferry(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1",
+        "--temperature",
+        "0.5",
+        "--top-p",
+        "0",
+    ]));
+    assert!(line.contains("--top-p"), "{line}");
+}

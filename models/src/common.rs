@@ -1,0 +1,95 @@
+//! What the supported families share: a Llama-style decoder with RMSNorm, RoPE and GQA.
+//! Family files start from `decoder` and change only what differs.
+
+use ferry_runtime::error::Result;
+use ferry_runtime::spec::{AttentionSpec, FfnKind, ModelSpec, MoeSpec, QkNorm, RouterKind, TensorNames};
+
+use crate::config::HfConfig;
+
+/// The shared part of the spec. `moe` and `layers` are the family's to fill.
+pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<ModelSpec> {
+    let hidden = cfg.usize("hidden_size")?;
+    let heads = cfg.usize("num_attention_heads")?;
+    let kv_heads = cfg.usize_or("num_key_value_heads", heads)?;
+    let act = cfg.str_or("hidden_act", "silu")?;
+    if act != "silu" {
+        return Err(cfg_error(cfg, format!("hidden_act {act:?} is not supported (Ferry's experts are SwiGLU: silu)")));
+    }
+    let layers = cfg.usize("num_hidden_layers")?;
+    Ok(ModelSpec {
+        family: family.into(),
+        architecture: cfg.architecture()?,
+        vocab_size: cfg.usize("vocab_size")?,
+        hidden_size: hidden,
+        rms_norm_eps: cfg.f32_or("rms_norm_eps", 1e-6)?,
+        max_position_embeddings: cfg.usize_or("max_position_embeddings", 4096)?,
+        rope: cfg.rope(default_theta)?,
+        attention: AttentionSpec {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hidden.checked_div(heads).unwrap_or(0),
+            qkv_bias: cfg.bool_or("attention_bias", false)?,
+            o_bias: cfg.bool_or("attention_bias", false)?,
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
+            sliding_window: None,
+        },
+        moe: MoeSpec {
+            num_experts: 0,
+            top_k: 0,
+            expert_intermediate_size: 0,
+            router: RouterKind::SoftmaxTopK { renormalize: false },
+            shared_expert: None,
+        },
+        layers: vec![FfnKind::Moe; layers],
+        tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
+        names: TensorNames::hf_default(),
+        bos_token_id: cfg.token_ids("bos_token_id").first().copied(),
+        eos_token_ids: cfg.token_ids("eos_token_id"),
+    })
+}
+
+/// Qwen's rule for which layers are sparse: not listed in `mlp_only_layers`, and every
+/// `decoder_sparse_step`-th layer.
+pub fn qwen_layer_kinds(cfg: &HfConfig, layers: usize, num_experts: usize) -> Result<Vec<FfnKind>> {
+    let dense_only = cfg.usize_list("mlp_only_layers")?;
+    let step = cfg.usize_or("decoder_sparse_step", 1)?.max(1);
+    let dense = FfnKind::Dense { intermediate_size: cfg.usize("intermediate_size")? };
+    Ok((0..layers)
+        .map(|l| if !dense_only.contains(&l) && num_experts > 0 && (l + 1) % step == 0 { FfnKind::Moe } else { dense })
+        .collect())
+}
+
+/// Checks that hold for every family, once the spec is complete.
+pub fn validate(cfg: &HfConfig, spec: &ModelSpec) -> Result<()> {
+    let a = &spec.attention;
+    let m = &spec.moe;
+    let check = |ok: bool, message: String| if ok { Ok(()) } else { Err(cfg_error(cfg, message)) };
+    check(spec.vocab_size > 0 && spec.hidden_size > 0, "vocab_size and hidden_size must be positive".into())?;
+    check(
+        a.num_heads > 0 && a.num_kv_heads > 0 && a.head_dim > 0,
+        "attention heads and head_dim must be positive".into(),
+    )?;
+    check(
+        a.num_heads.is_multiple_of(a.num_kv_heads),
+        format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({})", a.num_heads, a.num_kv_heads),
+    )?;
+    check(a.head_dim.is_multiple_of(2), format!("head_dim ({}) must be even for RoPE", a.head_dim))?;
+    check(!spec.layers.is_empty(), "num_hidden_layers must be positive".into())?;
+    if spec.layers.contains(&FfnKind::Moe) {
+        check(m.num_experts > 0, "the model has MoE layers but no experts".into())?;
+        check(
+            m.top_k >= 1 && m.top_k <= m.num_experts,
+            format!(
+                "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
+                m.top_k, m.num_experts
+            ),
+        )?;
+        check(m.expert_intermediate_size > 0, "the expert intermediate size must be positive".into())?;
+    }
+    check(spec.max_position_embeddings > 1, "max_position_embeddings must be at least 2".into())
+}
+
+pub fn cfg_error(cfg: &HfConfig, message: String) -> ferry_runtime::FerryError {
+    ferry_runtime::FerryError::config(&cfg.path, message)
+}

@@ -1,0 +1,60 @@
+//! Ferry's model families: one file each, mapping a HuggingFace `config.json` and its tensor
+//! names onto the runtime's `ModelSpec`.
+
+mod common;
+pub mod config;
+pub mod default_model;
+pub mod mixtral;
+pub mod olmoe;
+pub mod qwen2_moe;
+pub mod qwen3_moe;
+
+use std::path::{Path, PathBuf};
+
+use ferry_runtime::error::{FerryError, Result};
+use ferry_runtime::spec::ModelSpec;
+use ferry_runtime::weights::WeightStore;
+
+use crate::config::HfConfig;
+
+type SpecFn = fn(&HfConfig) -> Result<ModelSpec>;
+
+/// Supported `architectures` values and the family that reads them.
+pub const FAMILIES: &[(&str, SpecFn)] = &[
+    (mixtral::ARCHITECTURE, mixtral::spec),
+    (qwen2_moe::ARCHITECTURE, qwen2_moe::spec),
+    (qwen3_moe::ARCHITECTURE, qwen3_moe::spec),
+    (olmoe::ARCHITECTURE, olmoe::spec),
+];
+
+/// Reads `config.json` (and `generation_config.json`) into a spec, without touching weights.
+pub fn read_spec(folder: &Path) -> Result<ModelSpec> {
+    let cfg = HfConfig::read(folder)?;
+    let architecture = cfg.architecture()?;
+    let (_, spec_fn) =
+        FAMILIES.iter().find(|(a, _)| *a == architecture).ok_or_else(|| FerryError::UnknownArchitecture {
+            path: cfg.path.clone(),
+            found: architecture.clone(),
+            supported: FAMILIES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", "),
+        })?;
+    let mut spec = spec_fn(&cfg)?;
+    if let Some(eos) = config::generation_eos(folder)? {
+        spec.eos_token_ids = eos;
+    }
+    common::validate(&cfg, &spec)?;
+    Ok(spec)
+}
+
+/// A model folder opened for loading: its spec and memory-mapped weights.
+pub struct ModelFolder {
+    pub folder: PathBuf,
+    pub spec: ModelSpec,
+    pub weights: WeightStore,
+}
+
+/// Opens a HuggingFace model folder: config, then the safetensors shards (mapped, not read).
+pub fn open(folder: &Path) -> Result<ModelFolder> {
+    let spec = read_spec(folder)?;
+    let weights = WeightStore::open(folder)?;
+    Ok(ModelFolder { folder: folder.to_path_buf(), spec, weights })
+}

@@ -1,0 +1,161 @@
+//! GPU selection: which wgpu adapter Ferry computes on, and what it offers.
+//!
+//! Burn's wgpu runtime acquires the device (it knows which features its shader compilers need);
+//! Ferry chooses the adapter, keeps the wgpu handles for its own buffers, and reports them.
+
+use std::sync::{Mutex, OnceLock};
+
+use burn::tensor::wgpu::{WgpuSetup, wgpu};
+use burn::tensor::{Device, DeviceKind};
+
+use crate::error::{FerryError, Result};
+
+/// Which adapter to use, as a user names it (`--adapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterChoice {
+    /// The best adapter wgpu finds (a discrete GPU before an integrated one before a CPU).
+    #[default]
+    Default,
+    Discrete(usize),
+    Integrated(usize),
+    Virtual(usize),
+    Cpu,
+}
+
+impl std::str::FromStr for AdapterChoice {
+    type Err = FerryError;
+
+    /// Parses `default`, `cpu`, `discrete[:N]`, `integrated[:N]`, `virtual[:N]`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, index) = match s.split_once(':') {
+            Some((k, i)) => {
+                let index = i
+                    .parse::<usize>()
+                    .map_err(|_| FerryError::flag("--adapter", format!("{i:?} is not an adapter index")))?;
+                (k, index)
+            }
+            None => (s, 0),
+        };
+        match kind {
+            "default" => Ok(Self::Default),
+            "discrete" => Ok(Self::Discrete(index)),
+            "integrated" => Ok(Self::Integrated(index)),
+            "virtual" => Ok(Self::Virtual(index)),
+            "cpu" => Ok(Self::Cpu),
+            other => Err(FerryError::flag(
+                "--adapter",
+                format!("unknown adapter {other:?}; use default, cpu, discrete[:N], integrated[:N] or virtual[:N]"),
+            )),
+        }
+    }
+}
+
+impl AdapterChoice {
+    fn device_kind(self) -> DeviceKind {
+        match self {
+            Self::Default => DeviceKind::DefaultDevice,
+            Self::Discrete(i) => DeviceKind::DiscreteGpu(i),
+            Self::Integrated(i) => DeviceKind::IntegratedGpu(i),
+            Self::Virtual(i) => DeviceKind::VirtualGpu(i),
+            Self::Cpu => DeviceKind::Cpu,
+        }
+    }
+}
+
+/// What an adapter is, for users and reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub shader_f16: bool,
+    /// Largest storage buffer binding, in bytes.
+    pub max_storage_buffer_binding_size: u64,
+    /// Largest buffer, in bytes.
+    pub max_buffer_size: u64,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+impl AdapterSummary {
+    fn of(adapter: &wgpu::Adapter) -> Self {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        Self {
+            name: info.name,
+            backend: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+        }
+    }
+}
+
+/// Every adapter wgpu can see on this machine, on every backend.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::all();
+    let instance = wgpu::Instance::new(desc);
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters.iter().map(AdapterSummary::of).collect()
+}
+
+/// A GPU ready for Ferry: burn's device for the graph and the raw wgpu handles for Ferry's own
+/// buffers, sharing one wgpu device.
+#[derive(Clone)]
+pub struct Gpu {
+    pub device: Device,
+    pub adapter: AdapterSummary,
+    pub wgpu_device: wgpu::Device,
+    pub queue: wgpu::Queue,
+}
+
+/// Burn registers each wgpu runtime process-wide and refuses to initialise one twice, so opened
+/// GPUs are remembered here and handed out again (tests open the GPU from many threads).
+fn opened() -> &'static Mutex<Vec<(AdapterChoice, Gpu)>> {
+    static OPENED: OnceLock<Mutex<Vec<(AdapterChoice, Gpu)>>> = OnceLock::new();
+    OPENED.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+impl Gpu {
+    /// Opens the chosen adapter. Fails with [`FerryError::NoAdapter`] when none matches.
+    pub fn open(choice: AdapterChoice) -> Result<Self> {
+        let mut opened = opened().lock().map_err(|_| FerryError::Gpu("GPU registry poisoned".into()))?;
+        if let Some((_, gpu)) = opened.iter().find(|(c, _)| *c == choice) {
+            return Ok(gpu.clone());
+        }
+        let mut options = Device::wgpu_options();
+        if choice != AdapterChoice::Default {
+            options = options.device_kind(choice.device_kind());
+        }
+        let (device, setup): (Device, WgpuSetup) =
+            options.init_with_setup().map_err(|e| FerryError::NoAdapter(format!("{choice:?}: {e}")))?;
+        let gpu =
+            Gpu { device, adapter: AdapterSummary::of(&setup.adapter), wgpu_device: setup.device, queue: setup.queue };
+        opened.push((choice, gpu.clone()));
+        Ok(gpu)
+    }
+
+    /// One line naming the adapter, for logs and reports.
+    pub fn describe(&self) -> String {
+        format!("{} ({}, {})", self.adapter.name, self.adapter.backend, self.adapter.device_type)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_choices_parse_and_bad_ones_name_the_flag() {
+        assert_eq!("default".parse::<AdapterChoice>().unwrap(), AdapterChoice::Default);
+        assert_eq!("discrete:1".parse::<AdapterChoice>().unwrap(), AdapterChoice::Discrete(1));
+        assert_eq!("cpu".parse::<AdapterChoice>().unwrap(), AdapterChoice::Cpu);
+        let err = "gpu".parse::<AdapterChoice>().unwrap_err().to_string();
+        assert!(err.contains("--adapter"), "{err}");
+        assert!("discrete:x".parse::<AdapterChoice>().is_err());
+    }
+}

@@ -1,0 +1,75 @@
+//! Errors of the runtime. Each names the file, tensor or flag at fault so a user can act on it.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a model folder and generated tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum FerryError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+
+    #[error("{path}: not valid JSON: {message}")]
+    Json { path: PathBuf, message: String },
+
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    #[error("{path}: unknown architecture {found:?}; Ferry supports {supported}")]
+    UnknownArchitecture { path: PathBuf, found: String, supported: String },
+
+    #[error("{path}: not a valid safetensors file (truncated or corrupt?): {message}")]
+    Safetensors { path: PathBuf, message: String },
+
+    #[error("tensor {name:?} not found in {folder} (looked in {files})")]
+    MissingTensor { name: String, folder: PathBuf, files: String },
+
+    #[error("tensor {name:?} in {path}: shape {found:?} does not match the config's {expected:?}")]
+    Shape { name: String, path: PathBuf, found: Vec<usize>, expected: Vec<usize> },
+
+    #[error("tensor {name:?} in {path}: dtype {found} is not supported (use F32, F16 or BF16)")]
+    Dtype { name: String, path: PathBuf, found: String },
+
+    #[error("{path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("token id {id} is outside the vocabulary (vocab_size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+
+    #[error(
+        "prompt of {prompt} tokens plus {new} new tokens exceeds the context of {context} tokens (--max-new-tokens or the model's max_position_embeddings)"
+    )]
+    ContextExceeded { prompt: usize, new: usize, context: usize },
+
+    #[error(
+        "no usable GPU adapter: {0}. On Debian without a GPU, install Mesa's software Vulkan driver: apt-get install mesa-vulkan-drivers"
+    )]
+    NoAdapter(String),
+
+    #[error("GPU: {0}")]
+    Gpu(String),
+
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
+
+    #[error("empty input: {0}")]
+    Empty(String),
+}
+
+pub type Result<T> = std::result::Result<T, FerryError>;
+
+impl FerryError {
+    pub fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
+        FerryError::Io { path: path.into(), message: err.to_string() }
+    }
+
+    pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        FerryError::Config { path: path.into(), message: message.into() }
+    }
+
+    pub fn flag(flag: impl Into<String>, message: impl Into<String>) -> Self {
+        FerryError::Flag { flag: flag.into(), message: message.into() }
+    }
+}

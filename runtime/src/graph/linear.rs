@@ -1,0 +1,70 @@
+//! Weights from the store to GPU tensors, and the linear projection that uses them.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::error::Result;
+use crate::weights::WeightStore;
+
+/// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul.
+pub struct Linear {
+    weight_t: Tensor<2>,
+    bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = x.matmul(self.weight_t.clone());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
+        }
+    }
+}
+
+/// Reads tensors by HuggingFace name, checks their shapes, and puts them on the device as f32.
+pub struct Loader<'a> {
+    pub store: &'a WeightStore,
+    pub device: &'a Device,
+}
+
+impl Loader<'_> {
+    /// A `[rows, cols]` matrix in the checkpoint's own layout.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>> {
+        let values = self.store.f32(name, &[rows, cols])?;
+        Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), self.device))
+    }
+
+    pub fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>> {
+        let values = self.store.f32(name, &[len])?;
+        Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
+    }
+
+    /// A linear layer stored HF-style as `{prefix}.weight` `[out, in]` (and `{prefix}.bias`).
+    pub fn linear(&self, prefix: &str, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = self.store.f32(&name, &[outputs, inputs])?;
+        let weight_t =
+            Tensor::from_data(TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]), self.device);
+        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), outputs)?) } else { None };
+        Ok(Linear { weight_t, bias })
+    }
+}
+
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        assert_eq!(super::transpose(&[1., 2., 3., 4., 5., 6.], 2, 3), vec![1., 4., 2., 5., 3., 6.]);
+    }
+}

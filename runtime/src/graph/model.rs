@@ -1,0 +1,165 @@
+//! The whole model: load every resident tensor, then run tokens through it.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::attention::Attention;
+use super::ffn::SwiGlu;
+use super::kv_cache::KvCache;
+use super::linear::Loader;
+use super::moe::MoeBlock;
+use super::norm::rms_norm;
+use super::rope::Rope;
+use crate::error::{FerryError, Result};
+use crate::spec::{FfnKind, ModelSpec};
+use crate::weights::WeightStore;
+
+enum Ffn {
+    Dense(Box<SwiGlu>),
+    Moe(Box<MoeBlock>),
+}
+
+struct Layer {
+    input_norm: Tensor<1>,
+    attention: Attention,
+    post_attention_norm: Tensor<1>,
+    ffn: Ffn,
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    Last,
+    All,
+}
+
+/// Logits per requested position (`[vocab]` each) and the experts each token was routed to,
+/// per layer (empty for dense layers).
+pub struct ForwardOutput {
+    pub logits: Vec<Vec<f32>>,
+    pub routing: Vec<Vec<Vec<u32>>>,
+}
+
+pub struct Model {
+    spec: ModelSpec,
+    device: Device,
+    embed: Tensor<2>,
+    layers: Vec<Layer>,
+    final_norm: Tensor<1>,
+    /// `[vocab, hidden]`, HF layout (the embedding itself when tied).
+    lm_head: Tensor<2>,
+    rope: Rope,
+}
+
+impl Model {
+    /// Uploads all weights (every expert resident) to `device`, checking each tensor's shape.
+    pub fn load(spec: ModelSpec, store: &WeightStore, device: &Device) -> Result<Self> {
+        let loader = Loader { store, device };
+        let names = &spec.names;
+        let (v, h) = (spec.vocab_size, spec.hidden_size);
+        let embed = loader.matrix(&names.embed, v, h)?;
+        let lm_head = if spec.tie_word_embeddings { embed.clone() } else { loader.matrix(&names.lm_head, v, h)? };
+        let final_norm = loader.vector(&names.final_norm, h)?;
+        let layers = spec
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, kind)| {
+                let ffn = match *kind {
+                    FfnKind::Dense { intermediate_size } => {
+                        let base = names.layer(l, &names.dense_mlp);
+                        let p = &names.expert_projections;
+                        let prefixes =
+                            [format!("{base}.{}", p[0]), format!("{base}.{}", p[1]), format!("{base}.{}", p[2])];
+                        Ffn::Dense(Box::new(SwiGlu::load(
+                            &loader,
+                            [&prefixes[0], &prefixes[1], &prefixes[2]],
+                            h,
+                            intermediate_size,
+                        )?))
+                    }
+                    FfnKind::Moe => Ffn::Moe(Box::new(MoeBlock::load(&loader, &spec, l)?)),
+                };
+                Ok(Layer {
+                    input_norm: loader.vector(&names.layer(l, &names.input_norm), h)?,
+                    attention: Attention::load(&loader, &spec, l)?,
+                    post_attention_norm: loader.vector(&names.layer(l, &names.post_attention_norm), h)?,
+                    ffn,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rope = Rope::new(&spec.rope, spec.attention.head_dim);
+        Ok(Self { spec, device: device.clone(), embed, layers, final_norm, lm_head, rope })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// An empty KV cache for up to `capacity` tokens (at most the model's context).
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let context = self.spec.max_position_embeddings;
+        if capacity > context {
+            return Err(FerryError::ContextExceeded { prompt: capacity, new: 0, context });
+        }
+        let a = &self.spec.attention;
+        Ok(KvCache::new(self.layers.len(), a.num_kv_heads, a.head_dim, capacity, &self.device))
+    }
+
+    /// Runs `ids` at the positions after what `cache` holds, appending their keys and values.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, logits_for: LogitsFor) -> Result<ForwardOutput> {
+        let tokens = ids.len();
+        if tokens == 0 {
+            return Err(FerryError::Empty("no tokens to run".into()));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.spec.vocab_size) {
+            return Err(FerryError::TokenOutOfRange { id, vocab: self.spec.vocab_size });
+        }
+        if cache.len() + tokens > cache.capacity() {
+            return Err(FerryError::ContextExceeded {
+                prompt: cache.len() + tokens,
+                new: 0,
+                context: cache.capacity(),
+            });
+        }
+        let device = &self.device;
+        let eps = self.spec.rms_norm_eps;
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [tokens]), device);
+        let mut x = self.embed.clone().select(0, index);
+        let rope_tables = self.rope.tables(cache.len(), tokens, device);
+        let mut routing = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(x.clone(), &layer.input_norm, eps);
+            x = x + layer.attention.forward(h, l, cache, &rope_tables, device);
+            let h = rms_norm(x.clone(), &layer.post_attention_norm, eps);
+            let y = match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    routing.push(Vec::new());
+                    mlp.forward(h)
+                }
+                Ffn::Moe(block) => {
+                    let (y, routes) = block.forward(h, device)?;
+                    routing.push(routes.into_iter().map(|r| r.experts).collect());
+                    y
+                }
+            };
+            x = x + y;
+        }
+        cache.advance(tokens);
+
+        let x = match logits_for {
+            LogitsFor::All => x,
+            LogitsFor::Last => x.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
+        };
+        let x = rms_norm(x, &self.final_norm, eps);
+        let rows = x.dims()[0];
+        // [vocab, hidden] x [hidden, rows]: the head stays in checkpoint layout, shared with the
+        // embedding when tied.
+        let logits = self.lm_head.clone().matmul(x.transpose()).transpose();
+        let values: Vec<f32> =
+            logits.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading logits: {e:?}")))?;
+        let logits = values.chunks_exact(self.spec.vocab_size).map(<[f32]>::to_vec).collect::<Vec<_>>();
+        debug_assert_eq!(logits.len(), rows);
+        Ok(ForwardOutput { logits, routing })
+    }
+}

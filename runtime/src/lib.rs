@@ -1,0 +1,19 @@
+//! Ferry's runtime: load a Mixture-of-Experts model, run it on a wgpu GPU through burn, and
+//! generate tokens.
+//!
+//! Data flows one way per token: ids -> embedding -> layers (attention, router, experts) ->
+//! logits -> sampler -> events.
+
+pub mod chat;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod graph;
+pub mod routing;
+pub mod sampling;
+pub mod spec;
+pub mod weights;
+
+pub use device::{AdapterChoice, Gpu};
+pub use error::{FerryError, Result};
+pub use spec::ModelSpec;

@@ -1,0 +1,205 @@
+//! `ModelSpec`: everything the graph needs to know about a model, independent of its family.
+//! Family files in `ferry-models` fill it from a HuggingFace `config.json`.
+
+/// How RoPE positions are scaled.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (`rope_type: "linear"`).
+    Linear {
+        factor: f32,
+    },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RopeSpec {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+}
+
+/// Where RMSNorm is applied to queries and keys, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum QkNorm {
+    None,
+    /// Over each head's `head_dim` (Qwen3-MoE).
+    PerHead,
+    /// Over the whole q (or k) projection, before splitting into heads (OLMoE).
+    WholeProjection,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttentionSpec {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    /// Clamp q, k and v to [-c, c] after projection (OLMoE's `clip_qkv`).
+    pub clip_qkv: Option<f32>,
+    /// Keys older than this many positions are masked (Mixtral's `sliding_window`).
+    pub sliding_window: Option<usize>,
+}
+
+/// How router logits become expert choices and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RouterKind {
+    /// Softmax over all experts in f32, top-k; with `renormalize`, the k weights are divided by
+    /// their sum (Mixtral always; Qwen/OLMoE when `norm_topk_prob`).
+    SoftmaxTopK { renormalize: bool },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SharedExpertSpec {
+    pub intermediate_size: usize,
+    /// Output multiplied by `sigmoid(shared_expert_gate . x)` (Qwen2-MoE).
+    pub sigmoid_gate: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MoeSpec {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Intermediate size of one routed expert.
+    pub expert_intermediate_size: usize,
+    pub router: RouterKind,
+    pub shared_expert: Option<SharedExpertSpec>,
+}
+
+/// The feed-forward part of one decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum FfnKind {
+    /// A dense SwiGLU MLP of this intermediate size.
+    Dense { intermediate_size: usize },
+    /// Routed experts (and the shared expert, if the model has one).
+    Moe,
+}
+
+/// HuggingFace tensor names. Per-layer names are relative to `{layer_prefix}.{l}.`; `{e}` in
+/// expert names stands for the expert index.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorNames {
+    pub embed: String,
+    pub final_norm: String,
+    pub lm_head: String,
+    pub layer_prefix: String,
+    pub input_norm: String,
+    pub post_attention_norm: String,
+    pub attention: String,
+    pub router: String,
+    /// e.g. `block_sparse_moe.experts.{e}` (Mixtral) or `mlp.experts.{e}` (Qwen, OLMoE).
+    pub expert: String,
+    /// Projection names inside an expert: gate, up, down.
+    pub expert_projections: [String; 3],
+    pub dense_mlp: String,
+    pub shared_expert: String,
+    pub shared_expert_gate: String,
+}
+
+impl TensorNames {
+    /// The names used by the Llama-derived HF families (Qwen2/3-MoE, OLMoE); Mixtral overrides
+    /// its MoE names.
+    pub fn hf_default() -> Self {
+        Self {
+            embed: "model.embed_tokens.weight".into(),
+            final_norm: "model.norm.weight".into(),
+            lm_head: "lm_head.weight".into(),
+            layer_prefix: "model.layers".into(),
+            input_norm: "input_layernorm.weight".into(),
+            post_attention_norm: "post_attention_layernorm.weight".into(),
+            attention: "self_attn".into(),
+            router: "mlp.gate.weight".into(),
+            expert: "mlp.experts.{e}".into(),
+            expert_projections: ["gate_proj".into(), "up_proj".into(), "down_proj".into()],
+            dense_mlp: "mlp".into(),
+            shared_expert: "mlp.shared_expert".into(),
+            shared_expert_gate: "mlp.shared_expert_gate.weight".into(),
+        }
+    }
+
+    pub fn layer(&self, layer: usize, name: &str) -> String {
+        format!("{}.{layer}.{name}", self.layer_prefix)
+    }
+
+    /// Full names of an expert's gate, up and down projection weights.
+    pub fn expert_weights(&self, layer: usize, expert: usize) -> [String; 3] {
+        let base = self.layer(layer, &self.expert.replace("{e}", &expert.to_string()));
+        self.expert_projections.clone().map(|p| format!("{base}.{p}.weight"))
+    }
+}
+
+/// A model as the runtime sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelSpec {
+    /// Ferry's family name (`mixtral`, `qwen2_moe`, ...).
+    pub family: String,
+    /// The `architectures` entry of config.json.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub rms_norm_eps: f32,
+    /// Longest sequence the model supports, in tokens.
+    pub max_position_embeddings: usize,
+    pub rope: RopeSpec,
+    pub attention: AttentionSpec,
+    pub moe: MoeSpec,
+    /// One entry per decoder layer.
+    pub layers: Vec<FfnKind>,
+    pub tie_word_embeddings: bool,
+    pub names: TensorNames,
+    pub bos_token_id: Option<u32>,
+    /// Generation stops at any of these.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelSpec {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Elements of one routed expert (gate + up + down).
+    pub fn expert_params(&self) -> usize {
+        3 * self.hidden_size * self.moe.expert_intermediate_size
+    }
+
+    /// Parameters of everything but the routed experts.
+    pub fn resident_params(&self) -> usize {
+        let h = self.hidden_size;
+        let a = &self.attention;
+        let q = a.num_heads * a.head_dim;
+        let kv = a.num_kv_heads * a.head_dim;
+        let mut attn = h * q + 2 * h * kv + q * h;
+        if a.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if a.o_bias {
+            attn += h;
+        }
+        attn += match a.qk_norm {
+            QkNorm::None => 0,
+            QkNorm::PerHead => 2 * a.head_dim,
+            QkNorm::WholeProjection => q + kv,
+        };
+        let mut total = self.vocab_size * h + h; // embedding, final norm
+        if !self.tie_word_embeddings {
+            total += self.vocab_size * h;
+        }
+        for ffn in &self.layers {
+            total += attn + 2 * h;
+            total += match ffn {
+                FfnKind::Dense { intermediate_size } => 3 * h * intermediate_size,
+                FfnKind::Moe => {
+                    let shared = self.moe.shared_expert.as_ref().map_or(0, |s| 3 * h * s.intermediate_size + h);
+                    h * self.moe.num_experts + shared
+                }
+            };
+        }
+        total
+    }
+
+    /// Parameters of all routed experts.
+    pub fn expert_params_total(&self) -> usize {
+        let moe_layers = self.layers.iter().filter(|f| matches!(f, FfnKind::Moe)).count();
+        moe_layers * self.moe.num_experts * self.expert_params()
+    }
+}

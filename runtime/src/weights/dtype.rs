@@ -1,0 +1,64 @@
+//! Source dtypes Ferry reads and their conversion to the f32 the graph computes in.
+
+use half::{bf16, f16};
+
+/// Element types accepted in checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl SourceDtype {
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(Self::F32),
+            safetensors::Dtype::F16 => Some(Self::F16),
+            safetensors::Dtype::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+}
+
+/// Converts little-endian raw bytes of `dtype` into f32 values. The byte slice may be unaligned
+/// (safetensors offsets are not aligned to the element size), so elements are decoded one by one.
+pub fn to_f32(bytes: &[u8], dtype: SourceDtype) -> Vec<f32> {
+    match dtype {
+        SourceDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        SourceDtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        SourceDtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_bytes_decode_to_their_f32_values() {
+        let values = [1.5f32, -2.25, 0.0, 65504.0];
+        let f16_bytes: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+        assert_eq!(to_f32(&f16_bytes, SourceDtype::F16), values);
+        let bf16_bytes: Vec<u8> =
+            [1.5f32, -2.25, 0.0, 3.0e38].iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let back = to_f32(&bf16_bytes, SourceDtype::BF16);
+        assert_eq!(&back[..3], &[1.5, -2.25, 0.0]);
+        assert!((back[3] - 3.0e38).abs() / 3.0e38 < 1e-2);
+    }
+
+    #[test]
+    fn unaligned_f32_bytes_decode() {
+        let mut bytes = vec![0u8];
+        bytes.extend_from_slice(&7.25f32.to_le_bytes());
+        assert_eq!(to_f32(&bytes[1..], SourceDtype::F32), vec![7.25]);
+    }
+}

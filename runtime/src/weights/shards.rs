@@ -1,0 +1,162 @@
+//! Opening `model.safetensors` or a sharded set described by `model.safetensors.index.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::dtype::{SourceDtype, to_f32};
+use crate::error::{FerryError, Result};
+
+/// One memory-mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Start of the data section (8 + header length), in bytes.
+    data_start: usize,
+}
+
+/// Where a tensor lives: its shard, dtype, shape and byte range inside the mapping.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    shard: usize,
+    pub dtype: SourceDtype,
+    pub shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+impl TensorRef {
+    /// Size of the tensor's data, in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// All tensors of a model folder, memory-mapped, by name.
+pub struct WeightStore {
+    folder: PathBuf,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorRef>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl WeightStore {
+    /// Opens the weights of a HuggingFace model folder: the index of a sharded checkpoint if
+    /// present, else `model.safetensors`.
+    pub fn open(folder: &Path) -> Result<Self> {
+        let index_path = folder.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| FerryError::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text)
+                .map_err(|e| FerryError::Json { path: index_path.clone(), message: e.to_string() })?;
+            let mut names: Vec<String> = index.weight_map.into_values().collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| folder.join(n)).collect()
+        } else {
+            let single = folder.join("model.safetensors");
+            if !single.exists() {
+                return Err(FerryError::io(
+                    &single,
+                    "no weights: neither model.safetensors nor model.safetensors.index.json exists",
+                ));
+            }
+            vec![single]
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for (shard_idx, path) in files.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| FerryError::io(&path, e))?;
+            // SAFETY: the mapping is read-only; a checkpoint rewritten while Ferry runs is outside
+            // what any loader can defend against (the same holds for transformers' safe_open).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FerryError::io(&path, e))?;
+            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| FerryError::Safetensors { path: path.clone(), message: e.to_string() })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let dtype = SourceDtype::from_safetensors(info.dtype).ok_or_else(|| FerryError::Dtype {
+                    name: name.clone(),
+                    path: path.clone(),
+                    found: info.dtype.to_string(),
+                })?;
+                let (start, end) = info.data_offsets;
+                tensors.insert(
+                    name,
+                    TensorRef {
+                        shard: shard_idx,
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + start,
+                        end: data_start + end,
+                    },
+                );
+            }
+            shards.push(Shard { path, mmap, data_start });
+        }
+        Ok(Self { folder: folder.to_path_buf(), shards, tensors })
+    }
+
+    pub fn folder(&self) -> &Path {
+        &self.folder
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Looks a tensor up and checks its shape against what the config implies.
+    pub fn get(&self, name: &str, expected_shape: &[usize]) -> Result<&TensorRef> {
+        let tensor = self.tensors.get(name).ok_or_else(|| FerryError::MissingTensor {
+            name: name.to_string(),
+            folder: self.folder.clone(),
+            files: self.shard_names(),
+        })?;
+        if tensor.shape != expected_shape {
+            return Err(FerryError::Shape {
+                name: name.to_string(),
+                path: self.shards[tensor.shard].path.clone(),
+                found: tensor.shape.clone(),
+                expected: expected_shape.to_vec(),
+            });
+        }
+        Ok(tensor)
+    }
+
+    /// The raw little-endian bytes of a tensor, straight from the mapping.
+    pub fn bytes(&self, tensor: &TensorRef) -> &[u8] {
+        &self.shards[tensor.shard].mmap[tensor.start..tensor.end]
+    }
+
+    /// A tensor converted to f32, after checking its shape.
+    pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let tensor = self.get(name, expected_shape)?;
+        Ok(to_f32(self.bytes(tensor), tensor.dtype))
+    }
+
+    /// Total bytes of tensor data across shards.
+    pub fn total_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.mmap.len() - s.data_start).sum()
+    }
+
+    fn shard_names(&self) -> String {
+        self.shards
+            .iter()
+            .map(|s| s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
