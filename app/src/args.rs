@@ -23,6 +23,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List the wgpu adapters on this machine.
     Devices(DevicesArgs),
+    /// Measure all-resident and offloaded modes in one run (tokens/s, hit rate, bytes/token).
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -34,6 +36,17 @@ pub struct ModelArgs {
     /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].
     #[arg(long, default_value = "default")]
     pub adapter: String,
+    /// GPU memory for the model: a size (1.5GiB, 300MiB) for everything, or a share of the
+    /// routed experts' bytes (25%). Experts that do not fit stay in host RAM and are uploaded
+    /// on demand. Default: all experts resident.
+    #[arg(long, default_value = "all")]
+    pub vram_budget: String,
+    /// Which resident expert makes room for a missing one: lru, lfu or lfu-pinned.
+    #[arg(long, default_value = "lru")]
+    pub expert_policy: String,
+    /// Expert usage profile (JSON from --save-expert-profile) that lfu-pinned pins from.
+    #[arg(long)]
+    pub expert_profile: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -85,9 +98,12 @@ pub struct GenerateArgs {
     pub chat: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Print one JSON object (ids, text, timing) instead of streaming text.
+    /// Print one JSON object (ids, text, timing, expert statistics) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Write how often each expert was used to this JSON file (for --expert-profile).
+    #[arg(long)]
+    pub save_expert_profile: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -127,6 +143,34 @@ pub struct InfoArgs {
 
 #[derive(Args)]
 pub struct DevicesArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// HuggingFace model folder; default: the built-in model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].
+    #[arg(long, default_value = "default")]
+    pub adapter: String,
+    /// Offloaded budgets to measure next to all-resident (repeatable; see generate --help).
+    #[arg(long = "vram-budget", default_values_t = ["50%".to_string()])]
+    pub vram_budgets: Vec<String>,
+    /// Eviction policies to measure at each budget (repeatable).
+    #[arg(long = "expert-policy", default_values_t = ["lru".to_string()])]
+    pub expert_policies: Vec<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Tokens to generate per mode.
+    #[arg(long, default_value_t = 32)]
+    pub gen_len: usize,
+    /// Seed of the random prompt.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
-use ferry_runtime::graph::Model;
+use ferry_runtime::experts::{EvictionPolicy, VramBudget};
+use ferry_runtime::graph::{ExpertOptions, Model};
 use ferry_runtime::{AdapterChoice, Gpu};
 
 use crate::args::ModelArgs;
@@ -34,7 +35,27 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
     } else {
         None
     };
-    let model = Model::load(opened.spec, &opened.weights, &gpu.device)
+    let options = expert_options(args)?;
+    let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options)
         .with_context(|| format!("loading {}", folder.display()))?;
+    if let Some(path) = &args.expert_profile {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--expert-profile {}", path.display()))?;
+        let profile: ExpertProfile = serde_json::from_str(&text)
+            .with_context(|| format!("--expert-profile {}: not a Ferry profile", path.display()))?;
+        model.experts().pin_most_used(&profile.usage);
+    }
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })
+}
+
+/// `--vram-budget` and `--expert-policy` as the runtime takes them.
+pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
+    let budget: VramBudget = args.vram_budget.parse()?;
+    let policy: EvictionPolicy = args.expert_policy.parse()?;
+    Ok(ExpertOptions { budget, policy, kv_tokens: None })
+}
+
+/// How often each expert was used, `usage[layer][expert]`; written by --save-expert-profile.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ExpertProfile {
+    pub usage: Vec<Vec<u64>>,
 }

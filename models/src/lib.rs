@@ -10,6 +10,7 @@ pub mod qwen2_moe;
 pub mod qwen3_moe;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferry_runtime::error::{FerryError, Result};
 use ferry_runtime::spec::ModelSpec;
@@ -49,12 +50,12 @@ pub fn read_spec(folder: &Path) -> Result<ModelSpec> {
 pub struct ModelFolder {
     pub folder: PathBuf,
     pub spec: ModelSpec,
-    pub weights: WeightStore,
+    pub weights: Arc<WeightStore>,
 }
 
 /// Opens a HuggingFace model folder: config, then the safetensors shards (mapped, not read).
 pub fn open(folder: &Path) -> Result<ModelFolder> {
     let spec = read_spec(folder)?;
-    let weights = WeightStore::open(folder)?;
+    let weights = Arc::new(WeightStore::open(folder)?);
     Ok(ModelFolder { folder: folder.to_path_buf(), spec, weights })
 }

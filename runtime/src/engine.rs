@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::chat::ChatTokenizer;
 use crate::error::{FerryError, Result};
+use crate::experts::ExpertStats;
 use crate::graph::{LogitsFor, Model};
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -43,6 +44,23 @@ pub struct GenerateStats {
     /// Tokens after the first, over the decode time.
     pub decode_tokens_per_second: f64,
     pub stop_reason: StopReason,
+    /// Expert cache traffic of the prompt's forward pass.
+    pub prefill_experts: ExpertStats,
+    /// Expert cache traffic of all decode steps.
+    pub decode_experts: ExpertStats,
+}
+
+/// What one forward pass (the prompt, or one decoded token) did to the expert cache.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepStats {
+    /// 0 for the prompt, then 1, 2, ... for each decoded token.
+    pub step: usize,
+    /// Tokens in the pass.
+    pub tokens: usize,
+    pub seconds: f64,
+    pub experts: ExpertStats,
+    /// Resident experts per layer after the pass.
+    pub resident_per_layer: Vec<usize>,
 }
 
 /// Streamed while generating.
@@ -54,6 +72,8 @@ pub enum Event {
         id: u32,
         text: String,
     },
+    /// After each forward pass.
+    Step(StepStats),
     Finished(GenerateStats),
 }
 
@@ -94,8 +114,11 @@ impl Engine {
         let mut text = TextStream::new(&request.stop_strings);
 
         let start = Instant::now();
+        let before = self.model.experts().stats();
         let mut logits = self.model.forward(prompt, &mut cache, LogitsFor::Last)?.logits.remove(0);
         let prefill_seconds = start.elapsed().as_secs_f64();
+        let after_prefill = self.model.experts().stats();
+        on_event(&Event::Step(self.step_stats(0, prompt.len(), prefill_seconds, after_prefill - before)));
         let mut first_token_at = None;
         let stop_reason = loop {
             if generated.len() >= request.max_new_tokens {
@@ -122,7 +145,11 @@ impl Engine {
             if history.len() >= context {
                 break StopReason::Context;
             }
+            let step_start = Instant::now();
+            let step_before = self.model.experts().stats();
             logits = self.model.forward(&[id], &mut cache, LogitsFor::Last)?.logits.remove(0);
+            let experts = self.model.experts().stats() - step_before;
+            on_event(&Event::Step(self.step_stats(generated.len(), 1, step_start.elapsed().as_secs_f64(), experts)));
         };
         let total = start.elapsed().as_secs_f64();
         let ttft = first_token_at.unwrap_or(total);
@@ -136,6 +163,8 @@ impl Engine {
             prefill_tokens_per_second: prompt.len() as f64 / prefill_seconds.max(1e-9),
             decode_tokens_per_second: generated.len().saturating_sub(1) as f64 / decode_seconds.max(1e-9),
             stop_reason,
+            prefill_experts: after_prefill - before,
+            decode_experts: self.model.experts().stats() - after_prefill,
         };
         let tail = text.finish();
         if !tail.is_empty() {
@@ -143,6 +172,13 @@ impl Engine {
         }
         on_event(&Event::Finished(stats.clone()));
         Ok(GenerateOutput { ids: generated, text: text.text, stats })
+    }
+}
+
+impl Engine {
+    fn step_stats(&self, step: usize, tokens: usize, seconds: f64, experts: ExpertStats) -> StepStats {
+        let resident_per_layer = self.model.experts().resident_per_layer();
+        StepStats { step, tokens, seconds, experts, resident_per_layer }
     }
 }
 

@@ -39,25 +39,34 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let _ = stdout.flush();
         }
     })?;
+    if let Some(path) = &args.save_expert_profile {
+        let profile = load::ExpertProfile { usage: engine.model.experts().usage().to_vec() };
+        std::fs::write(path, serde_json::to_string(&profile)?)
+            .with_context(|| format!("--save-expert-profile {}", path.display()))?;
+    }
     if args.json {
         let value = serde_json::json!({
             "prompt_ids": prompt_ids,
             "ids": output.ids,
             "text": output.text,
             "stats": output.stats,
+            "expert_plan": engine.model.experts().plan(),
             "adapter": loaded.gpu.adapter,
         });
         writeln!(stdout, "{value}")?;
     } else {
         writeln!(stdout)?;
         let s = &output.stats;
+        let e = s.prefill_experts + s.decode_experts;
         eprintln!(
-            "[{} prompt tokens, {} new; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3} s; {}]",
+            "[{} prompt tokens, {} new; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3} s; experts: hit rate {:.1}%, {:.2} MiB uploaded; {}]",
             s.prompt_tokens,
             s.new_tokens,
             s.prefill_tokens_per_second,
             s.decode_tokens_per_second,
             s.time_to_first_token_seconds,
+            100.0 * e.hit_rate(),
+            e.bytes_uploaded as f64 / (1024.0 * 1024.0),
             loaded.gpu.describe()
         );
     }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod chat;
 mod devices;
 mod generate;
@@ -18,6 +19,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(args) => logits::run(args),
         Command::Info(args) => info::run(args),
         Command::Devices(args) => devices::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,5 +1,7 @@
 //! The whole model: load every resident tensor, then run tokens through it.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::attention::Attention;
@@ -10,8 +12,27 @@ use super::moe::MoeBlock;
 use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::error::{FerryError, Result};
+use crate::experts::{EvictionPolicy, ExpertCache, ExpertStore, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
+
+/// How routed experts are kept on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertOptions {
+    pub budget: VramBudget,
+    pub policy: EvictionPolicy,
+    /// Tokens of KV cache counted against the budget (the model's context, at most 4096).
+    pub kv_tokens: Option<usize>,
+}
+
+impl Default for ExpertOptions {
+    fn default() -> Self {
+        Self { budget: VramBudget::All, policy: EvictionPolicy::Lru, kv_tokens: None }
+    }
+}
+
+/// The KV cache the budget counts: the model's context, at most this many tokens.
+const DEFAULT_KV_TOKENS: usize = 4096;
 
 enum Ffn {
     Dense(Box<SwiGlu>),
@@ -48,11 +69,26 @@ pub struct Model {
     /// `[vocab, hidden]`, HF layout (the embedding itself when tied).
     lm_head: Tensor<2>,
     rope: Rope,
+    /// Routed experts: host store plus GPU slot cache. Locked per forward pass.
+    experts: Mutex<ExpertCache>,
 }
 
 impl Model {
-    /// Uploads all weights (every expert resident) to `device`, checking each tensor's shape.
-    pub fn load(spec: ModelSpec, store: &WeightStore, device: &Device) -> Result<Self> {
+    /// Uploads all weights with every expert resident, checking each tensor's shape.
+    pub fn load(spec: ModelSpec, store: &Arc<WeightStore>, device: &Device) -> Result<Self> {
+        Self::load_with(spec, store, device, ExpertOptions::default())
+    }
+
+    /// Uploads the resident weights and as many experts as the budget gives slots for.
+    pub fn load_with(
+        spec: ModelSpec,
+        store: &Arc<WeightStore>,
+        device: &Device,
+        options: ExpertOptions,
+    ) -> Result<Self> {
+        let kv_tokens = options.kv_tokens.unwrap_or(spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
+        let plan = options.budget.plan(&spec, kv_tokens)?;
+        let expert_store = ExpertStore::new(Arc::clone(store), &spec)?;
         let loader = Loader { store, device };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
@@ -88,7 +124,33 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         let rope = Rope::new(&spec.rope, spec.attention.head_dim);
-        Ok(Self { spec, device: device.clone(), embed, layers, final_norm, lm_head, rope })
+        let mut experts = ExpertCache::new(expert_store, device.clone(), plan, options.policy);
+        experts.preload()?;
+        Ok(Self {
+            spec,
+            device: device.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+            experts: Mutex::new(experts),
+        })
+    }
+
+    /// The expert cache, for statistics and reconfiguration between forward passes.
+    pub fn experts(&self) -> MutexGuard<'_, ExpertCache> {
+        // A panic mid-forward leaves the cache consistent (slots are inserted whole).
+        self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Changes the VRAM budget and policy without reloading; all-resident budgets preload.
+    pub fn set_expert_options(&self, options: ExpertOptions) -> Result<()> {
+        let kv_tokens = options.kv_tokens.unwrap_or(self.spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
+        let plan = options.budget.plan(&self.spec, kv_tokens)?;
+        let mut experts = self.experts();
+        experts.reconfigure(plan, options.policy);
+        experts.preload()
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -128,6 +190,7 @@ impl Model {
         let mut x = self.embed.clone().select(0, index);
         let rope_tables = self.rope.tables(cache.len(), tokens, device);
         let mut routing = Vec::with_capacity(self.layers.len());
+        let mut experts = self.experts();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(x.clone(), &layer.input_norm, eps);
             x = x + layer.attention.forward(h, l, cache, &rope_tables, device);
@@ -138,13 +201,15 @@ impl Model {
                     mlp.forward(h)
                 }
                 Ffn::Moe(block) => {
-                    let (y, routes) = block.forward(h, device)?;
+                    let (y, routes) = block.forward(h, &mut experts, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     y
                 }
             };
             x = x + y;
         }
+        experts.end_forward();
+        drop(experts);
         cache.advance(tokens);
 
         let x = match logits_for {

@@ -1,5 +1,5 @@
 //! The mixture-of-experts block: router on the GPU, routing decision on the host, then each
-//! chosen expert runs over the tokens routed to it and its weighted output is added back.
+//! chosen expert (fetched from the expert cache) runs over the tokens routed to it.
 
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -7,21 +7,29 @@ use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
 use crate::error::{FerryError, Result};
+use crate::experts::ExpertCache;
 use crate::routing::{TokenRoute, route};
-use crate::spec::ModelSpec;
+use crate::spec::{ModelSpec, RouterKind};
 
 struct SharedExpert {
     mlp: SwiGlu,
     gate: Option<Linear>,
 }
 
+/// Router and shared expert of one layer; the routed experts live in the `ExpertCache`.
 pub struct MoeBlock {
+    layer: usize,
     router: Linear,
-    experts: Vec<SwiGlu>,
     shared: Option<SharedExpert>,
     num_experts: usize,
     top_k: usize,
-    kind: crate::spec::RouterKind,
+    kind: RouterKind,
+}
+
+/// The tokens one expert serves: their rows in the batch and their routing weights.
+struct Assignment {
+    rows: Vec<i64>,
+    weights: Vec<f32>,
 }
 
 impl MoeBlock {
@@ -31,14 +39,6 @@ impl MoeBlock {
         let moe = &spec.moe;
         let router_name = names.layer(layer, &names.router);
         let router = loader.linear(router_name.trim_end_matches(".weight"), h, moe.num_experts, false)?;
-        let experts = (0..moe.num_experts)
-            .map(|e| {
-                let [g, u, d] = names.expert_weights(layer, e);
-                let prefixes =
-                    [g.trim_end_matches(".weight"), u.trim_end_matches(".weight"), d.trim_end_matches(".weight")];
-                SwiGlu::load(loader, prefixes, h, moe.expert_intermediate_size)
-            })
-            .collect::<Result<Vec<_>>>()?;
         let shared = match &moe.shared_expert {
             None => None,
             Some(s) => {
@@ -55,34 +55,52 @@ impl MoeBlock {
                 Some(SharedExpert { mlp, gate })
             }
         };
-        Ok(Self { router, experts, shared, num_experts: moe.num_experts, top_k: moe.top_k, kind: moe.router })
+        Ok(Self { layer, router, shared, num_experts: moe.num_experts, top_k: moe.top_k, kind: moe.router })
     }
 
     /// `x` `[tokens, hidden]` (already normed). Returns the block output and each token's route.
-    pub fn forward(&self, x: Tensor<2>, device: &Device) -> Result<(Tensor<2>, Vec<TokenRoute>)> {
+    ///
+    /// Experts already resident run first, then the misses (each uploaded once, even when the
+    /// cache has fewer slots than this layer needs); their outputs are summed in expert order
+    /// whatever the residency, so offloaded output equals all-resident output bit for bit.
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        experts: &mut ExpertCache,
+        device: &Device,
+    ) -> Result<(Tensor<2>, Vec<TokenRoute>)> {
         let [tokens, hidden] = x.dims();
-        let logits = self.router.forward(x.clone());
-        let logits: Vec<f32> =
-            logits.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
+        let logits: Vec<f32> = self
+            .router
+            .forward(x.clone())
+            .into_data()
+            .try_into_vec()
+            .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
         let routes = route(&logits, self.num_experts, self.top_k, self.kind);
 
-        // Group tokens by expert; experts run in index order, as transformers accumulates them.
-        let mut assigned: Vec<(Vec<i64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.num_experts];
+        let mut assigned: Vec<Assignment> =
+            (0..self.num_experts).map(|_| Assignment { rows: Vec::new(), weights: Vec::new() }).collect();
         for (t, r) in routes.iter().enumerate() {
             for (&e, &w) in r.experts.iter().zip(&r.weights) {
-                assigned[e as usize].0.push(t as i64);
-                assigned[e as usize].1.push(w);
+                assigned[e as usize].rows.push(t as i64);
+                assigned[e as usize].weights.push(w);
             }
         }
+        let needed: Vec<usize> = (0..self.num_experts).filter(|&e| !assigned[e].rows.is_empty()).collect();
+        let (hits, misses): (Vec<usize>, Vec<usize>) =
+            needed.iter().partition(|&&e| experts.is_resident(self.layer, e));
+        let mut outputs: Vec<Option<(Tensor<1, Int>, Tensor<2>)>> = (0..self.num_experts).map(|_| None).collect();
+        for e in hits.into_iter().chain(misses) {
+            let weights = experts.fetch(self.layer, e)?;
+            let a = &assigned[e];
+            let n = a.rows.len();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(a.rows.clone(), [n]), device);
+            let scale = Tensor::<2>::from_data(TensorData::new(a.weights.clone(), [n, 1]), device);
+            let y = weights.forward(x.clone().select(0, index.clone())) * scale;
+            outputs[e] = Some((index, y));
+        }
         let mut out = Tensor::<2>::zeros([tokens, hidden], device);
-        for (expert, (rows, weights)) in self.experts.iter().zip(assigned) {
-            if rows.is_empty() {
-                continue;
-            }
-            let n = rows.len();
-            let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), device);
-            let weights = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), device);
-            let y = expert.forward(x.clone().select(0, index.clone())) * weights;
+        for (index, y) in outputs.into_iter().flatten() {
             out = out.select_assign(0, index, y, IndexingUpdateOp::Add);
         }
         if let Some(shared) = &self.shared {

@@ -1,0 +1,15 @@
+//! The expert manager: routed experts live in host memory (the memory-mapped checkpoint) and a
+//! cache of expert slots on the GPU holds as many as the VRAM budget allows. A miss uploads the
+//! expert into a free or evicted slot before its layer computes.
+
+mod budget;
+mod cache;
+mod policy;
+mod stats;
+mod store;
+
+pub use budget::{SlotPlan, VramBudget};
+pub use cache::{ExpertCache, ExpertWeights};
+pub use policy::EvictionPolicy;
+pub use stats::ExpertStats;
+pub use store::ExpertStore;

@@ -1,0 +1,52 @@
+//! Counters of the expert cache: what was found, what had to be uploaded, and what it cost.
+
+use std::ops::{Add, Sub};
+
+/// Cumulative counters; subtract two snapshots for the figures of one step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ExpertStats {
+    /// Expert uses served by a resident slot.
+    pub hits: u64,
+    /// Expert uses that needed an upload first.
+    pub misses: u64,
+    pub evictions: u64,
+    /// Bytes copied from host memory to GPU slots.
+    pub bytes_uploaded: u64,
+    /// Wall time the forward pass waited on uploads (host conversion and enqueueing), seconds.
+    pub stall_seconds: f64,
+}
+
+impl ExpertStats {
+    pub fn hit_rate(&self) -> f64 {
+        let uses = self.hits + self.misses;
+        if uses == 0 { 1.0 } else { self.hits as f64 / uses as f64 }
+    }
+}
+
+impl Sub for ExpertStats {
+    type Output = Self;
+
+    fn sub(self, before: Self) -> Self {
+        Self {
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            evictions: self.evictions - before.evictions,
+            bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded,
+            stall_seconds: self.stall_seconds - before.stall_seconds,
+        }
+    }
+}
+
+impl Add for ExpertStats {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            hits: self.hits + other.hits,
+            misses: self.misses + other.misses,
+            evictions: self.evictions + other.evictions,
+            bytes_uploaded: self.bytes_uploaded + other.bytes_uploaded,
+            stall_seconds: self.stall_seconds + other.stall_seconds,
+        }
+    }
+}

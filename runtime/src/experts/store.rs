@@ -1,0 +1,66 @@
+//! Host side of the expert manager: where each routed expert's bytes live in the memory-mapped
+//! checkpoint. Nothing is copied until an expert is uploaded.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::spec::{FfnKind, ModelSpec};
+use crate::weights::{TensorRef, WeightStore, to_f32};
+
+/// Every routed expert's gate, up and down weights, by (layer, expert).
+pub struct ExpertStore {
+    weights: Arc<WeightStore>,
+    /// `experts[layer][expert]`; empty for dense layers.
+    experts: Vec<Vec<[TensorRef; 3]>>,
+    hidden: usize,
+    intermediate: usize,
+}
+
+impl ExpertStore {
+    /// Looks up and shape-checks every expert tensor, so a bad checkpoint fails at load time
+    /// rather than at its first miss.
+    pub fn new(weights: Arc<WeightStore>, spec: &ModelSpec) -> Result<Self> {
+        let (h, i) = (spec.hidden_size, spec.moe.expert_intermediate_size);
+        let shapes = [[i, h], [i, h], [h, i]];
+        let experts = spec
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(layer, kind)| match kind {
+                FfnKind::Dense { .. } => Ok(Vec::new()),
+                FfnKind::Moe => (0..spec.moe.num_experts)
+                    .map(|e| {
+                        let names = spec.names.expert_weights(layer, e);
+                        let get = |k: usize| weights.get(&names[k], &shapes[k]).cloned();
+                        Ok([get(0)?, get(1)?, get(2)?])
+                    })
+                    .collect::<Result<Vec<_>>>(),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { weights, experts, hidden: h, intermediate: i })
+    }
+
+    /// `(intermediate, hidden)`: gate and up are `[intermediate, hidden]`, down the transpose.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.intermediate, self.hidden)
+    }
+
+    pub fn num_experts(&self, layer: usize) -> usize {
+        self.experts.get(layer).map_or(0, Vec::len)
+    }
+
+    /// Layers that have routed experts.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.experts.iter().enumerate().filter(|(_, e)| !e.is_empty()).map(|(l, _)| l)
+    }
+
+    /// The expert's gate, up and down weights as f32 in checkpoint layout.
+    pub fn host_f32(&self, layer: usize, expert: usize) -> [Vec<f32>; 3] {
+        self.experts[layer][expert].each_ref().map(|t| to_f32(self.weights.bytes(t), t.dtype))
+    }
+
+    /// Bytes the expert occupies in the checkpoint.
+    pub fn source_bytes(&self, layer: usize, expert: usize) -> usize {
+        self.experts[layer][expert].iter().map(TensorRef::byte_len).sum()
+    }
+}

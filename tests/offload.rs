@@ -1,0 +1,178 @@
+//! The expert manager: offloaded output equals all-resident output bit for bit under any budget
+//! and exact policy, the cache counts what it does, and bad budgets are clear errors.
+
+use std::collections::HashSet;
+
+use ferry_runtime::engine::{Engine, GenerateRequest};
+use ferry_runtime::experts::{EvictionPolicy, ExpertStats, VramBudget};
+use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_runtime::sampling::SamplingConfig;
+use ferry_tests::{fixture, gpu, reference};
+
+fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
+    let opened = ferry_models::open(&fixture(family)).unwrap();
+    Model::load_with(opened.spec, &opened.weights, &gpu().device, ExpertOptions { budget, policy, kv_tokens: None })
+        .unwrap()
+}
+
+fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    model.forward(ids, &mut cache, LogitsFor::All).unwrap()
+}
+
+fn greedy(model: Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let request = GenerateRequest {
+        prompt_ids: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling: SamplingConfig::greedy(),
+        stop_strings: Vec::new(),
+        stop_at_eos: false,
+    };
+    Engine::new(model, None).generate(&request, |_| {}).unwrap().ids
+}
+
+/// The smallest budget there is: one layer's top-k slots, so every layer evicts.
+const TOP_K_SLOTS: VramBudget = VramBudget::FractionOfExperts(2.0 / 16.0);
+
+#[test]
+fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
+    for family in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let reference = reference(family);
+        let resident = load(family, VramBudget::All, EvictionPolicy::Lru);
+        let expected = prompt_forward(&resident, &reference.input_ids);
+        let expected_tokens = greedy(resident, &reference.greedy.prompt_ids, 12);
+        for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu, EvictionPolicy::LfuPinned] {
+            for budget in [TOP_K_SLOTS, VramBudget::FractionOfExperts(0.5)] {
+                let model = load(family, budget, policy);
+                let out = prompt_forward(&model, &reference.input_ids);
+                assert_eq!(
+                    out.logits, expected.logits,
+                    "{family} {policy} {budget:?}: logits differ from all-resident"
+                );
+                assert_eq!(out.routing, expected.routing, "{family} {policy} {budget:?}");
+                let stats = model.experts().stats();
+                assert!(stats.misses > 0, "{family}: an offloaded cold cache must miss");
+                assert_eq!(
+                    greedy(model, &reference.greedy.prompt_ids, 12),
+                    expected_tokens,
+                    "{family} {policy} {budget:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_top_k_budget_evicts_in_every_moe_layer_and_counts_every_byte() {
+    let reference = reference("mixtral");
+    let model = load("mixtral", TOP_K_SLOTS, EvictionPolicy::Lru);
+    assert_eq!(model.experts().plan().slots, 2);
+    let out = prompt_forward(&model, &reference.input_ids);
+    let stats = model.experts().stats();
+    let plan = model.experts().plan().clone();
+    // Every layer needs more than two experts for this prompt, so each one forces evictions.
+    for (layer, routes) in out.routing.iter().enumerate() {
+        let unique: HashSet<u32> = routes.iter().flatten().copied().collect();
+        assert!(unique.len() > 2, "layer {layer} uses only {unique:?}");
+    }
+    assert_eq!(stats.bytes_uploaded, stats.misses * plan.slot_bytes);
+    assert_eq!(stats.evictions, stats.misses - 2, "the cache fills two slots, then every miss evicts");
+    assert!(model.experts().resident_per_layer().iter().sum::<usize>() <= 2);
+}
+
+#[test]
+fn prefill_uploads_each_needed_expert_once_per_layer() {
+    let reference = reference("qwen2_moe");
+    for budget in [TOP_K_SLOTS, VramBudget::FractionOfExperts(0.5), VramBudget::FractionOfExperts(0.75)] {
+        let model = load("qwen2_moe", budget, EvictionPolicy::Lru);
+        let out = prompt_forward(&model, &reference.input_ids);
+        let stats: ExpertStats = model.experts().stats();
+        let unique: u64 =
+            out.routing.iter().map(|routes| routes.iter().flatten().collect::<HashSet<_>>().len() as u64).sum();
+        let uses: u64 = out.routing.iter().flatten().map(|r| r.len() as u64).sum();
+        assert_eq!(stats.misses, unique, "{budget:?}: one upload per expert and layer");
+        assert_eq!(stats.hits + stats.misses, unique, "{budget:?}: one fetch per expert and layer, {uses} uses");
+    }
+}
+
+#[test]
+fn lru_evicts_the_least_recently_used_and_lfu_the_least_used() {
+    let fetch = |model: &Model, experts: &[usize]| {
+        for &e in experts {
+            model.experts().fetch(0, e).unwrap();
+        }
+    };
+    let lru = load("olmoe", TOP_K_SLOTS, EvictionPolicy::Lru);
+    fetch(&lru, &[1, 1, 1, 2, 3]); // 1 is used most but least recently
+    assert!(!lru.experts().is_resident(0, 1) && lru.experts().is_resident(0, 2) && lru.experts().is_resident(0, 3));
+
+    let lfu = load("olmoe", TOP_K_SLOTS, EvictionPolicy::Lfu);
+    fetch(&lfu, &[1, 1, 1, 2, 3]);
+    assert!(lfu.experts().is_resident(0, 1) && !lfu.experts().is_resident(0, 2) && lfu.experts().is_resident(0, 3));
+}
+
+#[test]
+fn lfu_pinned_keeps_the_prompts_most_used_experts() {
+    let reference = reference("olmoe");
+    let model = load("olmoe", VramBudget::FractionOfExperts(0.75), EvictionPolicy::LfuPinned);
+    prompt_forward(&model, &reference.input_ids);
+    let pinned = model.experts().pinned();
+    // 12 slots, 2 kept free for one layer's top-k: half of the other 10 pinned, 2 per MoE layer.
+    assert_eq!(pinned.len(), 4, "{pinned:?}");
+    let usage = model.experts().usage().to_vec();
+    for &(layer, expert) in &pinned {
+        let min_pinned = pinned.iter().filter(|(l, _)| *l == layer).map(|&(l, e)| usage[l][e]).min().unwrap();
+        let unpinned_max =
+            (0..usage[layer].len()).filter(|e| !pinned.contains(&(layer, *e))).map(|e| usage[layer][e]).max().unwrap();
+        assert!(min_pinned >= unpinned_max, "layer {layer}: pinned {expert} is not among the most used");
+    }
+    // Pinned experts survive a flood of other experts.
+    for e in 0..8 {
+        model.experts().fetch(0, e).unwrap();
+    }
+    for &(layer, expert) in &pinned {
+        assert!(model.experts().is_resident(layer, expert), "pinned ({layer}, {expert}) was evicted");
+    }
+}
+
+#[test]
+fn a_budget_below_one_layers_top_k_says_the_minimum() {
+    let opened = ferry_models::open(&fixture("qwen3_moe")).unwrap();
+    let options = ExpertOptions { budget: VramBudget::Bytes(64 * 1024), policy: EvictionPolicy::Lru, kv_tokens: None };
+    let err =
+        Model::load_with(opened.spec, &opened.weights, &gpu().device, options).err().expect("must fail").to_string();
+    assert!(err.contains("--vram-budget") && err.contains("minimum"), "{err}");
+    let err = "5 parsecs".parse::<VramBudget>().unwrap_err().to_string();
+    assert!(err.contains("--vram-budget"), "{err}");
+}
+
+#[test]
+fn generation_reports_expert_traffic_per_step() {
+    let reference = reference("mixtral");
+    let model = load("mixtral", VramBudget::FractionOfExperts(0.25), EvictionPolicy::Lru);
+    let engine = Engine::new(model, None);
+    let request = GenerateRequest {
+        prompt_ids: reference.greedy.prompt_ids.clone(),
+        max_new_tokens: 6,
+        sampling: SamplingConfig::greedy(),
+        stop_strings: Vec::new(),
+        stop_at_eos: false,
+    };
+    let mut steps = Vec::new();
+    let output = engine
+        .generate(&request, |e| {
+            if let ferry_runtime::engine::Event::Step(s) = e {
+                steps.push(s.clone());
+            }
+        })
+        .unwrap();
+    assert_eq!(steps.len(), 6, "the prompt and five decoded tokens");
+    let summed = steps.iter().skip(1).fold(ExpertStats::default(), |acc, s| acc + s.experts);
+    assert_eq!(summed.misses, output.stats.decode_experts.misses);
+    assert_eq!(steps[0].experts.misses, output.stats.prefill_experts.misses);
+    // Each decode step routes one token to top-2 experts in each of 2 layers.
+    for s in &steps[1..] {
+        assert_eq!(s.experts.hits + s.experts.misses, 4);
+        assert!(s.resident_per_layer.iter().sum::<usize>() <= 4);
+    }
+}
