@@ -25,6 +25,8 @@ pub enum Command {
     Devices(DevicesArgs),
     /// Measure all-resident and offloaded modes in one run (tokens/s, hit rate, bytes/token).
     Bench(BenchArgs),
+    /// Write a random-weight MoE with the shapes of a real one (for benchmarks; gibberish out).
+    RandomModel(RandomModelArgs),
 }
 
 #[derive(Args, Clone)]
@@ -174,4 +176,19 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args)]
+pub struct RandomModelArgs {
+    /// Shapes: default, olmoe-1b-7b or mixtral-8x7b (vocabulary: Ferry's 384-token tokenizer).
+    #[arg(long, default_value = "default")]
+    pub preset: String,
+    /// Number of layers (default: the preset's).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Output folder (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

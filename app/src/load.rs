@@ -15,7 +15,7 @@ use crate::args::ModelArgs;
 pub fn model_folder(args: &ModelArgs) -> Result<PathBuf> {
     match &args.model {
         Some(folder) => Ok(folder.clone()),
-        None => Ok(ferry_models::default_model::ensure()?),
+        None => Ok(ferry_models::random_model::ensure()?),
     }
 }
 

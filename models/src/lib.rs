@@ -3,11 +3,11 @@
 
 mod common;
 pub mod config;
-pub mod default_model;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
+pub mod random_model;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use ferry_runtime::engine::{Engine, GenerateRequest, GenerateStats};
-use ferry_runtime::experts::{EvictionPolicy, VramBudget};
+use ferry_runtime::experts::{EvictionPolicy, VramBudget, measure_upload};
 use ferry_runtime::graph::{ExpertOptions, Model};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_runtime::{AdapterChoice, Gpu};
@@ -39,7 +39,7 @@ struct ModeReport {
 pub fn run(args: BenchArgs) -> Result<()> {
     let folder = match &args.model {
         Some(folder) => folder.clone(),
-        None => ferry_models::default_model::ensure()?,
+        None => ferry_models::random_model::ensure()?,
     };
     let opened = ferry_models::open(&folder)?;
     let gpu = Gpu::open(args.adapter.parse::<AdapterChoice>()?)?;
@@ -111,6 +111,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         });
     }
     let exact = reports.iter().all(|r| r.ids == reports[0].ids);
+    // Host-to-GPU paths at one expert's size, and at 64 MiB for the link's peak.
+    let slot_bytes = engine.model.experts().plan().slot_bytes as usize;
+    let mut uploads = measure_upload(&gpu, slot_bytes, 7)?;
+    uploads.extend(measure_upload(&gpu, 64 << 20, 3)?);
     let report = serde_json::json!({
         "model": folder,
         "family": spec.family,
@@ -121,6 +125,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "checkpoint_bytes": opened.weights.total_bytes(),
         "peak_rss_bytes": ferry_runtime::memory::peak_rss_bytes(),
         "modes": reports,
+        "uploads": uploads,
     });
     if args.json {
         println!("{report}");
@@ -153,6 +158,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!("greedy tokens identical across modes: {exact}");
+    for u in &uploads {
+        println!(
+            "upload {:<20} {:>9.2} MiB: {:>8.2} GiB/s (median of {})",
+            u.method,
+            u.bytes as f64 / 1048576.0,
+            u.bytes_per_second / (1u64 << 30) as f64,
+            u.uploads
+        );
+    }
     if let Some(rss) = ferry_runtime::memory::peak_rss_bytes() {
         println!(
             "peak host RSS {:.1} MiB; checkpoint {:.1} MiB",

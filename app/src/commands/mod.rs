@@ -6,6 +6,7 @@ mod devices;
 mod generate;
 mod info;
 mod logits;
+mod random_model;
 
 use anyhow::Result;
 use ferry_runtime::sampling::SamplingConfig;
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(args),
         Command::Devices(args) => devices::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::RandomModel(args) => random_model::run(args),
     }
 }
 

@@ -2,12 +2,14 @@
 //! cache of expert slots on the GPU holds as many as the VRAM budget allows. A miss uploads the
 //! expert into a free or evicted slot before its layer computes.
 
+mod bandwidth;
 mod budget;
 mod cache;
 mod policy;
 mod stats;
 mod store;
 
+pub use bandwidth::{UploadMeasurement, measure_upload};
 pub use budget::{SlotPlan, VramBudget};
 pub use cache::{ExpertCache, ExpertWeights};
 pub use policy::EvictionPolicy;

@@ -1,0 +1,225 @@
+//! Mixtral-layout MoE checkpoints with deterministic random weights: the built-in default model
+//! (written on first use into Ferry's cache folder so that `ferry generate` works out of the
+//! box), and models with the expert shapes of real MoEs for benchmarks. They produce gibberish;
+//! they exercise the whole path, and its bytes, without a download.
+
+use std::path::{Path, PathBuf};
+
+use ferry_runtime::error::{FerryError, Result};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::TensorView;
+
+/// Bumped whenever the generated default model changes, so stale caches are not reused.
+const NAME: &str = "default-moe-v1";
+const TOKENIZER: &str = include_str!("../default/tokenizer.json");
+const TOKENIZER_CONFIG: &str = include_str!("../default/tokenizer_config.json");
+
+/// Shapes of a random model. The vocabulary is always the embedded 384-token tokenizer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    /// Intermediate size of one expert.
+    pub intermediate: usize,
+    pub context: usize,
+    /// Store weights as bf16 (as released checkpoints are) instead of f32.
+    pub bf16: bool,
+}
+
+/// The built-in default model.
+pub const DEFAULT: Shape = Shape {
+    hidden: 128,
+    layers: 4,
+    heads: 4,
+    kv_heads: 2,
+    experts: 8,
+    top_k: 2,
+    intermediate: 256,
+    context: 2048,
+    bf16: false,
+};
+
+/// Named shapes: `default`, and the attention and expert dimensions of real MoEs (vocabulary
+/// reduced to the embedded tokenizer's, layers as given).
+pub fn preset(name: &str, layers: Option<usize>) -> Result<Shape> {
+    let mut shape = match name {
+        "default" => DEFAULT,
+        // allenai/OLMoE-1B-7B: 16 layers of 64 experts (1024 wide), top-8.
+        "olmoe-1b-7b" => Shape {
+            hidden: 2048,
+            layers: 16,
+            heads: 16,
+            kv_heads: 16,
+            experts: 64,
+            top_k: 8,
+            intermediate: 1024,
+            context: 4096,
+            bf16: true,
+        },
+        // mistralai/Mixtral-8x7B: 32 layers of 8 experts (14336 wide), top-2.
+        "mixtral-8x7b" => Shape {
+            hidden: 4096,
+            layers: 32,
+            heads: 32,
+            kv_heads: 8,
+            experts: 8,
+            top_k: 2,
+            intermediate: 14336,
+            context: 32768,
+            bf16: true,
+        },
+        other => {
+            return Err(FerryError::flag(
+                "--preset",
+                format!("unknown preset {other:?}; use default, olmoe-1b-7b or mixtral-8x7b"),
+            ));
+        }
+    };
+    if let Some(layers) = layers {
+        shape.layers = layers.max(1);
+    }
+    Ok(shape)
+}
+
+/// Ferry's cache folder: `$FERRY_CACHE`, else `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry`.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERRY_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("ferry"));
+    }
+    std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cache").join("ferry"))
+        .ok_or_else(|| FerryError::flag("--model", "no cache folder for the default model: set FERRY_CACHE or HOME"))
+}
+
+/// The default model's folder, generated first if it is not there yet.
+pub fn ensure() -> Result<PathBuf> {
+    let dir = cache_dir()?.join(NAME);
+    if dir.join("model.safetensors").exists() {
+        return Ok(dir);
+    }
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    write(&tmp, DEFAULT, 0x_f311)?;
+    // Renaming a complete folder into place keeps a concurrent or interrupted run from seeing
+    // half a model.
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        Err(_) if dir.join("model.safetensors").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => Err(FerryError::io(&dir, e)),
+    }
+}
+
+/// Vocabulary size and the id of `<|im_end|>` (the end of an assistant turn) in the embedded
+/// tokenizer.
+fn vocab_and_eos() -> Result<(usize, u32)> {
+    let bad =
+        |message: &str| FerryError::Json { path: "models/default/tokenizer.json".into(), message: message.into() };
+    let value: serde_json::Value = serde_json::from_str(TOKENIZER).map_err(|e| bad(&e.to_string()))?;
+    let vocab = value["model"]["vocab"].as_object().map_or(0, |v| v.len());
+    let added = value["added_tokens"].as_array().ok_or_else(|| bad("no added_tokens"))?;
+    let eos = added
+        .iter()
+        .find(|t| t["content"] == "<|im_end|>")
+        .and_then(|t| t["id"].as_u64())
+        .ok_or_else(|| bad("no <|im_end|> token"))?;
+    Ok((vocab + added.len(), eos as u32))
+}
+
+/// Writes a whole model folder: config, generation config, tokenizer files and weights.
+pub fn write(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| FerryError::io(dir, e))?;
+    let (vocab, eos) = vocab_and_eos()?;
+    let config = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": vocab,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "num_local_experts": shape.experts,
+        "num_experts_per_tok": shape.top_k,
+        "hidden_act": "silu",
+        "max_position_embeddings": shape.context,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "eos_token_id": eos,
+        "torch_dtype": if shape.bf16 { "bfloat16" } else { "float32" }
+    });
+    let files = [
+        ("config.json", serde_json::to_string_pretty(&config).unwrap_or_default()),
+        ("generation_config.json", serde_json::json!({ "eos_token_id": eos }).to_string()),
+        ("tokenizer.json", TOKENIZER.to_string()),
+        ("tokenizer_config.json", TOKENIZER_CONFIG.to_string()),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
+    }
+    write_weights(&dir.join("model.safetensors"), vocab, shape, seed)
+}
+
+fn write_weights(path: &Path, vocab: usize, shape: Shape, seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let Shape { hidden, layers, heads, kv_heads, experts, intermediate, bf16: as_bf16, .. } = shape;
+    let head_dim = hidden / heads;
+    let dtype = if as_bf16 { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    // Norm gains are 1; every other weight is uniform with a standard deviation of 0.08 (the
+    // default model) or 1/sqrt(fan-in) (large shapes), so activations stay in range.
+    let std = (1.0 / (hidden as f32).sqrt()).min(0.08);
+    let mut add = |name: String, shape: Vec<usize>, random: bool| {
+        let n: usize = shape.iter().product();
+        let scale = std * 3f32.sqrt();
+        let mut bytes = Vec::with_capacity(n * if as_bf16 { 2 } else { 4 });
+        for _ in 0..n {
+            let v = if random { (rng.random::<f32>() * 2.0 - 1.0) * scale } else { 1.0 };
+            if as_bf16 {
+                bytes.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
+            } else {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        tensors.push((name, shape, bytes));
+    };
+    add("model.embed_tokens.weight".into(), vec![vocab, hidden], true);
+    add("lm_head.weight".into(), vec![vocab, hidden], true);
+    add("model.norm.weight".into(), vec![hidden], false);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), vec![hidden], false);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![hidden], false);
+        for (name, rows) in
+            [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
+        {
+            add(format!("{p}.self_attn.{name}.weight"), vec![rows, hidden], true);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * head_dim], true);
+        add(format!("{p}.block_sparse_moe.gate.weight"), vec![experts, hidden], true);
+        for e in 0..experts {
+            let q = format!("{p}.block_sparse_moe.experts.{e}");
+            add(format!("{q}.w1.weight"), vec![intermediate, hidden], true);
+            add(format!("{q}.w3.weight"), vec![intermediate, hidden], true);
+            add(format!("{q}.w2.weight"), vec![hidden, intermediate], true);
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| TensorView::new(dtype, shape.clone(), bytes).map(|v| (name.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| FerryError::io(path, e))?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| FerryError::io(path, e))
+}
