@@ -11,8 +11,13 @@ use ferry_tests::{fixture, gpu, reference};
 
 fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
-    Model::load_with(opened.spec, &opened.weights, &gpu().device, ExpertOptions { budget, policy, kv_tokens: None })
-        .unwrap()
+    Model::load_with(
+        opened.spec,
+        &opened.weights,
+        &gpu().device,
+        ExpertOptions { budget, policy, ..Default::default() },
+    )
+    .unwrap()
 }
 
 fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
@@ -138,7 +143,7 @@ fn lfu_pinned_keeps_the_prompts_most_used_experts() {
 #[test]
 fn a_budget_below_one_layers_top_k_says_the_minimum() {
     let opened = ferry_models::open(&fixture("qwen3_moe")).unwrap();
-    let options = ExpertOptions { budget: VramBudget::Bytes(64 * 1024), policy: EvictionPolicy::Lru, kv_tokens: None };
+    let options = ExpertOptions { budget: VramBudget::Bytes(64 * 1024), ..Default::default() };
     let err =
         Model::load_with(opened.spec, &opened.weights, &gpu().device, options).err().expect("must fail").to_string();
     assert!(err.contains("--vram-budget") && err.contains("minimum"), "{err}");

@@ -49,6 +49,17 @@ pub struct ModelArgs {
     /// Expert usage profile (JSON from --save-expert-profile) that lfu-pinned pins from.
     #[arg(long)]
     pub expert_profile: Option<PathBuf>,
+    /// Fetch the next layer's predicted experts while this layer computes: none or pregate
+    /// (exact: the real routing still decides; mispredictions are fetched on demand).
+    #[arg(long, default_value = "none")]
+    pub prefetch: String,
+    /// Predict this many experts beyond top-k for prefetching.
+    #[arg(long, default_value_t = 0)]
+    pub prefetch_extra: usize,
+    /// Emulate a host-to-GPU link of this many GB/s (1e9 bytes/s) for every expert upload,
+    /// e.g. 16 or 32 for PCIe 4.0 x8/x16, to see what a discrete GPU would.
+    #[arg(long)]
+    pub link_gbps: Option<f64>,
 }
 
 #[derive(Args, Clone)]
@@ -164,6 +175,16 @@ pub struct BenchArgs {
     /// Eviction policies to measure at each budget (repeatable).
     #[arg(long = "expert-policy", default_values_t = ["lru".to_string()])]
     pub expert_policies: Vec<String>,
+    /// Prefetch modes to measure at each budget and policy (repeatable: none, pregate).
+    #[arg(long = "prefetch", default_values_t = ["none".to_string()])]
+    pub prefetch: Vec<String>,
+    /// Predict this many experts beyond top-k when prefetching.
+    #[arg(long, default_value_t = 0)]
+    pub prefetch_extra: usize,
+    /// Emulate a host-to-GPU link of this many GB/s for every offloaded mode (reported as
+    /// emulated).
+    #[arg(long)]
+    pub link_gbps: Option<f64>,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{EvictionPolicy, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, Model};
+use ferry_runtime::experts::{EvictionPolicy, LinkModel, VramBudget};
+use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
 use ferry_runtime::{AdapterChoice, Gpu};
 
 use crate::args::ModelArgs;
@@ -51,7 +51,24 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
 pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
     let budget: VramBudget = args.vram_budget.parse()?;
     let policy: EvictionPolicy = args.expert_policy.parse()?;
-    Ok(ExpertOptions { budget, policy, kv_tokens: None })
+    let prefetch: PrefetchMode = args.prefetch.parse()?;
+    Ok(ExpertOptions {
+        budget,
+        policy,
+        kv_tokens: None,
+        prefetch,
+        prefetch_extra: args.prefetch_extra,
+        link: link(args.link_gbps)?,
+    })
+}
+
+/// `--link-gbps` as a link model.
+pub fn link(gbps: Option<f64>) -> Result<Option<LinkModel>> {
+    match gbps {
+        None => Ok(None),
+        Some(g) if g > 0.0 && g.is_finite() => Ok(Some(LinkModel::from_gb_per_s(g))),
+        Some(g) => anyhow::bail!("--link-gbps must be a positive number of GB/s, got {g}"),
+    }
 }
 
 /// How often each expert was used, `usage[layer][expert]`; written by --save-expert-profile.

@@ -31,6 +31,15 @@ pub struct ChatReference {
     pub ids: Vec<u32>,
 }
 
+/// transformers' prediction of MoE layer `to`'s experts from layer `from`'s router input
+/// (layer `to`'s router applied to it): top-k ids per token.
+#[derive(Debug, serde::Deserialize)]
+pub struct PregateReference {
+    pub from: usize,
+    pub to: usize,
+    pub experts: Vec<Vec<u32>>,
+}
+
 /// What transformers computed for a fixture (`reference.json`).
 #[derive(Debug, serde::Deserialize)]
 pub struct Reference {
@@ -40,6 +49,8 @@ pub struct Reference {
     pub greedy: Greedy,
     pub tokenization: Vec<Tokenization>,
     pub chat: ChatReference,
+    #[serde(default)]
+    pub pregate: Vec<PregateReference>,
 }
 
 pub fn reference(family: &str) -> Reference {

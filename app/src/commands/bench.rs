@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use ferry_runtime::engine::{Engine, GenerateRequest, GenerateStats};
 use ferry_runtime::experts::{EvictionPolicy, VramBudget, measure_upload};
-use ferry_runtime::graph::{ExpertOptions, Model};
+use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_runtime::{AdapterChoice, Gpu};
 use rand::rngs::StdRng;
@@ -18,6 +18,9 @@ struct ModeReport {
     mode: String,
     vram_budget: String,
     policy: EvictionPolicy,
+    prefetch: PrefetchMode,
+    /// GB/s of the emulated host-to-GPU link; None: uploads as fast as this adapter takes them.
+    emulated_link_gb_per_s: Option<f64>,
     slots: usize,
     total_experts: usize,
     gpu_bytes: u64,
@@ -33,6 +36,11 @@ struct ModeReport {
     /// Decode tokens/s relative to all-resident in this run.
     decode_ratio_to_resident: f64,
     prefill_uploaded_bytes: u64,
+    /// Experts requested by predictions, per decoded token.
+    prefetched_per_token: f64,
+    wasted_prefetch_bytes_per_token: f64,
+    /// Per MoE layer after the first: share of real top-k choices that had been predicted.
+    recall_per_layer: Vec<Option<f64>>,
     ids: Vec<u32>,
 }
 
@@ -70,22 +78,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
         GenerateRequest { prompt_ids: prompt[..prompt.len().min(8)].to_vec(), max_new_tokens: 4, ..request.clone() };
     engine.generate(&warmup, |_| {})?;
 
-    let mut modes = vec![("resident".to_string(), "all".to_string(), EvictionPolicy::Lru)];
+    let link = crate::load::link(args.link_gbps)?;
+    let mut modes = vec![("resident".to_string(), "all".to_string(), EvictionPolicy::Lru, PrefetchMode::None)];
     for budget in &args.vram_budgets {
         for policy in &args.expert_policies {
-            modes.push(("offload".into(), budget.clone(), policy.parse()?));
+            for prefetch in &args.prefetch {
+                modes.push(("offload".into(), budget.clone(), policy.parse()?, prefetch.parse()?));
+            }
         }
     }
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut resident_decode = None;
-    for (mode, budget, policy) in modes {
+    for (mode, budget, policy, prefetch) in modes {
         let budget_value: VramBudget = budget.parse()?;
-        engine.model.set_expert_options(ExpertOptions { budget: budget_value, policy, kv_tokens: None })?;
+        let mode_link = if mode == "offload" { link } else { None };
+        engine.model.set_expert_options(ExpertOptions {
+            budget: budget_value,
+            policy,
+            kv_tokens: None,
+            prefetch,
+            prefetch_extra: args.prefetch_extra,
+            link: mode_link,
+        })?;
         if mode == "offload" {
             // Every offloaded mode starts cold, as a fresh process would.
             engine.model.experts().clear();
         }
+        let recall_before = engine.model.experts().recall().to_vec();
         let output = engine.generate(&request, |_| {}).with_context(|| format!("bench mode {mode} {budget}"))?;
+        let recall_per_layer: Vec<Option<f64>> = engine
+            .model
+            .experts()
+            .recall()
+            .iter()
+            .zip(&recall_before)
+            .filter(|(after, _)| after.actual > 0)
+            .map(|(after, before)| {
+                let actual = after.actual - before.actual;
+                (actual > 0).then(|| (after.predicted - before.predicted) as f64 / actual as f64)
+            })
+            .collect();
         let plan = engine.model.experts().plan().clone();
         let s: &GenerateStats = &output.stats;
         let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
@@ -95,6 +127,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             mode,
             vram_budget: budget,
             policy,
+            prefetch,
+            emulated_link_gb_per_s: mode_link.map(|l| l.bytes_per_second / 1e9),
             slots: plan.slots,
             total_experts: plan.total_experts,
             gpu_bytes: plan.gpu_bytes(),
@@ -107,6 +141,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stall_fraction: d.stall_seconds / s.decode_seconds.max(1e-9),
             decode_ratio_to_resident: s.decode_tokens_per_second / resident,
             prefill_uploaded_bytes: s.prefill_experts.bytes_uploaded,
+            prefetched_per_token: d.prefetched as f64 / decode_tokens,
+            wasted_prefetch_bytes_per_token: d.wasted_prefetch_bytes as f64 / decode_tokens,
+            recall_per_layer,
             ids: output.ids,
         });
     }
@@ -121,6 +158,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "adapter": gpu.adapter,
         "prompt_len": prompt.len(),
         "gen_len": request.max_new_tokens,
+        "link": match link {
+            Some(l) => format!("emulated {} GB/s host-to-GPU link for offloaded modes", l.bytes_per_second / 1e9),
+            None => "not emulated: uploads run at this adapter's speed".to_string(),
+        },
         "greedy_tokens_identical_across_modes": exact,
         "checkpoint_bytes": opened.weights.total_bytes(),
         "peak_rss_bytes": ferry_runtime::memory::peak_rss_bytes(),
@@ -138,23 +179,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
         prompt.len(),
         request.max_new_tokens
     );
+    if let Some(l) = link {
+        println!("offloaded modes run over an EMULATED {} GB/s host-to-GPU link", l.bytes_per_second / 1e9);
+    }
     println!(
-        "{:<9} {:>7} {:>11} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9}",
-        "mode", "budget", "policy", "slots", "prefill t/s", "decode t/s", "hit %", "MiB/token", "stall %", "vs res."
+        "{:<9} {:>7} {:>11} {:>8} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
+        "mode",
+        "budget",
+        "policy",
+        "prefetch",
+        "slots",
+        "prefill t/s",
+        "decode t/s",
+        "hit %",
+        "MiB/token",
+        "stall %",
+        "vs res.",
+        "recall"
     );
     for r in &reports {
+        let recalls: Vec<f64> = r.recall_per_layer.iter().flatten().copied().collect();
+        let recall = if recalls.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", 100.0 * recalls.iter().sum::<f64>() / recalls.len() as f64)
+        };
         println!(
-            "{:<9} {:>7} {:>11} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2}",
+            "{:<9} {:>7} {:>11} {:>8} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
             r.mode,
             r.vram_budget,
             r.policy.to_string(),
+            format!("{:?}", r.prefetch).to_lowercase(),
             r.slots,
             r.prefill_tokens_per_second,
             r.decode_tokens_per_second,
             100.0 * r.hit_rate,
             r.bytes_uploaded_per_token / (1024.0 * 1024.0),
             100.0 * r.stall_fraction,
-            r.decode_ratio_to_resident
+            r.decode_ratio_to_resident,
+            recall
         );
     }
     println!("greedy tokens identical across modes: {exact}");

@@ -2,6 +2,7 @@
 //! upload of missing experts into free or evicted slots.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::activation::silu;
@@ -11,6 +12,7 @@ use super::budget::SlotPlan;
 use super::policy::{EvictionPolicy, SlotUse};
 use super::stats::ExpertStats;
 use super::store::ExpertStore;
+use super::transfer::{LinkModel, StagedExpert, UploadQueue};
 use crate::error::Result;
 
 /// One expert on the GPU, in checkpoint layout: gate and up `[intermediate, hidden]`, down
@@ -33,13 +35,31 @@ impl ExpertWeights {
 struct Slot {
     weights: ExpertWeights,
     use_: SlotUse,
+    /// Brought in by a prediction and not used yet.
+    unused_prefetch: bool,
 }
 
 type ExpertId = (usize, usize);
 
-/// The slot cache. `fetch` hands out an expert's weights, uploading it first on a miss.
+/// How well predictions for one layer matched the routing it then used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct LayerRecall {
+    /// Real (token, expert) choices that had been predicted.
+    pub predicted: u64,
+    /// All real (token, expert) choices scored.
+    pub actual: u64,
+}
+
+impl LayerRecall {
+    pub fn recall(&self) -> Option<f64> {
+        (self.actual > 0).then(|| self.predicted as f64 / self.actual as f64)
+    }
+}
+
+/// The slot cache. `fetch` hands out an expert's weights, uploading it first on a miss;
+/// `prefetch` starts bringing in experts a later layer is expected to need.
 pub struct ExpertCache {
-    store: ExpertStore,
+    store: Arc<ExpertStore>,
     device: Device,
     policy: EvictionPolicy,
     plan: SlotPlan,
@@ -49,6 +69,17 @@ pub struct ExpertCache {
     usage: Vec<Vec<u64>>,
     clock: u64,
     stats: ExpertStats,
+    link: Option<LinkModel>,
+    queue: Option<UploadQueue>,
+    /// Prefetched experts whose host staging is under way; each holds a reserved slot.
+    in_flight: HashSet<ExpertId>,
+    /// Staged experts that arrived while waiting for another one.
+    staged: HashMap<ExpertId, StagedExpert>,
+    /// In-flight experts whose layer has passed without using them.
+    orphans: HashSet<ExpertId>,
+    /// Per layer: the experts predicted for each token of the current pass.
+    predictions: HashMap<usize, Vec<Vec<u32>>>,
+    recall: Vec<LayerRecall>,
 }
 
 impl ExpertCache {
@@ -56,7 +87,7 @@ impl ExpertCache {
         let layers = store.moe_layers().max().map_or(0, |l| l + 1);
         let usage = (0..layers).map(|l| vec![0; store.num_experts(l)]).collect();
         Self {
-            store,
+            store: Arc::new(store),
             device,
             policy,
             plan,
@@ -65,7 +96,30 @@ impl ExpertCache {
             usage,
             clock: 0,
             stats: ExpertStats::default(),
+            link: None,
+            queue: None,
+            in_flight: HashSet::new(),
+            staged: HashMap::new(),
+            orphans: HashSet::new(),
+            predictions: HashMap::new(),
+            recall: vec![LayerRecall::default(); layers],
         }
+    }
+
+    /// Emulates a host-to-GPU link of this speed for every upload (None: as fast as it goes).
+    pub fn set_link(&mut self, link: Option<LinkModel>) {
+        self.drain_in_flight();
+        self.link = link;
+        self.queue = None;
+    }
+
+    pub fn link(&self) -> Option<LinkModel> {
+        self.link
+    }
+
+    /// Prediction recall per layer since the cache was made (None where nothing was scored).
+    pub fn recall(&self) -> &[LayerRecall] {
+        &self.recall
     }
 
     pub fn plan(&self) -> &SlotPlan {
@@ -100,16 +154,18 @@ impl ExpertCache {
 
     /// Changes budget and policy; experts beyond the new capacity are evicted now.
     pub fn reconfigure(&mut self, plan: SlotPlan, policy: EvictionPolicy) {
+        self.drain_in_flight();
         self.plan = plan;
         self.policy = policy;
         self.pinned.clear();
         while self.slots.len() > self.plan.slots {
-            self.evict_one();
+            self.evict_one(&HashSet::new());
         }
     }
 
     /// Empties every slot (a cold start for measurements); pins and usage counts stay.
     pub fn clear(&mut self) {
+        self.drain_in_flight();
         self.slots.clear();
     }
 
@@ -124,8 +180,8 @@ impl ExpertCache {
         for (layer, expert) in all.into_iter().take(self.plan.slots) {
             if !self.is_resident(layer, expert) {
                 let weights = self.upload(layer, expert)?;
-                self.slots
-                    .insert((layer, expert), Slot { weights, use_: SlotUse { last_use: 0, uses: 0, pinned: false } });
+                let use_ = SlotUse { last_use: 0, uses: 0, pinned: false };
+                self.slots.insert((layer, expert), Slot { weights, use_, unused_prefetch: false });
             }
         }
         // Preloading is set-up, not traffic of any token.
@@ -135,24 +191,153 @@ impl ExpertCache {
 
     /// The expert's weights, uploading it into a free or evicted slot on a miss.
     pub fn fetch(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights> {
+        self.settle_orphans();
         self.clock += 1;
         self.usage[layer][expert] += 1;
         let id = (layer, expert);
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.use_.last_use = self.clock;
             slot.use_.uses += 1;
+            slot.unused_prefetch = false;
             self.stats.hits += 1;
             return Ok(slot.weights.clone());
         }
-        self.stats.misses += 1;
-        while self.slots.len() >= self.plan.slots.max(1) {
-            self.evict_one();
-        }
-        let weights = self.upload(layer, expert)?;
+        let weights = if self.in_flight.contains(&id) {
+            // Predicted in time to stage on the host; what is left is waiting for the stager
+            // and the GPU copy.
+            let start = Instant::now();
+            let weights = match self.wait_staged(id) {
+                Some(staged) => self.to_gpu(staged.weights),
+                None => self.upload(layer, expert)?,
+            };
+            self.stats.stall_seconds += start.elapsed().as_secs_f64();
+            self.stats.prefetch_hits += 1;
+            self.stats.hits += 1;
+            weights
+        } else {
+            self.stats.misses += 1;
+            while self.occupied() >= self.plan.slots.max(1) {
+                if !self.evict_one(&HashSet::new()) {
+                    break;
+                }
+            }
+            let start = Instant::now();
+            let weights = self.upload(layer, expert)?;
+            self.stats.stall_seconds += start.elapsed().as_secs_f64();
+            weights
+        };
         let pinned = self.pinned.contains(&id);
-        self.slots
-            .insert(id, Slot { weights: weights.clone(), use_: SlotUse { last_use: self.clock, uses: 1, pinned } });
+        let use_ = SlotUse { last_use: self.clock, uses: 1, pinned };
+        self.slots.insert(id, Slot { weights: weights.clone(), use_, unused_prefetch: false });
         Ok(weights)
+    }
+
+    /// Starts bringing in `experts` of `layer` (a prediction), in slots freed by the policy but
+    /// never by evicting `protect` (the experts the current layer still needs) or each other.
+    /// Experts already resident or under way are skipped; when no slot can be freed the rest
+    /// of the prediction is dropped. Returns how many were requested.
+    pub fn prefetch(&mut self, layer: usize, experts: &[usize], protect: &[(usize, usize)]) -> usize {
+        self.settle_orphans();
+        let mut keep: HashSet<ExpertId> = protect.iter().copied().collect();
+        keep.extend(experts.iter().map(|&e| (layer, e)));
+        let mut requested = 0;
+        for &expert in experts {
+            let id = (layer, expert);
+            if self.slots.contains_key(&id) || self.in_flight.contains(&id) {
+                continue;
+            }
+            while self.occupied() >= self.plan.slots {
+                if !self.evict_one(&keep) {
+                    return requested;
+                }
+            }
+            if self.queue.is_none() {
+                self.queue = Some(UploadQueue::start(Arc::clone(&self.store), self.link, self.plan.slot_bytes));
+            }
+            if self.queue.as_ref().is_some_and(|q| q.request(layer, expert)) {
+                self.in_flight.insert(id);
+                self.stats.prefetched += 1;
+                self.stats.bytes_uploaded += self.plan.slot_bytes;
+                requested += 1;
+            }
+        }
+        requested
+    }
+
+    /// Records the experts predicted for each token of `layer` in this pass.
+    pub fn record_prediction(&mut self, layer: usize, per_token: Vec<Vec<u32>>) {
+        self.predictions.insert(layer, per_token);
+    }
+
+    /// Scores this pass's prediction for `layer` against the routing it really used, once the
+    /// layer has fetched its experts. Predicted experts it did not use become ordinary slots
+    /// (marked unused, so evicting them counts as wasted prefetch) as their staging completes.
+    pub fn score_prediction(&mut self, layer: usize, actual: &[Vec<u32>]) {
+        let unused: Vec<ExpertId> = self.in_flight.iter().filter(|(l, _)| *l == layer).copied().collect();
+        self.orphans.extend(unused);
+        self.settle_orphans();
+        let Some(predicted) = self.predictions.remove(&layer) else { return };
+        let entry = &mut self.recall[layer];
+        for (real, guess) in actual.iter().zip(&predicted) {
+            entry.actual += real.len() as u64;
+            entry.predicted += real.iter().filter(|e| guess.contains(e)).count() as u64;
+        }
+    }
+
+    /// Collects what the stager has finished without waiting, and makes finished orphans
+    /// resident.
+    fn settle_orphans(&mut self) {
+        if let Some(queue) = &self.queue {
+            while let Some(staged) = queue.try_next() {
+                self.staged.insert((staged.layer, staged.expert), staged);
+            }
+        }
+        let ready: Vec<ExpertId> = self.orphans.iter().filter(|id| self.staged.contains_key(id)).copied().collect();
+        for id in ready {
+            self.orphans.remove(&id);
+            self.in_flight.remove(&id);
+            if let Some(staged) = self.staged.remove(&id) {
+                let weights = self.to_gpu(staged.weights);
+                let use_ = SlotUse { last_use: self.clock, uses: 0, pinned: self.pinned.contains(&id) };
+                self.slots.insert(id, Slot { weights, use_, unused_prefetch: true });
+            }
+        }
+    }
+
+    fn occupied(&self) -> usize {
+        self.slots.len() + self.in_flight.len()
+    }
+
+    /// Waits for the stager to deliver `id`, keeping what arrives for others.
+    fn wait_staged(&mut self, id: ExpertId) -> Option<StagedExpert> {
+        self.in_flight.remove(&id);
+        self.orphans.remove(&id);
+        if let Some(staged) = self.staged.remove(&id) {
+            return Some(staged);
+        }
+        let queue = self.queue.as_ref()?;
+        while let Some(staged) = queue.next() {
+            let got = (staged.layer, staged.expert);
+            if got == id {
+                return Some(staged);
+            }
+            self.staged.insert(got, staged);
+        }
+        None
+    }
+
+    /// Turns every prefetch still under way into a resident slot (before reconfiguring).
+    fn drain_in_flight(&mut self) {
+        let ids: Vec<ExpertId> = self.in_flight.iter().copied().collect();
+        for id in ids {
+            if let Some(staged) = self.wait_staged(id) {
+                let weights = self.to_gpu(staged.weights);
+                let use_ = SlotUse { last_use: self.clock, uses: 0, pinned: self.pinned.contains(&id) };
+                self.slots.insert(id, Slot { weights, use_, unused_prefetch: true });
+            }
+        }
+        self.staged.clear();
+        self.orphans.clear();
     }
 
     /// Called after each forward pass. Under `lfu-pinned`, the first pass (the prompt) is the
@@ -191,34 +376,49 @@ impl ExpertCache {
         pinned
     }
 
-    fn evict_one(&mut self) {
+    /// Evicts one slot by policy, never one in `keep`; pinned slots only when nothing else is
+    /// left. Returns false when nothing could be evicted.
+    fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
         let policy = self.policy;
         let victim = self
             .slots
             .iter()
-            .filter(|(_, s)| !s.use_.pinned)
+            .filter(|(id, s)| !s.use_.pinned && !keep.contains(id))
             .min_by_key(|(id, s)| (policy.victim_key(&s.use_), **id))
-            .or_else(|| self.slots.iter().min_by_key(|(id, s)| (policy.victim_key(&s.use_), **id)))
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .filter(|(id, _)| !keep.contains(id))
+                    .min_by_key(|(id, s)| (policy.victim_key(&s.use_), **id))
+            })
             .map(|(id, _)| *id);
-        if let Some(id) = victim {
-            // Kernels already queued keep their own reference to the buffers.
-            self.slots.remove(&id);
-            self.stats.evictions += 1;
+        let Some(id) = victim else { return false };
+        // Kernels already queued keep their own reference to the buffers.
+        if self.slots.remove(&id).is_some_and(|s| s.unused_prefetch) {
+            self.stats.wasted_prefetch_bytes += self.plan.slot_bytes;
         }
+        self.stats.evictions += 1;
+        true
     }
 
+    /// An on-demand upload: host conversion, the emulated link if any, and the GPU copy.
     fn upload(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights> {
         let start = Instant::now();
+        let host = self.store.host_f32(layer, expert);
+        if let Some(link) = self.link {
+            link.wait_out(self.plan.slot_bytes, start.elapsed());
+        }
+        self.stats.bytes_uploaded += self.plan.slot_bytes;
+        Ok(self.to_gpu(host))
+    }
+
+    fn to_gpu(&self, [gate, up, down]: [Vec<f32>; 3]) -> ExpertWeights {
         let (i, h) = self.store.dims();
-        let [gate, up, down] = self.store.host_f32(layer, expert);
         let device = &self.device;
-        let weights = ExpertWeights {
+        ExpertWeights {
             gate: Tensor::from_data(TensorData::new(gate, [i, h]), device),
             up: Tensor::from_data(TensorData::new(up, [i, h]), device),
             down: Tensor::from_data(TensorData::new(down, [h, i]), device),
-        };
-        self.stats.bytes_uploaded += self.plan.slot_bytes;
-        self.stats.stall_seconds += start.elapsed().as_secs_f64();
-        Ok(weights)
+        }
     }
 }

@@ -8,10 +8,12 @@ mod cache;
 mod policy;
 mod stats;
 mod store;
+mod transfer;
 
 pub use bandwidth::{UploadMeasurement, measure_upload};
 pub use budget::{SlotPlan, VramBudget};
-pub use cache::{ExpertCache, ExpertWeights};
+pub use cache::{ExpertCache, ExpertWeights, LayerRecall};
 pub use policy::EvictionPolicy;
 pub use stats::ExpertStats;
 pub use store::ExpertStore;
+pub use transfer::LinkModel;

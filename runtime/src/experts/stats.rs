@@ -12,8 +12,15 @@ pub struct ExpertStats {
     pub evictions: u64,
     /// Bytes copied from host memory to GPU slots.
     pub bytes_uploaded: u64,
-    /// Wall time the forward pass waited on uploads (host conversion and enqueueing), seconds.
+    /// Wall time the forward pass waited on uploads (host conversion, the emulated link, and
+    /// enqueueing the GPU copy), seconds.
     pub stall_seconds: f64,
+    /// Experts requested by a prediction.
+    pub prefetched: u64,
+    /// Uses served by an expert that a prediction had brought in (counted in `hits` too).
+    pub prefetch_hits: u64,
+    /// Bytes of predicted experts evicted before any use.
+    pub wasted_prefetch_bytes: u64,
 }
 
 impl ExpertStats {
@@ -33,6 +40,9 @@ impl Sub for ExpertStats {
             evictions: self.evictions - before.evictions,
             bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded,
             stall_seconds: self.stall_seconds - before.stall_seconds,
+            prefetched: self.prefetched - before.prefetched,
+            prefetch_hits: self.prefetch_hits - before.prefetch_hits,
+            wasted_prefetch_bytes: self.wasted_prefetch_bytes - before.wasted_prefetch_bytes,
         }
     }
 }
@@ -47,6 +57,9 @@ impl Add for ExpertStats {
             evictions: self.evictions + other.evictions,
             bytes_uploaded: self.bytes_uploaded + other.bytes_uploaded,
             stall_seconds: self.stall_seconds + other.stall_seconds,
+            prefetched: self.prefetched + other.prefetched,
+            prefetch_hits: self.prefetch_hits + other.prefetch_hits,
+            wasted_prefetch_bytes: self.wasted_prefetch_bytes + other.wasted_prefetch_bytes,
         }
     }
 }

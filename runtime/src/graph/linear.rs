@@ -5,7 +5,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::error::Result;
 use crate::weights::WeightStore;
 
-/// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul.
+/// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul. Clones
+/// share the GPU tensors.
+#[derive(Clone)]
 pub struct Linear {
     weight_t: Tensor<2>,
     bias: Option<Tensor<1>>,

@@ -13,4 +13,4 @@ mod norm;
 mod rope;
 
 pub use kv_cache::KvCache;
-pub use model::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+pub use model::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};

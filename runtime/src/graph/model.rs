@@ -8,13 +8,36 @@ use super::attention::Attention;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
 use super::linear::Loader;
-use super::moe::MoeBlock;
+use super::moe::{MoeBlock, PreGate};
 use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::error::{FerryError, Result};
-use crate::experts::{EvictionPolicy, ExpertCache, ExpertStore, VramBudget};
+use crate::experts::{EvictionPolicy, ExpertCache, ExpertStore, LinkModel, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
+
+/// Whether the next layer's experts are predicted and fetched ahead (`--prefetch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefetchMode {
+    #[default]
+    None,
+    /// Pre-gating: layer N+1's router (or a trained pre-gate) applied to layer N's router input.
+    /// Exact: the real routing still decides, and mispredicted experts are fetched on demand.
+    Pregate,
+}
+
+impl std::str::FromStr for PrefetchMode {
+    type Err = FerryError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "pregate" => Ok(Self::Pregate),
+            other => Err(FerryError::flag("--prefetch", format!("unknown mode {other:?}; use none or pregate"))),
+        }
+    }
+}
 
 /// How routed experts are kept on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,11 +46,23 @@ pub struct ExpertOptions {
     pub policy: EvictionPolicy,
     /// Tokens of KV cache counted against the budget (the model's context, at most 4096).
     pub kv_tokens: Option<usize>,
+    pub prefetch: PrefetchMode,
+    /// Experts predicted beyond top-k (`--prefetch-extra`).
+    pub prefetch_extra: usize,
+    /// Emulated host-to-GPU link (`--link-gbps`), for measuring what a discrete GPU would see.
+    pub link: Option<LinkModel>,
 }
 
 impl Default for ExpertOptions {
     fn default() -> Self {
-        Self { budget: VramBudget::All, policy: EvictionPolicy::Lru, kv_tokens: None }
+        Self {
+            budget: VramBudget::All,
+            policy: EvictionPolicy::Lru,
+            kv_tokens: None,
+            prefetch: PrefetchMode::None,
+            prefetch_extra: 0,
+            link: None,
+        }
     }
 }
 
@@ -71,6 +106,8 @@ pub struct Model {
     rope: Rope,
     /// Routed experts: host store plus GPU slot cache. Locked per forward pass.
     experts: Mutex<ExpertCache>,
+    /// Experts predicted per token for the next layer; None when not prefetching.
+    prefetch_k: Mutex<Option<usize>>,
 }
 
 impl Model {
@@ -123,9 +160,13 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut layers = layers;
+        link_pregates(&mut layers, &loader, &spec)?;
         let rope = Rope::new(&spec.rope, spec.attention.head_dim);
         let mut experts = ExpertCache::new(expert_store, device.clone(), plan, options.policy);
+        experts.set_link(options.link);
         experts.preload()?;
+        let prefetch_k = prefetch_k(&spec, &options);
         Ok(Self {
             spec,
             device: device.clone(),
@@ -135,7 +176,16 @@ impl Model {
             lm_head,
             rope,
             experts: Mutex::new(experts),
+            prefetch_k: Mutex::new(prefetch_k),
         })
+    }
+
+    /// Whether layer `layer` predicts its successor with a trained pre-gate (else plug-and-play).
+    pub fn has_trained_pregate(&self, layer: usize) -> bool {
+        match self.layers.get(layer).map(|l| &l.ffn) {
+            Some(Ffn::Moe(block)) => block.pregate().is_some_and(|p| p.trained),
+            _ => false,
+        }
     }
 
     /// The expert cache, for statistics and reconfiguration between forward passes.
@@ -150,6 +200,8 @@ impl Model {
         let plan = options.budget.plan(&self.spec, kv_tokens)?;
         let mut experts = self.experts();
         experts.reconfigure(plan, options.policy);
+        experts.set_link(options.link);
+        *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner()) = prefetch_k(&self.spec, &options);
         experts.preload()
     }
 
@@ -190,6 +242,7 @@ impl Model {
         let mut x = self.embed.clone().select(0, index);
         let rope_tables = self.rope.tables(cache.len(), tokens, device);
         let mut routing = Vec::with_capacity(self.layers.len());
+        let prefetch_k = *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner());
         let mut experts = self.experts();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(x.clone(), &layer.input_norm, eps);
@@ -201,7 +254,7 @@ impl Model {
                     mlp.forward(h)
                 }
                 Ffn::Moe(block) => {
-                    let (y, routes) = block.forward(h, &mut experts, device)?;
+                    let (y, routes) = block.forward(h, &mut experts, prefetch_k, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     y
                 }
@@ -227,4 +280,31 @@ impl Model {
         debug_assert_eq!(logits.len(), rows);
         Ok(ForwardOutput { logits, routing })
     }
+}
+
+fn prefetch_k(spec: &ModelSpec, options: &ExpertOptions) -> Option<usize> {
+    (options.prefetch == PrefetchMode::Pregate).then_some(spec.moe.top_k + options.prefetch_extra)
+}
+
+/// Gives each MoE layer a predictor of the next MoE layer: the trained pre-gate
+/// `model.layers.N.mlp.pre_gate.weight` `[experts, hidden]` when the checkpoint has one, else the
+/// next layer's own router applied to this layer's router input.
+fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Result<()> {
+    let moe: Vec<usize> = (0..layers.len()).filter(|&l| matches!(layers[l].ffn, Ffn::Moe(_))).collect();
+    for pair in moe.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        let trained_name = spec.names.layer(from, "mlp.pre_gate");
+        let (router, trained) = if loader.store.contains(&format!("{trained_name}.weight")) {
+            (loader.linear(&trained_name, spec.hidden_size, spec.moe.num_experts, false)?, true)
+        } else {
+            match &layers[to].ffn {
+                Ffn::Moe(block) => (block.router().clone(), false),
+                Ffn::Dense(_) => continue,
+            }
+        };
+        if let Ffn::Moe(block) = &mut layers[from].ffn {
+            block.set_pregate(PreGate { target: to, router, trained });
+        }
+    }
+    Ok(())
 }

@@ -16,10 +16,21 @@ struct SharedExpert {
     gate: Option<Linear>,
 }
 
+/// Predicts a later MoE layer's experts from this layer's router input.
+#[derive(Clone)]
+pub struct PreGate {
+    /// The MoE layer predicted (the next one).
+    pub target: usize,
+    /// That layer's router (plug-and-play), or a trained pre-gate from the checkpoint.
+    pub router: Linear,
+    pub trained: bool,
+}
+
 /// Router and shared expert of one layer; the routed experts live in the `ExpertCache`.
 pub struct MoeBlock {
     layer: usize,
     router: Linear,
+    pregate: Option<PreGate>,
     shared: Option<SharedExpert>,
     num_experts: usize,
     top_k: usize,
@@ -55,7 +66,27 @@ impl MoeBlock {
                 Some(SharedExpert { mlp, gate })
             }
         };
-        Ok(Self { layer, router, shared, num_experts: moe.num_experts, top_k: moe.top_k, kind: moe.router })
+        Ok(Self {
+            layer,
+            router,
+            pregate: None,
+            shared,
+            num_experts: moe.num_experts,
+            top_k: moe.top_k,
+            kind: moe.router,
+        })
+    }
+
+    pub fn router(&self) -> &Linear {
+        &self.router
+    }
+
+    pub fn set_pregate(&mut self, pregate: PreGate) {
+        self.pregate = Some(pregate);
+    }
+
+    pub fn pregate(&self) -> Option<&PreGate> {
+        self.pregate.as_ref()
     }
 
     /// `x` `[tokens, hidden]` (already normed). Returns the block output and each token's route.
@@ -63,20 +94,30 @@ impl MoeBlock {
     /// Experts already resident run first, then the misses (each uploaded once, even when the
     /// cache has fewer slots than this layer needs); their outputs are summed in expert order
     /// whatever the residency, so offloaded output equals all-resident output bit for bit.
+    ///
+    /// With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for the next MoE layer are
+    /// requested before this layer's experts run, so their staging overlaps this layer's compute.
     pub fn forward(
         &self,
         x: Tensor<2>,
         experts: &mut ExpertCache,
+        prefetch_k: Option<usize>,
         device: &Device,
     ) -> Result<(Tensor<2>, Vec<TokenRoute>)> {
         let [tokens, hidden] = x.dims();
-        let logits: Vec<f32> = self
-            .router
-            .forward(x.clone())
+        let pregate = self.pregate.as_ref().filter(|_| prefetch_k.is_some());
+        let mut logits_gpu = self.router.forward(x.clone());
+        if let Some(p) = pregate {
+            // One read-back serves both the routing and the prediction.
+            logits_gpu = Tensor::cat(vec![logits_gpu, p.router.forward(x.clone())], 1);
+        }
+        let logits: Vec<f32> = logits_gpu
             .into_data()
             .try_into_vec()
             .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
-        let routes = route(&logits, self.num_experts, self.top_k, self.kind);
+        let width = logits.len() / tokens;
+        let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
+        let routes = route(&own, self.num_experts, self.top_k, self.kind);
 
         let mut assigned: Vec<Assignment> =
             (0..self.num_experts).map(|_| Assignment { rows: Vec::new(), weights: Vec::new() }).collect();
@@ -87,6 +128,19 @@ impl MoeBlock {
             }
         }
         let needed: Vec<usize> = (0..self.num_experts).filter(|&e| !assigned[e].rows.is_empty()).collect();
+        if let (Some(p), Some(k)) = (pregate, prefetch_k) {
+            let predicted: Vec<f32> =
+                logits.chunks_exact(width).flat_map(|row| &row[self.num_experts..]).copied().collect();
+            let targets = width - self.num_experts;
+            let per_token: Vec<Vec<u32>> =
+                route(&predicted, targets, k.min(targets), self.kind).into_iter().map(|r| r.experts).collect();
+            let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
+            unique.sort_unstable();
+            unique.dedup();
+            let protect: Vec<(usize, usize)> = needed.iter().map(|&e| (self.layer, e)).collect();
+            experts.prefetch(p.target, &unique, &protect);
+            experts.record_prediction(p.target, per_token);
+        }
         let (hits, misses): (Vec<usize>, Vec<usize>) =
             needed.iter().partition(|&&e| experts.is_resident(self.layer, e));
         let mut outputs: Vec<Option<(Tensor<1, Int>, Tensor<2>)>> = (0..self.num_experts).map(|_| None).collect();
@@ -99,6 +153,8 @@ impl MoeBlock {
             let y = weights.forward(x.clone().select(0, index.clone())) * scale;
             outputs[e] = Some((index, y));
         }
+        let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
+        experts.score_prediction(self.layer, &chosen);
         let mut out = Tensor::<2>::zeros([tokens, hidden], device);
         for (index, y) in outputs.into_iter().flatten() {
             out = out.select_assign(0, index, y, IndexingUpdateOp::Add);

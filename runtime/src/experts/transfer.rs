@@ -1,0 +1,93 @@
+//! The upload queue: a background thread that reads prefetched experts from the mapped
+//! checkpoint and converts them to the GPU's f32, so that this host work (and, with an emulated
+//! link, the transfer time) overlaps the layers computing meanwhile. The GPU copy itself is
+//! issued on the compute thread when the expert is first used (burn's queue is per thread).
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::store::ExpertStore;
+
+/// A host-to-GPU link to emulate: uploads take at least `bytes / bytes_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LinkModel {
+    pub bytes_per_second: f64,
+}
+
+impl LinkModel {
+    /// From `--link-gbps`: gigabytes (1e9 bytes) per second.
+    pub fn from_gb_per_s(gb: f64) -> Self {
+        Self { bytes_per_second: gb * 1e9 }
+    }
+
+    /// Sleeps for whatever part of the link time `bytes` still needs after `elapsed`.
+    pub fn wait_out(&self, bytes: u64, elapsed: Duration) {
+        let needed = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second);
+        if let Some(rest) = needed.checked_sub(elapsed) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+/// An expert's weights in host memory, converted and ready for `Tensor::from_data`.
+pub struct StagedExpert {
+    pub layer: usize,
+    pub expert: usize,
+    pub weights: [Vec<f32>; 3],
+}
+
+/// The background stager. Dropping it stops the thread.
+pub struct UploadQueue {
+    jobs: Option<Sender<(usize, usize)>>,
+    done: Receiver<StagedExpert>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl UploadQueue {
+    pub fn start(store: Arc<ExpertStore>, link: Option<LinkModel>, slot_bytes: u64) -> Self {
+        let (jobs, job_rx) = channel::<(usize, usize)>();
+        let (done_tx, done) = channel();
+        let worker = std::thread::Builder::new()
+            .name("ferry-upload".into())
+            .spawn(move || {
+                for (layer, expert) in job_rx {
+                    let start = Instant::now();
+                    let weights = store.host_f32(layer, expert);
+                    if let Some(link) = link {
+                        link.wait_out(slot_bytes, start.elapsed());
+                    }
+                    if done_tx.send(StagedExpert { layer, expert, weights }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok();
+        Self { jobs: Some(jobs), done, worker }
+    }
+
+    /// Queues an expert; false if the worker is gone (the caller then uploads on demand).
+    pub fn request(&self, layer: usize, expert: usize) -> bool {
+        self.worker.is_some() && self.jobs.as_ref().is_some_and(|j| j.send((layer, expert)).is_ok())
+    }
+
+    /// The next staged expert, waiting for it.
+    pub fn next(&self) -> Option<StagedExpert> {
+        self.done.recv().ok()
+    }
+
+    /// A staged expert if one has arrived, without waiting.
+    pub fn try_next(&self) -> Option<StagedExpert> {
+        self.done.try_recv().ok()
+    }
+}
+
+impl Drop for UploadQueue {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}

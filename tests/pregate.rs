@@ -1,0 +1,103 @@
+//! Pre-gating: predicting the next MoE layer's experts and fetching them ahead changes what is
+//! resident, never the output; its recall is scored against the routing actually used.
+
+use ferry_runtime::engine::{Engine, GenerateRequest};
+use ferry_runtime::experts::{EvictionPolicy, LinkModel, VramBudget};
+use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model, PrefetchMode};
+use ferry_runtime::sampling::SamplingConfig;
+use ferry_tests::{FAMILIES, fixture, gpu, reference};
+
+fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {
+    let opened = ferry_models::open(&fixture(family)).unwrap();
+    let options =
+        ExpertOptions { budget, policy: EvictionPolicy::Lru, kv_tokens: None, prefetch, prefetch_extra: extra, link };
+    Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
+}
+
+fn greedy(model: Model, prompt: &[u32], n: usize) -> (Vec<u32>, Model) {
+    let request = GenerateRequest {
+        prompt_ids: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling: SamplingConfig::greedy(),
+        stop_strings: Vec::new(),
+        stop_at_eos: false,
+    };
+    let engine = Engine::new(model, None);
+    let ids = engine.generate(&request, |_| {}).unwrap().ids;
+    (ids, engine.model)
+}
+
+#[test]
+fn prefetching_leaves_logits_and_tokens_unchanged() {
+    for family in FAMILIES {
+        let reference = reference(family);
+        let quarter = VramBudget::FractionOfExperts(0.25);
+        let plain = load(family, quarter, PrefetchMode::None, 0, None);
+        let mut cache = plain.new_cache(reference.input_ids.len()).unwrap();
+        let expected = plain.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
+        let (expected_ids, _) = greedy(plain, &reference.greedy.prompt_ids, 10);
+        for extra in [0, 2] {
+            let model = load(family, quarter, PrefetchMode::Pregate, extra, None);
+            let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
+            let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
+            assert_eq!(out.logits, expected.logits, "{family} extra {extra}");
+            let (ids, model) = greedy(model, &reference.greedy.prompt_ids, 10);
+            assert_eq!(ids, expected_ids, "{family} extra {extra}");
+            let stats = model.experts().stats();
+            assert!(stats.prefetched > 0, "{family}: pregate never prefetched");
+            assert!(stats.prefetch_hits <= stats.prefetched);
+        }
+    }
+}
+
+#[test]
+fn predicting_every_expert_has_full_recall() {
+    let reference = reference("mixtral");
+    let model = load("mixtral", VramBudget::All, PrefetchMode::Pregate, 6, None);
+    let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
+    model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
+    let recall = model.experts().recall().to_vec();
+    assert_eq!(recall[0].actual, 0, "the first MoE layer is never predicted");
+    let tokens = reference.input_ids.len() as u64;
+    assert_eq!(recall[1].actual, 2 * tokens);
+    assert_eq!(recall[1].predicted, recall[1].actual);
+}
+
+#[test]
+fn recall_matches_transformers_predictions() {
+    for family in FAMILIES {
+        let reference = reference(family);
+        assert!(!reference.pregate.is_empty(), "{family}: reference.json has no pregate predictions");
+        let model = load(family, VramBudget::All, PrefetchMode::Pregate, 0, None);
+        let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
+        model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
+        let recall = model.experts().recall().to_vec();
+        for pair in &reference.pregate {
+            let real = &reference.routing[pair.to];
+            let predicted: u64 =
+                real.iter().zip(&pair.experts).map(|(r, p)| r.iter().filter(|e| p.contains(e)).count() as u64).sum();
+            let actual: u64 = real.iter().map(|r| r.len() as u64).sum();
+            assert_eq!(
+                (recall[pair.to].predicted, recall[pair.to].actual),
+                (predicted, actual),
+                "{family}: layer {} predicted from layer {}",
+                pair.to,
+                pair.from
+            );
+        }
+    }
+}
+
+#[test]
+fn an_emulated_link_makes_each_upload_take_its_transfer_time() {
+    let reference = reference("olmoe");
+    // 1 MB/s: one 24 KiB fixture expert takes about 25 ms.
+    let link = LinkModel::from_gb_per_s(0.001);
+    let model = load("olmoe", VramBudget::FractionOfExperts(0.25), PrefetchMode::None, 0, Some(link));
+    let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
+    model.forward(&reference.input_ids, &mut cache, LogitsFor::Last).unwrap();
+    let stats = model.experts().stats();
+    let plan = model.experts().plan().clone();
+    let floor = stats.misses as f64 * plan.slot_bytes as f64 / link.bytes_per_second;
+    assert!(stats.stall_seconds >= floor, "stalled {} s, the link needs at least {floor} s", stats.stall_seconds);
+}
