@@ -2,15 +2,14 @@
 //! resident, never the output; its recall is scored against the routing actually used.
 
 use ferry_runtime::engine::{Engine, GenerateRequest};
-use ferry_runtime::experts::{EvictionPolicy, LinkModel, VramBudget};
+use ferry_runtime::experts::{LinkModel, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model, PrefetchMode};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_tests::{FAMILIES, fixture, gpu, reference};
 
 fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
-    let options =
-        ExpertOptions { budget, policy: EvictionPolicy::Lru, kv_tokens: None, prefetch, prefetch_extra: extra, link };
+    let options = ExpertOptions { budget, prefetch, prefetch_extra: extra, link, ..Default::default() };
     Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
 }
 

@@ -27,6 +27,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a random-weight MoE with the shapes of a real one (for benchmarks; gibberish out).
     RandomModel(RandomModelArgs),
+    /// Quality of a mode against full mode on a text: perplexity and argmax agreement.
+    Eval(EvalArgs),
 }
 
 #[derive(Args, Clone)]
@@ -60,6 +62,24 @@ pub struct ModelArgs {
     /// e.g. 16 or 32 for PCIe 4.0 x8/x16, to see what a discrete GPU would.
     #[arg(long)]
     pub link_gbps: Option<f64>,
+    #[command(flatten)]
+    pub big_little: BigLittleArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct BigLittleArgs {
+    /// full (exact), or big-little: unimportant tokens use half the top-k experts (approximate).
+    #[arg(long, default_value = "full")]
+    pub experts: String,
+    /// Token importance score for big-little: dropped-mass or entropy.
+    #[arg(long, default_value = "dropped-mass")]
+    pub importance: String,
+    /// Share of tokens kept big (full top-k).
+    #[arg(long, default_value_t = 0.3)]
+    pub big_fraction: f32,
+    /// When a big token's expert is not resident: fetch (exact) or substitute a resident one.
+    #[arg(long, default_value = "fetch")]
+    pub big_fallback: String,
 }
 
 #[derive(Args, Clone)]
@@ -185,6 +205,16 @@ pub struct BenchArgs {
     /// emulated).
     #[arg(long)]
     pub link_gbps: Option<f64>,
+    /// Expert modes to measure at each budget, policy and prefetch mode (repeatable: full,
+    /// big-little).
+    #[arg(long = "experts", default_values_t = ["full".to_string()])]
+    pub experts: Vec<String>,
+    /// Importance score for big-little modes.
+    #[arg(long, default_value = "dropped-mass")]
+    pub importance: String,
+    /// Share of tokens kept big in big-little modes.
+    #[arg(long, default_value_t = 0.3)]
+    pub big_fraction: f32,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
@@ -212,4 +242,19 @@ pub struct RandomModelArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text to score (teacher-forced, in windows of the model's context).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Score at most this many tokens of the text.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }

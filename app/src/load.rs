@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{EvictionPolicy, LinkModel, VramBudget};
+use ferry_runtime::experts::{BigLittle, EvictionPolicy, LinkModel, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
 use ferry_runtime::{AdapterChoice, Gpu};
 
-use crate::args::ModelArgs;
+use crate::args::{BigLittleArgs, ModelArgs};
 
 /// The model folder the user named, or the built-in default (generated on first use).
 pub fn model_folder(args: &ModelArgs) -> Result<PathBuf> {
@@ -59,7 +59,26 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         prefetch,
         prefetch_extra: args.prefetch_extra,
         link: link(args.link_gbps)?,
+        big_little: big_little(&args.big_little)?,
     })
+}
+
+/// `--experts` and its settings; None for full (exact) mode.
+pub fn big_little(args: &BigLittleArgs) -> Result<Option<BigLittle>> {
+    match args.experts.as_str() {
+        "full" => Ok(None),
+        "big-little" => {
+            if !(0.0..=1.0).contains(&args.big_fraction) {
+                anyhow::bail!("--big-fraction must be in [0, 1], got {}", args.big_fraction);
+            }
+            Ok(Some(BigLittle {
+                importance: args.importance.parse()?,
+                big_fraction: args.big_fraction,
+                fallback: args.big_fallback.parse()?,
+            }))
+        }
+        other => anyhow::bail!("--experts {other:?}: use full or big-little"),
+    }
 }
 
 /// `--link-gbps` as a link model.

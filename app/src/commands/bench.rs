@@ -19,6 +19,13 @@ struct ModeReport {
     vram_budget: String,
     policy: EvictionPolicy,
     prefetch: PrefetchMode,
+    /// "full" or "big-little".
+    experts: &'static str,
+    /// Big-little: share of (token, layer) choices that were big; fallbacks per token.
+    big_share: Option<f64>,
+    fallbacks_per_token: f64,
+    /// Experts computed per token and MoE layer.
+    experts_per_token_layer: f64,
     /// GB/s of the emulated host-to-GPU link; None: uploads as fast as this adapter takes them.
     emulated_link_gb_per_s: Option<f64>,
     slots: usize,
@@ -79,17 +86,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
     engine.generate(&warmup, |_| {})?;
 
     let link = crate::load::link(args.link_gbps)?;
-    let mut modes = vec![("resident".to_string(), "all".to_string(), EvictionPolicy::Lru, PrefetchMode::None)];
+    let mut modes = vec![("resident".to_string(), "all".to_string(), EvictionPolicy::Lru, PrefetchMode::None, None)];
     for budget in &args.vram_budgets {
         for policy in &args.expert_policies {
             for prefetch in &args.prefetch {
-                modes.push(("offload".into(), budget.clone(), policy.parse()?, prefetch.parse()?));
+                for experts in &args.experts {
+                    let big_little = crate::load::big_little(&crate::args::BigLittleArgs {
+                        experts: experts.clone(),
+                        importance: args.importance.clone(),
+                        big_fraction: args.big_fraction,
+                        big_fallback: "fetch".into(),
+                    })?;
+                    modes.push(("offload".into(), budget.clone(), policy.parse()?, prefetch.parse()?, big_little));
+                }
             }
         }
     }
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l, ferry_runtime::spec::FfnKind::Moe)).count().max(1);
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut resident_decode = None;
-    for (mode, budget, policy, prefetch) in modes {
+    for (mode, budget, policy, prefetch, big_little) in modes {
         let budget_value: VramBudget = budget.parse()?;
         let mode_link = if mode == "offload" { link } else { None };
         engine.model.set_expert_options(ExpertOptions {
@@ -99,6 +115,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prefetch,
             prefetch_extra: args.prefetch_extra,
             link: mode_link,
+            big_little,
         })?;
         if mode == "offload" {
             // Every offloaded mode starts cold, as a fresh process would.
@@ -128,6 +145,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             vram_budget: budget,
             policy,
             prefetch,
+            experts: if big_little.is_some() { "big-little" } else { "full" },
+            big_share: big_little.map(|_| d.big as f64 / (d.big + d.little).max(1) as f64),
+            fallbacks_per_token: d.fallbacks as f64 / decode_tokens,
+            experts_per_token_layer: (d.hits + d.misses) as f64 / decode_tokens / moe_layers as f64,
             emulated_link_gb_per_s: mode_link.map(|l| l.bytes_per_second / 1e9),
             slots: plan.slots,
             total_experts: plan.total_experts,
@@ -147,7 +168,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ids: output.ids,
         });
     }
-    let exact = reports.iter().all(|r| r.ids == reports[0].ids);
+    let exact = reports.iter().filter(|r| r.experts == "full").all(|r| r.ids == reports[0].ids);
     // Host-to-GPU paths at one expert's size, and at 64 MiB for the link's peak.
     let slot_bytes = engine.model.experts().plan().slot_bytes as usize;
     let mut uploads = measure_upload(&gpu, slot_bytes, 7)?;
@@ -162,7 +183,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Some(l) => format!("emulated {} GB/s host-to-GPU link for offloaded modes", l.bytes_per_second / 1e9),
             None => "not emulated: uploads run at this adapter's speed".to_string(),
         },
-        "greedy_tokens_identical_across_modes": exact,
+        "greedy_tokens_identical_across_exact_modes": exact,
         "checkpoint_bytes": opened.weights.total_bytes(),
         "peak_rss_bytes": ferry_runtime::memory::peak_rss_bytes(),
         "modes": reports,
@@ -183,7 +204,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("offloaded modes run over an EMULATED {} GB/s host-to-GPU link", l.bytes_per_second / 1e9);
     }
     println!(
-        "{:<9} {:>7} {:>11} {:>8} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
+        "{:<9} {:>7} {:>11} {:>18} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
         "mode",
         "budget",
         "policy",
@@ -205,11 +226,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             format!("{:.0}%", 100.0 * recalls.iter().sum::<f64>() / recalls.len() as f64)
         };
         println!(
-            "{:<9} {:>7} {:>11} {:>8} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
+            "{:<9} {:>7} {:>11} {:>18} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
             r.mode,
             r.vram_budget,
             r.policy.to_string(),
-            format!("{:?}", r.prefetch).to_lowercase(),
+            format!("{:?}/{}", r.prefetch, r.experts).to_lowercase(),
             r.slots,
             r.prefill_tokens_per_second,
             r.decode_tokens_per_second,
@@ -220,7 +241,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             recall
         );
     }
-    println!("greedy tokens identical across modes: {exact}");
+    println!("greedy tokens identical across exact (full) modes: {exact}");
     for u in &uploads {
         println!(
             "upload {:<20} {:>9.2} MiB: {:>8.2} GiB/s (median of {})",

@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod devices;
+mod eval;
 mod generate;
 mod info;
 mod logits;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Devices(args) => devices::run(args),
         Command::Bench(args) => bench::run(args),
         Command::RandomModel(args) => random_model::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

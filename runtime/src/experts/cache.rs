@@ -10,10 +10,12 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::budget::SlotPlan;
 use super::policy::{EvictionPolicy, SlotUse};
+use super::select::{BigFallback, BigLittle, Selector};
 use super::stats::ExpertStats;
 use super::store::ExpertStore;
 use super::transfer::{LinkModel, StagedExpert, UploadQueue};
 use crate::error::Result;
+use crate::routing::{TokenRoute, softmax};
 
 /// One expert on the GPU, in checkpoint layout: gate and up `[intermediate, hidden]`, down
 /// `[hidden, intermediate]`. Clones share the GPU memory.
@@ -80,6 +82,8 @@ pub struct ExpertCache {
     /// Per layer: the experts predicted for each token of the current pass.
     predictions: HashMap<usize, Vec<Vec<u32>>>,
     recall: Vec<LayerRecall>,
+    /// Big-little selection, when on.
+    selector: Option<Selector>,
 }
 
 impl ExpertCache {
@@ -103,7 +107,44 @@ impl ExpertCache {
             orphans: HashSet::new(),
             predictions: HashMap::new(),
             recall: vec![LayerRecall::default(); layers],
+            selector: None,
         }
+    }
+
+    /// Turns big-little selection on (with its settings) or off.
+    pub fn set_big_little(&mut self, config: Option<BigLittle>) {
+        let layers = self.usage.len();
+        match (config, self.selector.as_mut()) {
+            (Some(c), Some(s)) => s.config = c,
+            (Some(c), None) => self.selector = Some(Selector::new(c, layers)),
+            (None, _) => self.selector = None,
+        }
+    }
+
+    /// Applies big-little selection to a layer's routes (no-op when off). `logits` are the
+    /// router's, row-major `[tokens, experts]`.
+    pub fn select_big_little(&mut self, layer: usize, routes: &mut [TokenRoute], logits: &[f32], num_experts: usize) {
+        let Some(mut selector) = self.selector.take() else { return };
+        let probs: Vec<Vec<f32>> = logits.chunks_exact(num_experts).map(softmax).collect();
+        let scores: Vec<f32> = routes.iter().zip(&probs).map(|(r, p)| selector.score(p, r)).collect();
+        let big = selector.decide(layer, &scores);
+        for ((route, probs), big) in routes.iter_mut().zip(&probs).zip(big) {
+            if !big {
+                selector.stats.little += 1;
+                Selector::make_little(route);
+                continue;
+            }
+            selector.stats.big += 1;
+            let half = route.experts.len().div_ceil(2);
+            let resident = |e: usize| self.slots.contains_key(&(layer, e)) || self.in_flight.contains(&(layer, e));
+            if route.experts[half..].iter().any(|&e| !resident(e as usize)) {
+                selector.stats.fallbacks += 1;
+                if selector.config.fallback == BigFallback::Substitute {
+                    selector.substitute(route, probs, resident);
+                }
+            }
+        }
+        self.selector = Some(selector);
     }
 
     /// Emulates a host-to-GPU link of this speed for every upload (None: as fast as it goes).
@@ -131,7 +172,14 @@ impl ExpertCache {
     }
 
     pub fn stats(&self) -> ExpertStats {
-        self.stats
+        let mut stats = self.stats;
+        if let Some(s) = &self.selector {
+            stats.big = s.stats.big;
+            stats.little = s.stats.little;
+            stats.fallbacks = s.stats.fallbacks;
+            stats.substitutions = s.stats.substitutions;
+        }
+        stats
     }
 
     pub fn is_resident(&self, layer: usize, expert: usize) -> bool {

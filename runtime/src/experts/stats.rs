@@ -21,6 +21,14 @@ pub struct ExpertStats {
     pub prefetch_hits: u64,
     /// Bytes of predicted experts evicted before any use.
     pub wasted_prefetch_bytes: u64,
+    /// Big-little: (token, layer) choices that kept the full top-k.
+    pub big: u64,
+    /// Big-little: (token, layer) choices that used the top-k/2.
+    pub little: u64,
+    /// Big choices whose second half needed an expert that was not resident.
+    pub fallbacks: u64,
+    /// Experts replaced by a resident one (`--big-fallback substitute`).
+    pub substitutions: u64,
 }
 
 impl ExpertStats {
@@ -43,6 +51,10 @@ impl Sub for ExpertStats {
             prefetched: self.prefetched - before.prefetched,
             prefetch_hits: self.prefetch_hits - before.prefetch_hits,
             wasted_prefetch_bytes: self.wasted_prefetch_bytes - before.wasted_prefetch_bytes,
+            big: self.big - before.big,
+            little: self.little - before.little,
+            fallbacks: self.fallbacks - before.fallbacks,
+            substitutions: self.substitutions - before.substitutions,
         }
     }
 }
@@ -60,6 +72,10 @@ impl Add for ExpertStats {
             prefetched: self.prefetched + other.prefetched,
             prefetch_hits: self.prefetch_hits + other.prefetch_hits,
             wasted_prefetch_bytes: self.wasted_prefetch_bytes + other.wasted_prefetch_bytes,
+            big: self.big + other.big,
+            little: self.little + other.little,
+            fallbacks: self.fallbacks + other.fallbacks,
+            substitutions: self.substitutions + other.substitutions,
         }
     }
 }

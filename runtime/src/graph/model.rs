@@ -12,7 +12,7 @@ use super::moe::{MoeBlock, PreGate};
 use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::error::{FerryError, Result};
-use crate::experts::{EvictionPolicy, ExpertCache, ExpertStore, LinkModel, VramBudget};
+use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertStore, LinkModel, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
 
@@ -51,6 +51,8 @@ pub struct ExpertOptions {
     pub prefetch_extra: usize,
     /// Emulated host-to-GPU link (`--link-gbps`), for measuring what a discrete GPU would see.
     pub link: Option<LinkModel>,
+    /// Big-little experts (`--experts big-little`): an approximation, off by default.
+    pub big_little: Option<BigLittle>,
 }
 
 impl Default for ExpertOptions {
@@ -62,6 +64,7 @@ impl Default for ExpertOptions {
             prefetch: PrefetchMode::None,
             prefetch_extra: 0,
             link: None,
+            big_little: None,
         }
     }
 }
@@ -165,6 +168,7 @@ impl Model {
         let rope = Rope::new(&spec.rope, spec.attention.head_dim);
         let mut experts = ExpertCache::new(expert_store, device.clone(), plan, options.policy);
         experts.set_link(options.link);
+        experts.set_big_little(options.big_little);
         experts.preload()?;
         let prefetch_k = prefetch_k(&spec, &options);
         Ok(Self {
@@ -201,6 +205,7 @@ impl Model {
         let mut experts = self.experts();
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
+        experts.set_big_little(options.big_little);
         *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner()) = prefetch_k(&self.spec, &options);
         experts.preload()
     }

@@ -117,7 +117,8 @@ impl MoeBlock {
             .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
         let width = logits.len() / tokens;
         let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
-        let routes = route(&own, self.num_experts, self.top_k, self.kind);
+        let mut routes = route(&own, self.num_experts, self.top_k, self.kind);
+        experts.select_big_little(self.layer, &mut routes, &own, self.num_experts);
 
         let mut assigned: Vec<Assignment> =
             (0..self.num_experts).map(|_| Assignment { rows: Vec::new(), weights: Vec::new() }).collect();

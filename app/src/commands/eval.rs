@@ -1,0 +1,96 @@
+//! `ferry eval`: the quality cost of an approximate mode, measured against full mode on the same
+//! text in one run: teacher-forced perplexity of each, and how often their argmax agrees.
+
+use anyhow::{Context, Result};
+use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model};
+use ferry_runtime::routing::softmax;
+
+use crate::args::EvalArgs;
+use crate::load;
+
+/// Per-position logits over the text, in context-sized windows (each window starts fresh).
+fn logits_over(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let window = model.spec().max_position_embeddings.min(512);
+    let mut all = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(window) {
+        let mut cache = model.new_cache(chunk.len())?;
+        all.extend(model.forward(chunk, &mut cache, LogitsFor::All)?.logits);
+    }
+    Ok(all)
+}
+
+/// Perplexity of `ids` given per-position logits (position i predicts token i + 1; window
+/// boundaries included, as each window's first token is predicted from the previous window's
+/// last logits only when they share a window, so those are skipped).
+fn perplexity(logits: &[Vec<f32>], ids: &[u32], window: usize) -> f64 {
+    let mut nll = 0.0f64;
+    let mut count = 0usize;
+    for i in 0..ids.len().saturating_sub(1) {
+        if (i + 1) % window == 0 {
+            continue;
+        }
+        let p = softmax(&logits[i])[ids[i + 1] as usize].max(f32::MIN_POSITIVE);
+        nll -= f64::from(p.ln());
+        count += 1;
+    }
+    (nll / count.max(1) as f64).exp()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    ferry_runtime::sampling::argmax(row) as usize
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let loaded = load::engine(&args.model, true)?;
+    let model = &loaded.engine.model;
+    let tokenizer = loaded.engine.tokenizer.as_ref().context("eval needs tokenizer.json in the model folder")?;
+    let text = std::fs::read_to_string(&args.text).with_context(|| format!("--text {}", args.text.display()))?;
+    let mut ids = tokenizer.encode(&text, true)?;
+    ids.truncate(args.max_tokens);
+    if ids.len() < 2 {
+        anyhow::bail!("--text {}: fewer than two tokens to score", args.text.display());
+    }
+    let window = model.spec().max_position_embeddings.min(512);
+    let options = load::expert_options(&args.model)?;
+
+    model.set_expert_options(ExpertOptions { big_little: None, ..options })?;
+    let full = logits_over(model, &ids)?;
+    model.set_expert_options(options)?;
+    let before = model.experts().stats();
+    let mode = logits_over(model, &ids)?;
+    let stats = model.experts().stats() - before;
+
+    let ppl_full = perplexity(&full, &ids, window);
+    let ppl_mode = perplexity(&mode, &ids, window);
+    let agree = full.iter().zip(&mode).filter(|(a, b)| argmax(a) == argmax(b)).count() as f64 / full.len() as f64;
+    let value = serde_json::json!({
+        "tokens": ids.len(),
+        "experts": args.model.big_little.experts,
+        "importance": args.model.big_little.importance,
+        "big_fraction": args.model.big_little.big_fraction,
+        "perplexity_full": ppl_full,
+        "perplexity_mode": ppl_mode,
+        "perplexity_delta": ppl_mode - ppl_full,
+        "argmax_agreement_with_full": agree,
+        "big_share": stats.big as f64 / (stats.big + stats.little).max(1) as f64,
+        "expert_stats": stats,
+    });
+    if args.json {
+        println!("{value}");
+    } else {
+        println!("{} tokens of {}", ids.len(), args.text.display());
+        println!(
+            "perplexity full {ppl_full:.4}, {} {ppl_mode:.4} (delta {:+.4})",
+            args.model.big_little.experts,
+            ppl_mode - ppl_full
+        );
+        println!("argmax agreement with full: {:.1}%", 100.0 * agree);
+        if stats.big + stats.little > 0 {
+            println!(
+                "big share {:.1}% of token-layer choices",
+                100.0 * stats.big as f64 / (stats.big + stats.little) as f64
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Big-little experts (MoBiLE, Zhao et al., arXiv 2510.12357): important tokens keep the full
+//! top-k ("big"), unimportant ones use the top-k/2 of the same ranking ("little"), with weights
+//! rescaled so the used experts carry the same total weight.
+//!
+//! The paper's own importance score was not available to us (the stored copies hold only its
+//! abstract: "reduces the number of experts for unimportant tokens to half ... while maintaining
+//! full experts for important tokens"), so scores are plug-ins compared by measured quality and
+//! speed (`ferry eval`, `ferry bench`): the router probability mass the little half would drop,
+//! and the router's entropy. Both are read from the same layer's router, so the choice is made
+//! per token and per layer.
+
+use std::collections::VecDeque;
+
+use crate::error::{FerryError, Result};
+use crate::routing::TokenRoute;
+
+/// `--importance`: how a token's importance is scored from its router probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Importance {
+    /// Share of the top-k probability mass held by ranks k/2..k: what little mode would drop.
+    DroppedMass,
+    /// Entropy of the full router distribution: an unsure router marks an important token.
+    Entropy,
+}
+
+impl std::str::FromStr for Importance {
+    type Err = FerryError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dropped-mass" => Ok(Self::DroppedMass),
+            "entropy" => Ok(Self::Entropy),
+            other => {
+                Err(FerryError::flag("--importance", format!("unknown score {other:?}; use dropped-mass or entropy")))
+            }
+        }
+    }
+}
+
+/// What a big token does when an expert of its second half is not resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BigFallback {
+    /// Fetch it (exact for big tokens).
+    #[default]
+    Fetch,
+    /// Approximate: use the best-ranked resident expert not already chosen instead (or drop it
+    /// when none is resident), and count the substitution.
+    Substitute,
+}
+
+impl std::str::FromStr for BigFallback {
+    type Err = FerryError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fetch" => Ok(Self::Fetch),
+            "substitute" => Ok(Self::Substitute),
+            other => {
+                Err(FerryError::flag("--big-fallback", format!("unknown fallback {other:?}; use fetch or substitute")))
+            }
+        }
+    }
+}
+
+/// Big-little settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct BigLittle {
+    pub importance: Importance,
+    /// Target share of big tokens (0..=1).
+    pub big_fraction: f32,
+    pub fallback: BigFallback,
+}
+
+/// Counters of the big/little choice, per (token, layer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct SelectionStats {
+    pub big: u64,
+    pub little: u64,
+    /// Big choices whose second half needed an expert that was not resident.
+    pub fallbacks: u64,
+    /// Experts replaced by a resident one (`--big-fallback substitute`).
+    pub substitutions: u64,
+}
+
+/// Recent importance scores per layer, to turn a target big fraction into a threshold during
+/// decode (one token at a time has no batch to rank within).
+const HISTORY: usize = 256;
+
+/// Chooses big or little per token and rewrites its route.
+pub struct Selector {
+    pub config: BigLittle,
+    history: Vec<VecDeque<f32>>,
+    pub stats: SelectionStats,
+}
+
+impl Selector {
+    pub fn new(config: BigLittle, layers: usize) -> Self {
+        Self { config, history: vec![VecDeque::new(); layers], stats: SelectionStats::default() }
+    }
+
+    /// The token's importance from its full router probabilities and its top-k route.
+    pub fn score(&self, probs: &[f32], route: &TokenRoute) -> f32 {
+        match self.config.importance {
+            Importance::DroppedMass => {
+                let k = route.experts.len();
+                let total: f32 = route.experts.iter().map(|&e| probs[e as usize]).sum();
+                let kept: f32 = route.experts[..k.div_ceil(2)].iter().map(|&e| probs[e as usize]).sum();
+                if total > 0.0 { 1.0 - kept / total } else { 0.0 }
+            }
+            Importance::Entropy => probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum(),
+        }
+    }
+
+    /// Decides, for each token of a pass through `layer`, whether it is big: the highest
+    /// `big_fraction` of this batch's scores in a prefill, or above the running threshold of
+    /// recent scores when decoding one token.
+    pub fn decide(&mut self, layer: usize, scores: &[f32]) -> Vec<bool> {
+        let fraction = self.config.big_fraction.clamp(0.0, 1.0);
+        let history = &mut self.history[layer];
+        let mut pool: Vec<f32> = if scores.len() > 1 { scores.to_vec() } else { history.iter().copied().collect() };
+        for &s in scores {
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(s);
+        }
+        if pool.is_empty() {
+            // Nothing seen yet: the first token is big, to be safe.
+            return vec![true; scores.len()];
+        }
+        pool.sort_by(f32::total_cmp);
+        let bigs = (fraction * pool.len() as f32).round() as usize;
+        if bigs == 0 {
+            return vec![false; scores.len()];
+        }
+        let threshold = pool[pool.len() - bigs];
+        scores.iter().map(|&s| s >= threshold).collect()
+    }
+
+    /// Rewrites a little token's route to its first k/2 experts, rescaling their weights to the
+    /// full route's total.
+    pub fn make_little(route: &mut TokenRoute) {
+        let total: f32 = route.weights.iter().sum();
+        let keep = route.experts.len().div_ceil(2);
+        route.experts.truncate(keep);
+        route.weights.truncate(keep);
+        let kept: f32 = route.weights.iter().sum();
+        if kept > 0.0 {
+            route.weights.iter_mut().for_each(|w| *w *= total / kept);
+        }
+    }
+
+    /// For a big token under `substitute`: replaces second-half experts that are not resident by
+    /// the best-ranked resident experts not already chosen (weights keep their rank's value).
+    pub fn substitute(&mut self, route: &mut TokenRoute, probs: &[f32], resident: impl Fn(usize) -> bool) {
+        let half = route.experts.len().div_ceil(2);
+        let mut ranking: Vec<usize> = (0..probs.len()).collect();
+        ranking.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let mut i = half;
+        while i < route.experts.len() {
+            if resident(route.experts[i] as usize) {
+                i += 1;
+                continue;
+            }
+            let replacement = ranking.iter().copied().find(|&e| resident(e) && !route.experts.contains(&(e as u32)));
+            self.stats.substitutions += 1;
+            match replacement {
+                Some(e) => {
+                    route.experts[i] = e as u32;
+                    i += 1;
+                }
+                None => {
+                    route.experts.remove(i);
+                    route.weights.remove(i);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(experts: &[u32], weights: &[f32]) -> TokenRoute {
+        TokenRoute { experts: experts.to_vec(), weights: weights.to_vec() }
+    }
+
+    #[test]
+    fn little_keeps_the_first_half_with_the_same_total_weight() {
+        let mut r = route(&[3, 1, 0, 2], &[0.4, 0.2, 0.1, 0.1]);
+        Selector::make_little(&mut r);
+        assert_eq!(r.experts, vec![3, 1]);
+        assert!((r.weights[0] - 0.8 * 0.4 / 0.6).abs() < 1e-6 && (r.weights[1] - 0.8 * 0.2 / 0.6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dropped_mass_is_high_when_the_second_half_matters() {
+        let s = Selector::new(
+            BigLittle { importance: Importance::DroppedMass, big_fraction: 0.5, fallback: BigFallback::Fetch },
+            1,
+        );
+        let probs = [0.5, 0.3, 0.1, 0.1];
+        assert!((s.score(&probs, &route(&[0, 1], &[0.5, 0.3])) - 0.375).abs() < 1e-6);
+        let sure = [0.97, 0.01, 0.01, 0.01];
+        assert!(s.score(&sure, &route(&[0, 1], &[0.97, 0.01])) < 0.02);
+    }
+
+    #[test]
+    fn the_big_fraction_picks_the_highest_scores_in_a_batch_and_by_history_in_decode() {
+        let mut s = Selector::new(
+            BigLittle { importance: Importance::Entropy, big_fraction: 0.25, fallback: BigFallback::Fetch },
+            1,
+        );
+        assert_eq!(s.decide(0, &[0.1, 0.9, 0.3, 0.2]), vec![false, true, false, false]);
+        assert_eq!(s.decide(0, &[0.95]), vec![true]);
+        assert_eq!(s.decide(0, &[0.15]), vec![false]);
+    }
+
+    #[test]
+    fn substitution_takes_the_best_resident_expert() {
+        let mut s = Selector::new(
+            BigLittle { importance: Importance::Entropy, big_fraction: 1.0, fallback: BigFallback::Substitute },
+            1,
+        );
+        let probs = [0.4, 0.3, 0.2, 0.1];
+        let mut r = route(&[0, 1], &[0.4, 0.3]);
+        s.substitute(&mut r, &probs, |e| e == 0 || e == 3);
+        assert_eq!(r.experts, vec![0, 3]);
+        assert_eq!(s.stats.substitutions, 1);
+    }
+}
