@@ -100,3 +100,39 @@ fn an_emulated_link_makes_each_upload_take_its_transfer_time() {
     let floor = stats.misses as f64 * plan.slot_bytes as f64 / link.bytes_per_second;
     assert!(stats.stall_seconds >= floor, "stalled {} s, the link needs at least {floor} s", stats.stall_seconds);
 }
+
+#[test]
+fn a_trained_pre_gate_in_the_checkpoint_replaces_the_next_router() {
+    // Write the fixture again with `model.layers.0.mlp.pre_gate.weight` equal to layer 0's own
+    // router: predictions for layer 1 then come from layer 0's router, not layer 1's.
+    let source = fixture("qwen2_moe");
+    let tmp = std::env::temp_dir().join(format!("ferry-pregate-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.join(entry.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = tensors.tensors();
+    let router = tensors.tensor("model.layers.0.mlp.gate.weight").unwrap();
+    views.push(("model.layers.0.mlp.pre_gate.weight".into(), router));
+    safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).unwrap();
+
+    let reference = reference("qwen2_moe");
+    let opened = ferry_models::open(&tmp).unwrap();
+    let options = ExpertOptions { prefetch: PrefetchMode::Pregate, ..Default::default() };
+    let model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+    assert!(model.has_trained_pregate(0));
+    let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
+    let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
+    // Layer 0's router on its own input predicts exactly layer 0's routing; score that against
+    // layer 1's real routing.
+    let expected: u64 = out.routing[1]
+        .iter()
+        .zip(&out.routing[0])
+        .map(|(real, guess)| real.iter().filter(|e| guess.contains(e)).count() as u64)
+        .sum();
+    assert_eq!(model.experts().recall()[1].predicted, expected);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

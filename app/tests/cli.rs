@@ -164,3 +164,22 @@ fn bad_sampling_flags_are_named() {
     ]));
     assert!(line.contains("--top-p"), "{line}");
 }
+
+#[test]
+fn chat_answers_each_line_with_the_template_and_exits() {
+    use std::io::Write;
+    let model = fixture("olmoe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["chat", "--model", model.to_str().unwrap(), "--max-new-tokens", "4", "--ignore-eos"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ferry chat starts");
+    child.stdin.take().unwrap().write_all(b"Hello there\n/reset\nAgain\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A prompt before each of the four lines; replies (random-model text) went to stdout.
+    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("> ").count(), 4);
+    assert!(!out.stdout.is_empty());
+}
