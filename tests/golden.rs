@@ -9,10 +9,9 @@
 //! routing rule by 1e-2 or more). Routing and greedy tokens must match exactly; the generator
 //! keeps router and greedy margins above 1e-2 so float noise cannot flip them.
 
-use ferry_runtime::engine::{Engine, GenerateRequest};
+use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{LogitsFor, Model};
-use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{gpu, max_abs_diff, reference};
+use ferry_tests::{gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str) -> Model {
     let opened = ferry_models::open(&ferry_tests::fixture(family)).expect("fixture opens");
@@ -33,17 +32,9 @@ fn logits_and_routing_match(family: &str) {
 
 fn greedy_tokens_match(family: &str) {
     let reference = reference(family);
-    let model = load(family);
-    let engine = Engine::new(model, None);
-    let request = GenerateRequest {
-        prompt_ids: reference.greedy.prompt_ids.clone(),
-        max_new_tokens: reference.greedy.new_ids.len(),
-        sampling: SamplingConfig::greedy(),
-        stop_strings: Vec::new(),
-        stop_at_eos: false,
-    };
-    let output = engine.generate(&request, |_| {}).unwrap();
-    assert_eq!(output.ids, reference.greedy.new_ids, "{family}: greedy tokens differ from transformers");
+    let engine = Engine::new(load(family), None);
+    let ids = greedy(&engine, &reference.greedy.prompt_ids, reference.greedy.new_ids.len());
+    assert_eq!(ids, reference.greedy.new_ids, "{family}: greedy tokens differ from transformers");
 }
 
 macro_rules! family_tests {

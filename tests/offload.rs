@@ -7,7 +7,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::{EvictionPolicy, ExpertStats, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
 use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{fixture, gpu, reference};
+use ferry_tests::{fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
@@ -25,17 +25,6 @@ fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
     model.forward(ids, &mut cache, LogitsFor::All).unwrap()
 }
 
-fn greedy(model: Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let request = GenerateRequest {
-        prompt_ids: prompt.to_vec(),
-        max_new_tokens: n,
-        sampling: SamplingConfig::greedy(),
-        stop_strings: Vec::new(),
-        stop_at_eos: false,
-    };
-    Engine::new(model, None).generate(&request, |_| {}).unwrap().ids
-}
-
 /// The smallest budget there is: one layer's top-k slots, so every layer evicts.
 const TOP_K_SLOTS: VramBudget = VramBudget::FractionOfExperts(2.0 / 16.0);
 
@@ -45,7 +34,7 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
         let reference = reference(family);
         let resident = load(family, VramBudget::All, EvictionPolicy::Lru);
         let expected = prompt_forward(&resident, &reference.input_ids);
-        let expected_tokens = greedy(resident, &reference.greedy.prompt_ids, 12);
+        let expected_tokens = greedy(&Engine::new(resident, None), &reference.greedy.prompt_ids, 12);
         for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu, EvictionPolicy::LfuPinned] {
             for budget in [TOP_K_SLOTS, VramBudget::FractionOfExperts(0.5)] {
                 let model = load(family, budget, policy);
@@ -58,7 +47,7 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
                 let stats = model.experts().stats();
                 assert!(stats.misses > 0, "{family}: an offloaded cold cache must miss");
                 assert_eq!(
-                    greedy(model, &reference.greedy.prompt_ids, 12),
+                    greedy(&Engine::new(model, None), &reference.greedy.prompt_ids, 12),
                     expected_tokens,
                     "{family} {policy} {budget:?}"
                 );

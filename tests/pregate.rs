@@ -1,29 +1,15 @@
 //! Pre-gating: predicting the next MoE layer's experts and fetching them ahead changes what is
 //! resident, never the output; its recall is scored against the routing actually used.
 
-use ferry_runtime::engine::{Engine, GenerateRequest};
+use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{LinkModel, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model, PrefetchMode};
-use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{FAMILIES, fixture, gpu, reference};
+use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
     let options = ExpertOptions { budget, prefetch, prefetch_extra: extra, link, ..Default::default() };
     Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
-}
-
-fn greedy(model: Model, prompt: &[u32], n: usize) -> (Vec<u32>, Model) {
-    let request = GenerateRequest {
-        prompt_ids: prompt.to_vec(),
-        max_new_tokens: n,
-        sampling: SamplingConfig::greedy(),
-        stop_strings: Vec::new(),
-        stop_at_eos: false,
-    };
-    let engine = Engine::new(model, None);
-    let ids = engine.generate(&request, |_| {}).unwrap().ids;
-    (ids, engine.model)
 }
 
 #[test]
@@ -34,15 +20,15 @@ fn prefetching_leaves_logits_and_tokens_unchanged() {
         let plain = load(family, quarter, PrefetchMode::None, 0, None);
         let mut cache = plain.new_cache(reference.input_ids.len()).unwrap();
         let expected = plain.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
-        let (expected_ids, _) = greedy(plain, &reference.greedy.prompt_ids, 10);
+        let expected_ids = greedy(&Engine::new(plain, None), &reference.greedy.prompt_ids, 10);
         for extra in [0, 2] {
             let model = load(family, quarter, PrefetchMode::Pregate, extra, None);
             let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
             let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
             assert_eq!(out.logits, expected.logits, "{family} extra {extra}");
-            let (ids, model) = greedy(model, &reference.greedy.prompt_ids, 10);
-            assert_eq!(ids, expected_ids, "{family} extra {extra}");
-            let stats = model.experts().stats();
+            let engine = Engine::new(model, None);
+            assert_eq!(greedy(&engine, &reference.greedy.prompt_ids, 10), expected_ids, "{family} extra {extra}");
+            let stats = engine.model.experts().stats();
             assert!(stats.prefetched > 0, "{family}: pregate never prefetched");
             assert!(stats.prefetch_hits <= stats.prefetched);
         }

@@ -35,6 +35,19 @@ fn summarise(method: &'static str, bytes: usize, mut times: Vec<f64>) -> UploadM
     }
 }
 
+/// Seconds of each of `repeats` `Queue::write_buffer` uploads of `data`, until the GPU has it.
+fn time_write_buffer(gpu: &Gpu, target: &wgpu::Buffer, data: &[u8], repeats: usize) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        gpu.queue.write_buffer(target, 0, data);
+        gpu.queue.submit([]);
+        wait(gpu)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
 fn wait(gpu: &Gpu) -> Result<()> {
     gpu.wgpu_device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| FerryError::Gpu(e.to_string()))
 }
@@ -59,15 +72,7 @@ pub fn measure_upload(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<Vec<Upl
     });
     let mut results = Vec::new();
 
-    let mut times = Vec::new();
-    for _ in 0..repeats {
-        let start = Instant::now();
-        queue.write_buffer(&target, 0, &data);
-        queue.submit([]);
-        wait(gpu)?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    results.push(summarise("write_buffer", bytes, times));
+    results.push(summarise("write_buffer", bytes, time_write_buffer(gpu, &target, &data, repeats)?));
 
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("ferry-bandwidth-staging"),
@@ -95,17 +100,7 @@ pub fn measure_upload(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<Vec<Upl
 
     let times = std::thread::scope(|scope| {
         scope
-            .spawn(|| -> Result<Vec<f64>> {
-                let mut times = Vec::new();
-                for _ in 0..repeats {
-                    let start = Instant::now();
-                    queue.write_buffer(&target, 0, &data);
-                    queue.submit([]);
-                    wait(gpu)?;
-                    times.push(start.elapsed().as_secs_f64());
-                }
-                Ok(times)
-            })
+            .spawn(|| time_write_buffer(gpu, &target, &data, repeats))
             .join()
             .map_err(|_| FerryError::Gpu("upload thread panicked".into()))?
     })?;
