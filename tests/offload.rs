@@ -57,6 +57,23 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
 }
 
 #[test]
+fn experts_spread_over_many_slot_pages_give_the_same_logits() {
+    // One slot per page: every layer's experts come from several buffers and launches.
+    for family in ["mixtral", "qwen3_moe"] {
+        let reference = reference(family);
+        let expected = prompt_forward(&load(family, VramBudget::All, EvictionPolicy::Lru), &reference.input_ids);
+        for budget in [VramBudget::All, TOP_K_SLOTS] {
+            let opened = ferry_models::open(&fixture(family)).unwrap();
+            let projection = (opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4) as u64;
+            let options = ExpertOptions { budget, page_bytes: Some(projection), ..Default::default() };
+            let model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+            let out = prompt_forward(&model, &reference.input_ids);
+            assert_eq!(out.logits, expected.logits, "{family} {budget:?}: logits differ with one slot per page");
+        }
+    }
+}
+
+#[test]
 fn a_top_k_budget_evicts_in_every_moe_layer_and_counts_every_byte() {
     let reference = reference("mixtral");
     let model = load("mixtral", TOP_K_SLOTS, EvictionPolicy::Lru);

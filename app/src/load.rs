@@ -60,6 +60,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         prefetch_extra: args.prefetch_extra,
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
+        page_bytes: None,
     })
 }
 

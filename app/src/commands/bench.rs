@@ -116,6 +116,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prefetch_extra: args.prefetch_extra,
             link: mode_link,
             big_little,
+            page_bytes: None,
         })?;
         if mode == "offload" {
             // Every offloaded mode starts cold, as a fresh process would.

@@ -5,37 +5,22 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::activation::silu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 
 use super::budget::SlotPlan;
+use super::grouped::SlotPage;
 use super::policy::{EvictionPolicy, SlotUse};
 use super::select::{BigFallback, BigLittle, Selector};
+use super::slots::{SlotPool, SlotRef};
 use super::stats::ExpertStats;
 use super::store::ExpertStore;
 use super::transfer::{LinkModel, StagedExpert, UploadQueue};
-use crate::error::Result;
+use crate::error::{FerryError, Result};
 use crate::routing::{TokenRoute, softmax};
 
-/// One expert on the GPU, in checkpoint layout: gate and up `[intermediate, hidden]`, down
-/// `[hidden, intermediate]`. Clones share the GPU memory.
-#[derive(Clone)]
-pub struct ExpertWeights {
-    gate: Tensor<2>,
-    up: Tensor<2>,
-    down: Tensor<2>,
-}
-
-impl ExpertWeights {
-    /// SwiGLU: `down(silu(gate(x)) * up(x))` for `x` `[tokens, hidden]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gated = silu(x.clone().matmul(self.gate.clone().transpose())) * x.matmul(self.up.clone().transpose());
-        gated.matmul(self.down.clone().transpose())
-    }
-}
-
 struct Slot {
-    weights: ExpertWeights,
+    /// Index in the slot pool.
+    index: usize,
     use_: SlotUse,
     /// Brought in by a prediction and not used yet.
     unused_prefetch: bool,
@@ -58,11 +43,11 @@ impl LayerRecall {
     }
 }
 
-/// The slot cache. `fetch` hands out an expert's weights, uploading it first on a miss;
+/// The slot cache. `fetch` hands out an expert's slot, uploading it first on a miss;
 /// `prefetch` starts bringing in experts a later layer is expected to need.
 pub struct ExpertCache {
     store: Arc<ExpertStore>,
-    device: Device,
+    pool: SlotPool,
     policy: EvictionPolicy,
     plan: SlotPlan,
     slots: HashMap<ExpertId, Slot>,
@@ -87,12 +72,21 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
-    pub fn new(store: ExpertStore, device: Device, plan: SlotPlan, policy: EvictionPolicy) -> Self {
+    /// `page_bytes` caps the GPU buffers that hold the slots (None: the adapter's binding limit).
+    pub fn new(
+        store: ExpertStore,
+        device: &Device,
+        plan: SlotPlan,
+        policy: EvictionPolicy,
+        page_bytes: Option<u64>,
+    ) -> Result<Self> {
         let layers = store.moe_layers().max().map_or(0, |l| l + 1);
         let usage = (0..layers).map(|l| vec![0; store.num_experts(l)]).collect();
-        Self {
+        let (inter, hidden) = store.dims();
+        let pool = SlotPool::new(device, plan.slots, hidden, inter, page_bytes)?;
+        Ok(Self {
             store: Arc::new(store),
-            device,
+            pool,
             policy,
             plan,
             slots: HashMap::new(),
@@ -108,7 +102,7 @@ impl ExpertCache {
             predictions: HashMap::new(),
             recall: vec![LayerRecall::default(); layers],
             selector: None,
-        }
+        })
     }
 
     /// Turns big-little selection on (with its settings) or off.
@@ -209,12 +203,19 @@ impl ExpertCache {
         while self.slots.len() > self.plan.slots {
             self.evict_one(&HashSet::new());
         }
+        // Experts whose slot memory goes away are dropped; the rest keep their slots.
+        let gone = self.pool.resize(self.plan.slots);
+        self.slots.retain(|_, s| !gone.contains(&s.index));
+        for slot in self.slots.values() {
+            self.pool.keep(slot.index);
+        }
     }
 
     /// Empties every slot (a cold start for measurements); pins and usage counts stay.
     pub fn clear(&mut self) {
         self.drain_in_flight();
         self.slots.clear();
+        self.pool.clear();
     }
 
     /// With every expert resident, uploads them all now so that generation never misses.
@@ -227,9 +228,8 @@ impl ExpertCache {
             self.store.moe_layers().flat_map(|l| (0..self.store.num_experts(l)).map(move |e| (l, e))).collect();
         for (layer, expert) in all.into_iter().take(self.plan.slots) {
             if !self.is_resident(layer, expert) {
-                let weights = self.upload(layer, expert)?;
-                let use_ = SlotUse { last_use: 0, uses: 0, pinned: false };
-                self.slots.insert((layer, expert), Slot { weights, use_, unused_prefetch: false });
+                let host = self.stage(layer, expert);
+                self.occupy((layer, expert), host, 0, false)?;
             }
         }
         // Preloading is set-up, not traffic of any token.
@@ -237,47 +237,81 @@ impl ExpertCache {
         Ok(())
     }
 
-    /// The expert's weights, uploading it into a free or evicted slot on a miss.
-    pub fn fetch(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights> {
+    /// The expert's slot, uploading it into a free or evicted slot on a miss.
+    pub fn fetch(&mut self, layer: usize, expert: usize) -> Result<SlotRef> {
+        self.fetch_keeping(layer, expert, &HashSet::new())?
+            .ok_or_else(|| FerryError::Gpu(format!("no expert slot could be freed for layer {layer} expert {expert}")))
+    }
+
+    /// Like `fetch`, but never evicts an expert in `keep` (those a queued batch still reads
+    /// before its kernels are launched). None when only such experts could make room; nothing
+    /// is counted then.
+    pub fn fetch_keeping(&mut self, layer: usize, expert: usize, keep: &HashSet<ExpertId>) -> Result<Option<SlotRef>> {
         self.settle_orphans();
-        self.clock += 1;
-        self.usage[layer][expert] += 1;
         let id = (layer, expert);
         if let Some(slot) = self.slots.get_mut(&id) {
+            self.clock += 1;
+            self.usage[layer][expert] += 1;
             slot.use_.last_use = self.clock;
             slot.use_.uses += 1;
             slot.unused_prefetch = false;
             self.stats.hits += 1;
-            return Ok(slot.weights.clone());
+            return Ok(Some(self.pool.locate(slot.index)));
         }
-        let weights = if self.in_flight.contains(&id) {
+        let at = if self.in_flight.contains(&id) {
             // Predicted in time to stage on the host; what is left is waiting for the stager
-            // and the GPU copy.
+            // and the GPU copy. Its slot was reserved when it was requested.
             let start = Instant::now();
-            let weights = match self.wait_staged(id) {
-                Some(staged) => self.to_gpu(staged.weights),
-                None => self.upload(layer, expert)?,
+            let host = match self.wait_staged(id) {
+                Some(staged) => staged.weights,
+                None => self.upload_host(layer, expert),
             };
+            self.clock += 1;
+            let at = self.occupy(id, host, self.clock, false)?;
             self.stats.stall_seconds += start.elapsed().as_secs_f64();
             self.stats.prefetch_hits += 1;
             self.stats.hits += 1;
-            weights
+            at
         } else {
-            self.stats.misses += 1;
             while self.occupied() >= self.plan.slots.max(1) {
-                if !self.evict_one(&HashSet::new()) {
-                    break;
+                if self.evict_one(keep) {
+                    continue;
                 }
+                if self.in_flight.is_empty() {
+                    return Ok(None);
+                }
+                // Prefetches for a later layer hold the free slots: let them land, so that they
+                // can be evicted like any other slot.
+                self.drain_in_flight();
             }
+            self.stats.misses += 1;
             let start = Instant::now();
-            let weights = self.upload(layer, expert)?;
+            let host = self.upload_host(layer, expert);
+            self.clock += 1;
+            let at = self.occupy(id, host, self.clock, false)?;
             self.stats.stall_seconds += start.elapsed().as_secs_f64();
-            weights
+            at
         };
-        let pinned = self.pinned.contains(&id);
-        let use_ = SlotUse { last_use: self.clock, uses: 1, pinned };
-        self.slots.insert(id, Slot { weights: weights.clone(), use_, unused_prefetch: false });
-        Ok(weights)
+        self.usage[layer][expert] += 1;
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.use_.uses = 1;
+        }
+        Ok(Some(at))
+    }
+
+    /// `(intermediate, hidden)` of every routed expert.
+    pub fn dims(&self) -> (usize, usize) {
+        self.store.dims()
+    }
+
+    /// The page of GPU memory a `SlotRef` points into.
+    pub fn page(&self, page: usize) -> Result<&SlotPage> {
+        self.pool.page(page)
+    }
+
+    /// GPU bytes held by expert slots now.
+    pub fn allocated_bytes(&self) -> usize {
+        self.pool.allocated_bytes()
     }
 
     /// Starts bringing in `experts` of `layer` (a prediction), in slots freed by the policy but
@@ -345,9 +379,8 @@ impl ExpertCache {
             self.orphans.remove(&id);
             self.in_flight.remove(&id);
             if let Some(staged) = self.staged.remove(&id) {
-                let weights = self.to_gpu(staged.weights);
-                let use_ = SlotUse { last_use: self.clock, uses: 0, pinned: self.pinned.contains(&id) };
-                self.slots.insert(id, Slot { weights, use_, unused_prefetch: true });
+                // A slot was reserved for it; a failed copy only loses the prefetch.
+                let _ = self.occupy(id, staged.weights, self.clock, true);
             }
         }
     }
@@ -379,9 +412,7 @@ impl ExpertCache {
         let ids: Vec<ExpertId> = self.in_flight.iter().copied().collect();
         for id in ids {
             if let Some(staged) = self.wait_staged(id) {
-                let weights = self.to_gpu(staged.weights);
-                let use_ = SlotUse { last_use: self.clock, uses: 0, pinned: self.pinned.contains(&id) };
-                self.slots.insert(id, Slot { weights, use_, unused_prefetch: true });
+                let _ = self.occupy(id, staged.weights, self.clock, true);
             }
         }
         self.staged.clear();
@@ -441,32 +472,44 @@ impl ExpertCache {
             })
             .map(|(id, _)| *id);
         let Some(id) = victim else { return false };
-        // Kernels already queued keep their own reference to the buffers.
-        if self.slots.remove(&id).is_some_and(|s| s.unused_prefetch) {
-            self.stats.wasted_prefetch_bytes += self.plan.slot_bytes;
+        // Kernels already queued that read this slot run before whatever is copied into it next.
+        if let Some(slot) = self.slots.remove(&id) {
+            self.pool.release(slot.index);
+            if slot.unused_prefetch {
+                self.stats.wasted_prefetch_bytes += self.plan.slot_bytes;
+            }
         }
         self.stats.evictions += 1;
         true
     }
 
-    /// An on-demand upload: host conversion, the emulated link if any, and the GPU copy.
-    fn upload(&mut self, layer: usize, expert: usize) -> Result<ExpertWeights> {
+    /// An on-demand upload's host part: conversion, and the emulated link if any.
+    fn upload_host(&mut self, layer: usize, expert: usize) -> [Vec<f32>; 3] {
         let start = Instant::now();
-        let host = self.store.host_f32(layer, expert);
+        let host = self.stage(layer, expert);
         if let Some(link) = self.link {
             link.wait_out(self.plan.slot_bytes, start.elapsed());
         }
         self.stats.bytes_uploaded += self.plan.slot_bytes;
-        Ok(self.to_gpu(host))
+        host
     }
 
-    fn to_gpu(&self, [gate, up, down]: [Vec<f32>; 3]) -> ExpertWeights {
-        let (i, h) = self.store.dims();
-        let device = &self.device;
-        ExpertWeights {
-            gate: Tensor::from_data(TensorData::new(gate, [i, h]), device),
-            up: Tensor::from_data(TensorData::new(up, [i, h]), device),
-            down: Tensor::from_data(TensorData::new(down, [h, i]), device),
-        }
+    fn stage(&self, layer: usize, expert: usize) -> [Vec<f32>; 3] {
+        self.store.host_f32(layer, expert)
+    }
+
+    /// Copies a staged expert into a free slot and makes it resident.
+    fn occupy(&mut self, id: ExpertId, host: [Vec<f32>; 3], last_use: u64, prefetched: bool) -> Result<SlotRef> {
+        let index = self.pool.take().ok_or_else(|| FerryError::Gpu("no free expert slot".into()))?;
+        let at = match self.pool.store(index, host) {
+            Ok(at) => at,
+            Err(e) => {
+                self.pool.release(index);
+                return Err(e);
+            }
+        };
+        let use_ = SlotUse { last_use, uses: 0, pinned: self.pinned.contains(&id) };
+        self.slots.insert(id, Slot { index, use_, unused_prefetch: prefetched });
+        Ok(at)
     }
 }

@@ -5,17 +5,22 @@
 mod bandwidth;
 mod budget;
 mod cache;
+mod grouped;
 mod policy;
 mod select;
+mod slots;
 mod stats;
 mod store;
 mod transfer;
 
 pub use bandwidth::{UploadMeasurement, measure_upload};
 pub use budget::{SlotPlan, VramBudget};
-pub use cache::{ExpertCache, ExpertWeights, LayerRecall};
+pub use cache::{ExpertCache, LayerRecall};
+pub use grouped::{PageWork, SlotPage};
+pub(crate) use grouped::{float as cube_float, wrap as from_cube};
 pub use policy::EvictionPolicy;
 pub use select::{BigFallback, BigLittle, Importance, SelectionStats, Selector};
+pub use slots::SlotRef;
 pub use stats::ExpertStats;
 pub use store::ExpertStore;
 pub use transfer::LinkModel;

@@ -53,6 +53,9 @@ pub struct ExpertOptions {
     pub link: Option<LinkModel>,
     /// Big-little experts (`--experts big-little`): an approximation, off by default.
     pub big_little: Option<BigLittle>,
+    /// Largest GPU buffer of expert slots, in bytes (None: what the adapter can bind). Smaller
+    /// pages spread a layer's experts over more kernel launches; set when the cache is made.
+    pub page_bytes: Option<u64>,
 }
 
 impl Default for ExpertOptions {
@@ -65,6 +68,7 @@ impl Default for ExpertOptions {
             prefetch_extra: 0,
             link: None,
             big_little: None,
+            page_bytes: None,
         }
     }
 }
@@ -166,7 +170,7 @@ impl Model {
         let mut layers = layers;
         link_pregates(&mut layers, &loader, &spec)?;
         let rope = Rope::new(&spec.rope, spec.attention.head_dim);
-        let mut experts = ExpertCache::new(expert_store, device.clone(), plan, options.policy);
+        let mut experts = ExpertCache::new(expert_store, device, plan, options.policy, options.page_bytes)?;
         experts.set_link(options.link);
         experts.set_big_little(options.big_little);
         experts.preload()?;

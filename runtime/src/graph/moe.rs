@@ -1,13 +1,17 @@
-//! The mixture-of-experts block: router on the GPU, routing decision on the host, then each
-//! chosen expert (fetched from the expert cache) runs over the tokens routed to it.
+//! The mixture-of-experts block: router on the GPU, routing decision on the host, then the
+//! grouped expert kernel runs every chosen expert over the tokens routed to it, reading the
+//! experts from their slots in the expert cache.
+
+use std::collections::{BTreeMap, HashSet};
 
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
+use burn_cubecl::tensor::CubeTensor;
 
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
 use crate::error::{FerryError, Result};
-use crate::experts::ExpertCache;
+use crate::experts::{ExpertCache, PageWork, SlotRef, cube_float, from_cube};
 use crate::routing::{TokenRoute, route};
 use crate::spec::{ModelSpec, RouterKind};
 
@@ -37,11 +41,9 @@ pub struct MoeBlock {
     kind: RouterKind,
 }
 
-/// The tokens one expert serves: their rows in the batch and their routing weights.
-struct Assignment {
-    rows: Vec<i64>,
-    weights: Vec<f32>,
-}
+/// What one expert serves: (token row in the batch, output row, routing weight). The output
+/// row is `token * top_k + rank`, so each (token, expert) pair has a row of its own.
+type Served = Vec<(usize, usize, f32)>;
 
 impl MoeBlock {
     pub fn load(loader: &Loader, spec: &ModelSpec, layer: usize) -> Result<Self> {
@@ -120,15 +122,14 @@ impl MoeBlock {
         let mut routes = route(&own, self.num_experts, self.top_k, self.kind);
         experts.select_big_little(self.layer, &mut routes, &own, self.num_experts);
 
-        let mut assigned: Vec<Assignment> =
-            (0..self.num_experts).map(|_| Assignment { rows: Vec::new(), weights: Vec::new() }).collect();
+        let k = self.top_k;
+        let mut served: Vec<Served> = vec![Vec::new(); self.num_experts];
         for (t, r) in routes.iter().enumerate() {
-            for (&e, &w) in r.experts.iter().zip(&r.weights) {
-                assigned[e as usize].rows.push(t as i64);
-                assigned[e as usize].weights.push(w);
+            for (rank, (&e, &w)) in r.experts.iter().zip(&r.weights).enumerate() {
+                served[e as usize].push((t, t * k + rank, w));
             }
         }
-        let needed: Vec<usize> = (0..self.num_experts).filter(|&e| !assigned[e].rows.is_empty()).collect();
+        let needed: Vec<usize> = (0..self.num_experts).filter(|&e| !served[e].is_empty()).collect();
         if let (Some(p), Some(k)) = (pregate, prefetch_k) {
             let predicted: Vec<f32> =
                 logits.chunks_exact(width).flat_map(|row| &row[self.num_experts..]).copied().collect();
@@ -144,22 +145,34 @@ impl MoeBlock {
         }
         let (hits, misses): (Vec<usize>, Vec<usize>) =
             needed.iter().partition(|&&e| experts.is_resident(self.layer, e));
-        let mut outputs: Vec<Option<(Tensor<1, Int>, Tensor<2>)>> = (0..self.num_experts).map(|_| None).collect();
+
+        // Every (token, expert) output row starts at zero, so a little token's unused ranks add
+        // nothing when the rows are summed per token.
+        let inter = experts.dims().0;
+        let xc = cube_float(x.clone())?;
+        let act = cube_float(Tensor::<2>::empty([tokens * k, inter], device))?;
+        let y = cube_float(Tensor::<2>::zeros([tokens * k, hidden], device))?;
+        // Experts are fetched into a batch until the cache cannot make room without evicting one
+        // of the batch; then the batch's kernels are queued and its slots become evictable.
+        let mut batch: Vec<(usize, SlotRef)> = Vec::new();
+        let mut keep: HashSet<(usize, usize)> = HashSet::new();
         for e in hits.into_iter().chain(misses) {
-            let weights = experts.fetch(self.layer, e)?;
-            let a = &assigned[e];
-            let n = a.rows.len();
-            let index = Tensor::<1, Int>::from_data(TensorData::new(a.rows.clone(), [n]), device);
-            let scale = Tensor::<2>::from_data(TensorData::new(a.weights.clone(), [n, 1]), device);
-            let y = weights.forward(x.clone().select(0, index.clone())) * scale;
-            outputs[e] = Some((index, y));
+            let at = match experts.fetch_keeping(self.layer, e, &keep)? {
+                Some(at) => at,
+                None => {
+                    self.launch(experts, &batch, &served, &xc, &act, &y, device)?;
+                    batch.clear();
+                    keep.clear();
+                    experts.fetch(self.layer, e)?
+                }
+            };
+            keep.insert((self.layer, e));
+            batch.push((e, at));
         }
+        self.launch(experts, &batch, &served, &xc, &act, &y, device)?;
         let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
         experts.score_prediction(self.layer, &chosen);
-        let mut out = Tensor::<2>::zeros([tokens, hidden], device);
-        for (index, y) in outputs.into_iter().flatten() {
-            out = out.select_assign(0, index, y, IndexingUpdateOp::Add);
-        }
+        let mut out = from_cube::<2>(y).reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]);
         if let Some(shared) = &self.shared {
             let mut y = shared.mlp.forward(x.clone());
             if let Some(gate) = &shared.gate {
@@ -168,5 +181,28 @@ impl MoeBlock {
             out = out + y;
         }
         Ok((out, routes))
+    }
+
+    /// Queues the grouped expert kernel for a batch of fetched experts, one launch pair per
+    /// slot page the batch touches.
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
+    fn launch(
+        &self,
+        experts: &ExpertCache,
+        batch: &[(usize, SlotRef)],
+        served: &[Served],
+        x: &CubeTensor,
+        act: &CubeTensor,
+        y: &CubeTensor,
+        device: &Device,
+    ) -> Result<()> {
+        let mut pages: BTreeMap<usize, PageWork> = BTreeMap::new();
+        for &(e, at) in batch {
+            pages.entry(at.page).or_default().push(at.slot, served[e].iter().copied());
+        }
+        for (page, work) in pages {
+            experts.page(page)?.swiglu(x, &work, act, y, device)?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,144 @@
+//! The GPU memory behind the expert slots: a few large pages, each one buffer per projection
+//! holding many slots, so that one kernel launch can read every expert a layer selected.
+//!
+//! Pages are sized to the adapter's largest binding and allocated when first used; the last
+//! page holds only the remainder, so the slots never take more memory than the budget gave.
+
+use std::collections::BTreeSet;
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::grouped::{SlotPage, float};
+use crate::error::{FerryError, Result};
+
+/// Where an expert sits on the GPU: its page, and its slot within the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SlotRef {
+    pub page: usize,
+    pub slot: usize,
+}
+
+/// Largest page Ferry allocates even where the adapter allows more, in bytes (keeps 32-bit
+/// element indices valid and allocations easy to place).
+const PAGE_BYTES_CAP: u64 = 1 << 30;
+
+pub struct SlotPool {
+    device: Device,
+    pages: Vec<Option<SlotPage>>,
+    per_page: usize,
+    total: usize,
+    free: BTreeSet<usize>,
+    hidden: usize,
+    inter: usize,
+}
+
+impl SlotPool {
+    /// A pool of `total` slots for experts of `hidden` x `inter` f32 projections, in pages of at
+    /// most `page_bytes` per projection. Fails when one projection is larger than a page.
+    pub fn new(device: &Device, total: usize, hidden: usize, inter: usize, page_bytes: Option<u64>) -> Result<Self> {
+        let probe = float(Tensor::<1>::zeros([1], device))?;
+        let adapter = probe.client.properties().memory.max_page_size.min(PAGE_BYTES_CAP);
+        let limit = page_bytes.map_or(adapter, |p| p.min(adapter));
+        let projection = (hidden * inter * 4) as u64;
+        if projection > limit {
+            return Err(FerryError::Gpu(format!(
+                "one expert projection is {} KiB, more than the largest buffer for expert slots ({} KiB: \
+                 the adapter's binding limit, or the page size asked for)",
+                projection >> 10,
+                limit >> 10
+            )));
+        }
+        let per_page = (limit / projection) as usize;
+        Ok(Self {
+            device: device.clone(),
+            pages: Vec::new(),
+            per_page,
+            total,
+            free: (0..total).collect(),
+            hidden,
+            inter,
+        })
+    }
+
+    /// A free slot (the lowest, so placement is deterministic), or None when all are taken.
+    pub fn take(&mut self) -> Option<usize> {
+        self.free.pop_first()
+    }
+
+    pub fn release(&mut self, index: usize) {
+        if index < self.total {
+            self.free.insert(index);
+        }
+    }
+
+    pub fn locate(&self, index: usize) -> SlotRef {
+        SlotRef { page: index / self.per_page, slot: index % self.per_page }
+    }
+
+    /// Uploads an expert (f32, checkpoint layout) and queues its copy into slot `index`.
+    pub fn store(&mut self, index: usize, [gate, up, down]: [Vec<f32>; 3]) -> Result<SlotRef> {
+        let (h, i) = (self.hidden, self.inter);
+        let at = self.locate(index);
+        let device = &self.device;
+        let gate = Tensor::<2>::from_data(TensorData::new(gate, [i, h]), device);
+        let up = Tensor::<2>::from_data(TensorData::new(up, [i, h]), device);
+        let down = Tensor::<2>::from_data(TensorData::new(down, [h, i]), device);
+        if self.pages.len() <= at.page {
+            self.pages.resize_with(at.page + 1, || None);
+        }
+        if self.pages[at.page].is_none() {
+            let like = float(gate.clone())?;
+            let slots = self.page_slots(at.page);
+            self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i));
+        }
+        self.page(at.page)?.store(at.slot, [gate, up, down])?;
+        Ok(at)
+    }
+
+    pub fn page(&self, page: usize) -> Result<&SlotPage> {
+        self.pages
+            .get(page)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| FerryError::Gpu(format!("expert slot page {page} is not allocated")))
+    }
+
+    /// Changes the number of slots. Returns the slots whose memory goes away (their experts
+    /// must be dropped by the caller); pages that change size are freed.
+    pub fn resize(&mut self, total: usize) -> Vec<usize> {
+        let old = self.total;
+        self.total = total;
+        let mut gone = Vec::new();
+        for page in 0..self.pages.len() {
+            let first = page * self.per_page;
+            let now = total.saturating_sub(first).min(self.per_page);
+            let before = old.saturating_sub(first).min(self.per_page);
+            if now != before {
+                self.pages[page] = None;
+                gone.extend(first..first + before);
+            }
+        }
+        self.pages.truncate(total.div_ceil(self.per_page));
+        self.free = (0..total).collect();
+        gone
+    }
+
+    /// Marks every slot free (the pages stay allocated).
+    pub fn clear(&mut self) {
+        self.free = (0..self.total).collect();
+    }
+
+    /// Removes `index` from the free set (the caller keeps an expert there).
+    pub fn keep(&mut self, index: usize) {
+        self.free.remove(&index);
+    }
+
+    fn page_slots(&self, page: usize) -> usize {
+        self.total.saturating_sub(page * self.per_page).min(self.per_page)
+    }
+
+    /// Bytes of GPU memory the allocated pages hold.
+    pub fn allocated_bytes(&self) -> usize {
+        let per_slot = 3 * self.hidden * self.inter * 4;
+        (0..self.pages.len()).filter(|&p| self.pages[p].is_some()).map(|p| self.page_slots(p) * per_slot).sum()
+    }
+}
