@@ -13,8 +13,8 @@ use safetensors::tensor::TensorView;
 
 /// Bumped whenever the generated default model changes, so stale caches are not reused.
 const NAME: &str = "default-moe-v1";
-const TOKENIZER: &str = include_str!("../default/tokenizer.json");
-const TOKENIZER_CONFIG: &str = include_str!("../default/tokenizer_config.json");
+pub(crate) const TOKENIZER: &str = include_str!("../default/tokenizer.json");
+pub(crate) const TOKENIZER_CONFIG: &str = include_str!("../default/tokenizer_config.json");
 
 /// Shapes of a random model. The vocabulary is always the embedded 384-token tokenizer's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +122,7 @@ pub fn ensure() -> Result<PathBuf> {
 
 /// Vocabulary size and the id of `<|im_end|>` (the end of an assistant turn) in the embedded
 /// tokenizer.
-fn vocab_and_eos() -> Result<(usize, u32)> {
+pub(crate) fn vocab_and_eos() -> Result<(usize, u32)> {
     let bad =
         |message: &str| FerryError::Json { path: "models/default/tokenizer.json".into(), message: message.into() };
     let value: serde_json::Value = serde_json::from_str(TOKENIZER).map_err(|e| bad(&e.to_string()))?;
