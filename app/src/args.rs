@@ -29,6 +29,32 @@ pub enum Command {
     RandomModel(RandomModelArgs),
     /// Quality of a mode against full mode on a text: perplexity and argmax agreement.
     Eval(EvalArgs),
+    /// Convert a model: `mole-to-lut` re-parameterises MoLE experts into a lookup table.
+    #[command(subcommand)]
+    Convert(ConvertCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ConvertCommand {
+    /// Evaluate every lookup expert on every vocabulary entry and write a complete model folder
+    /// (config, non-expert weights, tokenizer, mole_lut.bin) that runs from the table.
+    MoleToLut(MoleToLutArgs),
+}
+
+#[derive(Args)]
+pub struct MoleToLutArgs {
+    /// MoLE model folder with the expert FFNs (FerryMoleForCausalLM).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output folder (created; must not hold a model).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored element type of the table: f32 (exact) or f16 (half the bytes, rounded).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// GPU adapter that evaluates the experts.
+    #[arg(long, default_value = "default")]
+    pub adapter: String,
 }
 
 #[derive(Args, Clone)]
@@ -64,6 +90,10 @@ pub struct ModelArgs {
     pub link_gbps: Option<f64>,
     #[command(flatten)]
     pub big_little: BigLittleArgs,
+    /// MoLE lookup tables: host RAM for decoded rows (e.g. 64MiB); 0 reads every row from the
+    /// memory-mapped table (the OS page cache).
+    #[arg(long, default_value = "0")]
+    pub lut_cache: String,
 }
 
 #[derive(Args, Clone)]
@@ -231,7 +261,8 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct RandomModelArgs {
-    /// Shapes: default, olmoe-1b-7b or mixtral-8x7b (vocabulary: Ferry's 384-token tokenizer).
+    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, or mole (a small Mixture of Lookup Experts)
+    /// (vocabulary: Ferry's 384-token tokenizer).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// Number of layers (default: the preset's).
