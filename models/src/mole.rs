@@ -28,7 +28,10 @@
 
 use std::path::Path;
 
+use ferry_runtime::Gpu;
 use ferry_runtime::error::{FerryError, Result};
+use ferry_runtime::graph::write_lookup_table;
+use ferry_runtime::lut::{LUT_FILE, LutDtype, LutHeader};
 use ferry_runtime::spec::{FfnKind, ModelSpec, MoleNames, MoleSpec};
 use ferry_runtime::weights::{SourceDtype, WeightStore};
 use rand::rngs::StdRng;
@@ -206,4 +209,53 @@ pub fn write_without_lookup_experts(store: &WeightStore, path: &Path) -> Result<
     }
     safetensors::serialize_to_file(views, None, path).map_err(|e| FerryError::io(path, e))?;
     Ok(total)
+}
+
+/// Files copied unchanged from the source folder by `convert_to_lut`, when present.
+const COPIED: &[&str] = &["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"];
+
+/// What `convert_to_lut` wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct Converted {
+    pub table: LutHeader,
+    /// Bytes of tensor data in the output's model.safetensors (everything but the experts).
+    pub kept_weight_bytes: usize,
+}
+
+/// `ferry convert mole-to-lut`: evaluates every lookup expert of the MoLE model in `model` on
+/// every vocabulary entry (on `gpu`) and writes a complete model folder into `out`: config,
+/// tokenizer, the weights without the expert FFNs, and the table `mole_lut.bin`.
+/// `on_progress(tokens_done, vocab)` is called after each batch.
+pub fn convert_to_lut(
+    model: &Path,
+    out: &Path,
+    gpu: &Gpu,
+    dtype: LutDtype,
+    on_progress: impl FnMut(usize, usize),
+) -> Result<Converted> {
+    let opened = crate::open(model)?;
+    let mole = opened.spec.mole.as_ref().ok_or_else(|| {
+        FerryError::flag("--model", format!("{}: {} is not a MoLE model", model.display(), opened.spec.architecture))
+    })?;
+    let first_expert = opened.spec.names.layer(0, &mole.names.expert_norm);
+    if !opened.weights.contains(&first_expert) {
+        return Err(FerryError::flag(
+            "--model",
+            format!("{}: no lookup expert FFNs ({first_expert}); already converted?", model.display()),
+        ));
+    }
+    if out.join("config.json").exists() {
+        return Err(FerryError::flag("--out", format!("{}: a model is already there", out.display())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| FerryError::io(out, e))?;
+    let table =
+        write_lookup_table(&opened.spec, &opened.weights, &gpu.device, &out.join(LUT_FILE), dtype, on_progress)?;
+    for name in COPIED {
+        let from = model.join(name);
+        if from.exists() {
+            std::fs::copy(&from, out.join(name)).map_err(|e| FerryError::io(&from, e))?;
+        }
+    }
+    let kept_weight_bytes = write_without_lookup_experts(&opened.weights, &out.join("model.safetensors"))?;
+    Ok(Converted { table, kept_weight_bytes })
 }
