@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::ops::Sub;
+use std::ops::{Add, Sub};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -22,6 +22,19 @@ pub struct LookupStats {
     pub bytes_read: u64,
     /// Bytes uploaded to the GPU (rows as f32).
     pub bytes_uploaded: u64,
+}
+
+impl Add for LookupStats {
+    type Output = Self;
+
+    fn add(self, rhs: Self) -> Self {
+        Self {
+            rows_fetched: self.rows_fetched + rhs.rows_fetched,
+            row_cache_hits: self.row_cache_hits + rhs.row_cache_hits,
+            bytes_read: self.bytes_read + rhs.bytes_read,
+            bytes_uploaded: self.bytes_uploaded + rhs.bytes_uploaded,
+        }
+    }
 }
 
 impl Sub for LookupStats {
