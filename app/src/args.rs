@@ -32,6 +32,63 @@ pub enum Command {
     /// Convert a model: `mole-to-lut` re-parameterises MoLE experts into a lookup table.
     #[command(subcommand)]
     Convert(ConvertCommand),
+    /// Train a small dense, MoE or MoLE model on text files (burn autodiff, CPU by default).
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// dense (a one-expert Mixtral), moe (Mixtral, top-k) or mole (FerryMoleForCausalLM).
+    #[arg(long)]
+    pub arch: String,
+    /// Text files to train on (the last 5% of tokens are held out for validation).
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Output model folder; if it holds a run (trainer_state.json), training resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 128)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Experts per layer (default: moe 8, mole 4).
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts per token for moe.
+    #[arg(long, default_value_t = 2)]
+    pub top_k: usize,
+    /// Active feed-forward width per token: the dense FFN, top-k x the MoE expert size, the MoLE
+    /// shared FFN (and each lookup expert).
+    #[arg(long, default_value_t = 256)]
+    pub ffn: usize,
+    /// BPE vocabulary size.
+    #[arg(long, default_value_t = 2048)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Peak learning rate (warm-up 50 steps, cosine to a tenth).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// Validate and checkpoint every this many steps.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// ndarray (CPU) or wgpu (the default adapter).
+    #[arg(long, default_value = "ndarray")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write model.safetensors in bf16 (half the bytes; the f32 master weights stay in
+    /// optimizer.safetensors for resuming).
+    #[arg(long)]
+    pub save_bf16: bool,
 }
 
 #[derive(Subcommand)]

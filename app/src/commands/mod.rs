@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RandomModel(args) => random_model::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Train(args) => crate::train::run(args),
     }
 }
 
