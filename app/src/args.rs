@@ -29,6 +29,89 @@ pub enum Command {
     RandomModel(RandomModelArgs),
     /// Quality of a mode against full mode on a text: perplexity and argmax agreement.
     Eval(EvalArgs),
+    /// Convert a model: `mole-to-lut` re-parameterises MoLE experts into a lookup table.
+    #[command(subcommand)]
+    Convert(ConvertCommand),
+    /// Train a small dense, MoE or MoLE model on text files (burn autodiff, CPU by default).
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// dense (a one-expert Mixtral), moe (Mixtral, top-k) or mole (FerryMoleForCausalLM).
+    #[arg(long)]
+    pub arch: String,
+    /// Text files to train on (the last 5% of tokens are held out for validation).
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Output model folder; if it holds a run (trainer_state.json), training resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 128)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Experts per layer (default: moe 8, mole 4).
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts per token for moe.
+    #[arg(long, default_value_t = 2)]
+    pub top_k: usize,
+    /// Active feed-forward width per token: the dense FFN, top-k x the MoE expert size, the MoLE
+    /// shared FFN (and each lookup expert).
+    #[arg(long, default_value_t = 256)]
+    pub ffn: usize,
+    /// BPE vocabulary size.
+    #[arg(long, default_value_t = 2048)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Peak learning rate (warm-up 50 steps, cosine to a tenth).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// Validate and checkpoint every this many steps.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// ndarray (CPU) or wgpu (the default adapter).
+    #[arg(long, default_value = "ndarray")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write model.safetensors in bf16 (half the bytes; the f32 master weights stay in
+    /// optimizer.safetensors for resuming).
+    #[arg(long)]
+    pub save_bf16: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ConvertCommand {
+    /// Evaluate every lookup expert on every vocabulary entry and write a complete model folder
+    /// (config, non-expert weights, tokenizer, mole_lut.bin) that runs from the table.
+    MoleToLut(MoleToLutArgs),
+}
+
+#[derive(Args)]
+pub struct MoleToLutArgs {
+    /// MoLE model folder with the expert FFNs (FerryMoleForCausalLM).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output folder (created; must not hold a model).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored element type of the table: f32 (exact) or f16 (half the bytes, rounded).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// GPU adapter that evaluates the experts.
+    #[arg(long, default_value = "default")]
+    pub adapter: String,
 }
 
 #[derive(Args, Clone)]
@@ -64,6 +147,10 @@ pub struct ModelArgs {
     pub link_gbps: Option<f64>,
     #[command(flatten)]
     pub big_little: BigLittleArgs,
+    /// MoLE lookup tables: host RAM for decoded rows (e.g. 64MiB); 0 reads every row from the
+    /// memory-mapped table (the OS page cache).
+    #[arg(long, default_value = "0")]
+    pub lut_cache: String,
 }
 
 #[derive(Args, Clone)]
@@ -231,7 +318,8 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct RandomModelArgs {
-    /// Shapes: default, olmoe-1b-7b or mixtral-8x7b (vocabulary: Ferry's 384-token tokenizer).
+    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, or mole (a small Mixture of Lookup Experts)
+    /// (vocabulary: Ferry's 384-token tokenizer).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// Number of layers (default: the preset's).

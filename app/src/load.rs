@@ -44,6 +44,7 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
             .with_context(|| format!("--expert-profile {}: not a Ferry profile", path.display()))?;
         model.experts().pin_most_used(&profile.usage);
     }
+    model.set_lookup_cache(lut_cache_bytes(&args.lut_cache)?);
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })
 }
 
@@ -79,6 +80,15 @@ pub fn big_little(args: &BigLittleArgs) -> Result<Option<BigLittle>> {
             }))
         }
         other => anyhow::bail!("--experts {other:?}: use full or big-little"),
+    }
+}
+
+/// `--lut-cache` in bytes: a size such as 64MiB, or 0.
+pub fn lut_cache_bytes(text: &str) -> Result<u64> {
+    match text.parse::<VramBudget>() {
+        Ok(VramBudget::Bytes(b)) => Ok(b),
+        _ if text.trim() == "0" => Ok(0),
+        _ => anyhow::bail!("--lut-cache {text:?}: give a size such as 64MiB or 0"),
     }
 }
 

@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod load;
+mod train;
 
 use clap::Parser;
 

@@ -183,3 +183,72 @@ fn chat_answers_each_line_with_the_template_and_exits() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).matches("> ").count(), 4);
     assert!(!out.stdout.is_empty());
 }
+
+/// `ferry train` writes a folder Ferry loads, resumes from it, and `ferry convert mole-to-lut`
+/// turns a trained MoLE into a table folder whose greedy tokens equal the FFN path's.
+#[test]
+fn train_resumes_and_a_trained_mole_converts_to_an_equivalent_table() {
+    let tmp = std::env::temp_dir().join(format!("ferry-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let corpus = tmp.join("corpus.txt");
+    let verse = "In the beginning God created the heaven and the earth. And the earth was without form.\n";
+    std::fs::write(&corpus, verse.repeat(300)).unwrap();
+    let (model, lut) = (tmp.join("mole"), tmp.join("lut"));
+    let train = |steps: &str| {
+        let args = [
+            "train",
+            "--arch",
+            "mole",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--eval-every",
+            "2",
+            "--d-model",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--experts",
+            "2",
+            "--ffn",
+            "32",
+            "--vocab",
+            "300",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+        ];
+        let out = ferry(&args);
+        assert!(out.status.success(), "ferry train: {}", String::from_utf8_lossy(&out.stderr));
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("trainer_state.json")).unwrap()).unwrap();
+        state["step"].as_u64().unwrap()
+    };
+    assert_eq!(train("2"), 2);
+    assert_eq!(train("4"), 4, "a second run resumes and continues to --steps");
+    let out = ferry(&["convert", "mole-to-lut", "--model", model.to_str().unwrap(), "--out", lut.to_str().unwrap()]);
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let ids = |dir: &PathBuf| {
+        let out = ferry(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ]);
+        json_of(&out)["ids"].clone()
+    };
+    assert_eq!(ids(&lut), ids(&model));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -41,6 +41,7 @@ pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<Model
             router: RouterKind::SoftmaxTopK { renormalize: false },
             shared_expert: None,
         },
+        mole: None,
         layers: vec![FfnKind::Moe; layers],
         tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
         names: TensorNames::hf_default(),

@@ -4,6 +4,7 @@
 mod common;
 pub mod config;
 pub mod mixtral;
+pub mod mole;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
@@ -26,6 +27,7 @@ pub const FAMILIES: &[(&str, SpecFn)] = &[
     (qwen2_moe::ARCHITECTURE, qwen2_moe::spec),
     (qwen3_moe::ARCHITECTURE, qwen3_moe::spec),
     (olmoe::ARCHITECTURE, olmoe::spec),
+    (mole::ARCHITECTURE, mole::spec),
 ];
 
 /// Reads `config.json` (and `generation_config.json`) into a spec, without touching weights.

@@ -1,7 +1,9 @@
-//! Mixtral-layout MoE checkpoints with deterministic random weights: the built-in default model
-//! (written on first use into Ferry's cache folder so that `ferry generate` works out of the
-//! box), and models with the expert shapes of real MoEs for benchmarks. They produce gibberish;
-//! they exercise the whole path, and its bytes, without a download.
+//! The built-in default model, and Mixtral-layout MoE checkpoints with deterministic random
+//! weights. The default is the small MoE trained on the King James Bible
+//! (`models/trained/moe`, embedded in the binary and written on first use into Ferry's cache
+//! folder so that `ferry generate` works out of the box). Random models have the expert shapes
+//! of real MoEs for benchmarks; they produce gibberish but exercise the whole path, and its
+//! bytes, without a download.
 
 use std::path::{Path, PathBuf};
 
@@ -11,10 +13,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView;
 
-/// Bumped whenever the generated default model changes, so stale caches are not reused.
-const NAME: &str = "default-moe-v1";
-const TOKENIZER: &str = include_str!("../default/tokenizer.json");
-const TOKENIZER_CONFIG: &str = include_str!("../default/tokenizer_config.json");
+/// Bumped whenever the default model changes, so stale caches are not reused.
+const NAME: &str = "default-kjv-moe-v1";
+/// The default model's files (`models/trained/moe`).
+const DEFAULT_FILES: [(&str, &[u8]); 5] = [
+    ("config.json", include_bytes!("../trained/moe/config.json")),
+    ("generation_config.json", include_bytes!("../trained/moe/generation_config.json")),
+    ("tokenizer.json", include_bytes!("../trained/moe/tokenizer.json")),
+    ("tokenizer_config.json", include_bytes!("../trained/moe/tokenizer_config.json")),
+    ("model.safetensors", include_bytes!("../trained/moe/model.safetensors")),
+];
+pub(crate) const TOKENIZER: &str = include_str!("../default/tokenizer.json");
+pub(crate) const TOKENIZER_CONFIG: &str = include_str!("../default/tokenizer_config.json");
 
 /// Shapes of a random model. The vocabulary is always the embedded 384-token tokenizer's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +42,7 @@ pub struct Shape {
     pub bf16: bool,
 }
 
-/// The built-in default model.
+/// The random `default` preset: the shape of the former built-in random default model.
 pub const DEFAULT: Shape = Shape {
     hidden: 128,
     layers: 4,
@@ -107,7 +117,11 @@ pub fn ensure() -> Result<PathBuf> {
         return Ok(dir);
     }
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-    write(&tmp, DEFAULT, 0x_f311)?;
+    std::fs::create_dir_all(&tmp).map_err(|e| FerryError::io(&tmp, e))?;
+    for (name, bytes) in DEFAULT_FILES {
+        let path = tmp.join(name);
+        std::fs::write(&path, bytes).map_err(|e| FerryError::io(&path, e))?;
+    }
     // Renaming a complete folder into place keeps a concurrent or interrupted run from seeing
     // half a model.
     match std::fs::rename(&tmp, &dir) {
@@ -122,7 +136,7 @@ pub fn ensure() -> Result<PathBuf> {
 
 /// Vocabulary size and the id of `<|im_end|>` (the end of an assistant turn) in the embedded
 /// tokenizer.
-fn vocab_and_eos() -> Result<(usize, u32)> {
+pub(crate) fn vocab_and_eos() -> Result<(usize, u32)> {
     let bad =
         |message: &str| FerryError::Json { path: "models/default/tokenizer.json".into(), message: message.into() };
     let value: serde_json::Value = serde_json::from_str(TOKENIZER).map_err(|e| bad(&e.to_string()))?;

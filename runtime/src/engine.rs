@@ -7,6 +7,7 @@ use crate::chat::ChatTokenizer;
 use crate::error::{FerryError, Result};
 use crate::experts::ExpertStats;
 use crate::graph::{LogitsFor, Model};
+use crate::lut::LookupStats;
 use crate::sampling::{Sampler, SamplingConfig};
 
 /// What to generate.
@@ -48,6 +49,10 @@ pub struct GenerateStats {
     pub prefill_experts: ExpertStats,
     /// Expert cache traffic of all decode steps.
     pub decode_experts: ExpertStats,
+    /// MoLE lookup-table traffic of the prompt's forward pass (zero for other models).
+    pub prefill_lookup: LookupStats,
+    /// MoLE lookup-table traffic of all decode steps.
+    pub decode_lookup: LookupStats,
 }
 
 /// What one forward pass (the prompt, or one decoded token) did to the expert cache.
@@ -59,6 +64,8 @@ pub struct StepStats {
     pub tokens: usize,
     pub seconds: f64,
     pub experts: ExpertStats,
+    /// MoLE lookup-table rows read and uploaded in the pass.
+    pub lookup: LookupStats,
     /// Resident experts per layer after the pass.
     pub resident_per_layer: Vec<usize>,
 }
@@ -115,10 +122,13 @@ impl Engine {
 
         let start = Instant::now();
         let before = self.model.experts().stats();
+        let lookup_start = self.model.lookup_stats();
         let mut logits = self.model.forward(prompt, &mut cache, LogitsFor::Last)?.logits.remove(0);
         let prefill_seconds = start.elapsed().as_secs_f64();
         let after_prefill = self.model.experts().stats();
-        on_event(&Event::Step(self.step_stats(0, prompt.len(), prefill_seconds, after_prefill - before)));
+        let lookup_after_prefill = self.model.lookup_stats();
+        let lookup = lookup_after_prefill - lookup_start;
+        on_event(&Event::Step(self.step_stats(0, prompt.len(), prefill_seconds, after_prefill - before, lookup)));
         let mut first_token_at = None;
         let stop_reason = loop {
             if generated.len() >= request.max_new_tokens {
@@ -147,9 +157,12 @@ impl Engine {
             }
             let step_start = Instant::now();
             let step_before = self.model.experts().stats();
+            let lookup_before = self.model.lookup_stats();
             logits = self.model.forward(&[id], &mut cache, LogitsFor::Last)?.logits.remove(0);
             let experts = self.model.experts().stats() - step_before;
-            on_event(&Event::Step(self.step_stats(generated.len(), 1, step_start.elapsed().as_secs_f64(), experts)));
+            let lookup = self.model.lookup_stats() - lookup_before;
+            let seconds = step_start.elapsed().as_secs_f64();
+            on_event(&Event::Step(self.step_stats(generated.len(), 1, seconds, experts, lookup)));
         };
         let total = start.elapsed().as_secs_f64();
         let ttft = first_token_at.unwrap_or(total);
@@ -165,6 +178,8 @@ impl Engine {
             stop_reason,
             prefill_experts: after_prefill - before,
             decode_experts: self.model.experts().stats() - after_prefill,
+            prefill_lookup: lookup_after_prefill - lookup_start,
+            decode_lookup: self.model.lookup_stats() - lookup_after_prefill,
         };
         let tail = text.finish();
         if !tail.is_empty() {
@@ -176,9 +191,16 @@ impl Engine {
 }
 
 impl Engine {
-    fn step_stats(&self, step: usize, tokens: usize, seconds: f64, experts: ExpertStats) -> StepStats {
+    fn step_stats(
+        &self,
+        step: usize,
+        tokens: usize,
+        seconds: f64,
+        experts: ExpertStats,
+        lookup: LookupStats,
+    ) -> StepStats {
         let resident_per_layer = self.model.experts().resident_per_layer();
-        StepStats { step, tokens, seconds, experts, resident_per_layer }
+        StepStats { step, tokens, seconds, experts, lookup, resident_per_layer }
     }
 }
 

@@ -29,6 +29,9 @@ pub enum FerryError {
     #[error("tensor {name:?} in {path}: dtype {found} is not supported (use F32, F16 or BF16)")]
     Dtype { name: String, path: PathBuf, found: String },
 
+    #[error("{path}: lookup table: {message}")]
+    LookupTable { path: PathBuf, message: String },
+
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
 

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod experts;
 pub mod graph;
+pub mod lut;
 pub mod memory;
 pub mod routing;
 pub mod sampling;

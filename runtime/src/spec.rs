@@ -73,6 +73,43 @@ pub enum FfnKind {
     Dense { intermediate_size: usize },
     /// Routed experts (and the shared expert, if the model has one).
     Moe,
+    /// Mixture of Lookup Experts: a shared FFN on the hidden state plus all lookup experts on
+    /// the token's embedding, weighted by a softmax router (shape in `ModelSpec::mole`).
+    Mole,
+}
+
+/// Tensor names of a MoLE layer, relative to `{layer_prefix}.{l}.`; `{e}` is the expert index.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MoleNames {
+    /// Prefix of the router's `.weight` `[experts, hidden]`, applied to the post-attention-norm
+    /// hidden state.
+    pub router: String,
+    /// The dense shared SwiGLU FFN (gate/up/down projections below this prefix).
+    pub shared: String,
+    /// One lookup expert's SwiGLU FFN, applied to the normed token embedding.
+    pub expert: String,
+    /// Full name of the RMSNorm gain `[hidden]` applied to the embedding before the lookup
+    /// experts.
+    pub expert_norm: String,
+}
+
+/// Shape of the Mixture-of-Lookup-Experts layers (Jie et al., ICML 2025).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MoleSpec {
+    pub num_experts: usize,
+    /// Intermediate size of one lookup expert's SwiGLU.
+    pub expert_intermediate_size: usize,
+    /// Intermediate size of the shared (dense) SwiGLU.
+    pub shared_intermediate_size: usize,
+    pub names: MoleNames,
+}
+
+impl MoleSpec {
+    /// Full names of lookup expert `expert`'s gate, up and down weights in layer `layer`.
+    pub fn expert_weights(&self, names: &TensorNames, layer: usize, expert: usize) -> [String; 3] {
+        let base = names.layer(layer, &self.names.expert.replace("{e}", &expert.to_string()));
+        names.expert_projections.clone().map(|p| format!("{base}.{p}.weight"))
+    }
 }
 
 /// HuggingFace tensor names. Per-layer names are relative to `{layer_prefix}.{l}.`; `{e}` in
@@ -143,6 +180,8 @@ pub struct ModelSpec {
     pub rope: RopeSpec,
     pub attention: AttentionSpec,
     pub moe: MoeSpec,
+    /// Lookup-expert layers' shape; Some only for the MoLE family.
+    pub mole: Option<MoleSpec>,
     /// One entry per decoder layer.
     pub layers: Vec<FfnKind>,
     pub tie_word_embeddings: bool,
@@ -191,6 +230,11 @@ impl ModelSpec {
                 FfnKind::Moe => {
                     let shared = self.moe.shared_expert.as_ref().map_or(0, |s| 3 * h * s.intermediate_size + h);
                     h * self.moe.num_experts + shared
+                }
+                // Router, expert norm and shared FFN; lookup experts (FFNs or table rows) are
+                // not counted, like routed experts.
+                FfnKind::Mole => {
+                    self.mole.as_ref().map_or(0, |m| h * m.num_experts + h + 3 * h * m.shared_intermediate_size)
                 }
             };
         }

@@ -48,6 +48,11 @@ struct ModeReport {
     wasted_prefetch_bytes_per_token: f64,
     /// Per MoE layer after the first: share of real top-k choices that had been predicted.
     recall_per_layer: Vec<Option<f64>>,
+    /// MoLE lookup tables, over decode steps: rows fetched, bytes read from the mapped table
+    /// (page cache or disk) and bytes uploaded per token (zero for other models).
+    lookup_rows_per_token: f64,
+    lookup_bytes_read_per_token: f64,
+    lookup_bytes_uploaded_per_token: f64,
     ids: Vec<u32>,
 }
 
@@ -166,6 +171,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prefetched_per_token: d.prefetched as f64 / decode_tokens,
             wasted_prefetch_bytes_per_token: d.wasted_prefetch_bytes as f64 / decode_tokens,
             recall_per_layer,
+            lookup_rows_per_token: s.decode_lookup.rows_fetched as f64 / decode_tokens,
+            lookup_bytes_read_per_token: s.decode_lookup.bytes_read as f64 / decode_tokens,
+            lookup_bytes_uploaded_per_token: s.decode_lookup.bytes_uploaded as f64 / decode_tokens,
             ids: output.ids,
         });
     }
@@ -186,6 +194,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         "greedy_tokens_identical_across_exact_modes": exact,
         "checkpoint_bytes": opened.weights.total_bytes(),
+        "lookup_table": engine.model.lookup_table(),
         "peak_rss_bytes": ferry_runtime::memory::peak_rss_bytes(),
         "modes": reports,
         "uploads": uploads,
@@ -243,6 +252,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!("greedy tokens identical across exact (full) modes: {exact}");
+    if let (Some(table), Some(r)) = (engine.model.lookup_table(), reports.first()) {
+        println!(
+            "lookup table: {:.2} MiB ({:?}); per decoded token {:.1} rows, {:.1} KiB read, {:.1} KiB uploaded",
+            table.file_bytes() as f64 / 1048576.0,
+            table.dtype,
+            r.lookup_rows_per_token,
+            r.lookup_bytes_read_per_token / 1024.0,
+            r.lookup_bytes_uploaded_per_token / 1024.0
+        );
+    }
     for u in &uploads {
         println!(
             "upload {:<20} {:>9.2} MiB: {:>8.2} GiB/s (median of {})",

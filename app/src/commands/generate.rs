@@ -69,6 +69,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             e.bytes_uploaded as f64 / (1024.0 * 1024.0),
             loaded.gpu.describe()
         );
+        let l = s.prefill_lookup + s.decode_lookup;
+        if l.rows_fetched > 0 {
+            eprintln!(
+                "[lookup table: {} rows ({} from the row cache), {:.2} MiB read, {:.2} MiB uploaded]",
+                l.rows_fetched,
+                l.row_cache_hits,
+                l.bytes_read as f64 / 1048576.0,
+                l.bytes_uploaded as f64 / 1048576.0
+            );
+        }
     }
     Ok(())
 }

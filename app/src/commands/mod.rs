@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod convert;
 mod devices;
 mod eval;
 mod generate;
@@ -24,6 +25,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::RandomModel(args) => random_model::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Train(args) => crate::train::run(args),
     }
 }
 

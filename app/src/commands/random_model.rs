@@ -6,10 +6,18 @@ use ferry_models::random_model;
 use crate::args::RandomModelArgs;
 
 pub fn run(args: RandomModelArgs) -> Result<()> {
-    let shape = random_model::preset(&args.preset, args.layers)?;
     if args.out.join("config.json").exists() {
         anyhow::bail!("--out {}: a model is already there", args.out.display());
     }
+    if args.preset == "mole" {
+        let mut shape = ferry_models::mole::SMALL;
+        shape.layers = args.layers.unwrap_or(shape.layers).max(1);
+        ferry_models::mole::write_random(&args.out, shape, args.seed)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+        eprintln!("wrote {} (MoLE: {} layers x {} lookup experts)", args.out.display(), shape.layers, shape.experts);
+        return Ok(());
+    }
+    let shape = random_model::preset(&args.preset, args.layers)?;
     random_model::write(&args.out, shape, args.seed).with_context(|| format!("--out {}", args.out.display()))?;
     let spec = ferry_models::read_spec(&args.out)?;
     eprintln!(

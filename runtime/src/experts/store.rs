@@ -27,7 +27,7 @@ impl ExpertStore {
             .iter()
             .enumerate()
             .map(|(layer, kind)| match kind {
-                FfnKind::Dense { .. } => Ok(Vec::new()),
+                FfnKind::Dense { .. } | FfnKind::Mole => Ok(Vec::new()),
                 FfnKind::Moe => (0..spec.moe.num_experts)
                     .map(|e| {
                         let names = spec.names.expert_weights(layer, e);

@@ -1,7 +1,7 @@
 //! The forward pass as a burn graph on the wgpu device: embedding -> decoder layers -> logits.
 //!
 //! Reads top to bottom as a story: `Model::forward` embeds the tokens, runs each layer's
-//! attention and feed-forward (dense or mixture of experts) with residuals, and projects to logits.
+//! attention and feed-forward (dense, mixture of experts or mixture of lookup experts) with residuals, and projects to logits.
 
 mod attention;
 mod ffn;
@@ -9,8 +9,11 @@ mod kv_cache;
 mod linear;
 mod model;
 mod moe;
+mod mole;
+mod mole_table;
 mod norm;
 mod rope;
 
 pub use kv_cache::KvCache;
 pub use model::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};
+pub use mole_table::{lookup_header, write_lookup_table};

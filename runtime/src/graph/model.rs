@@ -9,10 +9,13 @@ use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
 use super::linear::Loader;
 use super::moe::{MoeBlock, PreGate};
+use super::mole::{MoleBlock, upload_rows};
+use super::mole_table::lookup_header;
 use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::error::{FerryError, Result};
 use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertStore, LinkModel, VramBudget};
+use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
 
@@ -79,6 +82,7 @@ const DEFAULT_KV_TOKENS: usize = 4096;
 enum Ffn {
     Dense(Box<SwiGlu>),
     Moe(Box<MoeBlock>),
+    Mole(Box<MoleBlock>),
 }
 
 struct Layer {
@@ -115,6 +119,8 @@ pub struct Model {
     experts: Mutex<ExpertCache>,
     /// Experts predicted per token for the next layer; None when not prefetching.
     prefetch_k: Mutex<Option<usize>>,
+    /// MoLE in table mode: the memory-mapped lookup table (`mole_lut.bin` in the model folder).
+    lookup: Option<Mutex<LookupTable>>,
 }
 
 impl Model {
@@ -137,6 +143,13 @@ impl Model {
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let embed = loader.matrix(&names.embed, v, h)?;
+        // A MoLE folder with a lookup table runs from the table; without one, from the FFNs.
+        let lookup = if spec.layers.contains(&FfnKind::Mole) && store.folder().join(LUT_FILE).exists() {
+            let expected = lookup_header(&spec, LutDtype::F32)?;
+            Some(Mutex::new(LookupTable::open(&store.folder().join(LUT_FILE), &expected)?))
+        } else {
+            None
+        };
         let lm_head = if spec.tie_word_embeddings { embed.clone() } else { loader.matrix(&names.lm_head, v, h)? };
         let final_norm = loader.vector(&names.final_norm, h)?;
         let layers = spec
@@ -158,6 +171,7 @@ impl Model {
                         )?))
                     }
                     FfnKind::Moe => Ffn::Moe(Box::new(MoeBlock::load(&loader, &spec, l)?)),
+                    FfnKind::Mole => Ffn::Mole(Box::new(MoleBlock::load(&loader, &spec, l, lookup.is_some())?)),
                 };
                 Ok(Layer {
                     input_norm: loader.vector(&names.layer(l, &names.input_norm), h)?,
@@ -185,7 +199,29 @@ impl Model {
             rope,
             experts: Mutex::new(experts),
             prefetch_k: Mutex::new(prefetch_k),
+            lookup,
         })
+    }
+
+    /// The lookup table's header when this MoLE model runs from one.
+    pub fn lookup_table(&self) -> Option<LutHeader> {
+        self.lookup.as_ref().map(|t| *self.lock_lookup(t).header())
+    }
+
+    /// Lookup-table traffic so far (zero without a table).
+    pub fn lookup_stats(&self) -> LookupStats {
+        self.lookup.as_ref().map(|t| self.lock_lookup(t).stats()).unwrap_or_default()
+    }
+
+    /// Sizes the host row cache of the lookup table (`--lut-cache`), in bytes of f32 rows.
+    pub fn set_lookup_cache(&self, bytes: u64) {
+        if let Some(t) = &self.lookup {
+            self.lock_lookup(t).set_cache_bytes(bytes);
+        }
+    }
+
+    fn lock_lookup<'a>(&self, table: &'a Mutex<LookupTable>) -> MutexGuard<'a, LookupTable> {
+        table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether layer `layer` predicts its successor with a trained pre-gate (else plug-and-play).
@@ -249,6 +285,14 @@ impl Model {
         let index =
             Tensor::<1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [tokens]), device);
         let mut x = self.embed.clone().select(0, index);
+        let embedded = x.clone();
+        // MoLE: each token's whole row (all layers and experts) is read and uploaded once,
+        // before layer 0, since the token id is all it depends on.
+        let rows = match &self.lookup {
+            Some(t) => Some(upload_rows(self.lock_lookup(t).rows(ids)?, tokens, device)),
+            None => None,
+        };
+        let mut mole_layer = 0;
         let rope_tables = self.rope.tables(cache.len(), tokens, device);
         let mut routing = Vec::with_capacity(self.layers.len());
         let prefetch_k = *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,6 +310,19 @@ impl Model {
                     let (y, routes) = block.forward(h, &mut experts, prefetch_k, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     y
+                }
+                Ffn::Mole(block) => {
+                    routing.push(Vec::new());
+                    let layer_rows = rows.as_ref().map(|r| {
+                        let (experts, d) =
+                            (self.spec.mole.as_ref().map_or(0, |m| m.num_experts), self.spec.hidden_size);
+                        let span = experts * d;
+                        r.clone()
+                            .slice([0..tokens, mole_layer * span..(mole_layer + 1) * span])
+                            .reshape([tokens, experts, d])
+                    });
+                    mole_layer += 1;
+                    block.forward(h, &embedded, layer_rows, eps)?
                 }
             };
             x = x + y;
@@ -308,7 +365,7 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
         } else {
             match &layers[to].ffn {
                 Ffn::Moe(block) => (block.router().clone(), false),
-                Ffn::Dense(_) => continue,
+                Ffn::Dense(_) | Ffn::Mole(_) => continue,
             }
         };
         if let Ffn::Moe(block) = &mut layers[from].ffn {

@@ -111,6 +111,11 @@ impl WeightStore {
         self.tensors.contains_key(name)
     }
 
+    /// A tensor's location, dtype and shape, without a shape check.
+    pub fn tensor(&self, name: &str) -> Option<&TensorRef> {
+        self.tensors.get(name)
+    }
+
     /// Names of all tensors, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
