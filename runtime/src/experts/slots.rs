@@ -48,7 +48,8 @@ impl SlotPool {
                 limit >> 10
             )));
         }
-        let per_page = (limit / projection) as usize;
+        // A model without routed experts (MoLE) has zero-sized projections and no slots.
+        let per_page = (limit / projection.max(1)).max(1) as usize;
         Ok(Self {
             device: device.clone(),
             pages: Vec::new(),
