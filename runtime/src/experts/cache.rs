@@ -309,11 +309,6 @@ impl ExpertCache {
         self.pool.page(page)
     }
 
-    /// GPU bytes held by expert slots now.
-    pub fn allocated_bytes(&self) -> usize {
-        self.pool.allocated_bytes()
-    }
-
     /// Starts bringing in `experts` of `layer` (a prediction), in slots freed by the policy but
     /// never by evicting `protect` (the experts the current layer still needs) or each other.
     /// Experts already resident or under way are skipped; when no slot can be freed the rest

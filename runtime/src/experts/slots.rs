@@ -136,10 +136,4 @@ impl SlotPool {
     fn page_slots(&self, page: usize) -> usize {
         self.total.saturating_sub(page * self.per_page).min(self.per_page)
     }
-
-    /// Bytes of GPU memory the allocated pages hold.
-    pub fn allocated_bytes(&self) -> usize {
-        let per_slot = 3 * self.hidden * self.inter * 4;
-        (0..self.pages.len()).filter(|&p| self.pages[p].is_some()).map(|p| self.page_slots(p) * per_slot).sum()
-    }
 }
