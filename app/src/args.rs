@@ -34,6 +34,35 @@ pub enum Command {
     Convert(ConvertCommand),
     /// Train a small dense, MoE or MoLE model on text files (burn autodiff, CPU by default).
     Train(TrainArgs),
+    /// The desktop app: chat with live expert residency and throughput (egui).
+    Gui(GuiArgs),
+}
+
+#[derive(Args)]
+pub struct GuiArgs {
+    /// The model to open at start (the built-in default without --model); the app can open
+    /// another folder later. The expert flags set the controls' starting values.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt of the chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Tokens per reply at most (changeable in the app).
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Scripted run, for tests and demos: once the model is loaded, send this prompt; when the
+    /// reply is done, write --screenshot and --state-out and quit.
+    #[arg(long)]
+    pub script_prompt: Option<String>,
+    /// PNG of the window at the end of a scripted run.
+    #[arg(long, requires = "script_prompt")]
+    pub screenshot: Option<PathBuf>,
+    /// JSON of the app's state at the end of a scripted run (tokens, residency changes, adapter).
+    #[arg(long, requires = "script_prompt")]
+    pub state_out: Option<PathBuf>,
+    /// A scripted run that has not finished after this many seconds fails.
+    #[arg(long, default_value_t = 600)]
+    pub script_timeout: u64,
 }
 
 #[derive(Args)]

@@ -27,24 +27,51 @@ pub struct Loaded {
 /// Opens the folder, the GPU and the tokenizer (if the folder has one) and uploads the weights.
 pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
     let folder = model_folder(args)?;
-    let opened = ferry_models::open(&folder)?;
-    let choice: AdapterChoice = args.adapter.parse()?;
-    let gpu = Gpu::open(choice)?;
-    let tokenizer = if need_tokenizer || folder.join("tokenizer.json").exists() {
-        Some(ChatTokenizer::open(&folder)?)
-    } else {
-        None
+    let source = Source {
+        folder: folder.clone(),
+        adapter: args.adapter.clone(),
+        options: expert_options(args)?,
+        lut_cache: lut_cache_bytes(&args.lut_cache)?,
     };
-    let options = expert_options(args)?;
-    let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options)
-        .with_context(|| format!("loading {}", folder.display()))?;
+    let loaded = engine_from(&source, need_tokenizer, |_| {})?;
     if let Some(path) = &args.expert_profile {
         let text = std::fs::read_to_string(path).with_context(|| format!("--expert-profile {}", path.display()))?;
         let profile: ExpertProfile = serde_json::from_str(&text)
             .with_context(|| format!("--expert-profile {}: not a Ferry profile", path.display()))?;
-        model.experts().pin_most_used(&profile.usage);
+        loaded.engine.model.experts().pin_most_used(&profile.usage);
     }
-    model.set_lookup_cache(lut_cache_bytes(&args.lut_cache)?);
+    Ok(loaded)
+}
+
+/// Where a model comes from and how it is set up on the GPU.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub folder: PathBuf,
+    /// `--adapter`.
+    pub adapter: String,
+    pub options: ExpertOptions,
+    /// `--lut-cache` in bytes.
+    pub lut_cache: u64,
+}
+
+/// Loads `source`, telling `stage` what it is doing (for progress displays).
+pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(&str)) -> Result<Loaded> {
+    let folder = &source.folder;
+    stage("reading config.json and mapping the safetensors");
+    let opened = ferry_models::open(folder)?;
+    stage("opening the GPU");
+    let choice: AdapterChoice = source.adapter.parse()?;
+    let gpu = Gpu::open(choice)?;
+    let tokenizer = if need_tokenizer || folder.join("tokenizer.json").exists() {
+        stage("reading the tokenizer");
+        Some(ChatTokenizer::open(folder)?)
+    } else {
+        None
+    };
+    stage("uploading weights");
+    let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, source.options)
+        .with_context(|| format!("loading {}", folder.display()))?;
+    model.set_lookup_cache(source.lut_cache);
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })
 }
 

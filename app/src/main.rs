@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod gui;
 mod load;
 mod train;
 

@@ -1,6 +1,7 @@
 //! The generate loop: prefill the prompt in one pass, then decode one token at a time, sampling,
 //! streaming text and stopping on EOS, stop strings or length.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::chat::ChatTokenizer;
@@ -31,6 +32,8 @@ pub enum StopReason {
     MaxNewTokens,
     /// The model's context is full.
     Context,
+    /// The caller asked to stop (the desktop app's stop button).
+    Cancelled,
 }
 
 /// Timings of one generation, in seconds and tokens per second.
@@ -103,7 +106,18 @@ impl Engine {
         Self { model, tokenizer }
     }
 
-    pub fn generate(&self, request: &GenerateRequest, mut on_event: impl FnMut(&Event)) -> Result<GenerateOutput> {
+    pub fn generate(&self, request: &GenerateRequest, on_event: impl FnMut(&Event)) -> Result<GenerateOutput> {
+        self.generate_cancellable(request, &AtomicBool::new(false), on_event)
+    }
+
+    /// Like `generate`, but stops with `StopReason::Cancelled` before the next forward pass
+    /// once `cancel` is set (from another thread).
+    pub fn generate_cancellable(
+        &self,
+        request: &GenerateRequest,
+        cancel: &AtomicBool,
+        mut on_event: impl FnMut(&Event),
+    ) -> Result<GenerateOutput> {
         let spec = self.model.spec();
         let prompt = &request.prompt_ids;
         let context = spec.max_position_embeddings;
@@ -131,6 +145,9 @@ impl Engine {
         on_event(&Event::Step(self.step_stats(0, prompt.len(), prefill_seconds, after_prefill - before, lookup)));
         let mut first_token_at = None;
         let stop_reason = loop {
+            if cancel.load(Ordering::Relaxed) {
+                break StopReason::Cancelled;
+            }
             if generated.len() >= request.max_new_tokens {
                 break StopReason::MaxNewTokens;
             }

@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => crate::train::run(args),
+        Command::Gui(args) => crate::gui::run(args),
     }
 }
 

@@ -10,6 +10,7 @@ use burn::tensor::Device;
 use super::budget::SlotPlan;
 use super::grouped::SlotPage;
 use super::policy::{EvictionPolicy, SlotUse};
+use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
 use super::select::{BigFallback, BigLittle, Selector};
 use super::slots::{SlotPool, SlotRef};
 use super::stats::ExpertStats;
@@ -69,6 +70,8 @@ pub struct ExpertCache {
     recall: Vec<LayerRecall>,
     /// Big-little selection, when on.
     selector: Option<Selector>,
+    /// Per-expert hits and misses and the events since the last `residency` picture.
+    log: AccessLog,
 }
 
 impl ExpertCache {
@@ -102,6 +105,7 @@ impl ExpertCache {
             predictions: HashMap::new(),
             recall: vec![LayerRecall::default(); layers],
             selector: None,
+            log: AccessLog::default(),
         })
     }
 
@@ -189,6 +193,32 @@ impl ExpertCache {
         counts
     }
 
+    /// Where every expert is now and what happened to each since the previous call.
+    pub fn residency(&mut self) -> Residency {
+        self.settle_orphans();
+        let recent = self.log.take_recent();
+        let layers = (0..self.usage.len())
+            .map(|layer| {
+                (0..self.usage[layer].len())
+                    .map(|expert| {
+                        let id = (layer, expert);
+                        let state = match self.slots.get(&id) {
+                            Some(slot) if slot.use_.pinned => SlotState::Pinned,
+                            Some(_) => SlotState::Resident,
+                            None if self.in_flight.contains(&id) => SlotState::Uploading,
+                            None => SlotState::Host,
+                        };
+                        let (hits, misses, last_use) = self.log.counts(id);
+                        let uses = self.usage[layer][expert];
+                        ExpertCell { state, access: recent.get(&id).copied(), uses, hits, misses, last_use }
+                    })
+                    .collect()
+            })
+            .collect();
+        let big = self.selector.as_ref().map(|s| s.last_big().to_vec()).unwrap_or_default();
+        Residency { layers, expert_bytes: self.plan.slot_bytes, slots: self.plan.slots, clock: self.clock, big }
+    }
+
     /// Uses per expert, `[layer][expert]` (a profile that `lfu-pinned` can start from).
     pub fn usage(&self) -> &[Vec<u64>] {
         &self.usage
@@ -256,6 +286,7 @@ impl ExpertCache {
             slot.use_.uses += 1;
             slot.unused_prefetch = false;
             self.stats.hits += 1;
+            self.log.record(id, Access::Hit, self.clock);
             return Ok(Some(self.pool.locate(slot.index)));
         }
         let at = if self.in_flight.contains(&id) {
@@ -271,6 +302,7 @@ impl ExpertCache {
             self.stats.stall_seconds += start.elapsed().as_secs_f64();
             self.stats.prefetch_hits += 1;
             self.stats.hits += 1;
+            self.log.record(id, Access::PrefetchHit, self.clock);
             at
         } else {
             while self.occupied() >= self.plan.slots.max(1) {
@@ -290,6 +322,7 @@ impl ExpertCache {
             self.clock += 1;
             let at = self.occupy(id, host, self.clock, false)?;
             self.stats.stall_seconds += start.elapsed().as_secs_f64();
+            self.log.record(id, Access::Miss, self.clock);
             at
         };
         self.usage[layer][expert] += 1;
@@ -475,6 +508,7 @@ impl ExpertCache {
             }
         }
         self.stats.evictions += 1;
+        self.log.record(id, Access::Evicted, self.clock);
         true
     }
 

@@ -92,12 +92,19 @@ const HISTORY: usize = 256;
 pub struct Selector {
     pub config: BigLittle,
     history: Vec<VecDeque<f32>>,
+    /// The latest decision per layer and token (true: big), for display.
+    last_big: Vec<Vec<bool>>,
     pub stats: SelectionStats,
 }
 
 impl Selector {
     pub fn new(config: BigLittle, layers: usize) -> Self {
-        Self { config, history: vec![VecDeque::new(); layers], stats: SelectionStats::default() }
+        Self {
+            config,
+            history: vec![VecDeque::new(); layers],
+            last_big: vec![Vec::new(); layers],
+            stats: SelectionStats::default(),
+        }
     }
 
     /// The token's importance from its full router probabilities and its top-k route.
@@ -117,6 +124,17 @@ impl Selector {
     /// `big_fraction` of this batch's scores in a prefill, or above the running threshold of
     /// recent scores when decoding one token.
     pub fn decide(&mut self, layer: usize, scores: &[f32]) -> Vec<bool> {
+        let big = self.choose(layer, scores);
+        self.last_big[layer].clone_from(&big);
+        big
+    }
+
+    /// The latest decision per layer and token (true: big); empty for layers not seen yet.
+    pub fn last_big(&self) -> &[Vec<bool>] {
+        &self.last_big
+    }
+
+    fn choose(&mut self, layer: usize, scores: &[f32]) -> Vec<bool> {
         let fraction = self.config.big_fraction.clamp(0.0, 1.0);
         let history = &mut self.history[layer];
         let mut pool: Vec<f32> = if scores.len() > 1 { scores.to_vec() } else { history.iter().copied().collect() };
