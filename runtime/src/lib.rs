@@ -12,6 +12,7 @@ pub mod experts;
 pub mod graph;
 pub mod lut;
 pub mod memory;
+pub mod roofline;
 pub mod routing;
 pub mod sampling;
 pub mod spec;

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use ferry_runtime::engine::{Engine, GenerateRequest, GenerateStats};
 use ferry_runtime::experts::{EvictionPolicy, VramBudget, measure_upload};
 use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
+use ferry_runtime::roofline::{DecodeBytes, ceiling_tokens_per_second, measure_memory_bandwidth};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_runtime::{AdapterChoice, Gpu};
 use rand::rngs::StdRng;
@@ -53,6 +54,14 @@ struct ModeReport {
     lookup_rows_per_token: f64,
     lookup_bytes_read_per_token: f64,
     lookup_bytes_uploaded_per_token: f64,
+    /// Bytes a decode step reads from GPU memory (weights, computed experts, KV cache at the
+    /// middle of the generation), f32.
+    decode_bytes_read_per_token: u64,
+    /// Decode tokens/s if reading those bytes at the measured memory bandwidth and uploading the
+    /// missed experts at the measured upload rate were all a step did.
+    roofline_tokens_per_second: f64,
+    /// Measured decode tokens/s over the roofline.
+    roofline_fraction: f64,
     ids: Vec<u32>,
 }
 
@@ -121,7 +130,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prefetch_extra: args.prefetch_extra,
             link: mode_link,
             big_little,
-            page_bytes: None,
+            ..ExpertOptions::default()
         })?;
         if mode == "offload" {
             // Every offloaded mode starts cold, as a fresh process would.
@@ -174,6 +183,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             lookup_rows_per_token: s.decode_lookup.rows_fetched as f64 / decode_tokens,
             lookup_bytes_read_per_token: s.decode_lookup.bytes_read as f64 / decode_tokens,
             lookup_bytes_uploaded_per_token: s.decode_lookup.bytes_uploaded as f64 / decode_tokens,
+            decode_bytes_read_per_token: 0,
+            roofline_tokens_per_second: 0.0,
+            roofline_fraction: 0.0,
             ids: output.ids,
         });
     }
@@ -182,6 +194,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let slot_bytes = engine.model.experts().plan().slot_bytes as usize;
     let mut uploads = measure_upload(&gpu, slot_bytes, 7)?;
     uploads.extend(measure_upload(&gpu, 64 << 20, 3)?);
+    // The roofline: memory bandwidth over the largest buffer one binding takes (at most 256 MiB),
+    // and the upload rate of the path the expert cache uses (burn's from_data).
+    let stream = gpu.adapter.max_storage_buffer_binding_size.min(256 << 20) as usize;
+    let memory = measure_memory_bandwidth(&gpu, stream, 5)?;
+    let upload_rate = uploads
+        .iter()
+        .filter(|u| u.method == "burn_from_data")
+        .map(|u| u.bytes_per_second)
+        .fold(f64::MIN_POSITIVE, f64::max);
+    let middle = prompt.len() + request.max_new_tokens / 2;
+    for r in &mut reports {
+        let read = DecodeBytes::of(&spec, middle, r.experts_per_token_layer).total();
+        r.decode_bytes_read_per_token = read;
+        r.roofline_tokens_per_second =
+            ceiling_tokens_per_second(read, memory.bytes_per_second, r.bytes_uploaded_per_token, upload_rate);
+        r.roofline_fraction = r.decode_tokens_per_second / r.roofline_tokens_per_second;
+    }
     let report = serde_json::json!({
         "model": folder,
         "family": spec.family,
@@ -198,6 +227,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "peak_rss_bytes": ferry_runtime::memory::peak_rss_bytes(),
         "modes": reports,
         "uploads": uploads,
+        "memory_bandwidth": memory,
+        "upload_bytes_per_second": upload_rate,
     });
     if args.json {
         println!("{report}");
@@ -252,6 +283,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!("greedy tokens identical across exact (full) modes: {exact}");
+    println!(
+        "roofline: memory {:.1} GiB/s (elementwise over {} MiB), uploads {:.2} GiB/s (burn from_data)",
+        memory.bytes_per_second / (1u64 << 30) as f64,
+        memory.bytes >> 20,
+        upload_rate / (1u64 << 30) as f64
+    );
+    for r in &reports {
+        println!(
+            "roofline {:<9} {:>7} {:>18}: reads {:>8.2} MiB/token, uploads {:>7.3} MiB/token -> ceiling {:>9.1} tok/s, achieved {:>5.1}%",
+            r.mode,
+            r.vram_budget,
+            format!("{:?}/{}", r.prefetch, r.experts).to_lowercase(),
+            r.decode_bytes_read_per_token as f64 / 1048576.0,
+            r.bytes_uploaded_per_token / 1048576.0,
+            r.roofline_tokens_per_second,
+            100.0 * r.roofline_fraction
+        );
+    }
     if let (Some(table), Some(r)) = (engine.model.lookup_table(), reports.first()) {
         println!(
             "lookup table: {:.2} MiB ({:?}); per decoded token {:.1} rows, {:.1} KiB read, {:.1} KiB uploaded",

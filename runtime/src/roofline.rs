@@ -1,0 +1,105 @@
+//! The decode roofline: the fastest a decode step could be if it only had to read its weights
+//! and KV cache at this adapter's measured memory bandwidth, and upload its missed experts at
+//! the measured upload rate. `ferry bench` prints achieved / ceiling for every mode.
+
+use std::time::Instant;
+
+use burn::tensor::Tensor;
+
+use crate::device::Gpu;
+use crate::error::{FerryError, Result};
+use crate::spec::{FfnKind, ModelSpec};
+
+/// Ferry computes in f32: every weight and cached K/V value read is 4 bytes.
+const BYTES_PER_VALUE: u64 = 4;
+
+/// Bytes one decode step reads from GPU memory.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct DecodeBytes {
+    /// Attention, norms, routers, shared experts, dense FFNs, the LM head and one embedding row.
+    pub dense: u64,
+    /// The routed experts the token computes.
+    pub experts: u64,
+    /// K and V of every earlier position in every layer.
+    pub kv_cache: u64,
+}
+
+impl DecodeBytes {
+    /// For a token with `position` tokens before it, computing `experts_per_layer` routed
+    /// experts in each MoE layer (top-k in full mode, fewer for little tokens).
+    pub fn of(spec: &ModelSpec, position: usize, experts_per_layer: f64) -> Self {
+        let hidden = spec.hidden_size as u64;
+        let embedding = spec.vocab_size as u64 * hidden;
+        // An untied embedding is read one row per token; tied, the LM head reads all of it.
+        let unread = if spec.tie_word_embeddings { 0 } else { embedding - hidden };
+        let dense = spec.resident_params() as u64 - unread;
+        let moe_layers = spec.layers.iter().filter(|l| matches!(l, FfnKind::Moe)).count() as f64;
+        let experts = (experts_per_layer * moe_layers * spec.expert_params() as f64).round() as u64;
+        let a = &spec.attention;
+        let kv = 2 * spec.num_layers() as u64 * (a.num_kv_heads * a.head_dim) as u64 * position as u64;
+        Self { dense: dense * BYTES_PER_VALUE, experts: experts * BYTES_PER_VALUE, kv_cache: kv * BYTES_PER_VALUE }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.dense + self.experts + self.kv_cache
+    }
+}
+
+/// Tokens per second a decode step reading `read` bytes at `memory_bytes_per_second` and
+/// uploading `uploaded` bytes at `upload_bytes_per_second` (serially: the worst case) could reach.
+pub fn ceiling_tokens_per_second(
+    read: u64,
+    memory_bytes_per_second: f64,
+    uploaded: f64,
+    upload_bytes_per_second: f64,
+) -> f64 {
+    let seconds = read as f64 / memory_bytes_per_second + uploaded / upload_bytes_per_second;
+    if seconds > 0.0 { 1.0 / seconds } else { f64::INFINITY }
+}
+
+/// A measured GPU memory bandwidth.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MemoryBandwidth {
+    /// Bytes of the buffer streamed.
+    pub bytes: u64,
+    /// Bytes read plus written per second (median).
+    pub bytes_per_second: f64,
+}
+
+/// Streams a buffer of `bytes` through an elementwise kernel (read once, written once) `chain`
+/// times between two syncs, `repeats` times, and reports the median rate. Launch and sync cost
+/// is spread over the chain, so the figure approaches what a long decode kernel could read.
+pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<MemoryBandwidth> {
+    const CHAIN: usize = 8;
+    let values = (bytes / 4).max(1);
+    let sync = || gpu.device.sync().map_err(|e| FerryError::Gpu(format!("memory bandwidth: {e:?}")));
+    let mut x = Tensor::<1>::ones([values], &gpu.device);
+    // The first launch compiles the kernel.
+    x = x * 1.0;
+    sync()?;
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        for _ in 0..CHAIN {
+            x = x * 1.0;
+        }
+        sync()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let moved = 2 * values as u64 * 4 * CHAIN as u64;
+    Ok(MemoryBandwidth { bytes: values as u64 * 4, bytes_per_second: moved as f64 / median })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_adds_read_and_upload_time() {
+        // 1 GB read at 100 GB/s (10 ms) plus 10 MB uploaded at 1 GB/s (10 ms): 50 tokens/s.
+        let t = ceiling_tokens_per_second(1_000_000_000, 100e9, 10e6, 1e9);
+        assert!((t - 50.0).abs() < 1e-9, "{t}");
+    }
+}

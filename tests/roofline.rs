@@ -1,0 +1,23 @@
+//! The roofline's byte count of a decode step, checked against the checkpoints themselves: with
+//! every expert computed and no KV cache, a step reads every tensor once except the embedding,
+//! of which it reads one row.
+
+use ferry_runtime::roofline::DecodeBytes;
+use ferry_tests::{FAMILIES, fixture};
+
+#[test]
+fn decode_bytes_with_every_expert_equal_the_checkpoint_minus_all_but_one_embedding_row() {
+    for family in FAMILIES {
+        let opened = ferry_models::open(&fixture(family)).unwrap();
+        let spec = &opened.spec;
+        let elements = |name: &str| opened.weights.tensor(name).map_or(0, |t| t.shape.iter().product::<usize>());
+        let all: usize = opened.weights.names().iter().map(|n| elements(n)).sum();
+        let unread = if spec.tie_word_embeddings { 0 } else { elements(&spec.names.embed) - spec.hidden_size };
+        let bytes = DecodeBytes::of(spec, 0, spec.moe.num_experts as f64);
+        assert_eq!(bytes.kv_cache, 0, "{family}");
+        assert_eq!(bytes.dense + bytes.experts, 4 * (all - unread) as u64, "{family}");
+        let a = &spec.attention;
+        let later = DecodeBytes::of(spec, 10, 1.0);
+        assert_eq!(later.kv_cache, (4 * 2 * spec.num_layers() * a.num_kv_heads * a.head_dim * 10) as u64, "{family}");
+    }
+}
