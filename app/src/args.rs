@@ -180,6 +180,10 @@ pub struct ModelArgs {
     /// memory-mapped table (the OS page cache).
     #[arg(long, default_value = "0")]
     pub lut_cache: String,
+    /// How routed experts are stored in host RAM and GPU slots: f32 (exact), or group-wise
+    /// int8 / int4 (32 weights per scale), dequantised inside the expert kernel (approximate).
+    #[arg(long, default_value = "f32")]
+    pub expert_dtype: String,
 }
 
 #[derive(Args, Clone)]

@@ -89,6 +89,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
+        expert_dtype: args.expert_dtype.parse()?,
     })
 }
 

@@ -2,6 +2,7 @@
 //! text in one run: teacher-forced perplexity of each, and how often their argmax agrees.
 
 use anyhow::{Context, Result};
+use ferry_runtime::experts::ExpertDtype;
 use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model};
 use ferry_runtime::routing::softmax;
 
@@ -53,9 +54,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let window = model.spec().max_position_embeddings.min(512);
     let options = load::expert_options(&args.model)?;
 
-    model.set_expert_options(ExpertOptions { big_little: None, ..options })?;
-    let full = logits_over(model, &ids)?;
-    model.set_expert_options(options)?;
+    // Full mode is exact: every expert of the top-k, in f32. Quantised experts are fixed at
+    // load, so their reference is a second, f32 copy of the model.
+    let exact = ExpertOptions { big_little: None, expert_dtype: ExpertDtype::F32, ..options };
+    let full = if options.expert_dtype == ExpertDtype::F32 {
+        model.set_expert_options(exact)?;
+        let full = logits_over(model, &ids)?;
+        model.set_expert_options(options)?;
+        full
+    } else {
+        let source = load::Source {
+            folder: load::model_folder(&args.model)?,
+            adapter: args.model.adapter.clone(),
+            options: exact,
+            lut_cache: 0,
+        };
+        logits_over(&load::engine_from(&source, false, |_| {})?.engine.model, &ids)?
+    };
     let before = model.experts().stats();
     let mode = logits_over(model, &ids)?;
     let stats = model.experts().stats() - before;
@@ -66,6 +81,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let value = serde_json::json!({
         "tokens": ids.len(),
         "experts": args.model.big_little.experts,
+        "expert_dtype": options.expert_dtype,
         "importance": args.model.big_little.importance,
         "big_fraction": args.model.big_little.big_fraction,
         "perplexity_full": ppl_full,
@@ -80,8 +96,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         println!("{} tokens of {}", ids.len(), args.text.display());
         println!(
-            "perplexity full {ppl_full:.4}, {} {ppl_mode:.4} (delta {:+.4})",
+            "perplexity full f32 {ppl_full:.4}, {} {} {ppl_mode:.4} (delta {:+.4})",
             args.model.big_little.experts,
+            options.expert_dtype,
             ppl_mode - ppl_full
         );
         println!("argmax agreement with full: {:.1}%", 100.0 * agree);

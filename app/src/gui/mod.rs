@@ -286,12 +286,13 @@ impl FerryApp {
                 ui.label(format!("Engine GPU: {} - backend {}", info.adapter, info.backend));
                 ui.separator();
                 ui.label(format!(
-                    "{} · {} layers · {} experts, top-{} · {:.1} MiB of experts",
+                    "{} · {} layers · {} experts, top-{} · {:.1} MiB of {} experts",
                     info.family,
                     info.layers,
                     info.experts,
                     info.top_k,
-                    info.expert_bytes_total as f64 / (1 << 20) as f64
+                    info.expert_bytes_total as f64 / (1 << 20) as f64,
+                    info.expert_dtype
                 ));
                 if let Some(ui_adapter) = &self.ui_adapter {
                     ui.separator();

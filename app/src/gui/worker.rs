@@ -42,8 +42,9 @@ pub struct ModelInfo {
     /// Vulkan, Metal, Dx12 or Gl.
     pub backend: String,
     pub has_chat_template: bool,
-    /// Bytes of all routed experts.
+    /// Bytes of all routed experts, as stored (`--expert-dtype`).
     pub expert_bytes_total: u64,
+    pub expert_dtype: String,
 }
 
 pub enum Update {
@@ -175,6 +176,7 @@ fn describe(source: &Source, loaded: &load::Loaded) -> ModelInfo {
         backend: loaded.gpu.adapter.backend.clone(),
         has_chat_template: loaded.engine.tokenizer.as_ref().is_some_and(|t| t.has_chat_template()),
         expert_bytes_total: expert_bytes * routed as u64,
+        expert_dtype: loaded.engine.model.experts().dtype().to_string(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `--vram-budget`: how many expert slots fit next to the resident weights and KV cache.
 
+use super::quant::ExpertDtype;
 use crate::error::{FerryError, Result};
 use crate::spec::ModelSpec;
 
@@ -84,11 +85,17 @@ impl SlotPlan {
 const GPU_ELEMENT_BYTES: u64 = 4;
 
 impl VramBudget {
-    /// Splits the budget. `kv_tokens` is the context the KV cache is counted for.
+    /// Splits the budget for f32 experts. `kv_tokens` is the context the KV cache is counted for.
     pub fn plan(self, spec: &ModelSpec, kv_tokens: usize) -> Result<SlotPlan> {
+        self.plan_for(spec, kv_tokens, ExpertDtype::F32)
+    }
+
+    /// Splits the budget for experts stored as `dtype` (a share of expert bytes is a share of
+    /// the experts in that format).
+    pub fn plan_for(self, spec: &ModelSpec, kv_tokens: usize, dtype: ExpertDtype) -> Result<SlotPlan> {
         let moe_layers = spec.layers.iter().filter(|l| matches!(l, crate::spec::FfnKind::Moe)).count();
         let total_experts = moe_layers * spec.moe.num_experts;
-        let slot_bytes = spec.expert_params() as u64 * GPU_ELEMENT_BYTES;
+        let slot_bytes = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
         let resident_bytes = spec.resident_params() as u64 * GPU_ELEMENT_BYTES;
         let a = &spec.attention;
         let kv_bytes = (2 * spec.num_layers() * a.num_kv_heads * a.head_dim * kv_tokens) as u64 * GPU_ELEMENT_BYTES;

@@ -14,7 +14,7 @@ use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
 use super::select::{BigFallback, BigLittle, Selector};
 use super::slots::{SlotPool, SlotRef};
 use super::stats::ExpertStats;
-use super::store::ExpertStore;
+use super::store::{ExpertStore, HostExpert};
 use super::transfer::{LinkModel, StagedExpert, UploadQueue};
 use crate::error::{FerryError, Result};
 use crate::routing::{TokenRoute, softmax};
@@ -86,7 +86,7 @@ impl ExpertCache {
         let layers = store.moe_layers().max().map_or(0, |l| l + 1);
         let usage = (0..layers).map(|l| vec![0; store.num_experts(l)]).collect();
         let (inter, hidden) = store.dims();
-        let pool = SlotPool::new(device, plan.slots, hidden, inter, page_bytes)?;
+        let pool = SlotPool::new(device, plan.slots, hidden, inter, store.dtype(), page_bytes)?;
         Ok(Self {
             store: Arc::new(store),
             pool,
@@ -163,6 +163,11 @@ impl ExpertCache {
 
     pub fn plan(&self) -> &SlotPlan {
         &self.plan
+    }
+
+    /// How experts are stored in host RAM and GPU slots.
+    pub fn dtype(&self) -> super::quant::ExpertDtype {
+        self.store.dtype()
     }
 
     pub fn policy(&self) -> EvictionPolicy {
@@ -513,7 +518,7 @@ impl ExpertCache {
     }
 
     /// An on-demand upload's host part: conversion, and the emulated link if any.
-    fn upload_host(&mut self, layer: usize, expert: usize) -> [Vec<f32>; 3] {
+    fn upload_host(&mut self, layer: usize, expert: usize) -> HostExpert {
         let start = Instant::now();
         let host = self.stage(layer, expert);
         if let Some(link) = self.link {
@@ -523,12 +528,12 @@ impl ExpertCache {
         host
     }
 
-    fn stage(&self, layer: usize, expert: usize) -> [Vec<f32>; 3] {
-        self.store.host_f32(layer, expert)
+    fn stage(&self, layer: usize, expert: usize) -> HostExpert {
+        self.store.host(layer, expert)
     }
 
     /// Copies a staged expert into a free slot and makes it resident.
-    fn occupy(&mut self, id: ExpertId, host: [Vec<f32>; 3], last_use: u64, prefetched: bool) -> Result<SlotRef> {
+    fn occupy(&mut self, id: ExpertId, host: HostExpert, last_use: u64, prefetched: bool) -> Result<SlotRef> {
         let index = self.pool.take().ok_or_else(|| FerryError::Gpu("no free expert slot".into()))?;
         let at = match self.pool.store(index, host) {
             Ok(at) => at,

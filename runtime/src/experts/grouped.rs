@@ -21,10 +21,13 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
+use super::grouped_quant::QuantPage;
+use super::quant::ExpertDtype;
+use super::store::HostExpert;
 use crate::error::{FerryError, Result};
 
 /// Units per cube along the output rows.
-const ROWS_PER_CUBE: u32 = 64;
+pub(super) const ROWS_PER_CUBE: u32 = 64;
 
 /// `act[o, i] = silu(gate_i · x_t) * (up_i · x_t)` for every assignment `(t, o)` of every group;
 /// one unit per (intermediate row `i`, group).
@@ -126,11 +129,10 @@ fn store_slot_kernel<F: Float>(
     down[base + ic * hidden + hr] = down_src[pos];
 }
 
-/// A block of expert slots in three GPU buffers (one per projection).
-pub struct SlotPage {
-    gate: CubeTensor,
-    up: CubeTensor,
-    down: CubeTensor,
+/// A block of expert slots: f32 in three GPU buffers (gate, up, down), or quantised.
+pub enum SlotPage {
+    F32(Box<[CubeTensor; 3]>),
+    Quant(Box<QuantPage>),
 }
 
 /// The experts of one page that a launch computes, and the tokens each serves.
@@ -161,8 +163,11 @@ impl PageWork {
 }
 
 impl SlotPage {
-    /// Allocates a page of `slots` experts shaped like `like`'s device, uninitialised.
-    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize) -> Self {
+    /// Allocates a page of `slots` experts stored as `dtype` on `like`'s device, uninitialised.
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
+        if let Some(bits) = dtype.bits() {
+            return Self::Quant(Box::new(QuantPage::new(like, slots, hidden, inter, bits)));
+        }
         let make = |shape: [usize; 3]| {
             burn_cubecl::ops::numeric::empty_device_dtype(
                 like.client.clone(),
@@ -171,36 +176,43 @@ impl SlotPage {
                 like.dtype,
             )
         };
-        Self {
-            gate: make([slots, hidden, inter]),
-            up: make([slots, hidden, inter]),
-            down: make([slots, inter, hidden]),
-        }
+        Self::F32(Box::new([make([slots, hidden, inter]), make([slots, hidden, inter]), make([slots, inter, hidden])]))
     }
 
-    /// Queues the copy of an uploaded expert into `slot`. Kernels queued earlier that read the
+    /// Uploads an expert and queues its copy into `slot`. Kernels queued earlier that read the
     /// slot's previous expert run first: the copy is ordered behind them on the same stream.
-    pub fn store(&self, slot: usize, [gate, up, down]: [BurnTensor<2>; 3]) -> Result<()> {
-        let (gate, up, down) = (float(gate)?, float(up)?, float(down)?);
-        let client = gate.client.clone();
-        let elems = gate.meta.shape().num_elements();
-        let cube_dim = CubeDim::new(&client, elems);
-        let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
-        let dtype = dtype_to_storage_type(gate.dtype);
-        store_slot_kernel::launch(
-            &client,
-            count,
-            cube_dim,
-            gate.into_tensor_arg(),
-            up.into_tensor_arg(),
-            down.into_tensor_arg(),
-            self.gate.clone().into_tensor_arg(),
-            self.up.clone().into_tensor_arg(),
-            self.down.clone().into_tensor_arg(),
-            slot as u32,
-            dtype,
-        );
-        Ok(())
+    pub fn store(&self, slot: usize, host: HostExpert, device: &Device) -> Result<()> {
+        match (self, host) {
+            (Self::F32(page), HostExpert::F32([g, u, d])) => {
+                let [gate, up, down] = &**page;
+                let (hidden, inter) = (gate.meta.shape()[1], gate.meta.shape()[2]);
+                let upload = |v: Vec<f32>, shape: [usize; 2]| {
+                    float(BurnTensor::<2>::from_data(TensorData::new(v, shape), device))
+                };
+                let (g, u, d) = (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [hidden, inter])?);
+                let client = g.client.clone();
+                let elems = g.meta.shape().num_elements();
+                let cube_dim = CubeDim::new(&client, elems);
+                let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
+                let dtype = dtype_to_storage_type(g.dtype);
+                store_slot_kernel::launch(
+                    &client,
+                    count,
+                    cube_dim,
+                    g.into_tensor_arg(),
+                    u.into_tensor_arg(),
+                    d.into_tensor_arg(),
+                    gate.clone().into_tensor_arg(),
+                    up.clone().into_tensor_arg(),
+                    down.clone().into_tensor_arg(),
+                    slot as u32,
+                    dtype,
+                );
+                Ok(())
+            }
+            (Self::Quant(page), HostExpert::Quant(expert)) => page.store(slot, &expert, device),
+            _ => Err(FerryError::Gpu("an expert's format does not match its slot page's".into())),
+        }
     }
 
     /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
@@ -217,41 +229,72 @@ impl SlotPage {
             return Ok(());
         }
         let ints = |v: &[u32]| int(BurnTensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device));
-        let groups = ints(&work.groups)?;
-        let assign = ints(&work.assign)?;
-        let weights =
-            float(BurnTensor::<1>::from_data(TensorData::new(work.weights.clone(), [work.weights.len()]), device))?;
+        let launch = Launch {
+            groups: ints(&work.groups)?,
+            assign: ints(&work.assign)?,
+            weights: float(BurnTensor::<1>::from_data(
+                TensorData::new(work.weights.clone(), [work.weights.len()]),
+                device,
+            ))?,
+            n_groups: (work.groups.len() / 3) as u32,
+        };
+        match self {
+            Self::F32(page) => {
+                let [gate, up, down] = &**page;
+                launch.f32(x, [gate, up, down], act, y);
+                Ok(())
+            }
+            Self::Quant(page) => {
+                page.swiglu(x, &launch, act, y);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A page launch's routing, on the GPU.
+pub(super) struct Launch {
+    pub groups: CubeTensor,
+    pub assign: CubeTensor,
+    pub weights: CubeTensor,
+    pub n_groups: u32,
+}
+
+impl Launch {
+    /// One unit per output row of each group.
+    pub fn cubes(&self, rows: usize) -> CubeCount {
+        CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), self.n_groups, 1)
+    }
+
+    fn f32(&self, x: &CubeTensor, [gate, up, down]: [&CubeTensor; 3], act: &CubeTensor, y: &CubeTensor) {
         let client = x.client.clone();
-        let n_groups = (work.groups.len() / 3) as u32;
-        let dims = self.gate.meta.shape();
+        let dims = gate.meta.shape();
         let (hidden, inter) = (dims[1], dims[2]);
-        let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(groups.dtype)];
-        let cubes = |rows: usize| CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), n_groups, 1);
+        let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(self.groups.dtype)];
         gate_up_kernel::launch(
             &client,
-            cubes(inter),
+            self.cubes(inter),
             CubeDim::new_1d(ROWS_PER_CUBE),
             x.clone().into_tensor_arg(),
-            self.gate.clone().into_tensor_arg(),
-            self.up.clone().into_tensor_arg(),
-            groups.clone().into_tensor_arg(),
-            assign.clone().into_tensor_arg(),
+            gate.clone().into_tensor_arg(),
+            up.clone().into_tensor_arg(),
+            self.groups.clone().into_tensor_arg(),
+            self.assign.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
             dtypes,
         );
         down_kernel::launch(
             &client,
-            cubes(hidden),
+            self.cubes(hidden),
             CubeDim::new_1d(ROWS_PER_CUBE),
             act.clone().into_tensor_arg(),
-            self.down.clone().into_tensor_arg(),
-            groups.into_tensor_arg(),
-            assign.into_tensor_arg(),
-            weights.into_tensor_arg(),
+            down.clone().into_tensor_arg(),
+            self.groups.clone().into_tensor_arg(),
+            self.assign.clone().into_tensor_arg(),
+            self.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
             dtypes,
         );
-        Ok(())
     }
 }
 
@@ -263,7 +306,7 @@ pub fn float<const D: usize>(t: BurnTensor<D>) -> Result<CubeTensor> {
     }
 }
 
-fn int<const D: usize>(t: BurnTensor<D, Int>) -> Result<CubeTensor> {
+pub(super) fn int<const D: usize>(t: BurnTensor<D, Int>) -> Result<CubeTensor> {
     match t.into_dispatch().kind {
         DispatchTensorKind::Cube(BackendTensor::Int(c)) => Ok(c),
         _ => Err(FerryError::Gpu("the grouped expert kernel needs burn's CubeCL (wgpu) backend".into())),
@@ -283,9 +326,13 @@ mod tests {
     use burn::tensor::{Tensor, TensorData};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
+    use std::sync::Arc;
+
     use super::{PageWork, float, wrap};
     use crate::device::{AdapterChoice, Gpu};
+    use crate::experts::quant::{ExpertDtype, QuantExpert};
     use crate::experts::slots::SlotPool;
+    use crate::experts::store::HostExpert;
 
     fn silu(v: f32) -> f32 {
         v / (1.0 + (-v).exp())
@@ -303,18 +350,42 @@ mod tests {
     /// match a CPU reference, and rows nobody was routed to stay zero.
     #[test]
     fn grouped_swiglu_matches_a_cpu_reference_across_pages_and_odd_routing() {
+        check_against_reference(ExpertDtype::F32, 24, 40);
+    }
+
+    /// The same routing over int8 and int4 slots: the kernel equals a CPU reference run on the
+    /// weights the codes stand for.
+    #[test]
+    fn quantised_grouped_swiglu_matches_a_cpu_reference_on_dequantised_weights() {
+        check_against_reference(ExpertDtype::Int8, 64, 32);
+        check_against_reference(ExpertDtype::Int4, 32, 64);
+    }
+
+    fn check_against_reference(dtype: ExpertDtype, hidden: usize, inter: usize) {
         let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
         let device = &gpu.device;
-        let (hidden, inter, tokens, k) = (24, 40, 5, 2);
+        let (tokens, k) = (5, 2);
         let mut rng = StdRng::seed_from_u64(7);
         let mut random = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
-        let experts: Vec<[Vec<f32>; 3]> =
+        let weights: Vec<[Vec<f32>; 3]> =
             (0..5).map(|_| [random(inter * hidden), random(inter * hidden), random(hidden * inter)]).collect();
         let x = random(tokens * hidden);
+        // What is uploaded, and the f32 weights it stands for (the reference's).
+        let (hosts, experts): (Vec<HostExpert>, Vec<[Vec<f32>; 3]>) = match dtype.bits() {
+            None => weights.iter().map(|w| (HostExpert::F32(w.clone()), w.clone())).unzip(),
+            Some(bits) => weights
+                .iter()
+                .map(|w| {
+                    let q = QuantExpert::new(w, hidden, inter, bits);
+                    let back = q.dequantize(hidden, inter);
+                    (HostExpert::Quant(Arc::new(q)), back)
+                })
+                .unzip(),
+        };
         // Two slots per page: slots 0-1, 2-3 and 4 live in three pages.
-        let page_bytes = (2 * hidden * inter * 4) as u64;
-        let mut pool = SlotPool::new(device, 5, hidden, inter, Some(page_bytes)).unwrap();
-        let at: Vec<_> = experts.iter().enumerate().map(|(i, e)| pool.store(i, e.clone()).unwrap()).collect();
+        let page_bytes = (hidden * inter) as u64 * u64::from(dtype.bits().unwrap_or(32)) / 8 * 2;
+        let mut pool = SlotPool::new(device, 5, hidden, inter, dtype, Some(page_bytes)).unwrap();
+        let at: Vec<_> = hosts.into_iter().enumerate().map(|(i, e)| pool.store(i, e).unwrap()).collect();
         assert_eq!(at.iter().map(|a| a.page).collect::<Vec<_>>(), [0, 0, 1, 1, 2]);
 
         // (token, rank, expert, weight): expert 0 serves everyone; 1 and 3 nobody; token 4 is little.
@@ -334,17 +405,19 @@ mod tests {
             pool.page(page).unwrap().swiglu(&xc, &work, &act, &y, device).unwrap();
         }
         let got: Vec<f32> = wrap::<2>(y).into_data().try_into_vec::<f32>().unwrap();
+        // Quantised sums run group by group, so their rounding differs a little more.
+        let tolerance = if dtype.bits().is_some() { 1e-4 } else { 1e-5 };
         for t in 0..tokens {
             for rank in 0..k {
                 let row = &got[(t * k + rank) * hidden..][..hidden];
                 match routes.iter().find(|r| r.0 == t && r.1 == rank) {
-                    None => assert!(row.iter().all(|&v| v == 0.0), "token {t} rank {rank} was not routed"),
+                    None => assert!(row.iter().all(|&v| v == 0.0), "{dtype}: token {t} rank {rank} was not routed"),
                     Some(&(_, _, e, w)) => {
                         let want = expert_ref(&experts[e], &x[t * hidden..][..hidden], hidden, inter);
                         for (g, r) in row.iter().zip(&want) {
                             assert!(
-                                (g - r * w).abs() <= 1e-5 * (1.0 + r.abs()),
-                                "token {t} expert {e}: {g} vs {}",
+                                (g - r * w).abs() <= tolerance * (1.0 + r.abs()),
+                                "{dtype}: token {t} expert {e}: {g} vs {}",
                                 r * w
                             );
                         }

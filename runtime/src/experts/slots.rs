@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::grouped::{SlotPage, float};
+use super::quant::ExpertDtype;
+use super::store::HostExpert;
 use crate::error::{FerryError, Result};
 
 /// Where an expert sits on the GPU: its page, and its slot within the page.
@@ -30,16 +32,26 @@ pub struct SlotPool {
     free: BTreeSet<usize>,
     hidden: usize,
     inter: usize,
+    dtype: ExpertDtype,
 }
 
 impl SlotPool {
-    /// A pool of `total` slots for experts of `hidden` x `inter` f32 projections, in pages of at
-    /// most `page_bytes` per projection. Fails when one projection is larger than a page.
-    pub fn new(device: &Device, total: usize, hidden: usize, inter: usize, page_bytes: Option<u64>) -> Result<Self> {
+    /// A pool of `total` slots for experts of `hidden` x `inter` projections stored as `dtype`,
+    /// in pages of at most `page_bytes` per projection. Fails when one projection is larger
+    /// than a page.
+    pub fn new(
+        device: &Device,
+        total: usize,
+        hidden: usize,
+        inter: usize,
+        dtype: ExpertDtype,
+        page_bytes: Option<u64>,
+    ) -> Result<Self> {
         let probe = float(Tensor::<1>::zeros([1], device))?;
         let adapter = probe.client.properties().memory.max_page_size.min(PAGE_BYTES_CAP);
         let limit = page_bytes.map_or(adapter, |p| p.min(adapter));
-        let projection = (hidden * inter * 4) as u64;
+        // The largest buffer of a page: f32 weights, or the packed codes.
+        let projection = (hidden * inter) as u64 * u64::from(dtype.bits().unwrap_or(32)) / 8;
         if projection > limit {
             return Err(FerryError::Gpu(format!(
                 "one expert projection is {} KiB, more than the largest buffer for expert slots ({} KiB: \
@@ -58,6 +70,7 @@ impl SlotPool {
             free: (0..total).collect(),
             hidden,
             inter,
+            dtype,
         })
     }
 
@@ -76,23 +89,19 @@ impl SlotPool {
         SlotRef { page: index / self.per_page, slot: index % self.per_page }
     }
 
-    /// Uploads an expert (f32, checkpoint layout) and queues its copy into slot `index`.
-    pub fn store(&mut self, index: usize, [gate, up, down]: [Vec<f32>; 3]) -> Result<SlotRef> {
+    /// Uploads an expert and queues its copy into slot `index`.
+    pub fn store(&mut self, index: usize, host: HostExpert) -> Result<SlotRef> {
         let (h, i) = (self.hidden, self.inter);
         let at = self.locate(index);
-        let device = &self.device;
-        let gate = Tensor::<2>::from_data(TensorData::new(gate, [i, h]), device);
-        let up = Tensor::<2>::from_data(TensorData::new(up, [i, h]), device);
-        let down = Tensor::<2>::from_data(TensorData::new(down, [h, i]), device);
         if self.pages.len() <= at.page {
             self.pages.resize_with(at.page + 1, || None);
         }
         if self.pages[at.page].is_none() {
-            let like = float(gate.clone())?;
+            let like = float(Tensor::<1>::from_data(TensorData::new(vec![0f32], [1]), &self.device))?;
             let slots = self.page_slots(at.page);
-            self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i));
+            self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i, self.dtype));
         }
-        self.page(at.page)?.store(at.slot, [gate, up, down])?;
+        self.page(at.page)?.store(at.slot, host, &self.device)?;
         Ok(at)
     }
 

@@ -1,11 +1,20 @@
 //! Host side of the expert manager: where each routed expert's bytes live in the memory-mapped
 //! checkpoint. Nothing is copied until an expert is uploaded.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use super::quant::{ExpertDtype, QuantExpert};
 use crate::error::Result;
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::{TensorRef, WeightStore, to_f32};
+
+/// An expert in host memory, ready to upload: f32 in checkpoint layout, or quantised in slot
+/// layout.
+#[derive(Debug, Clone)]
+pub enum HostExpert {
+    F32([Vec<f32>; 3]),
+    Quant(Arc<QuantExpert>),
+}
 
 /// Every routed expert's gate, up and down weights, by (layer, expert).
 pub struct ExpertStore {
@@ -14,13 +23,19 @@ pub struct ExpertStore {
     experts: Vec<Vec<[TensorRef; 3]>>,
     hidden: usize,
     intermediate: usize,
+    dtype: ExpertDtype,
+    /// Quantised experts, made on first use and kept in host RAM (`[layer][expert]`).
+    quantised: Vec<Vec<OnceLock<Arc<QuantExpert>>>>,
 }
 
 impl ExpertStore {
     /// Looks up and shape-checks every expert tensor, so a bad checkpoint fails at load time
     /// rather than at its first miss.
-    pub fn new(weights: Arc<WeightStore>, spec: &ModelSpec) -> Result<Self> {
+    pub fn new(weights: Arc<WeightStore>, spec: &ModelSpec, dtype: ExpertDtype) -> Result<Self> {
         let (h, i) = (spec.hidden_size, spec.moe.expert_intermediate_size);
+        if spec.layers.contains(&FfnKind::Moe) {
+            dtype.check(h, i)?;
+        }
         let shapes = [[i, h], [i, h], [h, i]];
         let experts = spec
             .layers
@@ -37,7 +52,29 @@ impl ExpertStore {
                     .collect::<Result<Vec<_>>>(),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { weights, experts, hidden: h, intermediate: i })
+        let quantised = experts.iter().map(|layer| (0..layer.len()).map(|_| OnceLock::new()).collect()).collect();
+        Ok(Self { weights, experts, hidden: h, intermediate: i, dtype, quantised })
+    }
+
+    /// The format experts are uploaded in.
+    pub fn dtype(&self) -> ExpertDtype {
+        self.dtype
+    }
+
+    /// Bytes of one expert in its GPU slot (and on the link).
+    pub fn slot_bytes(&self) -> u64 {
+        self.dtype.expert_bytes(self.hidden, self.intermediate)
+    }
+
+    /// The expert as it is uploaded: f32 converted from the checkpoint, or quantised (once, then
+    /// kept in host RAM).
+    pub fn host(&self, layer: usize, expert: usize) -> HostExpert {
+        match self.dtype.bits() {
+            None => HostExpert::F32(self.host_f32(layer, expert)),
+            Some(bits) => HostExpert::Quant(Arc::clone(self.quantised[layer][expert].get_or_init(|| {
+                Arc::new(QuantExpert::new(&self.host_f32(layer, expert), self.hidden, self.intermediate, bits))
+            }))),
+        }
     }
 
     /// `(intermediate, hidden)`: gate and up are `[intermediate, hidden]`, down the transpose.

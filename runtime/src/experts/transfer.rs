@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::store::ExpertStore;
+use super::store::{ExpertStore, HostExpert};
 
 /// A host-to-GPU link to emulate: uploads take at least `bytes / bytes_per_second`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -31,11 +31,11 @@ impl LinkModel {
     }
 }
 
-/// An expert's weights in host memory, converted and ready for `Tensor::from_data`.
+/// An expert's weights in host memory, converted (or quantised) and ready to upload.
 pub struct StagedExpert {
     pub layer: usize,
     pub expert: usize,
-    pub weights: [Vec<f32>; 3],
+    pub weights: HostExpert,
 }
 
 /// The background stager. Dropping it stops the thread.
@@ -54,7 +54,7 @@ impl UploadQueue {
             .spawn(move || {
                 for (layer, expert) in job_rx {
                     let start = Instant::now();
-                    let weights = store.host_f32(layer, expert);
+                    let weights = store.host(layer, expert);
                     if let Some(link) = link {
                         link.wait_out(slot_bytes, start.elapsed());
                     }

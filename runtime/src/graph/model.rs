@@ -14,7 +14,7 @@ use super::mole_table::lookup_header;
 use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::error::{FerryError, Result};
-use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertStore, LinkModel, VramBudget};
+use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertDtype, ExpertStore, LinkModel, VramBudget};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
@@ -59,6 +59,9 @@ pub struct ExpertOptions {
     /// Largest GPU buffer of expert slots, in bytes (None: what the adapter can bind). Smaller
     /// pages spread a layer's experts over more kernel launches; set when the cache is made.
     pub page_bytes: Option<u64>,
+    /// How routed experts are stored in host RAM and GPU slots (`--expert-dtype`); quantised
+    /// formats are approximations. Set when the model is loaded.
+    pub expert_dtype: ExpertDtype,
 }
 
 impl Default for ExpertOptions {
@@ -72,6 +75,7 @@ impl Default for ExpertOptions {
             link: None,
             big_little: None,
             page_bytes: None,
+            expert_dtype: ExpertDtype::F32,
         }
     }
 }
@@ -137,8 +141,8 @@ impl Model {
         options: ExpertOptions,
     ) -> Result<Self> {
         let kv_tokens = options.kv_tokens.unwrap_or(spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
-        let plan = options.budget.plan(&spec, kv_tokens)?;
-        let expert_store = ExpertStore::new(Arc::clone(store), &spec)?;
+        let plan = options.budget.plan_for(&spec, kv_tokens, options.expert_dtype)?;
+        let expert_store = ExpertStore::new(Arc::clone(store), &spec, options.expert_dtype)?;
         let loader = Loader { store, device };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
@@ -241,8 +245,18 @@ impl Model {
     /// Changes the VRAM budget and policy without reloading; all-resident budgets preload.
     pub fn set_expert_options(&self, options: ExpertOptions) -> Result<()> {
         let kv_tokens = options.kv_tokens.unwrap_or(self.spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
-        let plan = options.budget.plan(&self.spec, kv_tokens)?;
         let mut experts = self.experts();
+        if options.expert_dtype != experts.dtype() {
+            return Err(FerryError::flag(
+                "--expert-dtype",
+                format!(
+                    "experts were loaded as {}; changing to {} needs a reload",
+                    experts.dtype(),
+                    options.expert_dtype
+                ),
+            ));
+        }
+        let plan = options.budget.plan_for(&self.spec, kv_tokens, options.expert_dtype)?;
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
         experts.set_big_little(options.big_little);

@@ -1,0 +1,264 @@
+//! The grouped expert FFN over quantised slots (`--expert-dtype int8|int4`): the same launch
+//! shape as the f32 kernels (one unit per output row and group of assignments), reading packed
+//! codes one u32 word at a time and applying each group's scale once per `GROUP` products.
+//!
+//! Slot layout (see `quant.rs`): gate and up codes `[slots, hidden / per_word, intermediate]`
+//! with scales `[slots, hidden / GROUP, intermediate]`; down codes
+//! `[slots, intermediate / per_word, hidden]` with scales `[slots, intermediate / GROUP, hidden]`.
+//! Neighbouring units read neighbouring words. As in the f32 kernels, every sum runs in a fixed
+//! order, so offloaded output equals all-resident output bit for bit.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::{DType, Device, Tensor as BurnTensor, TensorData};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::{CubeDim, calculate_cube_count_elemwise};
+
+use super::grouped::{Launch, ROWS_PER_CUBE, float};
+use super::quant::{GROUP, QuantExpert, QuantMatrix};
+use crate::error::Result;
+
+/// The dot product of one packed column with `v[vs * j]` over a whole reduction dimension:
+/// codes are unpacked word by word and each group's partial sum is scaled once.
+#[cube]
+fn packed_dot<F: Float>(
+    codes: &Tensor<u32>,
+    scales: &Tensor<F>,
+    code_base: usize,
+    scale_base: usize,
+    columns: usize,
+    groups: usize,
+    v: &Tensor<F>,
+    v_base: usize,
+    v_stride: usize,
+    #[comptime] bits: u32,
+) -> F {
+    let per_word = comptime!((32 / bits) as usize);
+    let words_per_group = comptime!(GROUP / per_word);
+    let mask = comptime!((1u32 << bits) - 1);
+    let zero = F::cast_from(comptime!(1u32 << (bits - 1)));
+    let mut total = F::new(0.0);
+    for q in 0..groups {
+        let mut part = F::new(0.0);
+        for w in 0..words_per_group {
+            let r = q * words_per_group + w;
+            let word = codes[code_base + r * columns];
+            #[unroll]
+            for b in 0..per_word {
+                let shift = comptime!(b as u32 * bits);
+                let weight = F::cast_from((word >> shift) & mask) - zero;
+                part += weight * v[v_base + (r * per_word + b) * v_stride];
+            }
+        }
+        total += part * scales[scale_base + q * columns];
+    }
+    total
+}
+
+/// `act[o, i] = silu(gate_i · x_t) * (up_i · x_t)` over quantised slots.
+#[cube(launch)]
+fn gate_up_quant_kernel<F: Float, I: Numeric>(
+    x: &Tensor<F>,
+    gate: &Tensor<u32>,
+    gate_scales: &Tensor<F>,
+    up: &Tensor<u32>,
+    up_scales: &Tensor<F>,
+    groups: &Tensor<I>,
+    assign: &Tensor<I>,
+    act: &mut Tensor<F>,
+    #[comptime] bits: u32,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let words = gate.shape(1);
+    let inter = gate.shape(2);
+    let n_scales = gate_scales.shape(1);
+    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if i >= inter {
+        terminate!();
+    }
+    let g = CUBE_POS_Y as usize;
+    let slot = usize::cast_from(groups[g * 3]);
+    let start = usize::cast_from(groups[g * 3 + 1]);
+    let end = usize::cast_from(groups[g * 3 + 2]);
+    let code_base = slot * words * inter + i;
+    let scale_base = slot * n_scales * inter + i;
+    for a in start..end {
+        let t = usize::cast_from(assign[a * 2]);
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let x_base = t * x.stride(0);
+        let gs =
+            packed_dot::<F>(gate, gate_scales, code_base, scale_base, inter, n_scales, x, x_base, x.stride(1), bits);
+        let us = packed_dot::<F>(up, up_scales, code_base, scale_base, inter, n_scales, x, x_base, x.stride(1), bits);
+        act[o * inter + i] = gs / (F::new(1.0) + F::exp(F::new(0.0) - gs)) * us;
+    }
+}
+
+/// `y[o, h] = w_a * (down_h · act[o])` over quantised slots.
+#[cube(launch)]
+fn down_quant_kernel<F: Float, I: Numeric>(
+    act: &Tensor<F>,
+    down: &Tensor<u32>,
+    down_scales: &Tensor<F>,
+    groups: &Tensor<I>,
+    assign: &Tensor<I>,
+    weights: &Tensor<F>,
+    y: &mut Tensor<F>,
+    #[comptime] bits: u32,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let words = down.shape(1);
+    let hidden = down.shape(2);
+    let n_scales = down_scales.shape(1);
+    let inter = act.shape(1);
+    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if h >= hidden {
+        terminate!();
+    }
+    let g = CUBE_POS_Y as usize;
+    let slot = usize::cast_from(groups[g * 3]);
+    let start = usize::cast_from(groups[g * 3 + 1]);
+    let end = usize::cast_from(groups[g * 3 + 2]);
+    let code_base = slot * words * hidden + h;
+    let scale_base = slot * n_scales * hidden + h;
+    for a in start..end {
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let s = packed_dot::<F>(down, down_scales, code_base, scale_base, hidden, n_scales, act, o * inter, 1, bits);
+        y[o * hidden + h] = s * weights[a];
+    }
+}
+
+/// Copies `src` into `dst` from element `offset` on (an expert's codes into its slot).
+#[cube(launch)]
+fn copy_codes_kernel(src: &Tensor<u32>, dst: &mut Tensor<u32>, offset: u32) {
+    let pos = ABSOLUTE_POS;
+    if pos >= src.len() {
+        terminate!();
+    }
+    dst[offset as usize + pos] = src[pos];
+}
+
+/// Copies `src` into `dst` from element `offset` on (an expert's scales into its slot).
+#[cube(launch)]
+fn copy_scales_kernel<F: Float>(src: &Tensor<F>, dst: &mut Tensor<F>, offset: u32, #[define(F)] _dtype: ElemType) {
+    let pos = ABSOLUTE_POS;
+    if pos >= src.len() {
+        terminate!();
+    }
+    dst[offset as usize + pos] = src[pos];
+}
+
+/// One projection of a page of quantised slots.
+struct Packed {
+    codes: CubeTensor,
+    scales: CubeTensor,
+}
+
+impl Packed {
+    /// `k` reduction rows by `n` columns per slot.
+    fn new(like: &CubeTensor, slots: usize, k: usize, n: usize, bits: u32) -> Self {
+        let empty = |shape: [usize; 3], dtype: DType| {
+            burn_cubecl::ops::numeric::empty_device_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
+        };
+        let per_word = (32 / bits) as usize;
+        Self { codes: empty([slots, k / per_word, n], DType::U32), scales: empty([slots, k / GROUP, n], like.dtype) }
+    }
+
+    fn store(&self, slot: usize, m: &QuantMatrix, device: &Device) -> Result<()> {
+        let client = self.codes.client.clone();
+        let handle = client.create_from_slice(bytemuck::cast_slice(&m.words));
+        let codes = CubeTensor::new_contiguous(
+            client.clone(),
+            self.codes.device.clone(),
+            [m.words.len()].into(),
+            handle,
+            DType::U32,
+        );
+        let scales = float(BurnTensor::<1>::from_data(TensorData::new(m.scales.clone(), [m.scales.len()]), device))?;
+        let launch = |elems: usize| {
+            let dim = CubeDim::new(&client, elems);
+            (calculate_cube_count_elemwise(&client, elems, dim), dim)
+        };
+        let (count, dim) = launch(m.words.len());
+        copy_codes_kernel::launch(
+            &client,
+            count,
+            dim,
+            codes.into_tensor_arg(),
+            self.codes.clone().into_tensor_arg(),
+            (slot * m.words.len()) as u32,
+        );
+        let (count, dim) = launch(m.scales.len());
+        let dtype = dtype_to_storage_type(scales.dtype);
+        copy_scales_kernel::launch(
+            &client,
+            count,
+            dim,
+            scales.into_tensor_arg(),
+            self.scales.clone().into_tensor_arg(),
+            (slot * m.scales.len()) as u32,
+            dtype,
+        );
+        Ok(())
+    }
+}
+
+/// A page of quantised expert slots: packed codes and scales per projection.
+pub struct QuantPage {
+    bits: u32,
+    gate: Packed,
+    up: Packed,
+    down: Packed,
+}
+
+impl QuantPage {
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, bits: u32) -> Self {
+        Self {
+            bits,
+            gate: Packed::new(like, slots, hidden, inter, bits),
+            up: Packed::new(like, slots, hidden, inter, bits),
+            down: Packed::new(like, slots, inter, hidden, bits),
+        }
+    }
+
+    pub fn store(&self, slot: usize, expert: &QuantExpert, device: &Device) -> Result<()> {
+        self.gate.store(slot, &expert.gate, device)?;
+        self.up.store(slot, &expert.up, device)?;
+        self.down.store(slot, &expert.down, device)
+    }
+
+    pub(super) fn swiglu(&self, x: &CubeTensor, launch: &Launch, act: &CubeTensor, y: &CubeTensor) {
+        let client = x.client.clone();
+        let inter = self.gate.codes.meta.shape()[2];
+        let hidden = self.down.codes.meta.shape()[2];
+        let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
+        gate_up_quant_kernel::launch(
+            &client,
+            launch.cubes(inter),
+            CubeDim::new_1d(ROWS_PER_CUBE),
+            x.clone().into_tensor_arg(),
+            self.gate.codes.clone().into_tensor_arg(),
+            self.gate.scales.clone().into_tensor_arg(),
+            self.up.codes.clone().into_tensor_arg(),
+            self.up.scales.clone().into_tensor_arg(),
+            launch.groups.clone().into_tensor_arg(),
+            launch.assign.clone().into_tensor_arg(),
+            act.clone().into_tensor_arg(),
+            self.bits,
+            dtypes,
+        );
+        down_quant_kernel::launch(
+            &client,
+            launch.cubes(hidden),
+            CubeDim::new_1d(ROWS_PER_CUBE),
+            act.clone().into_tensor_arg(),
+            self.down.codes.clone().into_tensor_arg(),
+            self.down.scales.clone().into_tensor_arg(),
+            launch.groups.clone().into_tensor_arg(),
+            launch.assign.clone().into_tensor_arg(),
+            launch.weights.clone().into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            self.bits,
+            dtypes,
+        );
+    }
+}
