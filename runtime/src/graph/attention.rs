@@ -152,7 +152,9 @@ impl Attention {
 /// Decode (one new token): nothing but the token itself has attended to it yet, so its score is
 /// its self-attention times the keys it sees: the same formula over the queries that exist, and
 /// the same value the last token of a prefill gets. Attention that later tokens pay to it is never
-/// counted, since its experts have already run by then.
+/// counted, since its experts have already run by then. One query is a noisier estimate than a
+/// prefill's average, so against a threshold made of prompt scores more decode tokens come out
+/// big than `--big-fraction` asks (measured in BENCHMARKS.md).
 pub fn received_attention(
     probs: Tensor<3>,
     start: usize,
