@@ -83,6 +83,12 @@ struct ModeReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    // Flags are checked before the model loads and warms up.
+    let links: Vec<Option<LinkModel>> = if args.link_gbps.is_empty() {
+        vec![None]
+    } else {
+        args.link_gbps.iter().map(|g| parse_link(g)).collect::<Result<_>>()?
+    };
     let folder = match &args.model {
         Some(folder) => folder.clone(),
         None => ferry_models::random_model::ensure()?,
@@ -116,11 +122,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // otherwise the first mode measured pays for all of them.
     engine.generate(&request, |_| {})?;
 
-    let links: Vec<Option<LinkModel>> = if args.link_gbps.is_empty() {
-        vec![None]
-    } else {
-        args.link_gbps.iter().map(|g| parse_link(g)).collect::<Result<_>>()?
-    };
     let mut modes = vec![Mode {
         name: "resident".into(),
         budget: "all".into(),
