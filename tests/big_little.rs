@@ -1,9 +1,12 @@
 //! Big-little experts: little tokens use the top-k/2 of the same ranking, big ones the full
 //! top-k, counted and switchable; with every token big the output is exactly full mode's.
 
+use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{BigFallback, BigLittle, Importance, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
-use ferry_tests::{fixture, gpu, reference};
+use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};
+use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+
+const IMPORTANCES: [Importance; 3] = [Importance::DroppedMass, Importance::Entropy, Importance::Attention];
 
 fn run(family: &str, options: ExpertOptions) -> (ForwardOutput, Model) {
     let reference = reference(family);
@@ -35,6 +38,78 @@ fn all_big_equals_full_mode_exactly() {
     }
 }
 
+/// Every importance, with and without pre-gating at a quarter budget (so that predictions are
+/// staged and slots evicted): all big is full mode, in a prefill and over greedy decode steps.
+#[test]
+fn all_big_equals_full_mode_exactly_for_every_importance_with_and_without_pregate() {
+    for family in ["mixtral", "qwen2_moe"] {
+        let reference = reference(family);
+        let budget = VramBudget::FractionOfExperts(0.25);
+        let (full, full_model) = run(family, ExpertOptions { budget, ..Default::default() });
+        let full_ids = greedy(&Engine::new(full_model, None), &reference.greedy.prompt_ids, 8);
+        for importance in IMPORTANCES {
+            for prefetch in [PrefetchMode::None, PrefetchMode::Pregate] {
+                let options = ExpertOptions {
+                    budget,
+                    prefetch,
+                    big_little: big_little(1.0, importance, BigFallback::Fetch),
+                    ..Default::default()
+                };
+                let what = format!("{family} {importance} {prefetch:?}");
+                let (all_big, model) = run(family, options);
+                assert_eq!(all_big.logits, full.logits, "{what}");
+                assert_eq!(all_big.routing, full.routing, "{what}");
+                let engine = Engine::new(model, None);
+                assert_eq!(greedy(&engine, &reference.greedy.prompt_ids, 8), full_ids, "{what}");
+                let stats = engine.model.experts().stats();
+                assert_eq!(stats.little, 0, "{what}");
+                if prefetch == PrefetchMode::Pregate {
+                    // Every token was expected big and was big.
+                    assert!(stats.modes_predicted > 0, "{what}: no mode was predicted");
+                    assert_eq!(stats.modes_predicted_right, stats.modes_predicted, "{what}");
+                } else {
+                    assert_eq!(stats.modes_predicted, 0, "{what}");
+                }
+            }
+        }
+    }
+}
+
+/// With every token expected little, the pre-gate stages only the first top-k/2 of its
+/// prediction: recall against the (little) routing actually used equals what transformers'
+/// pre-gate predictions, cut to their first half, give.
+#[test]
+fn tokens_expected_little_get_half_their_predicted_experts_staged() {
+    let mut half_differs_from_full = false;
+    for family in FAMILIES {
+        let reference = reference(family);
+        let options = ExpertOptions {
+            prefetch: PrefetchMode::Pregate,
+            big_little: big_little(0.0, Importance::DroppedMass, BigFallback::Fetch),
+            ..Default::default()
+        };
+        let (out, model) = run(family, options);
+        let recall = model.experts().recall().to_vec();
+        let stats = model.experts().stats();
+        for pair in &reference.pregate {
+            let real = &out.routing[pair.to];
+            let hits = |keep: usize| -> u64 {
+                real.iter()
+                    .zip(&pair.experts)
+                    .map(|(r, p)| r.iter().filter(|e| p[..keep].contains(e)).count() as u64)
+                    .sum()
+            };
+            let top_k = pair.experts[0].len();
+            assert_eq!(recall[pair.to].predicted, hits(top_k.div_ceil(2)), "{family}: layer {}", pair.to);
+            half_differs_from_full |= hits(top_k.div_ceil(2)) != hits(top_k);
+        }
+        let predicted_layers = reference.pregate.len() as u64;
+        assert_eq!(stats.modes_predicted, predicted_layers * reference.input_ids.len() as u64, "{family}");
+        assert_eq!(stats.modes_predicted_right, stats.modes_predicted, "{family}: all little, all expected little");
+    }
+    assert!(half_differs_from_full, "no family tells half staging from full staging apart");
+}
+
 #[test]
 fn all_little_uses_the_first_half_of_each_route() {
     let reference = reference("qwen3_moe");
@@ -57,17 +132,17 @@ fn all_little_uses_the_first_half_of_each_route() {
 #[test]
 fn the_big_fraction_is_met_in_a_prefill() {
     let reference = reference("olmoe");
-    let options = ExpertOptions {
-        big_little: big_little(0.5, Importance::DroppedMass, BigFallback::Fetch),
-        ..Default::default()
-    };
-    let (out, model) = run("olmoe", options);
-    let stats = model.experts().stats();
-    let choices = (stats.big + stats.little) as f64;
-    assert_eq!(choices as usize, 2 * reference.input_ids.len());
-    assert!((stats.big as f64 / choices - 0.5).abs() < 0.1, "{stats:?}");
-    let little = out.routing.iter().flatten().filter(|r| r.len() == 1).count() as u64;
-    assert_eq!(little, stats.little);
+    for importance in IMPORTANCES {
+        let options =
+            ExpertOptions { big_little: big_little(0.5, importance, BigFallback::Fetch), ..Default::default() };
+        let (out, model) = run("olmoe", options);
+        let stats = model.experts().stats();
+        let choices = (stats.big + stats.little) as f64;
+        assert_eq!(choices as usize, 2 * reference.input_ids.len(), "{importance}");
+        assert!((stats.big as f64 / choices - 0.5).abs() < 0.1, "{importance}: {stats:?}");
+        let little = out.routing.iter().flatten().filter(|r| r.len() == 1).count() as u64;
+        assert_eq!(little, stats.little, "{importance}");
+    }
 }
 
 #[test]

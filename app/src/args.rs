@@ -191,7 +191,8 @@ pub struct BigLittleArgs {
     /// full (exact), or big-little: unimportant tokens use half the top-k experts (approximate).
     #[arg(long, default_value = "full")]
     pub experts: String,
-    /// Token importance score for big-little: dropped-mass or entropy.
+    /// Token importance score for big-little: dropped-mass (router mass the little half drops),
+    /// entropy (of the router), or attention (attention the token receives in the layer).
     #[arg(long, default_value = "dropped-mass")]
     pub importance: String,
     /// Share of tokens kept big (full top-k).
@@ -315,23 +316,26 @@ pub struct BenchArgs {
     /// Eviction policies to measure at each budget (repeatable).
     #[arg(long = "expert-policy", default_values_t = ["lru".to_string()])]
     pub expert_policies: Vec<String>,
-    /// Prefetch modes to measure at each budget and policy (repeatable: none, pregate).
-    #[arg(long = "prefetch", default_values_t = ["none".to_string()])]
+    /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated: none,
+    /// pregate).
+    #[arg(long = "prefetch", value_delimiter = ',', default_values_t = ["none".to_string()])]
     pub prefetch: Vec<String>,
     /// Predict this many experts beyond top-k when prefetching.
     #[arg(long, default_value_t = 0)]
     pub prefetch_extra: usize,
-    /// Emulate a host-to-GPU link of this many GB/s for every offloaded mode (reported as
-    /// emulated).
-    #[arg(long)]
-    pub link_gbps: Option<f64>,
-    /// Expert modes to measure at each budget, policy and prefetch mode (repeatable: full,
-    /// big-little).
-    #[arg(long = "experts", default_values_t = ["full".to_string()])]
+    /// Emulate a host-to-GPU link of this many GB/s for the offloaded modes (reported as
+    /// emulated); repeatable or comma-separated, `none` for the adapter's own speed, e.g.
+    /// `none,16` measures every offloaded mode both ways.
+    #[arg(long, value_delimiter = ',')]
+    pub link_gbps: Vec<String>,
+    /// Expert modes to measure at each budget, policy and prefetch mode (repeatable or
+    /// comma-separated: full, big-little).
+    #[arg(long = "experts", value_delimiter = ',', default_values_t = ["full".to_string()])]
     pub experts: Vec<String>,
-    /// Importance score for big-little modes.
-    #[arg(long, default_value = "dropped-mass")]
-    pub importance: String,
+    /// Importance scores to measure for each big-little mode (repeatable or comma-separated:
+    /// dropped-mass, entropy, attention).
+    #[arg(long = "importance", value_delimiter = ',', default_values_t = ["dropped-mass".to_string()])]
+    pub importances: Vec<String>,
     /// Share of tokens kept big in big-little modes.
     #[arg(long, default_value_t = 0.3)]
     pub big_fraction: f32,

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use ferry_runtime::engine::{Engine, GenerateRequest, GenerateStats};
-use ferry_runtime::experts::{EvictionPolicy, VramBudget, measure_upload};
+use ferry_runtime::experts::{BigLittle, EvictionPolicy, Importance, LinkModel, VramBudget, measure_upload};
 use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
 use ferry_runtime::roofline::{DecodeBytes, ceiling_tokens_per_second, measure_memory_bandwidth};
 use ferry_runtime::sampling::SamplingConfig;
@@ -12,6 +12,26 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::args::BenchArgs;
+
+/// One mode to measure.
+struct Mode {
+    name: String,
+    budget: String,
+    policy: EvictionPolicy,
+    prefetch: PrefetchMode,
+    big_little: Option<BigLittle>,
+    /// Emulated host-to-GPU link (None: the adapter's own speed).
+    link: Option<LinkModel>,
+}
+
+/// `--link-gbps` entry: `none` (the adapter's speed) or GB/s.
+fn parse_link(text: &str) -> Result<Option<LinkModel>> {
+    if text == "none" {
+        return Ok(None);
+    }
+    let gbps: f64 = text.parse().with_context(|| format!("--link-gbps {text:?}: use none or a number of GB/s"))?;
+    crate::load::link(Some(gbps))
+}
 
 /// One measured mode.
 #[derive(serde::Serialize)]
@@ -22,9 +42,15 @@ struct ModeReport {
     prefetch: PrefetchMode,
     /// "full" or "big-little".
     experts: &'static str,
-    /// Big-little: share of (token, layer) choices that were big; fallbacks per token.
+    /// Big-little: its importance score; share of (token, layer) choices that were big;
+    /// fallbacks per token.
+    importance: Option<Importance>,
     big_share: Option<f64>,
     fallbacks_per_token: f64,
+    /// Big-little with pre-gating: share of predicted big/little modes that were right, and
+    /// predicted-little tokens that chose big, per token.
+    mode_prediction_accuracy: Option<f64>,
+    big_predicted_little_per_token: f64,
     /// Experts computed per token and MoE layer.
     experts_per_token_layer: f64,
     /// GB/s of the emulated host-to-GPU link; None: uploads as fast as this adapter takes them.
@@ -66,6 +92,12 @@ struct ModeReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    // Flags are checked before the model loads and warms up.
+    let links: Vec<Option<LinkModel>> = if args.link_gbps.is_empty() {
+        vec![None]
+    } else {
+        args.link_gbps.iter().map(|g| parse_link(g)).collect::<Result<_>>()?
+    };
     let folder = match &args.model {
         Some(folder) => folder.clone(),
         None => ferry_models::random_model::ensure()?,
@@ -99,19 +131,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // otherwise the first mode measured pays for all of them.
     engine.generate(&request, |_| {})?;
 
-    let link = crate::load::link(args.link_gbps)?;
-    let mut modes = vec![("resident".to_string(), "all".to_string(), EvictionPolicy::Lru, PrefetchMode::None, None)];
-    for budget in &args.vram_budgets {
-        for policy in &args.expert_policies {
-            for prefetch in &args.prefetch {
-                for experts in &args.experts {
-                    let big_little = crate::load::big_little(&crate::args::BigLittleArgs {
-                        experts: experts.clone(),
-                        importance: args.importance.clone(),
-                        big_fraction: args.big_fraction,
-                        big_fallback: "fetch".into(),
-                    })?;
-                    modes.push(("offload".into(), budget.clone(), policy.parse()?, prefetch.parse()?, big_little));
+    let mut modes = vec![Mode {
+        name: "resident".into(),
+        budget: "all".into(),
+        policy: EvictionPolicy::Lru,
+        prefetch: PrefetchMode::None,
+        big_little: None,
+        link: None,
+    }];
+    for &link in &links {
+        for budget in &args.vram_budgets {
+            for policy in &args.expert_policies {
+                for prefetch in &args.prefetch {
+                    for experts in &args.experts {
+                        // Full mode has no importance: measured once, whatever --importance lists.
+                        let importances =
+                            if experts == "full" { &args.importances[..1] } else { &args.importances[..] };
+                        for importance in importances {
+                            let big_little = crate::load::big_little(&crate::args::BigLittleArgs {
+                                experts: experts.clone(),
+                                importance: importance.clone(),
+                                big_fraction: args.big_fraction,
+                                big_fallback: "fetch".into(),
+                            })?;
+                            modes.push(Mode {
+                                name: "offload".into(),
+                                budget: budget.clone(),
+                                policy: policy.parse()?,
+                                prefetch: prefetch.parse()?,
+                                big_little,
+                                link,
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -119,9 +171,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let moe_layers = spec.layers.iter().filter(|l| matches!(l, ferry_runtime::spec::FfnKind::Moe)).count().max(1);
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut resident_decode = None;
-    for (mode, budget, policy, prefetch, big_little) in modes {
+    for Mode { name: mode, budget, policy, prefetch, big_little, link: mode_link } in modes {
         let budget_value: VramBudget = budget.parse()?;
-        let mode_link = if mode == "offload" { link } else { None };
         engine.model.set_expert_options(ExpertOptions {
             budget: budget_value,
             policy,
@@ -161,8 +212,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             policy,
             prefetch,
             experts: if big_little.is_some() { "big-little" } else { "full" },
+            importance: big_little.map(|b| b.importance),
             big_share: big_little.map(|_| d.big as f64 / (d.big + d.little).max(1) as f64),
             fallbacks_per_token: d.fallbacks as f64 / decode_tokens,
+            mode_prediction_accuracy: d.mode_prediction_accuracy(),
+            big_predicted_little_per_token: d.big_predicted_little as f64 / decode_tokens,
             experts_per_token_layer: (d.hits + d.misses) as f64 / decode_tokens / moe_layers as f64,
             emulated_link_gb_per_s: mode_link.map(|l| l.bytes_per_second / 1e9),
             slots: plan.slots,
@@ -217,10 +271,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "adapter": gpu.adapter,
         "prompt_len": prompt.len(),
         "gen_len": request.max_new_tokens,
-        "link": match link {
-            Some(l) => format!("emulated {} GB/s host-to-GPU link for offloaded modes", l.bytes_per_second / 1e9),
+        "link": links.iter().map(|link| match link {
+            Some(l) => format!("emulated {} GB/s host-to-GPU link", l.bytes_per_second / 1e9),
             None => "not emulated: uploads run at this adapter's speed".to_string(),
-        },
+        }).collect::<Vec<_>>(),
         "greedy_tokens_identical_across_exact_modes": exact,
         "checkpoint_bytes": opened.weights.total_bytes(),
         "lookup_table": engine.model.lookup_table(),
@@ -241,15 +295,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         prompt.len(),
         request.max_new_tokens
     );
-    if let Some(l) = link {
-        println!("offloaded modes run over an EMULATED {} GB/s host-to-GPU link", l.bytes_per_second / 1e9);
+    if links.iter().any(Option::is_some) {
+        println!("offloaded modes with a link in GB/s run over an EMULATED host-to-GPU link");
     }
     println!(
-        "{:<9} {:>7} {:>11} {:>18} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
+        "{:<9} {:>5} {:>7} {:>11} {:>30} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
         "mode",
+        "link",
         "budget",
         "policy",
-        "prefetch",
+        "prefetch/experts",
         "slots",
         "prefill t/s",
         "decode t/s",
@@ -267,11 +322,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             format!("{:.0}%", 100.0 * recalls.iter().sum::<f64>() / recalls.len() as f64)
         };
         println!(
-            "{:<9} {:>7} {:>11} {:>18} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
+            "{:<9} {:>5} {:>7} {:>11} {:>30} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
             r.mode,
+            r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
             r.vram_budget,
             r.policy.to_string(),
-            format!("{:?}/{}", r.prefetch, r.experts).to_lowercase(),
+            match r.importance {
+                Some(i) => format!("{:?}/{}:{i}", r.prefetch, r.experts),
+                None => format!("{:?}/{}", r.prefetch, r.experts),
+            }
+            .to_lowercase(),
             r.slots,
             r.prefill_tokens_per_second,
             r.decode_tokens_per_second,

@@ -6,7 +6,7 @@ use ferry_runtime::graph::{ExpertOptions, PrefetchMode};
 use ferry_runtime::sampling::SamplingConfig;
 
 /// Importance scores offered for big-little (names as `--importance` takes them).
-const IMPORTANCES: &[&str] = &["dropped-mass", "entropy"];
+const IMPORTANCES: &[&str] = &["dropped-mass", "entropy", "attention"];
 
 pub struct Controls {
     /// Every expert resident (else `budget_percent` of expert bytes).

@@ -11,7 +11,7 @@ use super::budget::SlotPlan;
 use super::grouped::SlotPage;
 use super::policy::{EvictionPolicy, SlotUse};
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
-use super::select::{BigFallback, BigLittle, Selector};
+use super::select::{BigFallback, BigLittle, Importance, Selector};
 use super::slots::{SlotPool, SlotRef};
 use super::stats::ExpertStats;
 use super::store::{ExpertStore, HostExpert};
@@ -119,13 +119,40 @@ impl ExpertCache {
         }
     }
 
+    /// Whether big-little needs the attention each token receives (`--importance attention`);
+    /// the model computes it only then.
+    pub fn wants_received_attention(&self) -> bool {
+        self.selector.as_ref().is_some_and(|s| s.config.importance == Importance::Attention)
+    }
+
     /// Applies big-little selection to a layer's routes (no-op when off). `logits` are the
-    /// router's, row-major `[tokens, experts]`.
-    pub fn select_big_little(&mut self, layer: usize, routes: &mut [TokenRoute], logits: &[f32], num_experts: usize) {
-        let Some(mut selector) = self.selector.take() else { return };
+    /// router's, row-major `[tokens, experts]`; `received` the attention each token received in
+    /// this layer's attention, required by `--importance attention`.
+    pub fn select_big_little(
+        &mut self,
+        layer: usize,
+        routes: &mut [TokenRoute],
+        logits: &[f32],
+        num_experts: usize,
+        received: Option<&[f32]>,
+    ) -> Result<()> {
+        let Some(mut selector) = self.selector.take() else { return Ok(()) };
+        if selector.config.importance == Importance::Attention && received.is_none_or(|r| r.len() != routes.len()) {
+            self.selector = Some(selector);
+            return Err(FerryError::flag(
+                "--importance attention",
+                format!("layer {layer}: the attention received by each token was not computed"),
+            ));
+        }
         let probs: Vec<Vec<f32>> = logits.chunks_exact(num_experts).map(softmax).collect();
-        let scores: Vec<f32> = routes.iter().zip(&probs).map(|(r, p)| selector.score(p, r)).collect();
+        let scores: Vec<f32> = routes
+            .iter()
+            .zip(&probs)
+            .enumerate()
+            .map(|(t, (r, p))| selector.score(p, r, received.map(|a| a[t])))
+            .collect();
         let big = selector.decide(layer, &scores);
+        selector.score_expected(layer, &big);
         for ((route, probs), big) in routes.iter_mut().zip(&probs).zip(big) {
             if !big {
                 selector.stats.little += 1;
@@ -143,6 +170,33 @@ impl ExpertCache {
             }
         }
         self.selector = Some(selector);
+        Ok(())
+    }
+
+    /// Big-little with a pre-gate: whether each token is expected to be big in `layer`, from the
+    /// pre-gate's predicted router logits `[tokens, experts]` and top-k routes, scored with the
+    /// same importance and held against the same threshold that layer will use, without adding
+    /// to its history. Attention importance cannot see the later layer's attention yet, so the
+    /// attention each token received in the predicting layer (`received`) stands in for it.
+    /// The expectation is recorded and scored when `layer` chooses. None when big-little is off.
+    pub fn expect_big(
+        &mut self,
+        layer: usize,
+        logits: &[f32],
+        num_experts: usize,
+        routes: &[TokenRoute],
+        received: Option<&[f32]>,
+    ) -> Option<Vec<bool>> {
+        let selector = self.selector.as_mut()?;
+        let scores: Vec<f32> = logits
+            .chunks_exact(num_experts)
+            .zip(routes)
+            .enumerate()
+            .map(|(t, (row, r))| selector.score(&softmax(row), r, received.map(|a| a[t])))
+            .collect();
+        let big = selector.expect(layer, &scores);
+        selector.record_expected(layer, big.clone());
+        Some(big)
     }
 
     /// Emulates a host-to-GPU link of this speed for every upload (None: as fast as it goes).
@@ -181,6 +235,9 @@ impl ExpertCache {
             stats.little = s.stats.little;
             stats.fallbacks = s.stats.fallbacks;
             stats.substitutions = s.stats.substitutions;
+            stats.modes_predicted = s.stats.modes_predicted;
+            stats.modes_predicted_right = s.stats.modes_predicted_right;
+            stats.big_predicted_little = s.stats.big_predicted_little;
         }
         stats
     }

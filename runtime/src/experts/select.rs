@@ -2,14 +2,16 @@
 //! top-k ("big"), unimportant ones use the top-k/2 of the same ranking ("little"), with weights
 //! rescaled so the used experts carry the same total weight.
 //!
-//! The paper's own importance score was not available to us (the stored copies hold only its
-//! abstract: "reduces the number of experts for unimportant tokens to half ... while maintaining
-//! full experts for important tokens"), so scores are plug-ins compared by measured quality and
-//! speed (`ferry eval`, `ferry bench`): the router probability mass the little half would drop,
-//! and the router's entropy. Both are read from the same layer's router, so the choice is made
-//! per token and per layer.
+//! The paper's own importance score was not available to us: the stored copies of arXiv
+//! 2510.12357 hold only its abstract ("reduces the number of experts for unimportant tokens to
+//! half ... while maintaining full experts for important tokens") and third-party summaries,
+//! none of which define the score or the fallback rule. So scores are plug-ins compared by
+//! measured quality and speed (`ferry eval`, `ferry bench`): the router probability mass the
+//! little half would drop, the router's entropy, and the attention a token receives. All are
+//! read from the same layer (its router, or its attention), so the choice is made per token and
+//! per layer.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use crate::error::{FerryError, Result};
 use crate::routing::TokenRoute;
@@ -22,6 +24,9 @@ pub enum Importance {
     DroppedMass,
     /// Entropy of the full router distribution: an unsure router marks an important token.
     Entropy,
+    /// Attention the token receives in the same layer, relative to a uniform share
+    /// (`graph::attention::received_attention`): tokens the sequence keeps reading are important.
+    Attention,
 }
 
 impl std::str::FromStr for Importance {
@@ -31,10 +36,22 @@ impl std::str::FromStr for Importance {
         match s {
             "dropped-mass" => Ok(Self::DroppedMass),
             "entropy" => Ok(Self::Entropy),
-            other => {
-                Err(FerryError::flag("--importance", format!("unknown score {other:?}; use dropped-mass or entropy")))
-            }
+            "attention" => Ok(Self::Attention),
+            other => Err(FerryError::flag(
+                "--importance",
+                format!("unknown score {other:?}; use dropped-mass, entropy or attention"),
+            )),
         }
+    }
+}
+
+impl std::fmt::Display for Importance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::DroppedMass => "dropped-mass",
+            Self::Entropy => "entropy",
+            Self::Attention => "attention",
+        })
     }
 }
 
@@ -82,6 +99,12 @@ pub struct SelectionStats {
     pub fallbacks: u64,
     /// Experts replaced by a resident one (`--big-fallback substitute`).
     pub substitutions: u64,
+    /// Pre-gating: (token, layer) choices whose mode had been predicted one layer ahead.
+    pub modes_predicted: u64,
+    /// Of those, predictions that matched the mode then chosen.
+    pub modes_predicted_right: u64,
+    /// Predicted little but chosen big: the token's second half was not staged.
+    pub big_predicted_little: u64,
 }
 
 /// Recent importance scores per layer, to turn a target big fraction into a threshold during
@@ -94,6 +117,8 @@ pub struct Selector {
     history: Vec<VecDeque<f32>>,
     /// The latest decision per layer and token (true: big), for display.
     last_big: Vec<Vec<bool>>,
+    /// Per layer: the modes a pre-gate expected for each token of the current pass.
+    expected: HashMap<usize, Vec<bool>>,
     pub stats: SelectionStats,
 }
 
@@ -103,13 +128,17 @@ impl Selector {
             config,
             history: vec![VecDeque::new(); layers],
             last_big: vec![Vec::new(); layers],
+            expected: HashMap::new(),
             stats: SelectionStats::default(),
         }
     }
 
-    /// The token's importance from its full router probabilities and its top-k route.
-    pub fn score(&self, probs: &[f32], route: &TokenRoute) -> f32 {
+    /// The token's importance from its full router probabilities and its top-k route, or from
+    /// the attention it received in the layer (`received`; callers of `Importance::Attention`
+    /// must supply it, see `ExpertCache::select_big_little`).
+    pub fn score(&self, probs: &[f32], route: &TokenRoute, received: Option<f32>) -> f32 {
         match self.config.importance {
+            Importance::Attention => received.unwrap_or(0.0),
             Importance::DroppedMass => {
                 let k = route.experts.len();
                 let total: f32 = route.experts.iter().map(|&e| probs[e as usize]).sum();
@@ -124,8 +153,15 @@ impl Selector {
     /// `big_fraction` of this batch's scores in a prefill, or above the running threshold of
     /// recent scores when decoding one token.
     pub fn decide(&mut self, layer: usize, scores: &[f32]) -> Vec<bool> {
-        let big = self.choose(layer, scores);
+        let big = self.expect(layer, scores);
         self.last_big[layer].clone_from(&big);
+        let history = &mut self.history[layer];
+        for &s in scores {
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(s);
+        }
         big
     }
 
@@ -134,16 +170,12 @@ impl Selector {
         &self.last_big
     }
 
-    fn choose(&mut self, layer: usize, scores: &[f32]) -> Vec<bool> {
+    /// What `decide` would choose for these scores at `layer` now, without recording them in
+    /// the layer's history (a pre-gate's guess must not move the threshold the real choice uses).
+    pub fn expect(&self, layer: usize, scores: &[f32]) -> Vec<bool> {
         let fraction = self.config.big_fraction.clamp(0.0, 1.0);
-        let history = &mut self.history[layer];
+        let history = &self.history[layer];
         let mut pool: Vec<f32> = if scores.len() > 1 { scores.to_vec() } else { history.iter().copied().collect() };
-        for &s in scores {
-            if history.len() == HISTORY {
-                history.pop_front();
-            }
-            history.push_back(s);
-        }
         if pool.is_empty() {
             // Nothing seen yet: the first token is big, to be safe.
             return vec![true; scores.len()];
@@ -153,8 +185,27 @@ impl Selector {
         if bigs == 0 {
             return vec![false; scores.len()];
         }
+        if bigs == pool.len() {
+            // Everything big, also a decode score below every recent one.
+            return vec![true; scores.len()];
+        }
         let threshold = pool[pool.len() - bigs];
         scores.iter().map(|&s| s >= threshold).collect()
+    }
+
+    /// Records the modes a pre-gate expects `layer`'s tokens to take in this pass.
+    pub fn record_expected(&mut self, layer: usize, big: Vec<bool>) {
+        self.expected.insert(layer, big);
+    }
+
+    /// Scores the expected modes of `layer` (if any were recorded) against the chosen ones.
+    pub fn score_expected(&mut self, layer: usize, chosen: &[bool]) {
+        let Some(expected) = self.expected.remove(&layer) else { return };
+        for (&guess, &big) in expected.iter().zip(chosen) {
+            self.stats.modes_predicted += 1;
+            self.stats.modes_predicted_right += u64::from(guess == big);
+            self.stats.big_predicted_little += u64::from(big && !guess);
+        }
     }
 
     /// Rewrites a little token's route to its first k/2 experts, rescaling their weights to the
@@ -221,9 +272,9 @@ mod tests {
             1,
         );
         let probs = [0.5, 0.3, 0.1, 0.1];
-        assert!((s.score(&probs, &route(&[0, 1], &[0.5, 0.3])) - 0.375).abs() < 1e-6);
+        assert!((s.score(&probs, &route(&[0, 1], &[0.5, 0.3]), None) - 0.375).abs() < 1e-6);
         let sure = [0.97, 0.01, 0.01, 0.01];
-        assert!(s.score(&sure, &route(&[0, 1], &[0.97, 0.01])) < 0.02);
+        assert!(s.score(&sure, &route(&[0, 1], &[0.97, 0.01]), None) < 0.02);
     }
 
     #[test]
@@ -235,6 +286,37 @@ mod tests {
         assert_eq!(s.decide(0, &[0.1, 0.9, 0.3, 0.2]), vec![false, true, false, false]);
         assert_eq!(s.decide(0, &[0.95]), vec![true]);
         assert_eq!(s.decide(0, &[0.15]), vec![false]);
+    }
+
+    #[test]
+    fn expecting_a_mode_leaves_the_decode_threshold_alone_and_is_scored() {
+        let mut s = Selector::new(
+            BigLittle { importance: Importance::Entropy, big_fraction: 0.5, fallback: BigFallback::Fetch },
+            1,
+        );
+        s.decide(0, &[0.1, 0.2, 0.3, 0.4]);
+        assert_eq!(s.expect(0, &[0.35]), vec![true]);
+        // Recorded as history, these would lift the threshold above 0.35.
+        for _ in 0..8 {
+            assert_eq!(s.expect(0, &[5.0]), vec![true]);
+        }
+        s.record_expected(0, vec![false]);
+        let chosen = s.decide(0, &[0.35]);
+        assert_eq!(chosen, vec![true]);
+        s.score_expected(0, &chosen);
+        assert_eq!((s.stats.modes_predicted, s.stats.modes_predicted_right, s.stats.big_predicted_little), (1, 0, 1));
+        s.score_expected(0, &chosen);
+        assert_eq!(s.stats.modes_predicted, 1, "an expectation is scored once");
+    }
+
+    #[test]
+    fn a_big_fraction_of_one_keeps_every_decode_token_big() {
+        let mut s = Selector::new(
+            BigLittle { importance: Importance::Entropy, big_fraction: 1.0, fallback: BigFallback::Fetch },
+            1,
+        );
+        assert_eq!(s.decide(0, &[0.5, 0.6]), vec![true, true]);
+        assert_eq!(s.decide(0, &[0.1]), vec![true], "below every recent score");
     }
 
     #[test]

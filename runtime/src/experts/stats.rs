@@ -29,12 +29,24 @@ pub struct ExpertStats {
     pub fallbacks: u64,
     /// Experts replaced by a resident one (`--big-fallback substitute`).
     pub substitutions: u64,
+    /// Big-little with pre-gating: (token, layer) choices whose mode had been predicted one
+    /// layer ahead (to stage top-k/2 or top-k experts).
+    pub modes_predicted: u64,
+    /// Of those, predictions that matched the mode then chosen.
+    pub modes_predicted_right: u64,
+    /// Predicted little but chosen big: only the first half of the token's experts was staged.
+    pub big_predicted_little: u64,
 }
 
 impl ExpertStats {
     pub fn hit_rate(&self) -> f64 {
         let uses = self.hits + self.misses;
         if uses == 0 { 1.0 } else { self.hits as f64 / uses as f64 }
+    }
+
+    /// Share of predicted big/little modes that were right (None when none was predicted).
+    pub fn mode_prediction_accuracy(&self) -> Option<f64> {
+        (self.modes_predicted > 0).then(|| self.modes_predicted_right as f64 / self.modes_predicted as f64)
     }
 }
 
@@ -55,6 +67,9 @@ impl Sub for ExpertStats {
             little: self.little - before.little,
             fallbacks: self.fallbacks - before.fallbacks,
             substitutions: self.substitutions - before.substitutions,
+            modes_predicted: self.modes_predicted - before.modes_predicted,
+            modes_predicted_right: self.modes_predicted_right - before.modes_predicted_right,
+            big_predicted_little: self.big_predicted_little - before.big_predicted_little,
         }
     }
 }
@@ -76,6 +91,9 @@ impl Add for ExpertStats {
             little: self.little + other.little,
             fallbacks: self.fallbacks + other.fallbacks,
             substitutions: self.substitutions + other.substitutions,
+            modes_predicted: self.modes_predicted + other.modes_predicted,
+            modes_predicted_right: self.modes_predicted_right + other.modes_predicted_right,
+            big_predicted_little: self.big_predicted_little + other.big_predicted_little,
         }
     }
 }

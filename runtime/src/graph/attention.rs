@@ -48,15 +48,18 @@ impl Attention {
         })
     }
 
-    /// `x` `[tokens, hidden]` at positions `cache.len()..`; returns `[tokens, hidden]`.
+    /// `x` `[tokens, hidden]` at positions `cache.len()..`; returns `[tokens, hidden]` and, when
+    /// `want_received`, the attention each token received (`received_attention`, `[tokens, 1]`,
+    /// still on the GPU so that the MoE block reads it back with its router logits).
     pub fn forward(
         &self,
         x: Tensor<2>,
         layer: usize,
         cache: &mut KvCache,
         rope_tables: &(Tensor<3>, Tensor<3>),
+        want_received: bool,
         device: &Device,
-    ) -> Tensor<2> {
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
         let a = &self.spec;
         let [tokens, _] = x.dims();
         let mut q = self.q.forward(x.clone());
@@ -103,19 +106,23 @@ impl Attention {
             scores = scores.mask_fill(mask, f32::NEG_INFINITY);
         }
         let probs = softmax(scores, 2);
+        let received =
+            want_received.then(|| received_attention(probs.clone(), start, |i, j| !self.hidden(start, i, j), device));
         let out = probs.matmul(values).swap_dims(0, 1).reshape([tokens, a.num_heads * a.head_dim]);
-        self.o.forward(out)
+        (self.o.forward(out), received)
     }
 
-    /// True where query `i` (at position `start + i`) must not see key `j`: the future, and keys
-    /// outside the sliding window. `None` when nothing is masked (one token, no window).
+    /// True where query `i` (at position `start + i`) must not see key position `j`: the future,
+    /// and keys outside the sliding window.
+    fn hidden(&self, start: usize, i: usize, j: usize) -> bool {
+        let pos = start + i;
+        j > pos || self.spec.sliding_window.is_some_and(|w| pos >= w && j <= pos - w)
+    }
+
+    /// `hidden` for every (head, query, key). `None` when nothing is masked (one token, no window).
     fn mask(&self, start: usize, tokens: usize, device: &Device) -> Option<Tensor<3, Bool>> {
         let total = start + tokens;
-        let window = self.spec.sliding_window;
-        let hidden = |i: usize, j: usize| {
-            let pos = start + i;
-            j > pos || window.is_some_and(|w| pos >= w && j <= pos - w)
-        };
+        let hidden = |i: usize, j: usize| self.hidden(start, i, j);
         let any = (0..tokens).any(|i| (0..total).any(|j| hidden(i, j)));
         if !any {
             return None;
@@ -128,5 +135,121 @@ impl Attention {
             }
         }
         Some(Tensor::from_data(TensorData::new(values, [heads, tokens, total]), device))
+    }
+}
+
+/// Attention received by each token of a pass, relative to a uniform share: `[tokens, 1]`, from
+/// `probs` `[heads, tokens, start + tokens]` (this pass's queries over every cached key), where
+/// `visible(i, j)` says whether query `i` (position `start + i`) sees key position `j`.
+///
+/// For the token at position `p = start + t` the score is the mean, over heads and over the
+/// queries of this pass that see it, of `a[i, p] * n_i`, `n_i` being the number of keys query `i`
+/// sees. Both normalisations keep a token from scoring high for its position alone: averaging
+/// (rather than summing) over the queries that see it removes the advantage of being seen by
+/// more of them, and scaling by `n_i` removes the advantage of being seen by early queries, whose
+/// attention is spread over fewer keys. Under uniform attention every token scores exactly 1.
+///
+/// Decode (one new token): nothing but the token itself has attended to it yet, so its score is
+/// its self-attention times the keys it sees: the same formula over the queries that exist, and
+/// the same value the last token of a prefill gets. Attention that later tokens pay to it is never
+/// counted, since its experts have already run by then. One query is a noisier estimate than a
+/// prefill's average, so against a threshold made of prompt scores more decode tokens come out
+/// big than `--big-fraction` asks (measured in BENCHMARKS.md).
+pub fn received_attention(
+    probs: Tensor<3>,
+    start: usize,
+    visible: impl Fn(usize, usize) -> bool,
+    device: &Device,
+) -> Tensor<2> {
+    let [heads, tokens, total] = probs.dims();
+    let keys_seen: Vec<f32> = (0..tokens).map(|i| (0..total).filter(|&j| visible(i, j)).count() as f32).collect();
+    let per_query = Tensor::<1>::from_data(TensorData::new(keys_seen, [tokens]), device).reshape([1, tokens, 1]);
+    let seen_by: Vec<f32> = (0..tokens)
+        .map(|t| {
+            let queries = (0..tokens).filter(|&i| visible(i, start + t)).count();
+            1.0 / (heads * queries.max(1)) as f32
+        })
+        .collect();
+    let mean = Tensor::<2>::from_data(TensorData::new(seen_by, [tokens, 1]), device);
+    // Keys of this pass only: earlier positions already made their big/little choice.
+    let own = probs.slice([0..heads, 0..tokens, start..total]);
+    (own * per_query).sum_dim(1).sum_dim(0).reshape([tokens, 1]) * mean
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Tensor, TensorData};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::received_attention;
+    use crate::device::{AdapterChoice, Gpu};
+
+    /// Plain-Rust reference: for key position `start + t`, the mean over heads and over the
+    /// queries that see it of `a[h][i][start + t]` times the keys query `i` sees.
+    fn reference(
+        probs: &[f32],
+        [heads, tokens, total]: [usize; 3],
+        start: usize,
+        visible: &dyn Fn(usize, usize) -> bool,
+    ) -> Vec<f32> {
+        (0..tokens)
+            .map(|t| {
+                let mut sum = 0.0;
+                let mut count = 0;
+                for h in 0..heads {
+                    for i in (0..tokens).filter(|&i| visible(i, start + t)) {
+                        let seen = (0..total).filter(|&j| visible(i, j)).count() as f32;
+                        sum += probs[(h * tokens + i) * total + start + t] * seen;
+                        count += 1;
+                    }
+                }
+                sum / count as f32
+            })
+            .collect()
+    }
+
+    /// Random causal attention (with and without a sliding window, prefill and a continuation
+    /// after cached tokens, and one decoded token) matches the reference; uniform attention
+    /// scores every token 1, whatever its position.
+    #[test]
+    fn received_attention_matches_a_cpu_reference_and_is_one_under_uniform_attention() {
+        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
+        let device = &gpu.device;
+        let mut rng = StdRng::seed_from_u64(3);
+        let heads = 3;
+        for (start, tokens, window) in [(0, 7, None), (0, 9, Some(3)), (4, 5, None), (6, 1, None), (5, 4, Some(4))] {
+            let total = start + tokens;
+            let visible = move |i: usize, j: usize| {
+                let pos = start + i;
+                j <= pos && window.is_none_or(|w| pos < w || j > pos - w)
+            };
+            for uniform in [false, true] {
+                let mut scores = Vec::with_capacity(heads * tokens * total);
+                for _ in 0..heads {
+                    for i in 0..tokens {
+                        for j in 0..total {
+                            let s = if uniform { 0.0 } else { rng.random_range(-3.0f32..3.0) };
+                            scores.push(if visible(i, j) { s } else { f32::NEG_INFINITY });
+                        }
+                    }
+                }
+                let probs = softmax(Tensor::<3>::from_data(TensorData::new(scores, [heads, tokens, total]), device), 2);
+                let host: Vec<f32> = probs.clone().into_data().try_into_vec().unwrap();
+                let got: Vec<f32> =
+                    received_attention(probs, start, visible, device).into_data().try_into_vec().unwrap();
+                let want = reference(&host, [heads, tokens, total], start, &visible);
+                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "start {start} window {window:?} token {t}: {g} vs {w}"
+                    );
+                    if uniform {
+                        assert!((g - 1.0).abs() < 1e-5, "uniform attention, token {t}: {g}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -311,9 +311,13 @@ impl Model {
         let mut routing = Vec::with_capacity(self.layers.len());
         let prefetch_k = *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner());
         let mut experts = self.experts();
+        // Big-little's attention importance: what each token receives, for the MoE layers only.
+        let attention_importance = experts.wants_received_attention();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(x.clone(), &layer.input_norm, eps);
-            x = x + layer.attention.forward(h, l, cache, &rope_tables, device);
+            let want_received = attention_importance && matches!(layer.ffn, Ffn::Moe(_));
+            let (attended, received) = layer.attention.forward(h, l, cache, &rope_tables, want_received, device);
+            x = x + attended;
             let h = rms_norm(x.clone(), &layer.post_attention_norm, eps);
             let y = match &layer.ffn {
                 Ffn::Dense(mlp) => {
@@ -321,7 +325,7 @@ impl Model {
                     mlp.forward(h)
                 }
                 Ffn::Moe(block) => {
-                    let (y, routes) = block.forward(h, &mut experts, prefetch_k, device)?;
+                    let (y, routes) = block.forward(h, &mut experts, prefetch_k, received, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     y
                 }

@@ -98,29 +98,39 @@ impl MoeBlock {
     /// whatever the residency, so offloaded output equals all-resident output bit for bit.
     ///
     /// With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for the next MoE layer are
-    /// requested before this layer's experts run, so their staging overlaps this layer's compute.
+    /// requested before this layer's experts run, so their staging overlaps this layer's compute;
+    /// under big-little, a token expected to be little there gets only its first half staged.
+    /// `received` `[tokens, 1]` is the attention each token received in this layer (computed
+    /// only for `--importance attention`).
     pub fn forward(
         &self,
         x: Tensor<2>,
         experts: &mut ExpertCache,
         prefetch_k: Option<usize>,
+        received: Option<Tensor<2>>,
         device: &Device,
     ) -> Result<(Tensor<2>, Vec<TokenRoute>)> {
         let [tokens, hidden] = x.dims();
         let pregate = self.pregate.as_ref().filter(|_| prefetch_k.is_some());
-        let mut logits_gpu = self.router.forward(x.clone());
+        // One read-back serves the routing, the prediction and the received attention:
+        // columns [own router | pre-gate | received].
+        let mut columns = vec![self.router.forward(x.clone())];
         if let Some(p) = pregate {
-            // One read-back serves both the routing and the prediction.
-            logits_gpu = Tensor::cat(vec![logits_gpu, p.router.forward(x.clone())], 1);
+            columns.push(p.router.forward(x.clone()));
         }
-        let logits: Vec<f32> = logits_gpu
+        let has_received = received.is_some();
+        columns.extend(received);
+        let logits: Vec<f32> = Tensor::cat(columns, 1)
             .into_data()
             .try_into_vec()
             .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
         let width = logits.len() / tokens;
+        let targets = width - self.num_experts - usize::from(has_received);
         let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
+        let received: Option<Vec<f32>> =
+            has_received.then(|| logits.chunks_exact(width).map(|row| row[width - 1]).collect());
         let mut routes = route(&own, self.num_experts, self.top_k, self.kind);
-        experts.select_big_little(self.layer, &mut routes, &own, self.num_experts);
+        experts.select_big_little(self.layer, &mut routes, &own, self.num_experts, received.as_deref())?;
 
         let k = self.top_k;
         let mut served: Vec<Served> = vec![Vec::new(); self.num_experts];
@@ -130,12 +140,14 @@ impl MoeBlock {
             }
         }
         let needed: Vec<usize> = (0..self.num_experts).filter(|&e| !served[e].is_empty()).collect();
-        if let (Some(p), Some(k)) = (pregate, prefetch_k) {
-            let predicted: Vec<f32> =
-                logits.chunks_exact(width).flat_map(|row| &row[self.num_experts..]).copied().collect();
-            let targets = width - self.num_experts;
-            let per_token: Vec<Vec<u32>> =
-                route(&predicted, targets, k.min(targets), self.kind).into_iter().map(|r| r.experts).collect();
+        if let (Some(p), Some(predict_k)) = (pregate, prefetch_k) {
+            let predicted: Vec<f32> = logits
+                .chunks_exact(width)
+                .flat_map(|row| &row[self.num_experts..self.num_experts + targets])
+                .copied()
+                .collect();
+            let per_token =
+                self.staged_per_token(experts, p.target, &predicted, targets, predict_k, received.as_deref());
             let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
             unique.sort_unstable();
             unique.dedup();
@@ -181,6 +193,41 @@ impl MoeBlock {
             out = out + y;
         }
         Ok((out, routes))
+    }
+
+    /// The experts to stage for each token of the pre-gate's target layer: its predicted
+    /// top-`predict_k`, or, when big-little expects the token to be little there, the first
+    /// top-k/2 of them (plus the same `--prefetch-extra` margin).
+    fn staged_per_token(
+        &self,
+        experts: &mut ExpertCache,
+        target: usize,
+        predicted: &[f32],
+        targets: usize,
+        predict_k: usize,
+        received: Option<&[f32]>,
+    ) -> Vec<Vec<u32>> {
+        let routes = route(predicted, targets, predict_k.min(targets), self.kind);
+        let top_k: Vec<TokenRoute> = routes
+            .iter()
+            .map(|r| {
+                let k = self.top_k.min(r.experts.len());
+                TokenRoute { experts: r.experts[..k].to_vec(), weights: r.weights[..k].to_vec() }
+            })
+            .collect();
+        let expected = experts.expect_big(target, predicted, targets, &top_k, received);
+        let little = self.top_k.div_ceil(2) + predict_k.saturating_sub(self.top_k);
+        routes
+            .into_iter()
+            .enumerate()
+            .map(|(t, r)| {
+                let mut staged = r.experts;
+                if expected.as_ref().is_some_and(|big| !big[t]) {
+                    staged.truncate(little);
+                }
+                staged
+            })
+            .collect()
     }
 
     /// Queues the grouped expert kernel for a batch of fetched experts, one launch pair per
