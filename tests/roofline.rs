@@ -2,6 +2,7 @@
 //! every expert computed and no KV cache, a step reads every tensor once except the embedding,
 //! of which it reads one row.
 
+use ferry_runtime::experts::ExpertDtype;
 use ferry_runtime::roofline::DecodeBytes;
 use ferry_tests::{FAMILIES, fixture};
 
@@ -13,11 +14,16 @@ fn decode_bytes_with_every_expert_equal_the_checkpoint_minus_all_but_one_embeddi
         let elements = |name: &str| opened.weights.tensor(name).map_or(0, |t| t.shape.iter().product::<usize>());
         let all: usize = opened.weights.names().iter().map(|n| elements(n)).sum();
         let unread = if spec.tie_word_embeddings { 0 } else { elements(&spec.names.embed) - spec.hidden_size };
-        let bytes = DecodeBytes::of(spec, 0, spec.moe.num_experts as f64);
+        let bytes = DecodeBytes::of(spec, 0, spec.moe.num_experts as f64, ExpertDtype::F32);
         assert_eq!(bytes.kv_cache, 0, "{family}");
         assert_eq!(bytes.dense + bytes.experts, 4 * (all - unread) as u64, "{family}");
         let a = &spec.attention;
-        let later = DecodeBytes::of(spec, 10, 1.0);
+        let later = DecodeBytes::of(spec, 10, 1.0, ExpertDtype::F32);
+        let int8 = DecodeBytes::of(spec, 10, 1.0, ExpertDtype::Int8);
+        let moe_layers = spec.layers.iter().filter(|l| matches!(l, ferry_runtime::spec::FfnKind::Moe)).count();
+        let slot = ExpertDtype::Int8.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
+        assert_eq!(int8.experts, moe_layers as u64 * slot, "{family}");
+        assert_eq!((int8.dense, int8.kv_cache), (later.dense, later.kv_cache), "{family}");
         assert_eq!(later.kv_cache, (4 * 2 * spec.num_layers() * a.num_kv_heads * a.head_dim * 10) as u64, "{family}");
     }
 }

@@ -310,9 +310,18 @@ pub struct BenchArgs {
     /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].
     #[arg(long, default_value = "default")]
     pub adapter: String,
-    /// Offloaded budgets to measure next to all-resident (repeatable; see generate --help).
-    #[arg(long = "vram-budget", default_values_t = ["50%".to_string()])]
+    /// Offloaded budgets to measure next to all-resident (repeatable; see generate --help);
+    /// default 50%, or 25% with --compare.
+    #[arg(long = "vram-budget")]
     pub vram_budgets: Vec<String>,
+    /// Every technique in one run: at each budget, offload with and without pre-gating, full and
+    /// big-little experts, each with f32, int8 and int4 experts (a MoLE model: its table).
+    #[arg(long)]
+    pub compare: bool,
+    /// Expert formats to measure (repeatable or comma-separated: f32, int8, int4); each quantised
+    /// format loads its own copy of the model. All-resident f32 is always the baseline.
+    #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
+    pub expert_dtypes: Vec<String>,
     /// Eviction policies to measure at each budget (repeatable).
     #[arg(long = "expert-policy", default_values_t = ["lru".to_string()])]
     pub expert_policies: Vec<String>,

@@ -8,6 +8,7 @@ use burn::tensor::Tensor;
 
 use crate::device::Gpu;
 use crate::error::{FerryError, Result};
+use crate::experts::ExpertDtype;
 use crate::spec::{FfnKind, ModelSpec};
 
 /// Ferry computes in f32: every weight and cached K/V value read is 4 bytes.
@@ -18,7 +19,7 @@ const BYTES_PER_VALUE: u64 = 4;
 pub struct DecodeBytes {
     /// Attention, norms, routers, shared experts, dense FFNs, the LM head and one embedding row.
     pub dense: u64,
-    /// The routed experts the token computes.
+    /// The routed experts the token computes, in their stored format.
     pub experts: u64,
     /// K and V of every earlier position in every layer.
     pub kv_cache: u64,
@@ -26,18 +27,19 @@ pub struct DecodeBytes {
 
 impl DecodeBytes {
     /// For a token with `position` tokens before it, computing `experts_per_layer` routed
-    /// experts in each MoE layer (top-k in full mode, fewer for little tokens).
-    pub fn of(spec: &ModelSpec, position: usize, experts_per_layer: f64) -> Self {
+    /// experts in each MoE layer (top-k in full mode, fewer for little tokens) stored as `dtype`.
+    pub fn of(spec: &ModelSpec, position: usize, experts_per_layer: f64, dtype: ExpertDtype) -> Self {
         let hidden = spec.hidden_size as u64;
         let embedding = spec.vocab_size as u64 * hidden;
         // An untied embedding is read one row per token; tied, the LM head reads all of it.
         let unread = if spec.tie_word_embeddings { 0 } else { embedding - hidden };
         let dense = spec.resident_params() as u64 - unread;
         let moe_layers = spec.layers.iter().filter(|l| matches!(l, FfnKind::Moe)).count() as f64;
-        let experts = (experts_per_layer * moe_layers * spec.expert_params() as f64).round() as u64;
+        let expert = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size) as f64;
+        let experts = (experts_per_layer * moe_layers * expert).round() as u64;
         let a = &spec.attention;
         let kv = 2 * spec.num_layers() as u64 * (a.num_kv_heads * a.head_dim) as u64 * position as u64;
-        Self { dense: dense * BYTES_PER_VALUE, experts: experts * BYTES_PER_VALUE, kv_cache: kv * BYTES_PER_VALUE }
+        Self { dense: dense * BYTES_PER_VALUE, experts, kv_cache: kv * BYTES_PER_VALUE }
     }
 
     pub fn total(&self) -> u64 {

@@ -3,7 +3,9 @@
 
 use anyhow::{Context, Result};
 use ferry_runtime::engine::{Engine, GenerateRequest, GenerateStats};
-use ferry_runtime::experts::{BigLittle, EvictionPolicy, Importance, LinkModel, VramBudget, measure_upload};
+use ferry_runtime::experts::{
+    BigLittle, EvictionPolicy, ExpertDtype, Importance, LinkModel, VramBudget, measure_upload,
+};
 use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
 use ferry_runtime::roofline::{DecodeBytes, ceiling_tokens_per_second, measure_memory_bandwidth};
 use ferry_runtime::sampling::SamplingConfig;
@@ -14,14 +16,25 @@ use rand::{Rng, SeedableRng};
 use crate::args::BenchArgs;
 
 /// One mode to measure.
+#[derive(Clone)]
 struct Mode {
     name: String,
+    dtype: ExpertDtype,
     budget: String,
     policy: EvictionPolicy,
     prefetch: PrefetchMode,
     big_little: Option<BigLittle>,
     /// Emulated host-to-GPU link (None: the adapter's own speed).
     link: Option<LinkModel>,
+}
+
+/// A mode's prefetch, experts (with its importance) and expert format, for the tables.
+fn label(r: &ModeReport) -> String {
+    let experts = match r.importance {
+        Some(i) => format!("{}:{i}", r.experts),
+        None => r.experts.to_string(),
+    };
+    format!("{:?}/{experts}/{}", r.prefetch, r.expert_dtype).to_lowercase()
 }
 
 /// `--link-gbps` entry: `none` (the adapter's speed) or GB/s.
@@ -37,6 +50,8 @@ fn parse_link(text: &str) -> Result<Option<LinkModel>> {
 #[derive(serde::Serialize)]
 struct ModeReport {
     mode: String,
+    /// How routed experts were stored (f32 is exact).
+    expert_dtype: ExpertDtype,
     vram_budget: String,
     policy: EvictionPolicy,
     prefetch: PrefetchMode,
@@ -131,8 +146,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // otherwise the first mode measured pays for all of them.
     engine.generate(&request, |_| {})?;
 
+    let has_experts = spec.layers.contains(&ferry_runtime::spec::FfnKind::Moe);
+    let mut dtypes: Vec<ExpertDtype> = vec![ExpertDtype::F32];
+    let dtype_names =
+        if args.compare { vec!["int8".to_string(), "int4".to_string()] } else { args.expert_dtypes.clone() };
+    for name in &dtype_names {
+        let dtype: ExpertDtype = name.parse()?;
+        if !dtypes.contains(&dtype) && has_experts {
+            dtypes.push(dtype);
+        }
+    }
+    let (prefetches, experts_modes) = if args.compare {
+        (vec!["none".to_string(), "pregate".into()], vec!["full".to_string(), "big-little".into()])
+    } else {
+        (args.prefetch.clone(), args.experts.clone())
+    };
+    let budgets = match (&args.vram_budgets[..], args.compare) {
+        (_, _) if !has_experts => Vec::new(),
+        ([], true) => vec!["25%".to_string()],
+        ([], false) => vec!["50%".to_string()],
+        (given, _) => given.to_vec(),
+    };
     let mut modes = vec![Mode {
         name: "resident".into(),
+        dtype: ExpertDtype::F32,
         budget: "all".into(),
         policy: EvictionPolicy::Lru,
         prefetch: PrefetchMode::None,
@@ -140,10 +177,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         link: None,
     }];
     for &link in &links {
-        for budget in &args.vram_budgets {
+        for budget in &budgets {
             for policy in &args.expert_policies {
-                for prefetch in &args.prefetch {
-                    for experts in &args.experts {
+                for prefetch in &prefetches {
+                    for experts in &experts_modes {
                         // Full mode has no importance: measured once, whatever --importance lists.
                         let importances =
                             if experts == "full" { &args.importances[..1] } else { &args.importances[..] };
@@ -156,6 +193,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                             })?;
                             modes.push(Mode {
                                 name: "offload".into(),
+                                dtype: ExpertDtype::F32,
                                 budget: budget.clone(),
                                 policy: policy.parse()?,
                                 prefetch: prefetch.parse()?,
@@ -171,9 +209,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let moe_layers = spec.layers.iter().filter(|l| matches!(l, ferry_runtime::spec::FfnKind::Moe)).count().max(1);
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut resident_decode = None;
-    for Mode { name: mode, budget, policy, prefetch, big_little, link: mode_link } in modes {
+    // Each quantised format repeats every mode (all-resident included) on its own copy of the
+    // model; the first mode, all-resident f32, is the baseline of every ratio.
+    let all_modes: Vec<Mode> =
+        dtypes.iter().flat_map(|&dtype| modes.iter().map(move |m| Mode { dtype, ..m.clone() })).collect();
+    let mut quantised: Option<(ExpertDtype, Engine)> = None;
+    for Mode { name: mode, dtype, budget, policy, prefetch, big_little, link: mode_link } in all_modes {
+        if dtype != ExpertDtype::F32 && quantised.as_ref().is_none_or(|(d, _)| *d != dtype) {
+            // Drop the previous copy before uploading the next.
+            drop(quantised.take());
+            let opened = ferry_models::open(&folder)?;
+            let options = ExpertOptions { expert_dtype: dtype, ..ExpertOptions::default() };
+            let copy = Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?, None);
+            copy.generate(&request, |_| {})?;
+            quantised = Some((dtype, copy));
+        }
+        let engine = match &quantised {
+            Some((d, copy)) if *d == dtype => copy,
+            _ => &engine,
+        };
         let budget_value: VramBudget = budget.parse()?;
         engine.model.set_expert_options(ExpertOptions {
+            expert_dtype: dtype,
             budget: budget_value,
             policy,
             kv_tokens: None,
@@ -208,6 +265,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let resident = *resident_decode.get_or_insert(s.decode_tokens_per_second);
         reports.push(ModeReport {
             mode,
+            expert_dtype: dtype,
             vram_budget: budget,
             policy,
             prefetch,
@@ -243,7 +301,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ids: output.ids,
         });
     }
-    let exact = reports.iter().filter(|r| r.experts == "full").all(|r| r.ids == reports[0].ids);
+    let exact = reports
+        .iter()
+        .filter(|r| r.experts == "full" && r.expert_dtype == ExpertDtype::F32)
+        .all(|r| r.ids == reports[0].ids);
     // Host-to-GPU paths at one expert's size, and at 64 MiB for the link's peak.
     let slot_bytes = engine.model.experts().plan().slot_bytes as usize;
     let mut uploads = measure_upload(&gpu, slot_bytes, 7)?;
@@ -259,7 +320,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .fold(f64::MIN_POSITIVE, f64::max);
     let middle = prompt.len() + request.max_new_tokens / 2;
     for r in &mut reports {
-        let read = DecodeBytes::of(&spec, middle, r.experts_per_token_layer).total();
+        let read = DecodeBytes::of(&spec, middle, r.experts_per_token_layer, r.expert_dtype).total();
         r.decode_bytes_read_per_token = read;
         r.roofline_tokens_per_second =
             ceiling_tokens_per_second(read, memory.bytes_per_second, r.bytes_uploaded_per_token, upload_rate);
@@ -304,7 +365,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "link",
         "budget",
         "policy",
-        "prefetch/experts",
+        "prefetch/experts/dtype",
         "slots",
         "prefill t/s",
         "decode t/s",
@@ -327,11 +388,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
             r.vram_budget,
             r.policy.to_string(),
-            match r.importance {
-                Some(i) => format!("{:?}/{}:{i}", r.prefetch, r.experts),
-                None => format!("{:?}/{}", r.prefetch, r.experts),
-            }
-            .to_lowercase(),
+            label(r),
             r.slots,
             r.prefill_tokens_per_second,
             r.decode_tokens_per_second,
@@ -351,10 +408,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     for r in &reports {
         println!(
-            "roofline {:<9} {:>7} {:>18}: reads {:>8.2} MiB/token, uploads {:>7.3} MiB/token -> ceiling {:>9.1} tok/s, achieved {:>5.1}%",
+            "roofline {:<9} {:>7} {:>30}: reads {:>8.2} MiB/token, uploads {:>7.3} MiB/token -> ceiling {:>9.1} tok/s, achieved {:>5.1}%",
             r.mode,
             r.vram_budget,
-            format!("{:?}/{}", r.prefetch, r.experts).to_lowercase(),
+            label(r),
             r.decode_bytes_read_per_token as f64 / 1048576.0,
             r.bytes_uploaded_per_token / 1048576.0,
             r.roofline_tokens_per_second,

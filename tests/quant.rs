@@ -1,0 +1,60 @@
+//! Quantised experts (`--expert-dtype int8|int4`): offloading them stays exact (offloaded output
+//! equals all-resident output of the same dtype bit for bit), every upload moves the quantised
+//! size, and their logits stay near transformers' (int8 nearer than int4).
+
+use ferry_runtime::experts::{ExpertDtype, VramBudget};
+use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_tests::{FAMILIES, fixture, gpu, max_abs_diff, reference};
+
+fn load(family: &str, budget: VramBudget, expert_dtype: ExpertDtype) -> Model {
+    let opened = ferry_models::open(&fixture(family)).unwrap();
+    let options = ExpertOptions { budget, expert_dtype, ..Default::default() };
+    Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
+}
+
+fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    model.forward(ids, &mut cache, LogitsFor::All).unwrap()
+}
+
+#[test]
+fn offloaded_quantised_experts_equal_all_resident_quantised_experts_bit_for_bit() {
+    for family in ["mixtral", "qwen3_moe"] {
+        let ids = reference(family).input_ids;
+        for dtype in [ExpertDtype::Int8, ExpertDtype::Int4] {
+            let expected = prompt_forward(&load(family, VramBudget::All, dtype), &ids);
+            let model = load(family, VramBudget::FractionOfExperts(0.25), dtype);
+            let out = prompt_forward(&model, &ids);
+            assert_eq!(out.logits, expected.logits, "{family} {dtype}: offloaded differs from all-resident");
+            assert_eq!(out.routing, expected.routing, "{family} {dtype}");
+            let stats = model.experts().stats();
+            let spec = model.spec();
+            let size = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
+            assert!(stats.misses > 0, "{family} {dtype}");
+            assert_eq!(stats.bytes_uploaded, stats.misses * size, "{family} {dtype}: bytes per upload");
+            assert!(size * 3 < dtype_f32_size(spec), "{family} {dtype}: a quantised slot is not smaller");
+        }
+    }
+}
+
+fn dtype_f32_size(spec: &ferry_runtime::ModelSpec) -> u64 {
+    ExpertDtype::F32.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size)
+}
+
+#[test]
+fn quantised_logits_stay_near_transformers_and_int8_nearer_than_int4() {
+    for family in FAMILIES {
+        let reference = reference(family);
+        let error = |dtype| {
+            let out = prompt_forward(&load(family, VramBudget::All, dtype), &reference.input_ids);
+            let (diff, scale) = max_abs_diff(&out.logits, &reference.logits);
+            diff / scale
+        };
+        let (f32, int8, int4) = (error(ExpertDtype::F32), error(ExpertDtype::Int8), error(ExpertDtype::Int4));
+        assert!(f32 < 1e-4, "{family}: f32 {f32}");
+        assert!(int8 < 0.02, "{family}: int8 relative error {int8}");
+        assert!(int4 < 0.3, "{family}: int4 relative error {int4}");
+        assert!(f32 <= int8 && int8 <= int4, "{family}: errors not ordered: f32 {f32}, int8 {int8}, int4 {int4}");
+        eprintln!("{family}: max |logit error| / max |logit|: f32 {f32:.2e}, int8 {int8:.2e}, int4 {int4:.2e}");
+    }
+}
