@@ -157,3 +157,36 @@ fn substitution_only_uses_resident_experts_and_is_counted() {
     assert!(stats.fallbacks > 0 && stats.substitutions > 0, "{stats:?}");
     assert!(stats.substitutions <= stats.fallbacks * 2);
 }
+
+/// Prompt, then `steps` greedy decode passes; the routing of every decode pass.
+fn decode_routing(model: &Model, prompt: &[u32], steps: usize) -> Vec<Vec<Vec<Vec<u32>>>> {
+    let mut cache = model.new_cache(prompt.len() + steps).unwrap();
+    let mut out = model.forward(prompt, &mut cache, LogitsFor::Last).unwrap();
+    let mut routing = Vec::new();
+    for _ in 0..steps {
+        let next = ferry_runtime::sampling::argmax(&out.logits[0]);
+        out = model.forward(&[next], &mut cache, LogitsFor::Last).unwrap();
+        routing.push(out.routing.clone());
+    }
+    routing
+}
+
+#[test]
+fn switching_the_importance_score_starts_its_threshold_afresh() {
+    // Scores of different importances are on different scales; a history of one must not set
+    // the other's decode threshold. After a switch, decisions equal a fresh model's.
+    let prompt = reference("olmoe").input_ids;
+    let options = |importance| ExpertOptions {
+        big_little: big_little(0.3, importance, BigFallback::Fetch),
+        ..Default::default()
+    };
+    let load = |options| {
+        let opened = ferry_models::open(&fixture("olmoe")).unwrap();
+        Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
+    };
+    let expected = decode_routing(&load(options(Importance::Entropy)), &prompt, 24);
+    let switched = load(options(Importance::DroppedMass));
+    decode_routing(&switched, &prompt, 24);
+    switched.set_expert_options(options(Importance::Entropy)).unwrap();
+    assert_eq!(decode_routing(&switched, &prompt, 24), expected);
+}

@@ -360,7 +360,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("offloaded modes with a link in GB/s run over an EMULATED host-to-GPU link");
     }
     println!(
-        "{:<9} {:>5} {:>7} {:>11} {:>30} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
+        "{:<9} {:>5} {:>7} {:>11} {:>36} {:>6} {:>11} {:>10} {:>8} {:>12} {:>8} {:>9} {:>7}",
         "mode",
         "link",
         "budget",
@@ -383,7 +383,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             format!("{:.0}%", 100.0 * recalls.iter().sum::<f64>() / recalls.len() as f64)
         };
         println!(
-            "{:<9} {:>5} {:>7} {:>11} {:>30} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
+            "{:<9} {:>5} {:>7} {:>11} {:>36} {:>6} {:>11.1} {:>10.2} {:>8.1} {:>12.3} {:>8.1} {:>9.2} {:>7}",
             r.mode,
             r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
             r.vram_budget,
@@ -408,8 +408,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     for r in &reports {
         println!(
-            "roofline {:<9} {:>7} {:>30}: reads {:>8.2} MiB/token, uploads {:>7.3} MiB/token -> ceiling {:>9.1} tok/s, achieved {:>5.1}%",
+            "roofline {:<9} {:>5} {:>7} {:>36}: reads {:>8.2} MiB/token, uploads {:>7.3} MiB/token -> ceiling {:>9.1} tok/s, achieved {:>5.1}%",
             r.mode,
+            r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
             r.vram_budget,
             label(r),
             r.decode_bytes_read_per_token as f64 / 1048576.0,

@@ -113,8 +113,10 @@ impl ExpertCache {
     pub fn set_big_little(&mut self, config: Option<BigLittle>) {
         let layers = self.usage.len();
         match (config, self.selector.as_mut()) {
-            (Some(c), Some(s)) => s.config = c,
-            (Some(c), None) => self.selector = Some(Selector::new(c, layers)),
+            // Scores of another importance are on another scale: its history would set the
+            // threshold, so a new score starts a new selector.
+            (Some(c), Some(s)) if s.config.importance == c.importance => s.config = c,
+            (Some(c), _) => self.selector = Some(Selector::new(c, layers)),
             (None, _) => self.selector = None,
         }
     }

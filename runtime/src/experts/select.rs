@@ -111,10 +111,17 @@ pub struct SelectionStats {
 /// decode (one token at a time has no batch to rank within).
 const HISTORY: usize = 256;
 
+/// Decode steps per layer after which decode scores are ranked among decode scores only.
+const DECODE_WARMUP: usize = 16;
+
 /// Chooses big or little per token and rewrites its route.
 pub struct Selector {
     pub config: BigLittle,
     history: Vec<VecDeque<f32>>,
+    /// Recent scores of single-token (decode) passes per layer: a decode score is ranked among
+    /// these once there are `DECODE_WARMUP` of them, since decode scores can be distributed
+    /// differently from a prompt's (attention received by one query, say).
+    decode_history: Vec<VecDeque<f32>>,
     /// The latest decision per layer and token (true: big), for display.
     last_big: Vec<Vec<bool>>,
     /// Per layer: the modes a pre-gate expected for each token of the current pass.
@@ -127,6 +134,7 @@ impl Selector {
         Self {
             config,
             history: vec![VecDeque::new(); layers],
+            decode_history: vec![VecDeque::new(); layers],
             last_big: vec![Vec::new(); layers],
             expected: HashMap::new(),
             stats: SelectionStats::default(),
@@ -155,12 +163,17 @@ impl Selector {
     pub fn decide(&mut self, layer: usize, scores: &[f32]) -> Vec<bool> {
         let big = self.expect(layer, scores);
         self.last_big[layer].clone_from(&big);
-        let history = &mut self.history[layer];
-        for &s in scores {
-            if history.len() == HISTORY {
-                history.pop_front();
+        let record = |history: &mut VecDeque<f32>| {
+            for &s in scores {
+                if history.len() == HISTORY {
+                    history.pop_front();
+                }
+                history.push_back(s);
             }
-            history.push_back(s);
+        };
+        record(&mut self.history[layer]);
+        if scores.len() == 1 {
+            record(&mut self.decode_history[layer]);
         }
         big
     }
@@ -174,7 +187,8 @@ impl Selector {
     /// the layer's history (a pre-gate's guess must not move the threshold the real choice uses).
     pub fn expect(&self, layer: usize, scores: &[f32]) -> Vec<bool> {
         let fraction = self.config.big_fraction.clamp(0.0, 1.0);
-        let history = &self.history[layer];
+        let decode = &self.decode_history[layer];
+        let history = if decode.len() >= DECODE_WARMUP { decode } else { &self.history[layer] };
         let mut pool: Vec<f32> = if scores.len() > 1 { scores.to_vec() } else { history.iter().copied().collect() };
         if pool.is_empty() {
             // Nothing seen yet: the first token is big, to be safe.
@@ -286,6 +300,20 @@ mod tests {
         assert_eq!(s.decide(0, &[0.1, 0.9, 0.3, 0.2]), vec![false, true, false, false]);
         assert_eq!(s.decide(0, &[0.95]), vec![true]);
         assert_eq!(s.decide(0, &[0.15]), vec![false]);
+    }
+
+    #[test]
+    fn decode_scores_distributed_unlike_the_prompts_still_meet_the_big_fraction() {
+        let mut s = Selector::new(
+            BigLittle { importance: Importance::Entropy, big_fraction: 0.25, fallback: BigFallback::Fetch },
+            1,
+        );
+        // A prompt of high scores, then decode scores far below all of them.
+        s.decide(0, &(0..32).map(|i| 10.0 + i as f32).collect::<Vec<_>>());
+        let decode: Vec<f32> = (0..200).map(|i| ((i * 37) % 100) as f32 / 100.0).collect();
+        let big: usize = decode.iter().map(|&x| usize::from(s.decide(0, &[x])[0])).sum();
+        let share = big as f64 / decode.len() as f64;
+        assert!((share - 0.25).abs() < 0.08, "decode big share {share}");
     }
 
     #[test]
