@@ -187,6 +187,13 @@ fn switching_the_importance_score_starts_its_threshold_afresh() {
     let expected = decode_routing(&load(options(Importance::Entropy)), &prompt, 24);
     let switched = load(options(Importance::DroppedMass));
     decode_routing(&switched, &prompt, 24);
+    let before = switched.experts().stats();
     switched.set_expert_options(options(Importance::Entropy)).unwrap();
     assert_eq!(decode_routing(&switched, &prompt, 24), expected);
+    // Counters stay cumulative across the switch and after turning big-little off (an engine
+    // subtracts snapshots taken before a mid-reply change).
+    let after = switched.experts().stats();
+    assert!(after.big >= before.big && after.little >= before.little, "{before:?} -> {after:?}");
+    switched.set_expert_options(ExpertOptions::default()).unwrap();
+    assert_eq!(switched.experts().stats().big, after.big);
 }

@@ -44,7 +44,6 @@ impl Throughput {
             self.prefill = Some((stats.tokens, stats.tokens as f64 / seconds));
             return;
         }
-        self.tokens += 1;
         self.steps += 1;
         if self.points.len() == WINDOW {
             self.points.pop_front();
@@ -60,8 +59,9 @@ impl Throughput {
     }
 
     pub fn finish(&mut self, stats: GenerateStats) {
-        // The first token is sampled from the prompt's pass, so it has no decode step.
-        self.tokens += 1;
+        // Counted from the reply's totals: decode steps are one fewer than tokens, or as many
+        // when the reply stopped at EOS or was cancelled.
+        self.tokens += stats.new_tokens as u64;
         self.last = Some(stats);
     }
 

@@ -11,7 +11,7 @@ use super::budget::SlotPlan;
 use super::grouped::SlotPage;
 use super::policy::{EvictionPolicy, SlotUse};
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
-use super::select::{BigFallback, BigLittle, Importance, Selector};
+use super::select::{BigFallback, BigLittle, Importance, SelectionStats, Selector};
 use super::slots::{SlotPool, SlotRef};
 use super::stats::ExpertStats;
 use super::store::{ExpertStore, HostExpert};
@@ -70,6 +70,8 @@ pub struct ExpertCache {
     recall: Vec<LayerRecall>,
     /// Big-little selection, when on.
     selector: Option<Selector>,
+    /// Counts of selectors since replaced or turned off, so that statistics stay cumulative.
+    retired: SelectionStats,
     /// Per-expert hits and misses and the events since the last `residency` picture.
     log: AccessLog,
 }
@@ -105,6 +107,7 @@ impl ExpertCache {
             predictions: HashMap::new(),
             recall: vec![LayerRecall::default(); layers],
             selector: None,
+            retired: SelectionStats::default(),
             log: AccessLog::default(),
         })
     }
@@ -112,13 +115,18 @@ impl ExpertCache {
     /// Turns big-little selection on (with its settings) or off.
     pub fn set_big_little(&mut self, config: Option<BigLittle>) {
         let layers = self.usage.len();
-        match (config, self.selector.as_mut()) {
-            // Scores of another importance are on another scale: its history would set the
-            // threshold, so a new score starts a new selector.
-            (Some(c), Some(s)) if s.config.importance == c.importance => s.config = c,
-            (Some(c), _) => self.selector = Some(Selector::new(c, layers)),
-            (None, _) => self.selector = None,
+        if let (Some(c), Some(s)) = (config, self.selector.as_mut())
+            && s.config.importance == c.importance
+        {
+            s.config = c;
+            return;
         }
+        // Scores of another importance are on another scale: its history would set the
+        // threshold, so a new score starts a new selector; the old one's counts are kept.
+        if let Some(old) = self.selector.take() {
+            self.retired.absorb(&old.stats);
+        }
+        self.selector = config.map(|c| Selector::new(c, layers));
     }
 
     /// Whether big-little needs the attention each token receives (`--importance attention`);
@@ -232,15 +240,17 @@ impl ExpertCache {
 
     pub fn stats(&self) -> ExpertStats {
         let mut stats = self.stats;
+        let mut selection = self.retired;
         if let Some(s) = &self.selector {
-            stats.big = s.stats.big;
-            stats.little = s.stats.little;
-            stats.fallbacks = s.stats.fallbacks;
-            stats.substitutions = s.stats.substitutions;
-            stats.modes_predicted = s.stats.modes_predicted;
-            stats.modes_predicted_right = s.stats.modes_predicted_right;
-            stats.big_predicted_little = s.stats.big_predicted_little;
+            selection.absorb(&s.stats);
         }
+        stats.big = selection.big;
+        stats.little = selection.little;
+        stats.fallbacks = selection.fallbacks;
+        stats.substitutions = selection.substitutions;
+        stats.modes_predicted = selection.modes_predicted;
+        stats.modes_predicted_right = selection.modes_predicted_right;
+        stats.big_predicted_little = selection.big_predicted_little;
         stats
     }
 

@@ -107,6 +107,19 @@ pub struct SelectionStats {
     pub big_predicted_little: u64,
 }
 
+impl SelectionStats {
+    /// Adds another selector's counts (one that was replaced or turned off).
+    pub fn absorb(&mut self, other: &Self) {
+        self.big += other.big;
+        self.little += other.little;
+        self.fallbacks += other.fallbacks;
+        self.substitutions += other.substitutions;
+        self.modes_predicted += other.modes_predicted;
+        self.modes_predicted_right += other.modes_predicted_right;
+        self.big_predicted_little += other.big_predicted_little;
+    }
+}
+
 /// Recent importance scores per layer, to turn a target big fraction into a threshold during
 /// decode (one token at a time has no batch to rank within).
 const HISTORY: usize = 256;
