@@ -33,6 +33,7 @@ pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<Model
             qk_norm: QkNorm::None,
             clip_qkv: None,
             sliding_window: None,
+            mla: None,
         },
         moe: MoeSpec {
             num_experts: 0,
@@ -75,7 +76,7 @@ pub fn validate(cfg: &HfConfig, spec: &ModelSpec) -> Result<()> {
         a.num_heads.is_multiple_of(a.num_kv_heads),
         format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({})", a.num_heads, a.num_kv_heads),
     )?;
-    check(a.head_dim.is_multiple_of(2), format!("head_dim ({}) must be even for RoPE", a.head_dim))?;
+    check(a.rope_dim().is_multiple_of(2), format!("the RoPE dimension ({}) must be even", a.rope_dim()))?;
     check(!spec.layers.is_empty(), "num_hidden_layers must be positive".into())?;
     if spec.layers.contains(&FfnKind::Moe) {
         check(m.num_experts > 0, "the model has MoE layers but no experts".into())?;

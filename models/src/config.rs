@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use ferry_runtime::error::{FerryError, Result};
-use ferry_runtime::spec::{RopeScaling, RopeSpec};
+use ferry_runtime::spec::{RopeScaling, RopeSpec, YarnSpec};
 use serde_json::Value;
 
 /// A parsed `config.json`.
@@ -30,6 +30,12 @@ impl HfConfig {
 
     fn error(&self, message: impl Into<String>) -> FerryError {
         FerryError::config(&self.path, message)
+    }
+
+    /// Whether the key is written at all (an explicit `null` counts: DeepSeek's `q_lora_rank`
+    /// is null for "no q-LoRA" but defaults to a rank when absent).
+    pub fn has_key(&self, key: &str) -> bool {
+        self.value.get(key).is_some()
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -126,15 +132,77 @@ impl HfConfig {
                             .ok_or_else(|| self.error("rope scaling \"linear\" needs a numeric \"factor\""))?;
                         RopeScaling::Linear { factor: factor as f32 }
                     }
+                    "yarn" => RopeScaling::Yarn(self.yarn(p)?),
                     other => {
                         return Err(self.error(format!(
-                            "rope scaling type {other:?} is not supported yet (supported: default, linear)"
+                            "rope scaling type {other:?} is not supported yet (supported: default, linear, yarn)"
                         )));
                     }
                 }
             }
         };
         Ok(RopeSpec { theta, scaling })
+    }
+}
+
+impl HfConfig {
+    /// YaRN parameters as transformers reads them (`_compute_yarn_parameters`).
+    fn yarn(&self, p: &Value) -> Result<YarnSpec> {
+        let number = |key: &str| -> Result<Option<f64>> {
+            match p.get(key).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| self.error(format!("rope scaling \"yarn\": {key:?} must be a number, found {v}"))),
+            }
+        };
+        let factor = number("factor")?.ok_or_else(|| self.error("rope scaling \"yarn\" needs a numeric \"factor\""))?;
+        if factor < 1.0 {
+            return Err(self.error(format!("rope scaling \"yarn\": \"factor\" must be at least 1, found {factor}")));
+        }
+        let context = self.usize_or("max_position_embeddings", 4096)?;
+        let original = match number("original_max_position_embeddings")? {
+            Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+            Some(n) => {
+                return Err(self.error(format!(
+                    "rope scaling \"yarn\": \"original_max_position_embeddings\" must be a positive integer, found {n}"
+                )));
+            }
+            None => context,
+        };
+        let (mscale, mscale_all_dim) = (number("mscale")?, number("mscale_all_dim")?);
+        let attention_factor = match (number("attention_factor")?, mscale, mscale_all_dim) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                YarnSpec::mscale(factor, m) / YarnSpec::mscale(factor, all)
+            }
+            _ => YarnSpec::mscale(factor, 1.0),
+        };
+        // transformers: `get("beta_fast") or 32`, so 0 also means the default.
+        let beta =
+            |key: &str, default: f64| -> Result<f64> { Ok(number(key)?.filter(|&b| b != 0.0).unwrap_or(default)) };
+        let (beta_fast, beta_slow) = (beta("beta_fast", 32.0)?, beta("beta_slow", 1.0)?);
+        if beta_fast <= 0.0 || beta_slow <= 0.0 {
+            return Err(self.error(format!(
+                "rope scaling \"yarn\": beta_fast ({beta_fast}) and beta_slow ({beta_slow}) must be positive"
+            )));
+        }
+        let truncate = match p.get("truncate").filter(|v| !v.is_null()) {
+            None => true,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                self.error(format!("rope scaling \"yarn\": \"truncate\" must be true or false, found {v}"))
+            })?,
+        };
+        Ok(YarnSpec {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+            mscale_all_dim,
+        })
     }
 }
 

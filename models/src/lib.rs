@@ -3,6 +3,7 @@
 
 mod common;
 pub mod config;
+pub mod deepseek;
 pub mod mixtral;
 pub mod mole;
 pub mod olmoe;
@@ -27,6 +28,8 @@ pub const FAMILIES: &[(&str, SpecFn)] = &[
     (qwen2_moe::ARCHITECTURE, qwen2_moe::spec),
     (qwen3_moe::ARCHITECTURE, qwen3_moe::spec),
     (olmoe::ARCHITECTURE, olmoe::spec),
+    (deepseek::ARCHITECTURE_V2, deepseek::spec_v2),
+    (deepseek::ARCHITECTURE_V3, deepseek::spec_v3),
     (mole::ARCHITECTURE, mole::spec),
 ];
 

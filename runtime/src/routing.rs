@@ -3,7 +3,7 @@
 //! Router logits are read back from the GPU once per MoE layer; the choice is made here because
 //! the expert manager (also on the host) must know it before expert compute is scheduled.
 
-use crate::spec::RouterKind;
+use crate::spec::{GroupScoring, RouterKind};
 
 /// One token's chosen experts, in the order the reference picks them (descending probability),
 /// with the weights their outputs are scaled by.
@@ -13,21 +13,86 @@ pub struct TokenRoute {
     pub weights: Vec<f32>,
 }
 
-/// Routes every token. `logits` is row-major `[tokens, num_experts]`.
-pub fn route(logits: &[f32], num_experts: usize, top_k: usize, kind: RouterKind) -> Vec<TokenRoute> {
+/// Routes every token. `logits` is row-major `[tokens, num_experts]`; `score_bias` is the
+/// per-expert selection bias of routers that have one (DeepSeek-V3).
+pub fn route(
+    logits: &[f32],
+    score_bias: Option<&[f32]>,
+    num_experts: usize,
+    top_k: usize,
+    kind: RouterKind,
+) -> Vec<TokenRoute> {
     logits
         .chunks_exact(num_experts)
         .map(|row| match kind {
             RouterKind::SoftmaxTopK { renormalize } => softmax_top_k(row, top_k, renormalize),
+            RouterKind::Grouped { scoring, groups, topk_groups, renormalize, scaling } => {
+                grouped_top_k(row, score_bias, top_k, scoring, groups, topk_groups, renormalize, scaling)
+            }
         })
         .collect()
 }
 
+/// Indices of `values` in descending order; equal values keep the lower index first, as
+/// torch.topk does on CPU.
+fn descending(values: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order
+}
+
+/// DeepSeek's group-limited top-k (see `RouterKind::Grouped`). The experts come out in
+/// descending order of the score they were selected on.
+#[allow(clippy::too_many_arguments)] // the router's parameters, as the config gives them
+fn grouped_top_k(
+    row: &[f32],
+    score_bias: Option<&[f32]>,
+    top_k: usize,
+    scoring: GroupScoring,
+    groups: usize,
+    topk_groups: usize,
+    renormalize: bool,
+    scaling: f32,
+) -> TokenRoute {
+    let scores: Vec<f32> = match scoring {
+        GroupScoring::SoftmaxMax => softmax(row),
+        GroupScoring::SigmoidSumTop2 => row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+    };
+    let choice: Vec<f32> = match score_bias {
+        Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
+        None => scores.clone(),
+    };
+    let per_group = row.len() / groups.max(1);
+    let group_scores: Vec<f32> = choice
+        .chunks_exact(per_group)
+        .map(|g| match scoring {
+            GroupScoring::SoftmaxMax => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            GroupScoring::SigmoidSumTop2 => {
+                let order = descending(g);
+                order.iter().take(2).map(|&i| g[i]).sum()
+            }
+        })
+        .collect();
+    let mut kept = vec![false; groups.max(1)];
+    for g in descending(&group_scores).into_iter().take(topk_groups) {
+        kept[g] = true;
+    }
+    // transformers fills the dropped groups with 0.0 (not -inf) before its top-k.
+    let masked: Vec<f32> = choice.iter().enumerate().map(|(e, &s)| if kept[e / per_group] { s } else { 0.0 }).collect();
+    let mut order = descending(&masked);
+    order.truncate(top_k);
+    let mut weights: Vec<f32> = order.iter().map(|&e| scores[e]).collect();
+    if renormalize {
+        let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+        weights.iter_mut().for_each(|w| *w /= sum);
+    }
+    weights.iter_mut().for_each(|w| *w *= scaling);
+    TokenRoute { experts: order.into_iter().map(|e| e as u32).collect(), weights }
+}
+
 fn softmax_top_k(row: &[f32], top_k: usize, renormalize: bool) -> TokenRoute {
     let probs = softmax(row);
-    let mut order: Vec<usize> = (0..row.len()).collect();
-    // Stable: equal probabilities keep the lower expert index first, as torch.topk does on CPU.
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let mut order = descending(&probs);
     order.truncate(top_k);
     let mut weights: Vec<f32> = order.iter().map(|&e| probs[e]).collect();
     if renormalize {
@@ -51,7 +116,7 @@ mod tests {
 
     #[test]
     fn top_k_picks_the_largest_logits_in_descending_order() {
-        let routes = route(&[0.1, 2.0, -1.0, 1.0], 4, 2, RouterKind::SoftmaxTopK { renormalize: false });
+        let routes = route(&[0.1, 2.0, -1.0, 1.0], None, 4, 2, RouterKind::SoftmaxTopK { renormalize: false });
         assert_eq!(routes[0].experts, vec![1, 3]);
         let p = softmax(&[0.1, 2.0, -1.0, 1.0]);
         assert_eq!(routes[0].weights, vec![p[1], p[3]]);
@@ -59,7 +124,7 @@ mod tests {
 
     #[test]
     fn renormalised_weights_sum_to_one_and_equal_softmax_over_the_top_k() {
-        let routes = route(&[0.1, 2.0, -1.0, 1.0], 4, 2, RouterKind::SoftmaxTopK { renormalize: true });
+        let routes = route(&[0.1, 2.0, -1.0, 1.0], None, 4, 2, RouterKind::SoftmaxTopK { renormalize: true });
         let w = &routes[0].weights;
         assert!((w[0] + w[1] - 1.0).abs() < 1e-6);
         let top = softmax(&[2.0, 1.0]);
@@ -68,9 +133,52 @@ mod tests {
 
     #[test]
     fn each_row_is_routed_independently() {
-        let routes = route(&[5.0, 0.0, 0.0, 5.0], 2, 1, RouterKind::SoftmaxTopK { renormalize: true });
+        let routes = route(&[5.0, 0.0, 0.0, 5.0], None, 2, 1, RouterKind::SoftmaxTopK { renormalize: true });
         assert_eq!(routes[0].experts, vec![0]);
         assert_eq!(routes[1].experts, vec![1]);
         assert_eq!(routes[1].weights, vec![1.0]);
+    }
+
+    fn grouped(scoring: GroupScoring, renormalize: bool) -> RouterKind {
+        RouterKind::Grouped { scoring, groups: 2, topk_groups: 1, renormalize, scaling: 2.0 }
+    }
+
+    /// V2: the best group holds the single best expert, so the second best overall (in the
+    /// other group) loses to the best group's runner-up; weights are raw probabilities x 2.
+    #[test]
+    fn v2_keeps_only_the_best_groups_and_scales_raw_probabilities() {
+        let logits = [3.0, 1.0, 0.0, 2.5];
+        let r = &route(&logits, None, 4, 2, grouped(GroupScoring::SoftmaxMax, false))[0];
+        assert_eq!(r.experts, vec![0, 1]);
+        let p = softmax(&logits);
+        assert_eq!(r.weights, vec![p[0] * 2.0, p[1] * 2.0]);
+    }
+
+    /// V3: the bias decides selection and group ranking, the unbiased sigmoid sets the weight.
+    #[test]
+    fn v3_selects_on_biased_scores_and_weights_by_unbiased_ones() {
+        let logits = [0.0, 0.0, 1.0, 1.0];
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let bias = [1.0, 0.5, 0.0, 0.0];
+        let r = &route(&logits, Some(&bias), 4, 2, grouped(GroupScoring::SigmoidSumTop2, true))[0];
+        assert_eq!(r.experts, vec![0, 1]);
+        let (a, b) = (sig(0.0), sig(0.0));
+        assert!((r.weights[0] - 2.0 * a / (a + b)).abs() < 1e-6);
+        // Without the bias group 1 wins.
+        let r = &route(&logits, None, 4, 2, grouped(GroupScoring::SigmoidSumTop2, false))[0];
+        assert_eq!(r.experts, vec![2, 3]);
+        assert_eq!(r.weights, vec![2.0 * sig(1.0), 2.0 * sig(1.0)]);
+    }
+
+    /// Dropped groups count as 0, as in transformers: a negative biased score in a kept group
+    /// loses to an expert of a dropped group.
+    #[test]
+    fn dropped_groups_score_zero_not_minus_infinity() {
+        let logits = [0.0, 0.0, 0.0, 0.0];
+        let bias = [-0.4, -0.9, -2.0, -2.0];
+        let r = &route(&logits, Some(&bias), 4, 2, grouped(GroupScoring::SigmoidSumTop2, false))[0];
+        // Group 0 is kept (0.1 + -0.4 > -3); its expert 0 scores 0.1, expert 1 scores -0.4, and
+        // the dropped group's experts score 0.0.
+        assert_eq!(r.experts, vec![0, 2]);
     }
 }

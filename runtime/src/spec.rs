@@ -9,6 +9,32 @@ pub enum RopeScaling {
     Linear {
         factor: f32,
     },
+    /// YaRN (`rope_type: "yarn"`): low frequencies interpolated by `factor`, high ones kept, a
+    /// linear ramp between the correction dimensions of `beta_fast` and `beta_slow` rotations
+    /// over `original_max_position_embeddings`; cos and sin are multiplied by
+    /// `attention_factor`.
+    Yarn(YarnSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct YarnSpec {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Resolved: the config's `attention_factor`, else from `mscale` / `mscale_all_dim`.
+    pub attention_factor: f64,
+    /// Round the correction range outward to whole dimensions (transformers' default).
+    pub truncate: bool,
+    /// `mscale_all_dim` as given (DeepSeek-V3 also scales its softmax by it).
+    pub mscale_all_dim: Option<f64>,
+}
+
+impl YarnSpec {
+    /// DeepSeek's and transformers' `yarn_get_mscale`.
+    pub fn mscale(factor: f64, mscale: f64) -> f64 {
+        if factor <= 1.0 { 1.0 } else { 0.1 * mscale * factor.ln() + 1.0 }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -27,6 +53,31 @@ pub enum QkNorm {
     WholeProjection,
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3): keys and values are expanded per head from a
+/// shared latent of `kv_lora_rank` plus one RoPE key of `qk_rope_head_dim` shared by every head;
+/// the KV cache holds only the latent and the rope key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MlaSpec {
+    /// Queries through `q_a_proj` -> RMSNorm -> `q_b_proj` (V3) rather than one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Rope lanes rotate as adjacent pairs (DeepSeek's layout); the loader permutes the rope
+    /// rows of the projections so that the runtime's rotate-half RoPE gives the same scores.
+    pub rope_interleaved: bool,
+    /// Multiplies the attention scores (`(qk_nope + qk_rope)^-0.5`, times mscale^2 under V3's
+    /// YaRN).
+    pub softmax_scale: f32,
+}
+
+impl MlaSpec {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttentionSpec {
     pub num_heads: usize,
@@ -39,14 +90,65 @@ pub struct AttentionSpec {
     pub clip_qkv: Option<f32>,
     /// Keys older than this many positions are masked (Mixtral's `sliding_window`).
     pub sliding_window: Option<usize>,
+    /// Multi-head latent attention; `head_dim` is then the q/k head size (nope + rope).
+    pub mla: Option<MlaSpec>,
+}
+
+impl AttentionSpec {
+    /// Lanes of each head that RoPE rotates.
+    pub fn rope_dim(&self) -> usize {
+        self.mla.as_ref().map_or(self.head_dim, |m| m.qk_rope_head_dim)
+    }
+
+    /// Floats the KV cache keeps per token and layer: keys and values of every KV head, or
+    /// MLA's latent and rope key.
+    pub fn kv_elements_per_token(&self) -> usize {
+        match &self.mla {
+            None => 2 * self.num_kv_heads * self.head_dim,
+            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+        }
+    }
+
+    /// What the cache would keep per token and layer with keys and values expanded per head
+    /// (for MLA, what caching the latent saves).
+    pub fn kv_elements_per_token_expanded(&self) -> usize {
+        match &self.mla {
+            None => self.kv_elements_per_token(),
+            Some(m) => self.num_heads * (m.qk_head_dim() + m.v_head_dim),
+        }
+    }
 }
 
 /// How router logits become expert choices and weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub enum RouterKind {
     /// Softmax over all experts in f32, top-k; with `renormalize`, the k weights are divided by
     /// their sum (Mixtral always; Qwen/OLMoE when `norm_topk_prob`).
     SoftmaxTopK { renormalize: bool },
+    /// DeepSeek's group-limited routing. Experts form `groups` equal groups; each group scores
+    /// (V2: its best expert; V3: the sum of its best two), the best `topk_groups` groups are
+    /// kept, and top-k is taken over their experts (the others count as score 0, as in
+    /// transformers). V2 scores by softmax and weights by the raw probabilities; V3 scores by
+    /// sigmoid, selects on score + `e_score_correction_bias`, and weights by the unbiased scores,
+    /// renormalised when `renormalize`. Weights are then multiplied by `scaling`
+    /// (`routed_scaling_factor`). V2's "greedy" method is one group.
+    Grouped { scoring: GroupScoring, groups: usize, topk_groups: usize, renormalize: bool, scaling: f32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum GroupScoring {
+    /// DeepSeek-V2: softmax scores, a group scores its maximum.
+    SoftmaxMax,
+    /// DeepSeek-V3: sigmoid scores plus a per-expert correction bias, a group scores the sum of
+    /// its top two.
+    SigmoidSumTop2,
+}
+
+impl RouterKind {
+    /// Whether the router has a per-expert selection bias (`e_score_correction_bias`).
+    pub fn has_score_bias(&self) -> bool {
+        matches!(self, Self::Grouped { scoring: GroupScoring::SigmoidSumTop2, .. })
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -207,7 +309,15 @@ impl ModelSpec {
         let a = &self.attention;
         let q = a.num_heads * a.head_dim;
         let kv = a.num_kv_heads * a.head_dim;
-        let mut attn = h * q + 2 * h * kv + q * h;
+        let mut attn = match &a.mla {
+            None => h * q + 2 * h * kv + q * h,
+            Some(m) => {
+                let query = m.q_lora_rank.map_or(h * q, |r| h * r + r + r * q);
+                let kv_a = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank;
+                let kv_b = m.kv_lora_rank * a.num_heads * (m.qk_nope_head_dim + m.v_head_dim);
+                query + kv_a + kv_b + a.num_heads * m.v_head_dim * h
+            }
+        };
         if a.qkv_bias {
             attn += q + 2 * kv;
         }

@@ -13,6 +13,23 @@ pub fn run(args: InfoArgs) -> Result<()> {
     let moe_layers = spec.layers.iter().filter(|f| matches!(f, FfnKind::Moe)).count();
     let resident = spec.resident_params();
     let experts = spec.expert_params_total();
+    let a = &spec.attention;
+    // KV cache bytes per token over all layers, in the f32 the graph keeps it in.
+    let kv_bytes = spec.num_layers() * a.kv_elements_per_token() * 4;
+    let kv_expanded = spec.num_layers() * a.kv_elements_per_token_expanded() * 4;
+    let attention = match &a.mla {
+        None => format!("{} heads, {} KV heads, head_dim {}", a.num_heads, a.num_kv_heads, a.head_dim),
+        Some(m) => format!(
+            "MLA: {} heads, kv_lora_rank {}, q_lora_rank {}, qk {}+{} (nope+rope), v {}",
+            a.num_heads,
+            m.kv_lora_rank,
+            m.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        ),
+    };
+    let expert_format = expert_format(&opened);
     // The graph computes in f32: 4 bytes per parameter on the GPU.
     let value = serde_json::json!({
         "folder": folder,
@@ -32,6 +49,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
         "resident_bytes_f32": resident * 4,
         "expert_bytes_f32": experts * 4,
         "checkpoint_bytes": opened.weights.total_bytes(),
+        "kv_bytes_per_token_f32": kv_bytes,
+        "kv_bytes_per_token_f32_expanded": kv_expanded,
+        "expert_format": expert_format,
         "spec": spec,
     });
     if args.json {
@@ -44,6 +64,19 @@ pub fn run(args: InfoArgs) -> Result<()> {
     println!("layers        {} ({} MoE)", spec.num_layers(), moe_layers);
     println!("experts       {} per layer, top-{}", spec.moe.num_experts, spec.moe.top_k);
     println!("hidden/vocab  {} / {}", spec.hidden_size, spec.vocab_size);
+    println!("attention     {attention}");
+    if a.mla.is_some() {
+        println!(
+            "KV cache      {} B/token (f32, latent + rope key; {} B expanded per head, {:.1}x saved)",
+            kv_bytes,
+            kv_expanded,
+            kv_expanded as f64 / kv_bytes.max(1) as f64
+        );
+    } else {
+        println!("KV cache      {kv_bytes} B/token (f32)");
+    }
+    println!("router        {:?}", spec.moe.router);
+    println!("experts on disk  {expert_format}");
     println!("context       {} tokens", spec.max_position_embeddings);
     println!("parameters    {} ({} resident, {} in routed experts)", resident + experts, resident, experts);
     println!(
@@ -54,4 +87,17 @@ pub fn run(args: InfoArgs) -> Result<()> {
     );
     println!("checkpoint    {:.2} MiB on disk", mib(opened.weights.total_bytes()));
     Ok(())
+}
+
+/// How the first routed expert is stored in the checkpoint (`BF16`, `F32`, ...), or "none".
+fn expert_format(opened: &ferry_models::ModelFolder) -> String {
+    let spec = &opened.spec;
+    let Some(layer) = spec.layers.iter().position(|f| matches!(f, FfnKind::Moe)) else {
+        return "none".into();
+    };
+    let [gate, ..] = spec.names.expert_weights(layer, 0);
+    match opened.weights.tensor(&gate) {
+        Some(t) => format!("{:?}", t.dtype),
+        None => "missing".into(),
+    }
 }

@@ -112,30 +112,42 @@ impl Attention {
         (self.o.forward(out), received)
     }
 
-    /// True where query `i` (at position `start + i`) must not see key position `j`: the future,
-    /// and keys outside the sliding window.
     fn hidden(&self, start: usize, i: usize, j: usize) -> bool {
-        let pos = start + i;
-        j > pos || self.spec.sliding_window.is_some_and(|w| pos >= w && j <= pos - w)
+        hidden(self.spec.sliding_window, start, i, j)
     }
 
-    /// `hidden` for every (head, query, key). `None` when nothing is masked (one token, no window).
     fn mask(&self, start: usize, tokens: usize, device: &Device) -> Option<Tensor<3, Bool>> {
-        let total = start + tokens;
-        let hidden = |i: usize, j: usize| self.hidden(start, i, j);
-        let any = (0..tokens).any(|i| (0..total).any(|j| hidden(i, j)));
-        if !any {
-            return None;
-        }
-        let heads = self.spec.num_heads;
-        let mut values = Vec::with_capacity(heads * tokens * total);
-        for _ in 0..heads {
-            for i in 0..tokens {
-                values.extend((0..total).map(|j| hidden(i, j)));
-            }
-        }
-        Some(Tensor::from_data(TensorData::new(values, [heads, tokens, total]), device))
+        causal_mask(self.spec.num_heads, self.spec.sliding_window, start, tokens, device)
     }
+}
+
+/// True where query `i` (at position `start + i`) must not see key position `j`: the future,
+/// and keys outside the sliding window.
+pub fn hidden(window: Option<usize>, start: usize, i: usize, j: usize) -> bool {
+    let pos = start + i;
+    j > pos || window.is_some_and(|w| pos >= w && j <= pos - w)
+}
+
+/// `hidden` for every (head, query, key). `None` when nothing is masked (one token, no window).
+pub fn causal_mask(
+    heads: usize,
+    window: Option<usize>,
+    start: usize,
+    tokens: usize,
+    device: &Device,
+) -> Option<Tensor<3, Bool>> {
+    let total = start + tokens;
+    let any = (0..tokens).any(|i| (0..total).any(|j| hidden(window, start, i, j)));
+    if !any {
+        return None;
+    }
+    let mut values = Vec::with_capacity(heads * tokens * total);
+    for _ in 0..heads {
+        for i in 0..tokens {
+            values.extend((0..total).map(|j| hidden(window, start, i, j)));
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(values, [heads, tokens, total]), device))
 }
 
 /// Attention received by each token of a pass, relative to a uniform share: `[tokens, 1]`, from

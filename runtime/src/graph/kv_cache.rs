@@ -3,7 +3,8 @@
 use burn::tensor::{Device, Tensor};
 
 /// Keys and values `[kv_heads, capacity, head_dim]` for every layer, plus how many positions
-/// are filled.
+/// are filled. MLA layers keep their latent as the "keys" `[1, capacity, kv_lora_rank]` and the
+/// shared rope key as the "values" `[1, capacity, qk_rope_head_dim]`.
 pub struct KvCache {
     keys: Vec<Option<Tensor<3>>>,
     values: Vec<Option<Tensor<3>>>,
@@ -12,11 +13,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize, device: &Device) -> Self {
-        let empty = || Some(Tensor::zeros([kv_heads, capacity, head_dim], device));
+    /// `keys` and `values` are the `[heads, dim]` of one layer's two cached tensors.
+    pub fn new(layers: usize, keys: [usize; 2], values: [usize; 2], capacity: usize, device: &Device) -> Self {
+        let empty = |[heads, dim]: [usize; 2]| Some(Tensor::zeros([heads, capacity, dim], device));
         Self {
-            keys: (0..layers).map(|_| empty()).collect(),
-            values: (0..layers).map(|_| empty()).collect(),
+            keys: (0..layers).map(|_| empty(keys)).collect(),
+            values: (0..layers).map(|_| empty(values)).collect(),
             capacity,
             len: 0,
         }
@@ -39,15 +41,18 @@ impl KvCache {
     /// Writes `k`, `v` `[kv_heads, tokens, head_dim]` at the current end and returns all cached
     /// keys and values up to and including them. The cache length moves on in `advance`.
     pub fn append(&mut self, layer: usize, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
-        let [heads, tokens, dim] = k.dims();
-        let range = [0..heads, self.len..self.len + tokens, 0..dim];
-        let filled = [0..heads, 0..self.len + tokens, 0..dim];
-        // Taking the tensor out leaves it uniquely owned, so slice_assign can write in place.
-        let keys = self.keys[layer].take().expect("kv cache layer in use").slice_assign(range.clone(), k);
-        let values = self.values[layer].take().expect("kv cache layer in use").slice_assign(range, v);
-        self.keys[layer] = Some(keys.clone());
-        self.values[layer] = Some(values.clone());
-        (keys.slice(filled.clone()), values.slice(filled))
+        let (start, end) = (self.len, self.len + k.dims()[1]);
+        let write = |t: Tensor<3>, new: Tensor<3>| {
+            let [heads, _, dim] = new.dims();
+            // Taking the tensor out leaves it uniquely owned, so slice_assign writes in place.
+            let t = t.slice_assign([0..heads, start..end, 0..dim], new);
+            (t.clone(), t.slice([0..heads, 0..end, 0..dim]))
+        };
+        let (keys, filled_keys) = write(self.keys[layer].take().expect("kv cache layer in use"), k);
+        let (values, filled_values) = write(self.values[layer].take().expect("kv cache layer in use"), v);
+        self.keys[layer] = Some(keys);
+        self.values[layer] = Some(values);
+        (filled_keys, filled_values)
     }
 
     /// Marks `tokens` more positions as filled, after every layer has appended them.

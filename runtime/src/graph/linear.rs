@@ -43,11 +43,32 @@ impl Loader<'_> {
 
     /// A linear layer stored HF-style as `{prefix}.weight` `[out, in]` (and `{prefix}.bias`).
     pub fn linear(&self, prefix: &str, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
+        self.linear_rows(prefix, inputs, outputs, bias, None)
+    }
+
+    /// `linear` with its outputs reordered: output `i` is the checkpoint's output `rows[i]`.
+    pub fn linear_rows(
+        &self,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+        bias: bool,
+        rows: Option<&[usize]>,
+    ) -> Result<Linear> {
+        let reorder = |values: Vec<f32>, width: usize| match rows {
+            None => values,
+            Some(rows) => rows.iter().flat_map(|&r| values[r * width..(r + 1) * width].iter().copied()).collect(),
+        };
         let name = format!("{prefix}.weight");
-        let weight = self.store.f32(&name, &[outputs, inputs])?;
+        let weight = reorder(self.store.f32(&name, &[outputs, inputs])?, inputs);
         let weight_t =
             Tensor::from_data(TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]), self.device);
-        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), outputs)?) } else { None };
+        let bias = if bias {
+            let values = reorder(self.store.f32(&format!("{prefix}.bias"), &[outputs])?, 1);
+            Some(Tensor::from_data(TensorData::new(values, [outputs]), self.device))
+        } else {
+            None
+        };
         Ok(Linear { weight_t, bias })
     }
 }

@@ -7,6 +7,7 @@ mod attention;
 mod ffn;
 mod kv_cache;
 mod linear;
+mod mla;
 mod model;
 mod moe;
 mod mole;

@@ -8,6 +8,7 @@ use super::attention::Attention;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
 use super::linear::Loader;
+use super::mla::MlaAttention;
 use super::moe::{MoeBlock, PreGate};
 use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
@@ -89,9 +90,32 @@ enum Ffn {
     Mole(Box<MoleBlock>),
 }
 
+/// Grouped-query attention, or DeepSeek's multi-head latent attention.
+enum AttentionBlock {
+    Standard(Box<Attention>),
+    Latent(Box<MlaAttention>),
+}
+
+impl AttentionBlock {
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        layer: usize,
+        cache: &mut KvCache,
+        rope_tables: &(Tensor<3>, Tensor<3>),
+        want_received: bool,
+        device: &Device,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
+        match self {
+            Self::Standard(a) => a.forward(x, layer, cache, rope_tables, want_received, device),
+            Self::Latent(a) => a.forward(x, layer, cache, rope_tables, want_received, device),
+        }
+    }
+}
+
 struct Layer {
     input_norm: Tensor<1>,
-    attention: Attention,
+    attention: AttentionBlock,
     post_attention_norm: Tensor<1>,
     ffn: Ffn,
 }
@@ -179,7 +203,10 @@ impl Model {
                 };
                 Ok(Layer {
                     input_norm: loader.vector(&names.layer(l, &names.input_norm), h)?,
-                    attention: Attention::load(&loader, &spec, l)?,
+                    attention: match &spec.attention.mla {
+                        None => AttentionBlock::Standard(Box::new(Attention::load(&loader, &spec, l)?)),
+                        Some(m) => AttentionBlock::Latent(Box::new(MlaAttention::load(&loader, &spec, m, l)?)),
+                    },
                     post_attention_norm: loader.vector(&names.layer(l, &names.post_attention_norm), h)?,
                     ffn,
                 })
@@ -187,7 +214,7 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let mut layers = layers;
         link_pregates(&mut layers, &loader, &spec)?;
-        let rope = Rope::new(&spec.rope, spec.attention.head_dim);
+        let rope = Rope::new(&spec.rope, spec.attention.rope_dim());
         let mut experts = ExpertCache::new(expert_store, device, plan, options.policy, options.page_bytes)?;
         experts.set_link(options.link);
         experts.set_big_little(options.big_little);
@@ -275,7 +302,11 @@ impl Model {
             return Err(FerryError::ContextExceeded { prompt: capacity, new: 0, context });
         }
         let a = &self.spec.attention;
-        Ok(KvCache::new(self.layers.len(), a.num_kv_heads, a.head_dim, capacity, &self.device))
+        let (keys, values) = match &a.mla {
+            None => ([a.num_kv_heads, a.head_dim], [a.num_kv_heads, a.head_dim]),
+            Some(m) => ([1, m.kv_lora_rank], [1, m.qk_rope_head_dim]),
+        };
+        Ok(KvCache::new(self.layers.len(), keys, values, capacity, &self.device))
     }
 
     /// Runs `ids` at the positions after what `cache` holds, appending their keys and values.
@@ -378,16 +409,15 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
     for pair in moe.windows(2) {
         let (from, to) = (pair[0], pair[1]);
         let trained_name = spec.names.layer(from, "mlp.pre_gate");
+        let Ffn::Moe(target) = &layers[to].ffn else { continue };
+        let score_bias = target.score_bias().map(<[f32]>::to_vec);
         let (router, trained) = if loader.store.contains(&format!("{trained_name}.weight")) {
             (loader.linear(&trained_name, spec.hidden_size, spec.moe.num_experts, false)?, true)
         } else {
-            match &layers[to].ffn {
-                Ffn::Moe(block) => (block.router().clone(), false),
-                Ffn::Dense(_) | Ffn::Mole(_) => continue,
-            }
+            (target.router().clone(), false)
         };
         if let Ffn::Moe(block) = &mut layers[from].ffn {
-            block.set_pregate(PreGate { target: to, router, trained });
+            block.set_pregate(PreGate { target: to, router, trained, score_bias });
         }
     }
     Ok(())

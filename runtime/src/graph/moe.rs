@@ -28,12 +28,17 @@ pub struct PreGate {
     /// That layer's router (plug-and-play), or a trained pre-gate from the checkpoint.
     pub router: Linear,
     pub trained: bool,
+    /// The target layer's selection bias (DeepSeek-V3), so that the prediction follows its
+    /// routing rule.
+    pub score_bias: Option<Vec<f32>>,
 }
 
 /// Router and shared expert of one layer; the routed experts live in the `ExpertCache`.
 pub struct MoeBlock {
     layer: usize,
     router: Linear,
+    /// Per-expert selection bias (DeepSeek-V3's `e_score_correction_bias`).
+    score_bias: Option<Vec<f32>>,
     pregate: Option<PreGate>,
     shared: Option<SharedExpert>,
     num_experts: usize,
@@ -51,7 +56,13 @@ impl MoeBlock {
         let h = spec.hidden_size;
         let moe = &spec.moe;
         let router_name = names.layer(layer, &names.router);
-        let router = loader.linear(router_name.trim_end_matches(".weight"), h, moe.num_experts, false)?;
+        let router_prefix = router_name.trim_end_matches(".weight");
+        let router = loader.linear(router_prefix, h, moe.num_experts, false)?;
+        let score_bias = if moe.router.has_score_bias() {
+            Some(loader.store.f32(&format!("{router_prefix}.e_score_correction_bias"), &[moe.num_experts])?)
+        } else {
+            None
+        };
         let shared = match &moe.shared_expert {
             None => None,
             Some(s) => {
@@ -71,6 +82,7 @@ impl MoeBlock {
         Ok(Self {
             layer,
             router,
+            score_bias,
             pregate: None,
             shared,
             num_experts: moe.num_experts,
@@ -81,6 +93,10 @@ impl MoeBlock {
 
     pub fn router(&self) -> &Linear {
         &self.router
+    }
+
+    pub fn score_bias(&self) -> Option<&[f32]> {
+        self.score_bias.as_deref()
     }
 
     pub fn set_pregate(&mut self, pregate: PreGate) {
@@ -129,7 +145,7 @@ impl MoeBlock {
         let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
         let received: Option<Vec<f32>> =
             has_received.then(|| logits.chunks_exact(width).map(|row| row[width - 1]).collect());
-        let mut routes = route(&own, self.num_experts, self.top_k, self.kind);
+        let mut routes = route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind);
         experts.select_big_little(self.layer, &mut routes, &own, self.num_experts, received.as_deref())?;
 
         let k = self.top_k;
@@ -146,8 +162,7 @@ impl MoeBlock {
                 .flat_map(|row| &row[self.num_experts..self.num_experts + targets])
                 .copied()
                 .collect();
-            let per_token =
-                self.staged_per_token(experts, p.target, &predicted, targets, predict_k, received.as_deref());
+            let per_token = self.staged_per_token(experts, p, &predicted, targets, predict_k, received.as_deref());
             let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
             unique.sort_unstable();
             unique.dedup();
@@ -201,13 +216,15 @@ impl MoeBlock {
     fn staged_per_token(
         &self,
         experts: &mut ExpertCache,
-        target: usize,
+        pregate: &PreGate,
         predicted: &[f32],
         targets: usize,
         predict_k: usize,
         received: Option<&[f32]>,
     ) -> Vec<Vec<u32>> {
-        let routes = route(predicted, targets, predict_k.min(targets), self.kind);
+        // The target's routing rule (all MoE layers of a model share the router kind).
+        let target = pregate.target;
+        let routes = route(predicted, pregate.score_bias.as_deref(), targets, predict_k.min(targets), self.kind);
         let top_k: Vec<TokenRoute> = routes
             .iter()
             .map(|r| {

@@ -1,0 +1,144 @@
+//! Multi-head latent attention (DeepSeek-V2/V3). Each token's keys and values come from a
+//! latent of `kv_lora_rank` (RMSNorm'd) expanded per head by `kv_b_proj`, plus one rope key
+//! shared by all heads. The cache keeps only the latent and the rope key, and every pass
+//! re-expands the cached latents; that costs `kv_b_proj` over the whole context per step, which
+//! an absorbed-weight decode would avoid.
+//!
+//! DeepSeek's RoPE rotates adjacent lane pairs (2i, 2i+1). Loading reorders the rope rows of the
+//! query and `kv_a_proj_with_mqa` projections to (evens, odds), which turns that into the
+//! runtime's rotate-half RoPE; the scores are unchanged, since queries and keys are permuted
+//! alike.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor};
+
+use super::attention::{causal_mask, hidden, received_attention};
+use super::kv_cache::KvCache;
+use super::linear::{Linear, Loader};
+use super::norm::rms_norm;
+use super::rope;
+use crate::error::Result;
+use crate::spec::{MlaSpec, ModelSpec};
+
+/// transformers builds `q_a_layernorm` and `kv_a_layernorm` without passing `rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+pub struct MlaAttention {
+    spec: MlaSpec,
+    heads: usize,
+    /// q-LoRA's down projection and its norm (`q_a_proj`, `q_a_layernorm`), when present.
+    q_lora: Option<(Linear, Tensor<1>)>,
+    /// `q_proj`, or q-LoRA's `q_b_proj`.
+    q: Linear,
+    kv_a: Linear,
+    kv_a_norm: Tensor<1>,
+    kv_b: Linear,
+    o: Linear,
+}
+
+impl MlaAttention {
+    pub fn load(loader: &Loader, spec: &ModelSpec, m: &MlaSpec, layer: usize) -> Result<Self> {
+        let a = &spec.attention;
+        let (h, heads) = (spec.hidden_size, a.num_heads);
+        let prefix = spec.names.layer(layer, &spec.names.attention);
+        let bias = a.qkv_bias;
+        let qk = m.qk_head_dim();
+        let q_rows: Option<Vec<usize>> = m.rope_interleaved.then(|| {
+            (0..heads).flat_map(|head| deinterleave(head * qk, m.qk_nope_head_dim, m.qk_rope_head_dim)).collect()
+        });
+        let (q_lora, q) = match m.q_lora_rank {
+            None => (None, loader.linear_rows(&format!("{prefix}.q_proj"), h, heads * qk, false, q_rows.as_deref())?),
+            Some(r) => (
+                Some((
+                    loader.linear(&format!("{prefix}.q_a_proj"), h, r, bias)?,
+                    loader.vector(&format!("{prefix}.q_a_layernorm.weight"), r)?,
+                )),
+                loader.linear_rows(&format!("{prefix}.q_b_proj"), r, heads * qk, false, q_rows.as_deref())?,
+            ),
+        };
+        let latent = m.kv_lora_rank + m.qk_rope_head_dim;
+        let kv_rows = m.rope_interleaved.then(|| deinterleave(0, m.kv_lora_rank, m.qk_rope_head_dim));
+        Ok(Self {
+            q_lora,
+            q,
+            kv_a: loader.linear_rows(&format!("{prefix}.kv_a_proj_with_mqa"), h, latent, bias, kv_rows.as_deref())?,
+            kv_a_norm: loader.vector(&format!("{prefix}.kv_a_layernorm.weight"), m.kv_lora_rank)?,
+            kv_b: loader.linear(
+                &format!("{prefix}.kv_b_proj"),
+                m.kv_lora_rank,
+                heads * (m.qk_nope_head_dim + m.v_head_dim),
+                false,
+            )?,
+            o: loader.linear(&format!("{prefix}.o_proj"), heads * m.v_head_dim, h, a.o_bias)?,
+            heads,
+            spec: m.clone(),
+        })
+    }
+
+    /// As `Attention::forward`: `x` `[tokens, hidden]` at positions `cache.len()..`.
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        layer: usize,
+        cache: &mut KvCache,
+        rope_tables: &(Tensor<3>, Tensor<3>),
+        want_received: bool,
+        device: &Device,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
+        let m = &self.spec;
+        let heads = self.heads;
+        let [tokens, _] = x.dims();
+        let (nope, rope_dim, r) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
+        let qk = nope + rope_dim;
+        let q_in = match &self.q_lora {
+            None => x.clone(),
+            Some((a, norm)) => rms_norm(a.forward(x.clone()), norm, LATENT_NORM_EPS),
+        };
+        let q = self.q.forward(q_in).reshape([tokens, heads, qk]);
+        let (cos, sin) = rope_tables;
+        let q_nope = q.clone().slice([0..tokens, 0..heads, 0..nope]);
+        let q_pe = rope::apply(q.slice([0..tokens, 0..heads, nope..qk]), cos, sin);
+        let q = Tensor::cat(vec![q_nope, q_pe], 2).swap_dims(0, 1); // [heads, tokens, qk]
+
+        let compressed = self.kv_a.forward(x);
+        let latent = rms_norm(compressed.clone().slice([0..tokens, 0..r]), &self.kv_a_norm, LATENT_NORM_EPS);
+        let k_pe = rope::apply(compressed.slice([0..tokens, r..r + rope_dim]).reshape([tokens, 1, rope_dim]), cos, sin);
+        let start = cache.len();
+        let total = start + tokens;
+        let (latents, k_pes) = cache.append(layer, latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1));
+
+        // Expand every cached latent: [total, heads, nope + v] -> keys and values per head.
+        let kv = self.kv_b.forward(latents.reshape([total, r])).reshape([total, heads, nope + m.v_head_dim]);
+        let k_nope = kv.clone().slice([0..total, 0..heads, 0..nope]).swap_dims(0, 1);
+        let values = kv.slice([0..total, 0..heads, nope..nope + m.v_head_dim]).swap_dims(0, 1);
+        let keys = Tensor::cat(vec![k_nope, k_pes.repeat_dim(0, heads)], 2); // [heads, total, qk]
+
+        let mut scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(m.softmax_scale);
+        if let Some(mask) = causal_mask(heads, None, start, tokens, device) {
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        let probs = softmax(scores, 2);
+        let received =
+            want_received.then(|| received_attention(probs.clone(), start, |i, j| !hidden(None, start, i, j), device));
+        let out = probs.matmul(values).swap_dims(0, 1).reshape([tokens, heads * m.v_head_dim]);
+        (self.o.forward(out), received)
+    }
+}
+
+/// Output rows for one `[skip | rope]` block at `offset`: the first `skip` rows as they are, then
+/// the rope lanes' even rows followed by their odd rows.
+fn deinterleave(offset: usize, skip: usize, rope: usize) -> Vec<usize> {
+    let lanes = offset + skip;
+    (offset..lanes)
+        .chain((0..rope).step_by(2).map(|i| lanes + i))
+        .chain((1..rope).step_by(2).map(|i| lanes + i))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deinterleave_puts_even_rope_lanes_first() {
+        assert_eq!(super::deinterleave(10, 2, 6), vec![10, 11, 12, 14, 16, 13, 15, 17]);
+    }
+}
