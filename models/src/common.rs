@@ -2,7 +2,9 @@
 //! Family files start from `decoder` and change only what differs.
 
 use ferry_runtime::error::Result;
-use ferry_runtime::spec::{AttentionSpec, FfnKind, ModelSpec, MoeSpec, QkNorm, RouterKind, TensorNames};
+use ferry_runtime::spec::{
+    AttentionSpec, ExpertActivation, ExpertLayout, FfnKind, ModelSpec, MoeSpec, QkNorm, RouterKind, TensorNames,
+};
 
 use crate::config::HfConfig;
 
@@ -34,6 +36,8 @@ pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<Model
             clip_qkv: None,
             sliding_window: None,
             mla: None,
+            sinks: false,
+            sliding_layers: None,
         },
         moe: MoeSpec {
             num_experts: 0,
@@ -41,6 +45,10 @@ pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<Model
             expert_intermediate_size: 0,
             router: RouterKind::SoftmaxTopK { renormalize: false },
             shared_expert: None,
+            router_bias: false,
+            activation: ExpertActivation::Silu,
+            expert_bias: false,
+            layout: ExpertLayout::PerExpert,
         },
         mole: None,
         layers: vec![FfnKind::Moe; layers],

@@ -96,6 +96,7 @@ fn spec(cfg: &HfConfig, version: Version) -> Result<ModelSpec> {
         router,
         shared_expert: (shared > 0)
             .then_some(SharedExpertSpec { intermediate_size: expert_size * shared, sigmoid_gate: false }),
+        ..spec.moe
     };
     spec.names.shared_expert = "mlp.shared_experts".into();
     let dense_layers = cfg.usize_or("first_k_dense_replace", if version == Version::V2 { 0 } else { 3 })?;

@@ -4,6 +4,7 @@
 mod common;
 pub mod config;
 pub mod deepseek;
+pub mod gpt_oss;
 pub mod mixtral;
 pub mod mole;
 pub mod olmoe;
@@ -30,6 +31,7 @@ pub const FAMILIES: &[(&str, SpecFn)] = &[
     (olmoe::ARCHITECTURE, olmoe::spec),
     (deepseek::ARCHITECTURE_V2, deepseek::spec_v2),
     (deepseek::ARCHITECTURE_V3, deepseek::spec_v3),
+    (gpt_oss::ARCHITECTURE, gpt_oss::spec),
     (mole::ARCHITECTURE, mole::spec),
 ];
 

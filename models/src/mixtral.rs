@@ -21,6 +21,7 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
         expert_intermediate_size: cfg.usize("intermediate_size")?,
         router: RouterKind::SoftmaxTopK { renormalize: true },
         shared_expert: None,
+        ..spec.moe
     };
     let names = &mut spec.names;
     names.router = "block_sparse_moe.gate.weight".into();

@@ -201,6 +201,7 @@ pub fn write_without_lookup_experts(store: &WeightStore, path: &Path) -> Result<
             SourceDtype::F32 => safetensors::Dtype::F32,
             SourceDtype::F16 => safetensors::Dtype::F16,
             SourceDtype::BF16 => safetensors::Dtype::BF16,
+            SourceDtype::U8 => safetensors::Dtype::U8,
         };
         let bytes = store.bytes(tensor);
         total += bytes.len();

@@ -19,6 +19,7 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
         expert_intermediate_size: cfg.usize("intermediate_size")?,
         router: RouterKind::SoftmaxTopK { renormalize: cfg.bool_or("norm_topk_prob", false)? },
         shared_expert: None,
+        ..spec.moe
     };
     Ok(spec)
 }

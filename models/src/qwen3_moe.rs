@@ -23,6 +23,7 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
         expert_intermediate_size: cfg.usize("moe_intermediate_size")?,
         router: RouterKind::SoftmaxTopK { renormalize: cfg.bool_or("norm_topk_prob", false)? },
         shared_expert: None,
+        ..spec.moe
     };
     spec.layers = common::qwen_layer_kinds(cfg, spec.layers.len(), num_experts)?;
     Ok(spec)

@@ -37,7 +37,7 @@ impl DecodeBytes {
         let moe_layers = spec.layers.iter().filter(|l| matches!(l, FfnKind::Moe)).count() as f64;
         let expert = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size) as f64;
         let experts = (experts_per_layer * moe_layers * expert).round() as u64;
-        let kv = (spec.num_layers() * spec.attention.kv_elements_per_token()) as u64 * position as u64;
+        let kv = spec.attention.kv_elements(spec.num_layers(), position) as u64;
         Self { dense: dense * BYTES_PER_VALUE, experts, kv_cache: kv * BYTES_PER_VALUE }
     }
 

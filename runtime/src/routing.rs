@@ -29,6 +29,12 @@ pub fn route(
             RouterKind::Grouped { scoring, groups, topk_groups, renormalize, scaling } => {
                 grouped_top_k(row, score_bias, top_k, scoring, groups, topk_groups, renormalize, scaling)
             }
+            RouterKind::TopKSoftmax => {
+                let mut order = descending(row);
+                order.truncate(top_k);
+                let top: Vec<f32> = order.iter().map(|&e| row[e]).collect();
+                TokenRoute { experts: order.into_iter().map(|e| e as u32).collect(), weights: softmax(&top) }
+            }
         })
         .collect()
 }
@@ -168,6 +174,13 @@ mod tests {
         let r = &route(&logits, None, 4, 2, grouped(GroupScoring::SigmoidSumTop2, false))[0];
         assert_eq!(r.experts, vec![2, 3]);
         assert_eq!(r.weights, vec![2.0 * sig(1.0), 2.0 * sig(1.0)]);
+    }
+
+    #[test]
+    fn top_k_softmax_normalises_over_the_chosen_logits_only() {
+        let r = &route(&[0.5, 3.0, -1.0, 2.0], None, 4, 2, RouterKind::TopKSoftmax)[0];
+        assert_eq!(r.experts, vec![1, 3]);
+        assert_eq!(r.weights, softmax(&[3.0, 2.0]));
     }
 
     /// Dropped groups count as 0, as in transformers: a negative biased score in a kept group

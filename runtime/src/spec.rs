@@ -92,9 +92,20 @@ pub struct AttentionSpec {
     pub sliding_window: Option<usize>,
     /// Multi-head latent attention; `head_dim` is then the q/k head size (nope + rope).
     pub mla: Option<MlaSpec>,
+    /// One learned logit per head joins each softmax and is dropped afterwards (GPT-OSS's
+    /// `self_attn.sinks`).
+    pub sinks: bool,
+    /// Which layers use `sliding_window` (GPT-OSS alternates); None: every layer.
+    pub sliding_layers: Option<Vec<bool>>,
 }
 
 impl AttentionSpec {
+    /// The sliding window of layer `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        let sliding = self.sliding_layers.as_ref().is_none_or(|s| s.get(layer).copied().unwrap_or(false));
+        self.sliding_window.filter(|_| sliding)
+    }
+
     /// Lanes of each head that RoPE rotates.
     pub fn rope_dim(&self) -> usize {
         self.mla.as_ref().map_or(self.head_dim, |m| m.qk_rope_head_dim)
@@ -107,6 +118,13 @@ impl AttentionSpec {
             None => 2 * self.num_kv_heads * self.head_dim,
             Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
         }
+    }
+
+    /// Floats the KV cache holds for `tokens` positions over `layers` layers: windowed layers
+    /// keep at most their window.
+    pub fn kv_elements(&self, layers: usize, tokens: usize) -> usize {
+        (0..layers).map(|l| self.window(l).map_or(tokens, |w| tokens.min(w))).sum::<usize>()
+            * self.kv_elements_per_token()
     }
 
     /// What the cache would keep per token and layer with keys and values expanded per head
@@ -133,6 +151,8 @@ pub enum RouterKind {
     /// renormalised when `renormalize`. Weights are then multiplied by `scaling`
     /// (`routed_scaling_factor`). V2's "greedy" method is one group.
     Grouped { scoring: GroupScoring, groups: usize, topk_groups: usize, renormalize: bool, scaling: f32 },
+    /// GPT-OSS: top-k on the logits (the router has a bias), then softmax over those k.
+    TopKSoftmax,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -158,6 +178,31 @@ pub struct SharedExpertSpec {
     pub sigmoid_gate: bool,
 }
 
+/// The activation between a routed expert's gate/up and down projections.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum ExpertActivation {
+    /// `silu(gate) * up`.
+    Silu,
+    /// GPT-OSS: `g = min(gate, limit)`, `u = clamp(up, -limit, limit)`,
+    /// `(u + 1) * g * sigmoid(alpha * g)`.
+    ClampedSwiglu { limit: f32, alpha: f32 },
+}
+
+/// How routed experts are laid out in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ExpertLayout {
+    /// One `[out, in]` matrix per expert and projection (`TensorNames::expert_weights`).
+    PerExpert,
+    /// GPT-OSS: per layer `gate_up_proj` `[experts, hidden, 2 * inter]` (used as `x @ W`, gate in
+    /// the even columns, up in the odd) and `down_proj` `[experts, inter, hidden]`, with biases
+    /// `gate_up_proj_bias` / `down_proj_bias`, under `TensorNames::fused_experts`.
+    Fused,
+    /// `Fused` stored in MXFP4: `{gate_up,down}_proj_blocks` `[experts, out, in / 32, 16]` (two
+    /// e2m1 codes per byte, low nibble first) and `_scales` `[experts, out, in / 32]` (a power
+    /// of two, exponent biased by 127); biases as in `Fused`.
+    Mxfp4,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MoeSpec {
     pub num_experts: usize,
@@ -166,6 +211,12 @@ pub struct MoeSpec {
     pub expert_intermediate_size: usize,
     pub router: RouterKind,
     pub shared_expert: Option<SharedExpertSpec>,
+    /// The router has a bias (GPT-OSS).
+    pub router_bias: bool,
+    pub activation: ExpertActivation,
+    /// Routed experts have biases on gate/up and down (GPT-OSS).
+    pub expert_bias: bool,
+    pub layout: ExpertLayout,
 }
 
 /// The feed-forward part of one decoder layer.
@@ -233,6 +284,8 @@ pub struct TensorNames {
     pub dense_mlp: String,
     pub shared_expert: String,
     pub shared_expert_gate: String,
+    /// Prefix of the fused expert tensors (`mlp.experts`: `.gate_up_proj`, `.down_proj`, ...).
+    pub fused_experts: String,
 }
 
 impl TensorNames {
@@ -253,6 +306,7 @@ impl TensorNames {
             dense_mlp: "mlp".into(),
             shared_expert: "mlp.shared_expert".into(),
             shared_expert_gate: "mlp.shared_expert_gate.weight".into(),
+            fused_experts: "mlp.experts".into(),
         }
     }
 
@@ -324,6 +378,9 @@ impl ModelSpec {
         if a.o_bias {
             attn += h;
         }
+        if a.sinks {
+            attn += a.num_heads;
+        }
         attn += match a.qk_norm {
             QkNorm::None => 0,
             QkNorm::PerHead => 2 * a.head_dim,
@@ -338,8 +395,11 @@ impl ModelSpec {
             total += match ffn {
                 FfnKind::Dense { intermediate_size } => 3 * h * intermediate_size,
                 FfnKind::Moe => {
-                    let shared = self.moe.shared_expert.as_ref().map_or(0, |s| 3 * h * s.intermediate_size + h);
-                    h * self.moe.num_experts + shared
+                    let m = &self.moe;
+                    let shared = m.shared_expert.as_ref().map_or(0, |s| 3 * h * s.intermediate_size + h);
+                    // Expert biases stay resident: they are small and read by every launch.
+                    let biases = if m.expert_bias { m.num_experts * (2 * m.expert_intermediate_size + h) } else { 0 };
+                    h * m.num_experts + usize::from(m.router_bias) * m.num_experts + shared + biases
                 }
                 // Router, expert norm and shared FFN; lookup experts (FFNs or table rows) are
                 // not counted, like routed experts.

@@ -97,8 +97,7 @@ impl VramBudget {
         let total_experts = moe_layers * spec.moe.num_experts;
         let slot_bytes = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
         let resident_bytes = spec.resident_params() as u64 * GPU_ELEMENT_BYTES;
-        let kv_bytes =
-            (spec.num_layers() * spec.attention.kv_elements_per_token() * kv_tokens) as u64 * GPU_ELEMENT_BYTES;
+        let kv_bytes = spec.attention.kv_elements(spec.num_layers(), kv_tokens) as u64 * GPU_ELEMENT_BYTES;
         let slots = match self {
             Self::All => total_experts,
             Self::FractionOfExperts(f) => ((total_experts as f64 * f).floor() as usize).min(total_experts),

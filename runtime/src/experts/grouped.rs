@@ -25,20 +25,80 @@ use super::grouped_quant::QuantPage;
 use super::quant::ExpertDtype;
 use super::store::HostExpert;
 use crate::error::{FerryError, Result};
+use crate::spec::ExpertActivation;
 
 /// Units per cube along the output rows.
 pub(super) const ROWS_PER_CUBE: u32 = 64;
 
-/// `act[o, i] = silu(gate_i · x_t) * (up_i · x_t)` for every assignment `(t, o)` of every group;
+/// One group of assignments: the slot it reads, its assignments `start..end`, and the expert
+/// (for the per-expert biases).
+#[derive(CubeType)]
+pub(super) struct Group {
+    pub slot: usize,
+    pub start: usize,
+    pub end: usize,
+    pub expert: usize,
+}
+
+/// Decodes group `g` of the flattened `[groups * 4]` table.
+#[cube]
+pub(super) fn group_at<I: Numeric>(groups: &Tensor<I>, g: usize) -> Group {
+    Group {
+        slot: usize::cast_from(groups[g * 4]),
+        start: usize::cast_from(groups[g * 4 + 1]),
+        end: usize::cast_from(groups[g * 4 + 2]),
+        expert: usize::cast_from(groups[g * 4 + 3]),
+    }
+}
+
+/// The activation between gate/up and down. Plain: `silu(g) * u`. With `has_bias`, the
+/// expert's gate and up biases (`bias[at]`, `bias[at + inter]`) are added first; `clamped` is
+/// GPT-OSS's `(clamp(u, -l, l) + 1) * g' * sigmoid(alpha * g')` with `g' = min(g, l)` and
+/// `params` = `[l, alpha]`.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
+pub(super) fn activate<F: Float>(
+    gate: F,
+    up: F,
+    bias: &Tensor<F>,
+    params: &Tensor<F>,
+    at: usize,
+    inter: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) -> F {
+    let mut g = gate;
+    let mut u = up;
+    if has_bias {
+        g += bias[at];
+        u += bias[at + inter];
+    }
+    if clamped {
+        let limit = params[0];
+        g = min(g, limit);
+        u = clamp(u, F::new(0.0) - limit, limit);
+        let sig = F::new(1.0) / (F::new(1.0) + F::exp(F::new(0.0) - g * params[1]));
+        (u + F::new(1.0)) * (g * sig)
+    } else {
+        g / (F::new(1.0) + F::exp(F::new(0.0) - g)) * u
+    }
+}
+
+/// `act[o, i] = act(gate_i · x_t, up_i · x_t)` for every assignment `(t, o)` of every group;
 /// one unit per (intermediate row `i`, group).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn gate_up_kernel<F: Float, I: Numeric>(
     x: &Tensor<F>,       // [tokens, hidden]
     gate: &Tensor<F>,    // [slots, hidden, intermediate]
     up: &Tensor<F>,      // [slots, hidden, intermediate]
-    groups: &Tensor<I>,  // [groups * 3]: slot, first assignment, end
+    groups: &Tensor<I>,  // [groups * 4]: slot, first assignment, end, expert
     assign: &Tensor<I>,  // [assignments * 2]: token, output row
     act: &mut Tensor<F>, // [rows, intermediate]
+    bias: &Tensor<F>,    // [experts, 2 * intermediate]: gate then up biases (when has_bias)
+    params: &Tensor<F>,  // [limit, alpha] (when clamped)
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let hidden = gate.shape(1);
@@ -47,14 +107,11 @@ fn gate_up_kernel<F: Float, I: Numeric>(
     if i >= inter {
         terminate!();
     }
-    let g = CUBE_POS_Y as usize;
-    let slot = usize::cast_from(groups[g * 3]);
-    let start = usize::cast_from(groups[g * 3 + 1]);
-    let end = usize::cast_from(groups[g * 3 + 2]);
-    let base = slot * hidden * inter + i;
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * hidden * inter + i;
     let xs0 = x.stride(0);
     let xs1 = x.stride(1);
-    for a in start..end {
+    for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut gs = F::new(0.0);
@@ -64,19 +121,24 @@ fn gate_up_kernel<F: Float, I: Numeric>(
             gs += gate[base + j * inter] * xv;
             us += up[base + j * inter] * xv;
         }
-        act[o * inter + i] = gs / (F::new(1.0) + F::exp(F::new(0.0) - gs)) * us;
+        act[o * inter + i] =
+            activate::<F>(gs, us, bias, params, group.expert * 2 * inter + i, inter, has_bias, clamped);
     }
 }
 
-/// `y[o, h] = w_a * (down_h · act[o])` for every assignment; one unit per (hidden row, group).
+/// `y[o, h] = w_a * (down_h · act[o] + b_h)` for every assignment (the bias when `has_bias`);
+/// one unit per (hidden row, group).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn down_kernel<F: Float, I: Numeric>(
     act: &Tensor<F>,     // [rows, intermediate]
     down: &Tensor<F>,    // [slots, intermediate, hidden]
-    groups: &Tensor<I>,  // [groups * 3]
+    groups: &Tensor<I>,  // [groups * 4]
     assign: &Tensor<I>,  // [assignments * 2]
     weights: &Tensor<F>, // [assignments]
     y: &mut Tensor<F>,   // [rows, hidden]
+    bias: &Tensor<F>,    // [experts, hidden] (when has_bias)
+    #[comptime] has_bias: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let inter = down.shape(1);
@@ -85,16 +147,16 @@ fn down_kernel<F: Float, I: Numeric>(
     if h >= hidden {
         terminate!();
     }
-    let g = CUBE_POS_Y as usize;
-    let slot = usize::cast_from(groups[g * 3]);
-    let start = usize::cast_from(groups[g * 3 + 1]);
-    let end = usize::cast_from(groups[g * 3 + 2]);
-    let base = slot * inter * hidden + h;
-    for a in start..end {
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * inter * hidden + h;
+    for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = F::new(0.0);
         for i in 0..inter {
             s += down[base + i * hidden] * act[o * inter + i];
+        }
+        if has_bias {
+            s += bias[group.expert * hidden + h];
         }
         y[o * hidden + h] = s * weights[a];
     }
@@ -135,10 +197,49 @@ pub enum SlotPage {
     Quant(Box<QuantPage>),
 }
 
+/// What a layer's expert kernels add to plain SwiGLU (GPT-OSS): per-expert biases and the
+/// clamped activation. Biases are resident (small, and read by every launch), indexed by expert.
+#[derive(Clone)]
+pub struct ExpertExtras {
+    /// Gate and up biases `[experts, 2 * inter]` (gate first), and down biases `[experts, hidden]`.
+    pub bias: Option<(CubeTensor, CubeTensor)>,
+    /// `[limit, alpha]` of the clamped activation (unread otherwise).
+    pub params: CubeTensor,
+    pub clamped: bool,
+}
+
+impl ExpertExtras {
+    /// Uploads a layer's extras: `bias` is (gate then up biases `[experts, 2 * inter]`, down
+    /// biases `[experts, hidden]`), row-major.
+    pub fn new(bias: Option<(Vec<f32>, Vec<f32>)>, activation: ExpertActivation, device: &Device) -> Result<Self> {
+        let upload = |v: Vec<f32>| {
+            let len = v.len();
+            float(BurnTensor::<1>::from_data(TensorData::new(v, [len]), device))
+        };
+        let (params, clamped) = match activation {
+            ExpertActivation::Silu => (vec![0.0, 0.0], false),
+            ExpertActivation::ClampedSwiglu { limit, alpha } => (vec![limit, alpha], true),
+        };
+        let bias = match bias {
+            None => None,
+            Some((gate_up, down)) => Some((upload(gate_up)?, upload(down)?)),
+        };
+        Ok(Self { bias, params: upload(params)?, clamped })
+    }
+
+    /// Tensors the kernels take whether or not they read them.
+    pub(super) fn bias_args(&self) -> (CubeTensor, CubeTensor) {
+        match &self.bias {
+            Some((gate_up, down)) => (gate_up.clone(), down.clone()),
+            None => (self.params.clone(), self.params.clone()),
+        }
+    }
+}
+
 /// The experts of one page that a launch computes, and the tokens each serves.
 #[derive(Default)]
 pub struct PageWork {
-    /// Per group: slot in the page, first assignment, end (flattened triples).
+    /// Per group: slot in the page, first assignment, end, expert (flattened quadruples).
     pub groups: Vec<u32>,
     /// Per assignment: token row in `x`, output row (flattened pairs).
     pub assign: Vec<u32>,
@@ -148,13 +249,13 @@ pub struct PageWork {
 
 impl PageWork {
     /// Adds one expert's slot and the `(token, output row, weight)` triples it serves.
-    pub fn push(&mut self, slot: usize, served: impl IntoIterator<Item = (usize, usize, f32)>) {
+    pub fn push(&mut self, slot: usize, expert: usize, served: impl IntoIterator<Item = (usize, usize, f32)>) {
         let start = self.weights.len();
         for (token, row, weight) in served {
             self.assign.extend([token as u32, row as u32]);
             self.weights.push(weight);
         }
-        self.groups.extend([slot as u32, start as u32, self.weights.len() as u32]);
+        self.groups.extend([slot as u32, start as u32, self.weights.len() as u32, expert as u32]);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,8 +266,8 @@ impl PageWork {
 impl SlotPage {
     /// Allocates a page of `slots` experts stored as `dtype` on `like`'s device, uninitialised.
     pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
-        if let Some(bits) = dtype.bits() {
-            return Self::Quant(Box::new(QuantPage::new(like, slots, hidden, inter, bits)));
+        if dtype.bits().is_some() {
+            return Self::Quant(Box::new(QuantPage::new(like, slots, hidden, inter, dtype)));
         }
         let make = |shape: [usize; 3]| {
             burn_cubecl::ops::numeric::empty_device_dtype(
@@ -221,6 +322,7 @@ impl SlotPage {
         &self,
         x: &CubeTensor,
         work: &PageWork,
+        extras: &ExpertExtras,
         act: &CubeTensor,
         y: &CubeTensor,
         device: &Device,
@@ -236,7 +338,8 @@ impl SlotPage {
                 TensorData::new(work.weights.clone(), [work.weights.len()]),
                 device,
             ))?,
-            n_groups: (work.groups.len() / 3) as u32,
+            n_groups: (work.groups.len() / 4) as u32,
+            extras: extras.clone(),
         };
         match self {
             Self::F32(page) => {
@@ -258,6 +361,7 @@ pub(super) struct Launch {
     pub assign: CubeTensor,
     pub weights: CubeTensor,
     pub n_groups: u32,
+    pub extras: ExpertExtras,
 }
 
 impl Launch {
@@ -271,6 +375,8 @@ impl Launch {
         let dims = gate.meta.shape();
         let (hidden, inter) = (dims[1], dims[2]);
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(self.groups.dtype)];
+        let (bias_gate_up, bias_down) = self.extras.bias_args();
+        let has_bias = self.extras.bias.is_some();
         gate_up_kernel::launch(
             &client,
             self.cubes(inter),
@@ -281,6 +387,10 @@ impl Launch {
             self.groups.clone().into_tensor_arg(),
             self.assign.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
+            bias_gate_up.into_tensor_arg(),
+            self.extras.params.clone().into_tensor_arg(),
+            has_bias,
+            self.extras.clamped,
             dtypes,
         );
         down_kernel::launch(
@@ -293,6 +403,8 @@ impl Launch {
             self.assign.clone().into_tensor_arg(),
             self.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
+            bias_down.into_tensor_arg(),
+            has_bias,
             dtypes,
         );
     }
@@ -328,11 +440,12 @@ mod tests {
 
     use std::sync::Arc;
 
-    use super::{PageWork, float, wrap};
+    use super::{ExpertExtras, PageWork, float, wrap};
     use crate::device::{AdapterChoice, Gpu};
     use crate::experts::quant::{ExpertDtype, QuantExpert};
     use crate::experts::slots::SlotPool;
     use crate::experts::store::HostExpert;
+    use crate::spec::ExpertActivation;
 
     fn silu(v: f32) -> f32 {
         v / (1.0 + (-v).exp())
@@ -373,10 +486,10 @@ mod tests {
         // What is uploaded, and the f32 weights it stands for (the reference's).
         let (hosts, experts): (Vec<HostExpert>, Vec<[Vec<f32>; 3]>) = match dtype.bits() {
             None => weights.iter().map(|w| (HostExpert::F32(w.clone()), w.clone())).unzip(),
-            Some(bits) => weights
+            Some(_) => weights
                 .iter()
                 .map(|w| {
-                    let q = QuantExpert::new(w, hidden, inter, bits);
+                    let q = QuantExpert::new(w, hidden, inter, dtype);
                     let back = q.dequantize(hidden, inter);
                     (HostExpert::Quant(Arc::new(q)), back)
                 })
@@ -392,6 +505,7 @@ mod tests {
         let routes = [(0, 0, 0, 0.6), (0, 1, 2, 0.4), (1, 0, 0, 0.5), (1, 1, 4, 0.5), (2, 0, 4, 0.7)];
         let routes = [&routes[..], &[(2, 1, 0, 0.3), (3, 0, 0, 1.0), (3, 1, 2, 0.25), (4, 0, 0, 1.0)]].concat();
         let xc = float(Tensor::<2>::from_data(TensorData::new(x.clone(), [tokens, hidden]), device)).unwrap();
+        let extras = ExpertExtras::new(None, ExpertActivation::Silu, device).unwrap();
         let act = float(Tensor::<2>::empty([tokens * k, inter], device)).unwrap();
         let y = float(Tensor::<2>::zeros([tokens * k, hidden], device)).unwrap();
         for page in 0..3 {
@@ -399,10 +513,10 @@ mod tests {
             for (e, a) in at.iter().enumerate().filter(|(_, a)| a.page == page) {
                 let served = routes.iter().filter(|r| r.2 == e).map(|&(t, rank, _, w)| (t, t * k + rank, w));
                 if served.clone().count() > 0 {
-                    work.push(a.slot, served);
+                    work.push(a.slot, e, served);
                 }
             }
-            pool.page(page).unwrap().swiglu(&xc, &work, &act, &y, device).unwrap();
+            pool.page(page).unwrap().swiglu(&xc, &work, &extras, &act, &y, device).unwrap();
         }
         let got: Vec<f32> = wrap::<2>(y).into_data().try_into_vec::<f32>().unwrap();
         // Quantised sums run group by group, so their rounding differs a little more.

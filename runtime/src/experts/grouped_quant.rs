@@ -14,8 +14,8 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::grouped::{Launch, ROWS_PER_CUBE, float};
-use super::quant::{GROUP, QuantExpert, QuantMatrix};
+use super::grouped::{Launch, ROWS_PER_CUBE, activate, float, group_at};
+use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix};
 use crate::error::Result;
 
 /// The dot product of one packed column with `v[vs * j]` over a whole reduction dimension:
@@ -32,6 +32,7 @@ fn packed_dot<F: Float>(
     v_base: usize,
     v_stride: usize,
     #[comptime] bits: u32,
+    #[comptime] fp4: bool,
 ) -> F {
     let per_word = comptime!((32 / bits) as usize);
     let words_per_group = comptime!(GROUP / per_word);
@@ -46,7 +47,8 @@ fn packed_dot<F: Float>(
             #[unroll]
             for b in 0..per_word {
                 let shift = comptime!(b as u32 * bits);
-                let weight = F::cast_from((word >> shift) & mask) - zero;
+                let code = (word >> shift) & mask;
+                let weight = if fp4 { e2m1_twice::<F>(code) } else { F::cast_from(code) - zero };
                 part += weight * v[v_base + (r * per_word + b) * v_stride];
             }
         }
@@ -55,8 +57,26 @@ fn packed_dot<F: Float>(
     total
 }
 
-/// `act[o, i] = silu(gate_i · x_t) * (up_i · x_t)` over quantised slots.
+/// Twice an e2m1 code's value (see `quant::e2m1_twice`): exponent 0 gives the mantissa bit,
+/// otherwise `(2 + m) << (e - 1)`; bit 3 is the sign.
+#[cube]
+fn e2m1_twice<F: Float>(code: u32) -> F {
+    let e = (code >> 1) & 3;
+    let m = code & 1;
+    let mut magnitude = m;
+    if e > 0 {
+        magnitude = (2 + m) << (e - 1);
+    }
+    let mut value = F::cast_from(magnitude);
+    if code >= 8 {
+        value = F::new(0.0) - value;
+    }
+    value
+}
+
+/// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over quantised slots.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn gate_up_quant_kernel<F: Float, I: Numeric>(
     x: &Tensor<F>,
     gate: &Tensor<u32>,
@@ -66,7 +86,12 @@ fn gate_up_quant_kernel<F: Float, I: Numeric>(
     groups: &Tensor<I>,
     assign: &Tensor<I>,
     act: &mut Tensor<F>,
+    bias: &Tensor<F>,
+    params: &Tensor<F>,
     #[comptime] bits: u32,
+    #[comptime] fp4: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let words = gate.shape(1);
@@ -76,25 +101,24 @@ fn gate_up_quant_kernel<F: Float, I: Numeric>(
     if i >= inter {
         terminate!();
     }
-    let g = CUBE_POS_Y as usize;
-    let slot = usize::cast_from(groups[g * 3]);
-    let start = usize::cast_from(groups[g * 3 + 1]);
-    let end = usize::cast_from(groups[g * 3 + 2]);
-    let code_base = slot * words * inter + i;
-    let scale_base = slot * n_scales * inter + i;
-    for a in start..end {
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let code_base = group.slot * words * inter + i;
+    let scale_base = group.slot * n_scales * inter + i;
+    for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
         let o = usize::cast_from(assign[a * 2 + 1]);
         let x_base = t * x.stride(0);
-        let gs =
-            packed_dot::<F>(gate, gate_scales, code_base, scale_base, inter, n_scales, x, x_base, x.stride(1), bits);
-        let us = packed_dot::<F>(up, up_scales, code_base, scale_base, inter, n_scales, x, x_base, x.stride(1), bits);
-        act[o * inter + i] = gs / (F::new(1.0) + F::exp(F::new(0.0) - gs)) * us;
+        let xs = x.stride(1);
+        let gs = packed_dot::<F>(gate, gate_scales, code_base, scale_base, inter, n_scales, x, x_base, xs, bits, fp4);
+        let us = packed_dot::<F>(up, up_scales, code_base, scale_base, inter, n_scales, x, x_base, xs, bits, fp4);
+        act[o * inter + i] =
+            activate::<F>(gs, us, bias, params, group.expert * 2 * inter + i, inter, has_bias, clamped);
     }
 }
 
-/// `y[o, h] = w_a * (down_h · act[o])` over quantised slots.
+/// `y[o, h] = w_a * (down_h · act[o] + b_h)` over quantised slots.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn down_quant_kernel<F: Float, I: Numeric>(
     act: &Tensor<F>,
     down: &Tensor<u32>,
@@ -103,7 +127,10 @@ fn down_quant_kernel<F: Float, I: Numeric>(
     assign: &Tensor<I>,
     weights: &Tensor<F>,
     y: &mut Tensor<F>,
+    bias: &Tensor<F>,
     #[comptime] bits: u32,
+    #[comptime] fp4: bool,
+    #[comptime] has_bias: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let words = down.shape(1);
@@ -114,15 +141,16 @@ fn down_quant_kernel<F: Float, I: Numeric>(
     if h >= hidden {
         terminate!();
     }
-    let g = CUBE_POS_Y as usize;
-    let slot = usize::cast_from(groups[g * 3]);
-    let start = usize::cast_from(groups[g * 3 + 1]);
-    let end = usize::cast_from(groups[g * 3 + 2]);
-    let code_base = slot * words * hidden + h;
-    let scale_base = slot * n_scales * hidden + h;
-    for a in start..end {
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let code_base = group.slot * words * hidden + h;
+    let scale_base = group.slot * n_scales * hidden + h;
+    for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
-        let s = packed_dot::<F>(down, down_scales, code_base, scale_base, hidden, n_scales, act, o * inter, 1, bits);
+        let mut s =
+            packed_dot::<F>(down, down_scales, code_base, scale_base, hidden, n_scales, act, o * inter, 1, bits, fp4);
+        if has_bias {
+            s += bias[group.expert * hidden + h];
+        }
         y[o * hidden + h] = s * weights[a];
     }
 }
@@ -205,15 +233,19 @@ impl Packed {
 /// A page of quantised expert slots: packed codes and scales per projection.
 pub struct QuantPage {
     bits: u32,
+    fp4: bool,
     gate: Packed,
     up: Packed,
     down: Packed,
 }
 
 impl QuantPage {
-    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, bits: u32) -> Self {
+    /// A page of `slots` experts in `dtype`, a quantised format.
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
+        let bits = dtype.bits().unwrap_or(8);
         Self {
             bits,
+            fp4: dtype.fp4(),
             gate: Packed::new(like, slots, hidden, inter, bits),
             up: Packed::new(like, slots, hidden, inter, bits),
             down: Packed::new(like, slots, inter, hidden, bits),
@@ -231,6 +263,8 @@ impl QuantPage {
         let inter = self.gate.codes.meta.shape()[2];
         let hidden = self.down.codes.meta.shape()[2];
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
+        let (bias_gate_up, bias_down) = launch.extras.bias_args();
+        let has_bias = launch.extras.bias.is_some();
         gate_up_quant_kernel::launch(
             &client,
             launch.cubes(inter),
@@ -243,7 +277,12 @@ impl QuantPage {
             launch.groups.clone().into_tensor_arg(),
             launch.assign.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
+            bias_gate_up.into_tensor_arg(),
+            launch.extras.params.clone().into_tensor_arg(),
             self.bits,
+            self.fp4,
+            has_bias,
+            launch.extras.clamped,
             dtypes,
         );
         down_quant_kernel::launch(
@@ -257,7 +296,10 @@ impl QuantPage {
             launch.assign.clone().into_tensor_arg(),
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
+            bias_down.into_tensor_arg(),
             self.bits,
+            self.fp4,
+            has_bias,
             dtypes,
         );
     }

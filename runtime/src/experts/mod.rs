@@ -19,7 +19,7 @@ mod transfer;
 pub use bandwidth::{UploadMeasurement, measure_upload};
 pub use budget::{SlotPlan, VramBudget};
 pub use cache::{ExpertCache, LayerRecall};
-pub use grouped::{PageWork, SlotPage};
+pub use grouped::{ExpertExtras, PageWork, SlotPage};
 pub(crate) use grouped::{float as cube_float, wrap as from_cube};
 pub use policy::EvictionPolicy;
 pub use quant::{ExpertDtype, GROUP as QUANT_GROUP, QuantExpert};

@@ -18,6 +18,9 @@ pub enum ExpertDtype {
     F32,
     Int8,
     Int4,
+    /// OCP MXFP4 as GPT-OSS ships it: e2m1 codes, one power-of-two scale per 32 weights. An
+    /// MXFP4 checkpoint is uploaded as it is (exact); other checkpoints are rounded to it.
+    Mxfp4,
 }
 
 impl std::str::FromStr for ExpertDtype {
@@ -28,7 +31,11 @@ impl std::str::FromStr for ExpertDtype {
             "f32" => Ok(Self::F32),
             "int8" => Ok(Self::Int8),
             "int4" => Ok(Self::Int4),
-            other => Err(FerryError::flag("--expert-dtype", format!("unknown dtype {other:?}; use f32, int8 or int4"))),
+            "mxfp4" => Ok(Self::Mxfp4),
+            other => Err(FerryError::flag(
+                "--expert-dtype",
+                format!("unknown dtype {other:?}; use f32, int8, int4 or mxfp4"),
+            )),
         }
     }
 }
@@ -39,6 +46,7 @@ impl std::fmt::Display for ExpertDtype {
             Self::F32 => "f32",
             Self::Int8 => "int8",
             Self::Int4 => "int4",
+            Self::Mxfp4 => "mxfp4",
         })
     }
 }
@@ -49,8 +57,13 @@ impl ExpertDtype {
         match self {
             Self::F32 => None,
             Self::Int8 => Some(8),
-            Self::Int4 => Some(4),
+            Self::Int4 | Self::Mxfp4 => Some(4),
         }
+    }
+
+    /// Whether codes are e2m1 floating-point values (MXFP4) rather than offset integers.
+    pub fn fp4(self) -> bool {
+        self == Self::Mxfp4
     }
 
     /// Bytes of one expert (gate, up, down of `hidden x intermediate`) in this format.
@@ -78,7 +91,8 @@ impl ExpertDtype {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantMatrix {
     /// `[k / per_word, n]`: word `(r, c)` holds the codes of rows `r*per_word ..` of column `c`,
-    /// the first in the lowest bits. A code is the signed value plus `2^(bits-1)`.
+    /// the first in the lowest bits. An integer code is the signed value plus `2^(bits-1)`; an
+    /// MXFP4 code is an e2m1 nibble (see `e2m1_twice`).
     pub words: Vec<u32>,
     /// `[k / GROUP, n]`.
     pub scales: Vec<f32>,
@@ -107,8 +121,52 @@ pub fn quantize(w: &[f32], n: usize, k: usize, bits: u32) -> QuantMatrix {
     QuantMatrix { words, scales }
 }
 
+/// Twice the value of an e2m1 code (sign bit 3, exponent bits 2-1, mantissa bit 0), an
+/// integer: the kernel decodes the same way and MXFP4 slot scales carry the factor 1/2.
+pub fn e2m1_twice(code: u32) -> i32 {
+    let (e, m) = ((code >> 1) & 3, (code & 1) as i32);
+    let magnitude = if e == 0 { m } else { (2 + m) << (e - 1) };
+    if code & 8 != 0 { -magnitude } else { magnitude }
+}
+
+/// `2^exponent` as f32, subnormals included (MXFP4 scales reach 2^-128).
+pub fn pow2(exponent: i32) -> f32 {
+    match exponent {
+        e if e >= -126 => f32::from_bits(((e + 127).min(254) as u32) << 23),
+        e if e >= -149 => f32::from_bits(1 << (e + 149)),
+        _ => 0.0,
+    }
+}
+
+/// Rounds `w` (checkpoint layout `[n, k]`) to MXFP4 in slot layout: per group the smallest
+/// power-of-two scale that keeps the largest magnitude within e2m1's 6, then the nearest code.
+pub fn quantize_mxfp4(w: &[f32], n: usize, k: usize) -> QuantMatrix {
+    let mut words = vec![0u32; k / 8 * n];
+    let mut scales = vec![0f32; k / GROUP * n];
+    for (column, row) in w.chunks_exact(k).enumerate().take(n) {
+        for (g, group) in row.chunks_exact(GROUP).enumerate() {
+            let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let exponent = if amax > 0.0 { (amax / 6.0).log2().ceil() as i32 } else { 0 };
+            // The slot scale holds half the block scale: codes decode to twice their value.
+            scales[g * n + column] = pow2(exponent - 1);
+            for (offset, &v) in group.iter().enumerate() {
+                let r = g * GROUP + offset;
+                let target = v / pow2(exponent);
+                let code = (0..16u32)
+                    .min_by(|&a, &b| {
+                        let d = |c: u32| (e2m1_twice(c) as f32 / 2.0 - target).abs();
+                        d(a).total_cmp(&d(b))
+                    })
+                    .unwrap_or(0);
+                words[r / 8 * n + column] |= code << ((r % 8) as u32 * 4);
+            }
+        }
+    }
+    QuantMatrix { words, scales }
+}
+
 /// The weights a quantised matrix stands for, in checkpoint layout `[n, k]`.
-pub fn dequantize(m: &QuantMatrix, n: usize, k: usize, bits: u32) -> Vec<f32> {
+pub fn dequantize(m: &QuantMatrix, n: usize, k: usize, bits: u32, fp4: bool) -> Vec<f32> {
     let per_word = (32 / bits) as usize;
     let mask = (1u32 << bits) - 1;
     let zero = 1i32 << (bits - 1);
@@ -116,7 +174,8 @@ pub fn dequantize(m: &QuantMatrix, n: usize, k: usize, bits: u32) -> Vec<f32> {
     for column in 0..n {
         for r in 0..k {
             let code = (m.words[r / per_word * n + column] >> ((r % per_word) as u32 * bits)) & mask;
-            w[column * k + r] = (code as i32 - zero) as f32 * m.scales[r / GROUP * n + column];
+            let value = if fp4 { e2m1_twice(code) } else { code as i32 - zero };
+            w[column * k + r] = value as f32 * m.scales[r / GROUP * n + column];
         }
     }
     w
@@ -126,7 +185,7 @@ pub fn dequantize(m: &QuantMatrix, n: usize, k: usize, bits: u32) -> Vec<f32> {
 /// rows), down over `intermediate` (columns: hidden rows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantExpert {
-    pub bits: u32,
+    pub dtype: ExpertDtype,
     pub gate: QuantMatrix,
     pub up: QuantMatrix,
     pub down: QuantMatrix,
@@ -134,21 +193,22 @@ pub struct QuantExpert {
 
 impl QuantExpert {
     /// From checkpoint-layout f32 weights: gate, up `[inter, hidden]`, down `[hidden, inter]`.
-    pub fn new([gate, up, down]: &[Vec<f32>; 3], hidden: usize, inter: usize, bits: u32) -> Self {
-        Self {
-            bits,
-            gate: quantize(gate, inter, hidden, bits),
-            up: quantize(up, inter, hidden, bits),
-            down: quantize(down, hidden, inter, bits),
-        }
+    /// `dtype` must be a quantised format.
+    pub fn new([gate, up, down]: &[Vec<f32>; 3], hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
+        let q = |w: &[f32], n: usize, k: usize| match dtype {
+            ExpertDtype::Mxfp4 => quantize_mxfp4(w, n, k),
+            _ => quantize(w, n, k, dtype.bits().unwrap_or(8)),
+        };
+        Self { dtype, gate: q(gate, inter, hidden), up: q(up, inter, hidden), down: q(down, hidden, inter) }
     }
 
     /// The f32 weights it stands for, in checkpoint layout (for references and tests).
     pub fn dequantize(&self, hidden: usize, inter: usize) -> [Vec<f32>; 3] {
+        let (bits, fp4) = (self.dtype.bits().unwrap_or(8), self.dtype.fp4());
         [
-            dequantize(&self.gate, inter, hidden, self.bits),
-            dequantize(&self.up, inter, hidden, self.bits),
-            dequantize(&self.down, hidden, inter, self.bits),
+            dequantize(&self.gate, inter, hidden, bits, fp4),
+            dequantize(&self.up, inter, hidden, bits, fp4),
+            dequantize(&self.down, hidden, inter, bits, fp4),
         ]
     }
 }
@@ -163,7 +223,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         for bits in [8, 4] {
             let q = quantize(&w, n, k, bits);
-            let back = dequantize(&q, n, k, bits);
+            let back = dequantize(&q, n, k, bits, false);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
                 let scale = q.scales[(i % k) / GROUP * n + i / k];
                 assert!((a - b).abs() <= scale / 2.0 + 1e-6, "bits {bits} index {i}: {a} vs {b}");
@@ -177,9 +237,25 @@ mod tests {
         let mut w = vec![0f32; k];
         w[0] = -2.0;
         w[1] = 2.0;
-        let back = dequantize(&quantize(&w, n, k, 4), n, k, 4);
+        let back = dequantize(&quantize(&w, n, k, 4), n, k, 4, false);
         assert_eq!(&back[..2], &[-2.0, 2.0]);
         assert!(back[2..].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn e2m1_codes_decode_to_the_ocp_table_and_mxfp4_rounding_keeps_representable_values() {
+        let table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for code in 0..16u32 {
+            let want = if code < 8 { table[code as usize] } else { -table[code as usize - 8] };
+            assert_eq!(e2m1_twice(code) as f32 / 2.0, want, "code {code}");
+        }
+        assert_eq!(pow2(-128), f32::from_bits(1 << 21));
+        assert_eq!(pow2(3), 8.0);
+        // A group of representable values (scale 2^-1: e2m1 values / 2) survives exactly.
+        let (n, k) = (2, 64);
+        let w: Vec<f32> = (0..n * k).map(|i| table[i % 8] / 2.0 * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        let q = quantize_mxfp4(&w, n, k);
+        assert_eq!(dequantize(&q, n, k, 4, true), w);
     }
 
     #[test]

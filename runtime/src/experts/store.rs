@@ -1,11 +1,16 @@
 //! Host side of the expert manager: where each routed expert's bytes live in the memory-mapped
 //! checkpoint. Nothing is copied until an expert is uploaded.
+//!
+//! Three checkpoint layouts are read (`ExpertLayout`): one matrix per expert and projection,
+//! GPT-OSS's fused per-layer tensors, and the same in MXFP4. Each expert is handed out as f32
+//! in checkpoint layout (gate, up `[inter, hidden]`, down `[hidden, inter]`), or quantised in slot
+//! layout; an MXFP4 checkpoint uploaded as MXFP4 is repacked without passing through f32.
 
 use std::sync::{Arc, OnceLock};
 
-use super::quant::{ExpertDtype, QuantExpert};
-use crate::error::Result;
-use crate::spec::{FfnKind, ModelSpec};
+use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, e2m1_twice, pow2};
+use crate::error::{FerryError, Result};
+use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
 /// An expert in host memory, ready to upload: f32 in checkpoint layout, or quantised in slot
@@ -16,11 +21,24 @@ pub enum HostExpert {
     Quant(Arc<QuantExpert>),
 }
 
+/// Where one layer's routed experts live.
+enum LayerSource {
+    /// Gate, up and down per expert.
+    PerExpert(Vec<[TensorRef; 3]>),
+    /// `gate_up` `[experts, hidden, 2 * inter]` (x @ W; gate even columns, up odd) and `down`
+    /// `[experts, inter, hidden]`.
+    Fused { gate_up: TensorRef, down: TensorRef },
+    /// MXFP4 blocks `[experts, out, in / 32, 16]` and scales `[experts, out, in / 32]`: gate_up's
+    /// outputs interleave gate and up rows; down's outputs are hidden rows.
+    Mxfp4 { gate_up: [TensorRef; 2], down: [TensorRef; 2] },
+}
+
 /// Every routed expert's gate, up and down weights, by (layer, expert).
 pub struct ExpertStore {
     weights: Arc<WeightStore>,
-    /// `experts[layer][expert]`; empty for dense layers.
-    experts: Vec<Vec<[TensorRef; 3]>>,
+    /// `layers[layer]`; None for dense layers.
+    layers: Vec<Option<LayerSource>>,
+    num_experts: usize,
     hidden: usize,
     intermediate: usize,
     dtype: ExpertDtype,
@@ -32,28 +50,22 @@ impl ExpertStore {
     /// Looks up and shape-checks every expert tensor, so a bad checkpoint fails at load time
     /// rather than at its first miss.
     pub fn new(weights: Arc<WeightStore>, spec: &ModelSpec, dtype: ExpertDtype) -> Result<Self> {
-        let (h, i) = (spec.hidden_size, spec.moe.expert_intermediate_size);
+        let (h, i, e) = (spec.hidden_size, spec.moe.expert_intermediate_size, spec.moe.num_experts);
         if spec.layers.contains(&FfnKind::Moe) {
             dtype.check(h, i)?;
         }
-        let shapes = [[i, h], [i, h], [h, i]];
-        let experts = spec
+        let layers = spec
             .layers
             .iter()
             .enumerate()
             .map(|(layer, kind)| match kind {
-                FfnKind::Dense { .. } | FfnKind::Mole => Ok(Vec::new()),
-                FfnKind::Moe => (0..spec.moe.num_experts)
-                    .map(|e| {
-                        let names = spec.names.expert_weights(layer, e);
-                        let get = |k: usize| weights.get(&names[k], &shapes[k]).cloned();
-                        Ok([get(0)?, get(1)?, get(2)?])
-                    })
-                    .collect::<Result<Vec<_>>>(),
+                FfnKind::Dense { .. } | FfnKind::Mole => Ok(None),
+                FfnKind::Moe => layer_source(&weights, spec, layer).map(Some),
             })
             .collect::<Result<Vec<_>>>()?;
-        let quantised = experts.iter().map(|layer| (0..layer.len()).map(|_| OnceLock::new()).collect()).collect();
-        Ok(Self { weights, experts, hidden: h, intermediate: i, dtype, quantised })
+        let quantised =
+            layers.iter().map(|l| (0..if l.is_some() { e } else { 0 }).map(|_| OnceLock::new()).collect()).collect();
+        Ok(Self { weights, layers, num_experts: e, hidden: h, intermediate: i, dtype, quantised })
     }
 
     /// The format experts are uploaded in.
@@ -69,12 +81,17 @@ impl ExpertStore {
     /// The expert as it is uploaded: f32 converted from the checkpoint, or quantised (once, then
     /// kept in host RAM).
     pub fn host(&self, layer: usize, expert: usize) -> HostExpert {
-        match self.dtype.bits() {
-            None => HostExpert::F32(self.host_f32(layer, expert)),
-            Some(bits) => HostExpert::Quant(Arc::clone(self.quantised[layer][expert].get_or_init(|| {
-                Arc::new(QuantExpert::new(&self.host_f32(layer, expert), self.hidden, self.intermediate, bits))
-            }))),
+        if self.dtype.bits().is_none() {
+            return HostExpert::F32(self.host_f32(layer, expert));
         }
+        HostExpert::Quant(Arc::clone(self.quantised[layer][expert].get_or_init(|| {
+            Arc::new(match (&self.layers[layer], self.dtype) {
+                (Some(LayerSource::Mxfp4 { gate_up, down }), ExpertDtype::Mxfp4) => {
+                    self.mxfp4_slots(gate_up, down, expert)
+                }
+                _ => QuantExpert::new(&self.host_f32(layer, expert), self.hidden, self.intermediate, self.dtype),
+            })
+        })))
     }
 
     /// `(intermediate, hidden)`: gate and up are `[intermediate, hidden]`, down the transpose.
@@ -83,21 +100,177 @@ impl ExpertStore {
     }
 
     pub fn num_experts(&self, layer: usize) -> usize {
-        self.experts.get(layer).map_or(0, Vec::len)
+        if self.layers.get(layer).is_some_and(Option::is_some) { self.num_experts } else { 0 }
     }
 
     /// Layers that have routed experts.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.experts.iter().enumerate().filter(|(_, e)| !e.is_empty()).map(|(l, _)| l)
+        self.layers.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(l, _)| l)
     }
 
     /// The expert's gate, up and down weights as f32 in checkpoint layout.
     pub fn host_f32(&self, layer: usize, expert: usize) -> [Vec<f32>; 3] {
-        self.experts[layer][expert].each_ref().map(|t| to_f32(self.weights.bytes(t), t.dtype))
+        let (h, i) = (self.hidden, self.intermediate);
+        match self.layers[layer].as_ref().expect("experts of a MoE layer") {
+            LayerSource::PerExpert(experts) => {
+                experts[expert].each_ref().map(|t| to_f32(self.weights.bytes(t), t.dtype))
+            }
+            LayerSource::Fused { gate_up, down } => {
+                let gu = to_f32(self.slice(gate_up, expert), gate_up.dtype); // [h, 2i]
+                let d = to_f32(self.slice(down, expert), down.dtype); // [i, h]
+                let gate = (0..i).flat_map(|r| (0..h).map(move |c| (r, c))).map(|(r, c)| gu[c * 2 * i + 2 * r]);
+                let up = (0..i).flat_map(|r| (0..h).map(move |c| (r, c))).map(|(r, c)| gu[c * 2 * i + 2 * r + 1]);
+                let down = (0..h).flat_map(|r| (0..i).map(move |c| (r, c))).map(|(r, c)| d[c * h + r]);
+                [gate.collect(), up.collect(), down.collect()]
+            }
+            LayerSource::Mxfp4 { gate_up, down } => {
+                let gu = mxfp4_rows(self.slice(&gate_up[0], expert), self.slice(&gate_up[1], expert), h);
+                let rows =
+                    |parity: usize| (0..i).flat_map(|r| gu[(2 * r + parity) * h..][..h].iter().copied()).collect();
+                let down = mxfp4_rows(self.slice(&down[0], expert), self.slice(&down[1], expert), i);
+                [rows(0), rows(1), down]
+            }
+        }
     }
 
     /// Bytes the expert occupies in the checkpoint.
     pub fn source_bytes(&self, layer: usize, expert: usize) -> usize {
-        self.experts[layer][expert].iter().map(TensorRef::byte_len).sum()
+        let share = |t: &TensorRef| t.byte_len() / self.num_experts;
+        match self.layers[layer].as_ref().expect("experts of a MoE layer") {
+            LayerSource::PerExpert(experts) => experts[expert].iter().map(TensorRef::byte_len).sum(),
+            LayerSource::Fused { gate_up, down } => share(gate_up) + share(down),
+            LayerSource::Mxfp4 { gate_up, down } => gate_up.iter().chain(down).map(share).sum(),
+        }
+    }
+
+    /// One expert's part of a per-layer tensor whose first dimension is the expert.
+    fn slice(&self, t: &TensorRef, expert: usize) -> &[u8] {
+        let per = t.byte_len() / self.num_experts;
+        &self.weights.bytes(t)[expert * per..(expert + 1) * per]
+    }
+
+    /// An MXFP4 expert repacked into slot layout: each slot word is four consecutive block
+    /// bytes (eight codes along the reduction, the first in the lowest bits), and each block
+    /// scale `2^(s - 127)` is stored as f32 halved, since the kernel decodes codes to twice their
+    /// value. Exact.
+    fn mxfp4_slots(&self, gate_up: &[TensorRef; 2], down: &[TensorRef; 2], expert: usize) -> QuantExpert {
+        let (h, i) = (self.hidden, self.intermediate);
+        let (gu_blocks, gu_scales) = (self.slice(&gate_up[0], expert), self.slice(&gate_up[1], expert));
+        let (d_blocks, d_scales) = (self.slice(&down[0], expert), self.slice(&down[1], expert));
+        QuantExpert {
+            dtype: ExpertDtype::Mxfp4,
+            gate: repack(gu_blocks, gu_scales, (0..i).map(|r| 2 * r), h),
+            up: repack(gu_blocks, gu_scales, (0..i).map(|r| 2 * r + 1), h),
+            down: repack(d_blocks, d_scales, 0..h, i),
+        }
+    }
+}
+
+fn layer_source(weights: &WeightStore, spec: &ModelSpec, layer: usize) -> Result<LayerSource> {
+    let (h, i, e) = (spec.hidden_size, spec.moe.expert_intermediate_size, spec.moe.num_experts);
+    let prefix = spec.names.layer(layer, &spec.names.fused_experts);
+    match spec.moe.layout {
+        ExpertLayout::PerExpert => {
+            let shapes = [[i, h], [i, h], [h, i]];
+            (0..e)
+                .map(|expert| {
+                    let names = spec.names.expert_weights(layer, expert);
+                    let get = |k: usize| weights.float(&names[k], &shapes[k]).cloned();
+                    Ok([get(0)?, get(1)?, get(2)?])
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(LayerSource::PerExpert)
+        }
+        ExpertLayout::Fused => Ok(LayerSource::Fused {
+            gate_up: weights.float(&format!("{prefix}.gate_up_proj"), &[e, h, 2 * i])?.clone(),
+            down: weights.float(&format!("{prefix}.down_proj"), &[e, i, h])?.clone(),
+        }),
+        ExpertLayout::Mxfp4 => {
+            for (what, k) in [("hidden_size", h), ("intermediate_size", i)] {
+                if !k.is_multiple_of(GROUP) {
+                    return Err(FerryError::config(
+                        weights.folder().join("config.json"),
+                        format!("MXFP4 experts need {what} ({k}) divisible by the block size {GROUP}"),
+                    ));
+                }
+            }
+            let pair = |name: &str, out: usize, k: usize| -> Result<[TensorRef; 2]> {
+                let blocks = weights.u8(&format!("{prefix}.{name}_blocks"), &[e, out, k / GROUP, GROUP / 2])?.clone();
+                let scales_name = format!("{prefix}.{name}_scales");
+                let scales = weights.tensor(&scales_name).cloned();
+                // The scales must cover the blocks one for one: name the pair when they do not.
+                match scales {
+                    Some(s) if s.shape == blocks.shape[..3] && s.dtype == blocks.dtype => Ok([blocks, s]),
+                    Some(s) => Err(FerryError::config(
+                        weights.folder(),
+                        format!(
+                            "MXFP4 tensor {scales_name:?} ({:?} {:?}) does not match its blocks {name}_blocks {:?} \
+                             (expected U8 {:?})",
+                            s.dtype,
+                            s.shape,
+                            blocks.shape,
+                            &blocks.shape[..3]
+                        ),
+                    )),
+                    None => weights.u8(&scales_name, &blocks.shape[..3]).map(|s| [blocks, s.clone()]),
+                }
+            };
+            Ok(LayerSource::Mxfp4 { gate_up: pair("gate_up_proj", 2 * i, h)?, down: pair("down_proj", h, i)? })
+        }
+    }
+}
+
+/// Dequantised MXFP4 rows `[out, k]` from blocks `[out, k / 32, 16]` and scales `[out, k / 32]`.
+fn mxfp4_rows(blocks: &[u8], scales: &[u8], k: usize) -> Vec<f32> {
+    let groups = k / GROUP;
+    let mut out = Vec::with_capacity(blocks.len() * 2);
+    for (g, block) in blocks.chunks_exact(GROUP / 2).enumerate() {
+        let scale = pow2(i32::from(scales[g]) - 128); // half the block scale: codes decode doubled
+        for &byte in block {
+            out.push(e2m1_twice(u32::from(byte & 0x0f)) as f32 * scale);
+            out.push(e2m1_twice(u32::from(byte >> 4)) as f32 * scale);
+        }
+    }
+    debug_assert_eq!(out.len(), scales.len() / groups.max(1) * k);
+    out
+}
+
+/// The slot-layout matrix over the reduction `k` whose columns are the given block rows.
+fn repack(blocks: &[u8], scales: &[u8], rows: impl Iterator<Item = usize> + Clone, k: usize) -> QuantMatrix {
+    let n = rows.clone().count();
+    let (row_bytes, groups) = (k / 2, k / GROUP);
+    let mut words = vec![0u32; k / 8 * n];
+    let mut slot_scales = vec![0f32; groups * n];
+    for (column, row) in rows.enumerate() {
+        let bytes = &blocks[row * row_bytes..][..row_bytes];
+        for (w, chunk) in bytes.chunks_exact(4).enumerate() {
+            words[w * n + column] = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        for g in 0..groups {
+            slot_scales[g * n + column] = pow2(i32::from(scales[row * groups + g]) - 128);
+        }
+    }
+    QuantMatrix { words, scales: slot_scales }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::quant::dequantize;
+
+    /// Repacking an MXFP4 block row into slot words decodes to the same values as dequantising
+    /// the row directly.
+    #[test]
+    fn repacked_mxfp4_rows_equal_directly_dequantised_rows() {
+        let k = 64;
+        let rows = 3;
+        let blocks: Vec<u8> = (0..rows * k / 2).map(|i| (i * 37 % 256) as u8).collect();
+        let scales: Vec<u8> = (0..rows * k / GROUP).map(|i| 120 + (i * 3 % 9) as u8).collect();
+        let direct = mxfp4_rows(&blocks, &scales, k);
+        let packed = repack(&blocks, &scales, 0..rows, k);
+        assert_eq!(dequantize(&packed, rows, k, 4, true), direct);
+        // Low nibble first: byte 0x21 is codes 1 (0.5) then 2 (1.0), times 2^(s - 127).
+        let one = mxfp4_rows(&[0x21; 16], &[127], 32);
+        assert_eq!(&one[..2], &[0.5, 1.0]);
     }
 }

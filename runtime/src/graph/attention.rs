@@ -12,6 +12,10 @@ use crate::spec::{AttentionSpec, ModelSpec, QkNorm};
 
 pub struct Attention {
     spec: AttentionSpec,
+    /// This layer's sliding window (GPT-OSS alternates windowed and full layers).
+    window: Option<usize>,
+    /// Per-head sink logits `[heads, 1, 1]` (GPT-OSS).
+    sinks: Option<Tensor<3>>,
     eps: f32,
     q: Linear,
     k: Linear,
@@ -36,8 +40,15 @@ impl Attention {
         let norm = |name: &str, len: usize| -> Result<Option<Tensor<1>>> {
             if len == 0 { Ok(None) } else { loader.vector(&format!("{prefix}.{name}.weight"), len).map(Some) }
         };
+        let sinks = if a.sinks {
+            Some(loader.vector(&format!("{prefix}.sinks"), a.num_heads)?.reshape([a.num_heads, 1, 1]))
+        } else {
+            None
+        };
         Ok(Self {
             spec: a.clone(),
+            window: a.window(layer),
+            sinks,
             eps: spec.rms_norm_eps,
             q: loader.linear(&format!("{prefix}.q_proj"), h, q_dim, a.qkv_bias)?,
             k: loader.linear(&format!("{prefix}.k_proj"), h, kv_dim, a.qkv_bias)?,
@@ -87,67 +98,82 @@ impl Attention {
         let v = v.swap_dims(0, 1);
 
         let start = cache.len();
-        let (keys, values) = cache.append(layer, k, v); // [kv_heads, start + tokens, dim]
-        let total = start + tokens;
+        // A windowed layer's cache returns only the keys its queries can still see.
+        let (keys, values, key_start) = cache.append(layer, k, v); // [kv_heads, keys, dim]
+        let span = KeySpan { start, tokens, key_start, keys: keys.dims()[1], window: self.window };
         let group = a.num_heads / a.num_kv_heads;
         // Head h reads kv head h / group, as transformers' repeat_kv.
         let expand = |t: Tensor<3>| -> Tensor<3> {
             if group == 1 {
                 return t;
             }
-            t.unsqueeze_dim::<4>(1).repeat_dim(1, group).reshape([a.num_heads, total, a.head_dim])
+            t.unsqueeze_dim::<4>(1).repeat_dim(1, group).reshape([a.num_heads, span.keys, a.head_dim])
         };
         let keys = expand(keys);
         let values = expand(values);
 
         let scale = (a.head_dim as f32).powf(-0.5);
-        let mut scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(scale); // [heads, tokens, total]
-        if let Some(mask) = self.mask(start, tokens, device) {
-            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-        }
-        let probs = softmax(scores, 2);
-        let received =
-            want_received.then(|| received_attention(probs.clone(), start, |i, j| !self.hidden(start, i, j), device));
+        let scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(scale); // [heads, tokens, keys]
+        let probs = attention_probs(scores, &span, self.sinks.as_ref(), device);
+        let received = want_received.then(|| span.received(probs.clone(), device));
         let out = probs.matmul(values).swap_dims(0, 1).reshape([tokens, a.num_heads * a.head_dim]);
         (self.o.forward(out), received)
     }
+}
 
-    fn hidden(&self, start: usize, i: usize, j: usize) -> bool {
-        hidden(self.spec.sliding_window, start, i, j)
+/// Which keys a pass's queries attend over: queries at positions `start..start + tokens`, keys
+/// at `key_start..key_start + keys` (all cached positions, or a windowed layer's recent ones).
+pub struct KeySpan {
+    pub start: usize,
+    pub tokens: usize,
+    pub key_start: usize,
+    pub keys: usize,
+    pub window: Option<usize>,
+}
+
+impl KeySpan {
+    /// True where query `i` must not see key `j` (both indices within the pass): the future, and
+    /// keys outside the sliding window (a query at `p` sees `p - window < key <= p`).
+    pub fn hidden(&self, i: usize, j: usize) -> bool {
+        let (pos, key) = (self.start + i, self.key_start + j);
+        key > pos || self.window.is_some_and(|w| pos >= w && key <= pos - w)
     }
 
-    fn mask(&self, start: usize, tokens: usize, device: &Device) -> Option<Tensor<3, Bool>> {
-        causal_mask(self.spec.num_heads, self.spec.sliding_window, start, tokens, device)
+    /// `hidden` for every (head, query, key). `None` when nothing is masked.
+    fn mask(&self, heads: usize, device: &Device) -> Option<Tensor<3, Bool>> {
+        let any = (0..self.tokens).any(|i| (0..self.keys).any(|j| self.hidden(i, j)));
+        if !any {
+            return None;
+        }
+        let mut values = Vec::with_capacity(heads * self.tokens * self.keys);
+        for _ in 0..heads {
+            for i in 0..self.tokens {
+                values.extend((0..self.keys).map(|j| self.hidden(i, j)));
+            }
+        }
+        Some(Tensor::from_data(TensorData::new(values, [heads, self.tokens, self.keys]), device))
+    }
+
+    /// `received_attention` over this span's keys (this pass's tokens are its last `tokens`).
+    pub fn received(&self, probs: Tensor<3>, device: &Device) -> Tensor<2> {
+        received_attention(probs, self.keys - self.tokens, |i, j| !self.hidden(i, j), device)
     }
 }
 
-/// True where query `i` (at position `start + i`) must not see key position `j`: the future,
-/// and keys outside the sliding window.
-pub fn hidden(window: Option<usize>, start: usize, i: usize, j: usize) -> bool {
-    let pos = start + i;
-    j > pos || window.is_some_and(|w| pos >= w && j <= pos - w)
-}
-
-/// `hidden` for every (head, query, key). `None` when nothing is masked (one token, no window).
-pub fn causal_mask(
-    heads: usize,
-    window: Option<usize>,
-    start: usize,
-    tokens: usize,
-    device: &Device,
-) -> Option<Tensor<3, Bool>> {
-    let total = start + tokens;
-    let any = (0..tokens).any(|i| (0..total).any(|j| hidden(window, start, i, j)));
-    if !any {
-        return None;
+/// Masked softmax of `scores` `[heads, tokens, keys]`; with `sinks` `[heads, 1, 1]`, each head's
+/// sink logit joins the softmax as one more column and is dropped afterwards.
+pub fn attention_probs(mut scores: Tensor<3>, span: &KeySpan, sinks: Option<&Tensor<3>>, device: &Device) -> Tensor<3> {
+    let [heads, tokens, keys] = scores.dims();
+    if let Some(mask) = span.mask(heads, device) {
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
     }
-    let mut values = Vec::with_capacity(heads * tokens * total);
-    for _ in 0..heads {
-        for i in 0..tokens {
-            values.extend((0..total).map(|j| hidden(window, start, i, j)));
+    match sinks {
+        None => softmax(scores, 2),
+        Some(sinks) => {
+            let column = sinks.clone().expand([heads, tokens, 1]);
+            softmax(Tensor::cat(vec![scores, column], 2), 2).slice([0..heads, 0..tokens, 0..keys])
         }
     }
-    Some(Tensor::from_data(TensorData::new(values, [heads, tokens, total]), device))
 }
 
 /// Attention received by each token of a pass, relative to a uniform share: `[tokens, 1]`, from

@@ -5,20 +5,37 @@ use burn::tensor::{Device, Tensor};
 /// Keys and values `[kv_heads, capacity, head_dim]` for every layer, plus how many positions
 /// are filled. MLA layers keep their latent as the "keys" `[1, capacity, kv_lora_rank]` and the
 /// shared rope key as the "values" `[1, capacity, qk_rope_head_dim]`.
+///
+/// A layer with a sliding window keeps only the `window - 1` most recent positions, all a later
+/// query can see, so its cache stays bounded however long the sequence grows.
 pub struct KvCache {
     keys: Vec<Option<Tensor<3>>>,
     values: Vec<Option<Tensor<3>>>,
+    /// Per layer: the sliding window, or None for a full cache preallocated to `capacity`.
+    windows: Vec<Option<usize>>,
     capacity: usize,
     len: usize,
 }
 
 impl KvCache {
-    /// `keys` and `values` are the `[heads, dim]` of one layer's two cached tensors.
-    pub fn new(layers: usize, keys: [usize; 2], values: [usize; 2], capacity: usize, device: &Device) -> Self {
-        let empty = |[heads, dim]: [usize; 2]| Some(Tensor::zeros([heads, capacity, dim], device));
+    /// `keys` and `values` are the `[heads, dim]` of one layer's two cached tensors; `windows`
+    /// has one entry per layer.
+    pub fn new(
+        windows: Vec<Option<usize>>,
+        keys: [usize; 2],
+        values: [usize; 2],
+        capacity: usize,
+        device: &Device,
+    ) -> Self {
+        // Windowed layers start empty and grow to `window - 1` positions.
+        let empty = |[heads, dim]: [usize; 2], window: Option<usize>| {
+            let len = if window.is_some() { 0 } else { capacity };
+            Some(Tensor::zeros([heads, len, dim], device))
+        };
         Self {
-            keys: (0..layers).map(|_| empty(keys)).collect(),
-            values: (0..layers).map(|_| empty(values)).collect(),
+            keys: windows.iter().map(|&w| empty(keys, w)).collect(),
+            values: windows.iter().map(|&w| empty(values, w)).collect(),
+            windows,
             capacity,
             len: 0,
         }
@@ -38,21 +55,39 @@ impl KvCache {
         self.capacity
     }
 
-    /// Writes `k`, `v` `[kv_heads, tokens, head_dim]` at the current end and returns all cached
-    /// keys and values up to and including them. The cache length moves on in `advance`.
-    pub fn append(&mut self, layer: usize, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+    /// Writes `k`, `v` `[kv_heads, tokens, head_dim]` at the current end and returns the cached
+    /// keys and values this pass attends over, including the new ones, with the position of the
+    /// first: everything from 0 for a full layer, the last `window - 1` positions before this
+    /// pass for a windowed one. The cache length moves on in `advance`.
+    pub fn append(&mut self, layer: usize, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>, usize) {
         let (start, end) = (self.len, self.len + k.dims()[1]);
+        let old_keys = self.keys[layer].take().expect("kv cache layer in use");
+        let old_values = self.values[layer].take().expect("kv cache layer in use");
+        if let Some(window) = self.windows[layer] {
+            let kept = old_keys.dims()[1];
+            let keys = Tensor::cat(vec![old_keys, k], 1);
+            let values = Tensor::cat(vec![old_values, v], 1);
+            let total = keys.dims()[1];
+            let keep = window.saturating_sub(1).min(total);
+            let recent = |t: &Tensor<3>| {
+                let [heads, _, dim] = t.dims();
+                t.clone().slice([0..heads, total - keep..total, 0..dim])
+            };
+            self.keys[layer] = Some(recent(&keys));
+            self.values[layer] = Some(recent(&values));
+            return (keys, values, start - kept);
+        }
         let write = |t: Tensor<3>, new: Tensor<3>| {
             let [heads, _, dim] = new.dims();
             // Taking the tensor out leaves it uniquely owned, so slice_assign writes in place.
             let t = t.slice_assign([0..heads, start..end, 0..dim], new);
             (t.clone(), t.slice([0..heads, 0..end, 0..dim]))
         };
-        let (keys, filled_keys) = write(self.keys[layer].take().expect("kv cache layer in use"), k);
-        let (values, filled_values) = write(self.values[layer].take().expect("kv cache layer in use"), v);
+        let (keys, filled_keys) = write(old_keys, k);
+        let (values, filled_values) = write(old_values, v);
         self.keys[layer] = Some(keys);
         self.values[layer] = Some(values);
-        (filled_keys, filled_values)
+        (filled_keys, filled_values, 0)
     }
 
     /// Marks `tokens` more positions as filled, after every layer has appended them.

@@ -9,10 +9,9 @@
 //! runtime's rotate-half RoPE; the scores are unchanged, since queries and keys are permuted
 //! alike.
 
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
-use super::attention::{causal_mask, hidden, received_attention};
+use super::attention::{KeySpan, attention_probs};
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Loader};
 use super::norm::rms_norm;
@@ -105,7 +104,7 @@ impl MlaAttention {
         let k_pe = rope::apply(compressed.slice([0..tokens, r..r + rope_dim]).reshape([tokens, 1, rope_dim]), cos, sin);
         let start = cache.len();
         let total = start + tokens;
-        let (latents, k_pes) = cache.append(layer, latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1));
+        let (latents, k_pes, _) = cache.append(layer, latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1));
 
         // Expand every cached latent: [total, heads, nope + v] -> keys and values per head.
         let kv = self.kv_b.forward(latents.reshape([total, r])).reshape([total, heads, nope + m.v_head_dim]);
@@ -113,13 +112,10 @@ impl MlaAttention {
         let values = kv.slice([0..total, 0..heads, nope..nope + m.v_head_dim]).swap_dims(0, 1);
         let keys = Tensor::cat(vec![k_nope, k_pes.repeat_dim(0, heads)], 2); // [heads, total, qk]
 
-        let mut scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(m.softmax_scale);
-        if let Some(mask) = causal_mask(heads, None, start, tokens, device) {
-            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-        }
-        let probs = softmax(scores, 2);
-        let received =
-            want_received.then(|| received_attention(probs.clone(), start, |i, j| !hidden(None, start, i, j), device));
+        let scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(m.softmax_scale);
+        let span = KeySpan { start, tokens, key_start: 0, keys: total, window: None };
+        let probs = attention_probs(scores, &span, None, device);
+        let received = want_received.then(|| span.received(probs.clone(), device));
         let out = probs.matmul(values).swap_dims(0, 1).reshape([tokens, heads * m.v_head_dim]);
         (self.o.forward(out), received)
     }

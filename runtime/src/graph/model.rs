@@ -306,7 +306,8 @@ impl Model {
             None => ([a.num_kv_heads, a.head_dim], [a.num_kv_heads, a.head_dim]),
             Some(m) => ([1, m.kv_lora_rank], [1, m.qk_rope_head_dim]),
         };
-        Ok(KvCache::new(self.layers.len(), keys, values, capacity, &self.device))
+        let windows = (0..self.layers.len()).map(|l| a.window(l)).collect();
+        Ok(KvCache::new(windows, keys, values, capacity, &self.device))
     }
 
     /// Runs `ids` at the positions after what `cache` holds, appending their keys and values.

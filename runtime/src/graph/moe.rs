@@ -11,7 +11,7 @@ use burn_cubecl::tensor::CubeTensor;
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
 use crate::error::{FerryError, Result};
-use crate::experts::{ExpertCache, PageWork, SlotRef, cube_float, from_cube};
+use crate::experts::{ExpertCache, ExpertExtras, PageWork, SlotRef, cube_float, from_cube};
 use crate::routing::{TokenRoute, route};
 use crate::spec::{ModelSpec, RouterKind};
 
@@ -41,6 +41,8 @@ pub struct MoeBlock {
     score_bias: Option<Vec<f32>>,
     pregate: Option<PreGate>,
     shared: Option<SharedExpert>,
+    /// Routed experts' biases and activation, for the kernels.
+    extras: ExpertExtras,
     num_experts: usize,
     top_k: usize,
     kind: RouterKind,
@@ -57,7 +59,7 @@ impl MoeBlock {
         let moe = &spec.moe;
         let router_name = names.layer(layer, &names.router);
         let router_prefix = router_name.trim_end_matches(".weight");
-        let router = loader.linear(router_prefix, h, moe.num_experts, false)?;
+        let router = loader.linear(router_prefix, h, moe.num_experts, moe.router_bias)?;
         let score_bias = if moe.router.has_score_bias() {
             Some(loader.store.f32(&format!("{router_prefix}.e_score_correction_bias"), &[moe.num_experts])?)
         } else {
@@ -79,10 +81,13 @@ impl MoeBlock {
                 Some(SharedExpert { mlp, gate })
             }
         };
+        let bias = if moe.expert_bias { Some(expert_biases(loader, spec, layer)?) } else { None };
+        let extras = ExpertExtras::new(bias, moe.activation, loader.device)?;
         Ok(Self {
             layer,
             router,
             score_bias,
+            extras,
             pregate: None,
             shared,
             num_experts: moe.num_experts,
@@ -262,11 +267,25 @@ impl MoeBlock {
     ) -> Result<()> {
         let mut pages: BTreeMap<usize, PageWork> = BTreeMap::new();
         for &(e, at) in batch {
-            pages.entry(at.page).or_default().push(at.slot, served[e].iter().copied());
+            pages.entry(at.page).or_default().push(at.slot, e, served[e].iter().copied());
         }
         for (page, work) in pages {
-            experts.page(page)?.swiglu(x, &work, act, y, device)?;
+            experts.page(page)?.swiglu(x, &work, &self.extras, act, y, device)?;
         }
         Ok(())
     }
+}
+
+/// A fused layer's expert biases for the kernels: gate then up `[experts, 2 * inter]` (the
+/// checkpoint interleaves them, gate in the even entries) and down `[experts, hidden]`.
+fn expert_biases(loader: &Loader, spec: &ModelSpec, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (e, h, i) = (spec.moe.num_experts, spec.hidden_size, spec.moe.expert_intermediate_size);
+    let prefix = spec.names.layer(layer, &spec.names.fused_experts);
+    let interleaved = loader.store.f32(&format!("{prefix}.gate_up_proj_bias"), &[e, 2 * i])?;
+    let gate_up = interleaved
+        .chunks_exact(2 * i)
+        .flat_map(|row| (0..i).map(|r| row[2 * r]).chain((0..i).map(|r| row[2 * r + 1])).collect::<Vec<_>>())
+        .collect();
+    let down = loader.store.f32(&format!("{prefix}.down_proj_bias"), &[e, h])?;
+    Ok((gate_up, down))
 }

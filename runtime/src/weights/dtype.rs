@@ -8,6 +8,8 @@ pub enum SourceDtype {
     F32,
     F16,
     BF16,
+    /// Raw bytes: MXFP4 blocks (two e2m1 codes each) and scales (biased exponents).
+    U8,
 }
 
 impl SourceDtype {
@@ -16,6 +18,7 @@ impl SourceDtype {
             safetensors::Dtype::F32 => Some(Self::F32),
             safetensors::Dtype::F16 => Some(Self::F16),
             safetensors::Dtype::BF16 => Some(Self::BF16),
+            safetensors::Dtype::U8 => Some(Self::U8),
             _ => None,
         }
     }
@@ -25,6 +28,7 @@ impl SourceDtype {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
+            Self::U8 => 1,
         }
     }
 }
@@ -36,6 +40,7 @@ pub fn to_f32(bytes: &[u8], dtype: SourceDtype) -> Vec<f32> {
         SourceDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         SourceDtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         SourceDtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        SourceDtype::U8 => bytes.iter().map(|&b| f32::from(b)).collect(),
     }
 }
 
