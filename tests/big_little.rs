@@ -91,7 +91,9 @@ fn tokens_expected_little_get_half_their_predicted_experts_staged() {
         let (out, model) = run(family, options);
         let recall = model.experts().recall().to_vec();
         let stats = model.experts().stats();
-        for pair in &reference.pregate {
+        // Only the first pair predicts from transformers' own hidden states: little layers move
+        // every later layer's input away from the reference's.
+        for pair in reference.pregate.iter().take(1) {
             let real = &out.routing[pair.to];
             let hits = |keep: usize| -> u64 {
                 real.iter()

@@ -48,4 +48,4 @@ macro_rules! family_tests {
     };
 }
 
-family_tests!(mixtral, qwen2_moe, qwen3_moe, olmoe);
+family_tests!(mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss);

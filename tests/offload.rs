@@ -7,7 +7,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::{EvictionPolicy, ExpertStats, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
 use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{fixture, gpu, greedy, reference};
+use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
@@ -30,7 +30,7 @@ const TOP_K_SLOTS: VramBudget = VramBudget::FractionOfExperts(2.0 / 16.0);
 
 #[test]
 fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
-    for family in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+    for family in FAMILIES {
         let reference = reference(family);
         let resident = load(family, VramBudget::All, EvictionPolicy::Lru);
         let expected = prompt_forward(&resident, &reference.input_ids);

@@ -11,7 +11,17 @@ fn decode_bytes_with_every_expert_equal_the_checkpoint_minus_all_but_one_embeddi
     for family in FAMILIES {
         let opened = ferry_models::open(&fixture(family)).unwrap();
         let spec = &opened.spec;
-        let elements = |name: &str| opened.weights.tensor(name).map_or(0, |t| t.shape.iter().product::<usize>());
+        // Weights per tensor; MXFP4 blocks hold two per byte, and their scales are not weights.
+        let elements = |name: &str| {
+            let count = opened.weights.tensor(name).map_or(0, |t| t.shape.iter().product::<usize>());
+            if name.ends_with("_scales") {
+                0
+            } else if name.ends_with("_blocks") {
+                2 * count
+            } else {
+                count
+            }
+        };
         let all: usize = opened.weights.names().iter().map(|n| elements(n)).sum();
         let unread = if spec.tie_word_embeddings { 0 } else { elements(&spec.names.embed) - spec.hidden_size };
         let bytes = DecodeBytes::of(spec, 0, spec.moe.num_experts as f64, ExpertDtype::F32);
@@ -24,6 +34,13 @@ fn decode_bytes_with_every_expert_equal_the_checkpoint_minus_all_but_one_embeddi
         let slot = ExpertDtype::Int8.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
         assert_eq!(int8.experts, moe_layers as u64 * slot, "{family}");
         assert_eq!((int8.dense, int8.kv_cache), (later.dense, later.kv_cache), "{family}");
-        assert_eq!(later.kv_cache, (4 * 2 * spec.num_layers() * a.num_kv_heads * a.head_dim * 10) as u64, "{family}");
+        // Keys and values per KV head, or MLA's latent and rope key; sliding layers hold at most
+        // their window (none of the fixtures' windows is under 10 except GPT-OSS's).
+        let per_layer = |l: usize| a.window(l).map_or(10, |w| w.min(10));
+        let elements: usize = (0..spec.num_layers()).map(per_layer).sum::<usize>() * a.kv_elements_per_token();
+        assert_eq!(later.kv_cache, 4 * elements as u64, "{family}");
+        if a.mla.is_none() {
+            assert_eq!(a.kv_elements_per_token(), 2 * a.num_kv_heads * a.head_dim, "{family}");
+        }
     }
 }

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{BigLittle, EvictionPolicy, LinkModel, VramBudget};
+use ferry_runtime::experts::{BigLittle, EvictionPolicy, ExpertDtype, LinkModel, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
+use ferry_runtime::spec::ExpertLayout;
 use ferry_runtime::{AdapterChoice, Gpu};
 
 use crate::args::{BigLittleArgs, ModelArgs};
@@ -89,8 +90,17 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
-        expert_dtype: args.expert_dtype.parse()?,
+        expert_dtype: expert_dtype(args)?,
     })
+}
+
+/// `--expert-dtype`; `auto` keeps an MXFP4 checkpoint's experts in MXFP4 and runs others in f32.
+fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
+    if args.expert_dtype != "auto" {
+        return Ok(args.expert_dtype.parse()?);
+    }
+    let spec = ferry_models::read_spec(&model_folder(args)?)?;
+    Ok(if spec.moe.layout == ExpertLayout::Mxfp4 { ExpertDtype::Mxfp4 } else { ExpertDtype::F32 })
 }
 
 /// `--experts` and its settings; None for full (exact) mode.

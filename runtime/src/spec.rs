@@ -396,10 +396,15 @@ impl ModelSpec {
                 FfnKind::Dense { intermediate_size } => 3 * h * intermediate_size,
                 FfnKind::Moe => {
                     let m = &self.moe;
-                    let shared = m.shared_expert.as_ref().map_or(0, |s| 3 * h * s.intermediate_size + h);
+                    let shared = m
+                        .shared_expert
+                        .as_ref()
+                        .map_or(0, |s| 3 * h * s.intermediate_size + usize::from(s.sigmoid_gate) * h);
                     // Expert biases stay resident: they are small and read by every launch.
                     let biases = if m.expert_bias { m.num_experts * (2 * m.expert_intermediate_size + h) } else { 0 };
-                    h * m.num_experts + usize::from(m.router_bias) * m.num_experts + shared + biases
+                    let router =
+                        (h + usize::from(m.router_bias) + usize::from(m.router.has_score_bias())) * m.num_experts;
+                    router + shared + biases
                 }
                 // Router, expert norm and shared FFN; lookup experts (FFNs or table rows) are
                 // not counted, like routed experts.

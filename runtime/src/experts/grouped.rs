@@ -451,11 +451,37 @@ mod tests {
         v / (1.0 + (-v).exp())
     }
 
-    /// Plain-Rust SwiGLU of one expert in checkpoint layout.
-    fn expert_ref([gate, up, down]: &[Vec<f32>; 3], x: &[f32], hidden: usize, inter: usize) -> Vec<f32> {
+    /// GPT-OSS's extras for the reference: gate then up biases, down biases, clamp limit.
+    struct Extras {
+        gate_up: Vec<f32>,
+        down: Vec<f32>,
+        limit: f32,
+    }
+
+    /// Plain-Rust expert FFN in checkpoint layout: SwiGLU, or with `extras` (expert `e`'s
+    /// biases) GPT-OSS's clamped SwiGLU with alpha 1.702.
+    fn expert_ref(
+        [gate, up, down]: &[Vec<f32>; 3],
+        x: &[f32],
+        hidden: usize,
+        inter: usize,
+        extras: Option<(&Extras, usize)>,
+    ) -> Vec<f32> {
         let dot = |w: &[f32], row: usize, v: &[f32], n: usize| (0..n).map(|j| w[row * n + j] * v[j]).sum::<f32>();
-        let act: Vec<f32> = (0..inter).map(|i| silu(dot(gate, i, x, hidden)) * dot(up, i, x, hidden)).collect();
-        (0..hidden).map(|h| dot(down, h, &act, inter)).collect()
+        let act: Vec<f32> = (0..inter)
+            .map(|i| {
+                let (g, u) = (dot(gate, i, x, hidden), dot(up, i, x, hidden));
+                match extras {
+                    None => silu(g) * u,
+                    Some((ex, e)) => {
+                        let g = (g + ex.gate_up[e * 2 * inter + i]).min(ex.limit);
+                        let u = (u + ex.gate_up[e * 2 * inter + inter + i]).clamp(-ex.limit, ex.limit);
+                        (u + 1.0) * (g / (1.0 + (-1.702 * g).exp()))
+                    }
+                }
+            })
+            .collect();
+        (0..hidden).map(|h| dot(down, h, &act, inter) + extras.map_or(0.0, |(ex, e)| ex.down[e * hidden + h])).collect()
     }
 
     /// Imbalanced routing (one expert serves every token), experts serving nobody, a token with
@@ -463,18 +489,27 @@ mod tests {
     /// match a CPU reference, and rows nobody was routed to stay zero.
     #[test]
     fn grouped_swiglu_matches_a_cpu_reference_across_pages_and_odd_routing() {
-        check_against_reference(ExpertDtype::F32, 24, 40);
+        check_against_reference(ExpertDtype::F32, 24, 40, false);
     }
 
-    /// The same routing over int8 and int4 slots: the kernel equals a CPU reference run on the
-    /// weights the codes stand for.
+    /// The same routing over int8, int4 and MXFP4 slots: the kernel equals a CPU reference run
+    /// on the weights the codes stand for.
     #[test]
     fn quantised_grouped_swiglu_matches_a_cpu_reference_on_dequantised_weights() {
-        check_against_reference(ExpertDtype::Int8, 64, 32);
-        check_against_reference(ExpertDtype::Int4, 32, 64);
+        check_against_reference(ExpertDtype::Int8, 64, 32, false);
+        check_against_reference(ExpertDtype::Int4, 32, 64, false);
+        check_against_reference(ExpertDtype::Mxfp4, 32, 64, false);
     }
 
-    fn check_against_reference(dtype: ExpertDtype, hidden: usize, inter: usize) {
+    /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
+    #[test]
+    fn biased_clamped_experts_match_a_cpu_reference_in_every_format() {
+        for dtype in [ExpertDtype::F32, ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Mxfp4] {
+            check_against_reference(dtype, 64, 32, true);
+        }
+    }
+
+    fn check_against_reference(dtype: ExpertDtype, hidden: usize, inter: usize, gpt_oss: bool) {
         let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
         let device = &gpu.device;
         let (tokens, k) = (5, 2);
@@ -505,7 +540,21 @@ mod tests {
         let routes = [(0, 0, 0, 0.6), (0, 1, 2, 0.4), (1, 0, 0, 0.5), (1, 1, 4, 0.5), (2, 0, 4, 0.7)];
         let routes = [&routes[..], &[(2, 1, 0, 0.3), (3, 0, 0, 1.0), (3, 1, 2, 0.25), (4, 0, 0, 1.0)]].concat();
         let xc = float(Tensor::<2>::from_data(TensorData::new(x.clone(), [tokens, hidden]), device)).unwrap();
-        let extras = ExpertExtras::new(None, ExpertActivation::Silu, device).unwrap();
+        // Large enough weights that the clamp at 1.5 cuts a good share of gate and up values.
+        let reference_extras = gpt_oss.then(|| Extras {
+            gate_up: (0..5 * 2 * inter).map(|i| ((i * 7 % 13) as f32 - 6.0) / 4.0).collect(),
+            down: (0..5 * hidden).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect(),
+            limit: 1.5,
+        });
+        let extras = match &reference_extras {
+            None => ExpertExtras::new(None, ExpertActivation::Silu, device).unwrap(),
+            Some(ex) => ExpertExtras::new(
+                Some((ex.gate_up.clone(), ex.down.clone())),
+                ExpertActivation::ClampedSwiglu { limit: ex.limit, alpha: 1.702 },
+                device,
+            )
+            .unwrap(),
+        };
         let act = float(Tensor::<2>::empty([tokens * k, inter], device)).unwrap();
         let y = float(Tensor::<2>::zeros([tokens * k, hidden], device)).unwrap();
         for page in 0..3 {
@@ -527,7 +576,8 @@ mod tests {
                 match routes.iter().find(|r| r.0 == t && r.1 == rank) {
                     None => assert!(row.iter().all(|&v| v == 0.0), "{dtype}: token {t} rank {rank} was not routed"),
                     Some(&(_, _, e, w)) => {
-                        let want = expert_ref(&experts[e], &x[t * hidden..][..hidden], hidden, inter);
+                        let ex = reference_extras.as_ref().map(|ex| (ex, e));
+                        let want = expert_ref(&experts[e], &x[t * hidden..][..hidden], hidden, inter, ex);
                         for (g, r) in row.iter().zip(&want) {
                             assert!(
                                 (g - r * w).abs() <= tolerance * (1.0 + r.abs()),

@@ -41,6 +41,12 @@ impl KvCache {
         }
     }
 
+    /// Positions layer `layer` holds: every one for a full layer, at most `window - 1` for a
+    /// windowed one.
+    pub fn held(&self, layer: usize) -> usize {
+        self.keys[layer].as_ref().map_or(0, |k| if self.windows[layer].is_some() { k.dims()[1] } else { self.len })
+    }
+
     /// Positions already cached, in tokens.
     pub fn len(&self) -> usize {
         self.len
