@@ -173,3 +173,67 @@ fn generation_stops_at_the_context_limit() {
     assert_eq!(output.ids.len(), 2);
     assert_eq!(output.stats.stop_reason, ferry_runtime::engine::StopReason::Context);
 }
+
+#[test]
+fn inconsistent_mla_keys_are_named() {
+    let (_tmp, dir) = copy_fixture("deepseek_v3");
+    edit_config(&dir, |c| c["head_dim"] = serde_json::json!(5));
+    assert_mentions(&load_error(&dir), &["config.json", "head_dim (5)", "qk_rope_head_dim"]);
+    edit_config(&dir, |c| {
+        c["head_dim"] = serde_json::Value::Null;
+        c["qk_rope_head_dim"] = serde_json::json!(7);
+    });
+    assert_mentions(&load_error(&dir), &["config.json", "qk_rope_head_dim (7)", "even"]);
+    edit_config(&dir, |c| {
+        c["qk_rope_head_dim"] = serde_json::json!(8);
+        c["n_group"] = serde_json::json!(5);
+    });
+    assert_mentions(&load_error(&dir), &["config.json", "n_routed_experts (16)", "n_group (5)"]);
+}
+
+#[test]
+fn inconsistent_yarn_keys_are_named() {
+    let (_tmp, dir) = copy_fixture("deepseek_v2");
+    edit_config(&dir, |c| c["rope_scaling"]["original_max_position_embeddings"] = serde_json::json!(1024));
+    assert_mentions(&load_error(&dir), &["config.json", "original_max_position_embeddings (1024)"]);
+    edit_config(&dir, |c| {
+        c["rope_scaling"]["original_max_position_embeddings"] = serde_json::json!(64);
+        c["rope_scaling"]["factor"] = serde_json::json!("four");
+    });
+    assert_mentions(&load_error(&dir), &["config.json", "yarn", "factor"]);
+}
+
+#[test]
+fn gpt_oss_layer_types_must_cover_every_layer() {
+    let (_tmp, dir) = copy_fixture("gpt_oss");
+    edit_config(&dir, |c| c["layer_types"] = serde_json::json!(["sliding_attention"]));
+    assert_mentions(&load_error(&dir), &["config.json", "layer_types has 1 entries"]);
+}
+
+/// MXFP4 scales that do not cover their blocks one for one name both tensors.
+#[test]
+fn mxfp4_blocks_and_scales_that_disagree_are_named() {
+    let (_tmp, dir) = copy_fixture("gpt_oss");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let bad = "model.layers.0.mlp.experts.gate_up_proj_scales";
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if name != bad {
+                return (name, view);
+            }
+            // One block group fewer per row: same bytes, a shape that no longer matches.
+            let mut shape = view.shape().to_vec();
+            let last = shape.len() - 1;
+            let rows: usize = shape[..last].iter().product();
+            shape[last] -= 1;
+            let data = &view.data()[..rows * shape[last]];
+            (name, safetensors::tensor::TensorView::new(view.dtype(), shape, data).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    assert_mentions(&load_error(&dir), &[bad, "gate_up_proj_blocks"]);
+}

@@ -113,6 +113,40 @@ fn info_reports_family_and_expert_bytes() {
     assert_eq!(out["expert_parameters"], 2 * 8 * 3 * 64 * 32);
 }
 
+/// The family figures: MLA's KV bytes per token against expanded keys and values (as the
+/// fixture's reference computed them), and GPT-OSS's MXFP4 experts, which `--expert-dtype auto`
+/// keeps in MXFP4.
+#[test]
+fn info_reports_mla_kv_bytes_and_the_expert_format() {
+    let out = json_of(&ferry(&["info", "--model", fixture("deepseek_v2").to_str().unwrap(), "--json"]));
+    assert_eq!(out["kv_bytes_per_token_f32"], 480);
+    assert_eq!(out["kv_bytes_per_token_f32_expanded"], 2304);
+    assert_eq!(out["expert_format"], "BF16");
+    let out = json_of(&ferry(&["info", "--model", fixture("gpt_oss").to_str().unwrap(), "--json"]));
+    assert!(out["expert_format"].as_str().unwrap().starts_with("MXFP4"), "{}", out["expert_format"]);
+    let generated = json_of(&ferry(&[
+        "generate",
+        "--model",
+        fixture("gpt_oss").to_str().unwrap(),
+        "--ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "2",
+        "--greedy",
+        "--vram-budget",
+        "25%",
+        "--json",
+    ]));
+    // A quarter of MXFP4 slots: every miss moves the MXFP4 size of one expert.
+    let stats = &generated["stats"];
+    let misses =
+        stats["prefill_experts"]["misses"].as_u64().unwrap() + stats["decode_experts"]["misses"].as_u64().unwrap();
+    let bytes = stats["prefill_experts"]["bytes_uploaded"].as_u64().unwrap()
+        + stats["decode_experts"]["bytes_uploaded"].as_u64().unwrap();
+    assert!(misses > 0);
+    assert_eq!(bytes, misses * (3 * 64 * 32 / 2 + 3 * 64 * 32 / 32 * 4));
+}
+
 #[test]
 fn devices_lists_at_least_one_adapter() {
     let out = json_of(&ferry(&["devices", "--json"]));

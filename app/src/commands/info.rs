@@ -1,7 +1,7 @@
 //! `ferry info`: what a model is and how its bytes split between resident weights and experts.
 
 use anyhow::Result;
-use ferry_runtime::spec::FfnKind;
+use ferry_runtime::spec::{ExpertLayout, FfnKind};
 
 use crate::args::InfoArgs;
 use crate::load;
@@ -17,8 +17,16 @@ pub fn run(args: InfoArgs) -> Result<()> {
     // KV cache bytes per token over all layers, in the f32 the graph keeps it in.
     let kv_bytes = spec.num_layers() * a.kv_elements_per_token() * 4;
     let kv_expanded = spec.num_layers() * a.kv_elements_per_token_expanded() * 4;
+    let sliding = (0..spec.num_layers()).filter(|&l| a.window(l).is_some()).count();
+    let mut extra = String::new();
+    if a.sinks {
+        extra.push_str(", attention sinks");
+    }
+    if let Some(w) = a.sliding_window.filter(|_| sliding > 0) {
+        extra.push_str(&format!(", sliding window {w} on {sliding} of {} layers", spec.num_layers()));
+    }
     let attention = match &a.mla {
-        None => format!("{} heads, {} KV heads, head_dim {}", a.num_heads, a.num_kv_heads, a.head_dim),
+        None => format!("{} heads, {} KV heads, head_dim {}{extra}", a.num_heads, a.num_kv_heads, a.head_dim),
         Some(m) => format!(
             "MLA: {} heads, kv_lora_rank {}, q_lora_rank {}, qk {}+{} (nope+rope), v {}",
             a.num_heads,
@@ -72,6 +80,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
             kv_expanded,
             kv_expanded as f64 / kv_bytes.max(1) as f64
         );
+    } else if sliding > 0 {
+        println!("KV cache      {kv_bytes} B/token (f32; sliding layers keep at most their window)");
     } else {
         println!("KV cache      {kv_bytes} B/token (f32)");
     }
@@ -89,15 +99,21 @@ pub fn run(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// How the first routed expert is stored in the checkpoint (`BF16`, `F32`, ...), or "none".
+/// How the first MoE layer's routed experts are stored in the checkpoint (`BF16`, `MXFP4`, ...),
+/// or "none".
 fn expert_format(opened: &ferry_models::ModelFolder) -> String {
     let spec = &opened.spec;
     let Some(layer) = spec.layers.iter().position(|f| matches!(f, FfnKind::Moe)) else {
         return "none".into();
     };
-    let [gate, ..] = spec.names.expert_weights(layer, 0);
-    match opened.weights.tensor(&gate) {
-        Some(t) => format!("{:?}", t.dtype),
+    let fused = spec.names.layer(layer, &spec.names.fused_experts);
+    let (name, label) = match spec.moe.layout {
+        ExpertLayout::PerExpert => (spec.names.expert_weights(layer, 0)[0].clone(), ""),
+        ExpertLayout::Fused => (format!("{fused}.gate_up_proj"), " (fused gate/up)"),
+        ExpertLayout::Mxfp4 => return "MXFP4 (e2m1 blocks, power-of-two scale per 32)".into(),
+    };
+    match opened.weights.tensor(&name) {
+        Some(t) => format!("{:?}{label}", t.dtype),
         None => "missing".into(),
     }
 }
