@@ -58,7 +58,8 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
 
 #[test]
 fn experts_spread_over_many_slot_pages_give_the_same_logits() {
-    // One slot per page: every layer's experts come from several buffers and launches.
+    // One slot per page: every layer's experts come from several buffers and launches; the LM
+    // head, split by the same buffer limit, reads back block by block.
     for family in ["mixtral", "qwen3_moe"] {
         let reference = reference(family);
         let expected = prompt_forward(&load(family, VramBudget::All, EvictionPolicy::Lru), &reference.input_ids);
@@ -67,6 +68,8 @@ fn experts_spread_over_many_slot_pages_give_the_same_logits() {
             let projection = (opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4) as u64;
             let options = ExpertOptions { budget, page_bytes: Some(projection), ..Default::default() };
             let model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+            // The same limit splits the LM head into blocks of 32 rows.
+            assert_eq!(model.lm_head_blocks(), 12, "{family}");
             let out = prompt_forward(&model, &reference.input_ids);
             assert_eq!(out.logits, expected.logits, "{family} {budget:?}: logits differ with one slot per page");
         }

@@ -416,6 +416,13 @@ impl ModelSpec {
         total
     }
 
+    /// Parameters kept on the GPU besides routed experts: `resident_params` less an untied
+    /// embedding, whose rows are read from the checkpoint on the host.
+    pub fn gpu_resident_params(&self) -> usize {
+        let embedding = if self.tie_word_embeddings { 0 } else { self.vocab_size * self.hidden_size };
+        self.resident_params() - embedding
+    }
+
     /// Parameters of all routed experts.
     pub fn expert_params_total(&self) -> usize {
         let moe_layers = self.layers.iter().filter(|f| matches!(f, FfnKind::Moe)).count();

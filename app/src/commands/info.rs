@@ -55,6 +55,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
         "expert_parameters": experts,
         "expert_bytes_each_f32": spec.expert_params() * 4,
         "resident_bytes_f32": resident * 4,
+        // On the GPU: an untied embedding stays in the checkpoint, read a row per token.
+        "gpu_resident_bytes_f32": spec.gpu_resident_params() * 4,
         "expert_bytes_f32": experts * 4,
         "checkpoint_bytes": opened.weights.total_bytes(),
         "kv_bytes_per_token_f32": kv_bytes,

@@ -96,7 +96,7 @@ impl VramBudget {
         let moe_layers = spec.layers.iter().filter(|l| matches!(l, crate::spec::FfnKind::Moe)).count();
         let total_experts = moe_layers * spec.moe.num_experts;
         let slot_bytes = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
-        let resident_bytes = spec.resident_params() as u64 * GPU_ELEMENT_BYTES;
+        let resident_bytes = spec.gpu_resident_params() as u64 * GPU_ELEMENT_BYTES;
         let kv_bytes = spec.attention.kv_elements(spec.num_layers(), kv_tokens) as u64 * GPU_ELEMENT_BYTES;
         let slots = match self {
             Self::All => total_experts,

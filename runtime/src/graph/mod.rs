@@ -14,6 +14,7 @@ mod mole;
 mod mole_table;
 mod norm;
 mod rope;
+mod vocab;
 
 pub use kv_cache::KvCache;
 pub use model::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};

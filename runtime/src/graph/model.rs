@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use super::attention::Attention;
 use super::ffn::SwiGlu;
@@ -14,6 +14,7 @@ use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
 use super::norm::rms_norm;
 use super::rope::Rope;
+use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
 use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertDtype, ExpertStore, LinkModel, VramBudget};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
@@ -57,8 +58,9 @@ pub struct ExpertOptions {
     pub link: Option<LinkModel>,
     /// Big-little experts (`--experts big-little`): an approximation, off by default.
     pub big_little: Option<BigLittle>,
-    /// Largest GPU buffer of expert slots, in bytes (None: what the adapter can bind). Smaller
-    /// pages spread a layer's experts over more kernel launches; set when the cache is made.
+    /// Largest GPU buffer of expert slots and of LM-head blocks, in bytes (None: what the adapter
+    /// can bind). Smaller pages spread a layer's experts over more kernel launches and the head
+    /// over more blocks; set when the model is loaded.
     pub page_bytes: Option<u64>,
     /// How routed experts are stored in host RAM and GPU slots (`--expert-dtype`); quantised
     /// formats are approximations. Set when the model is loaded.
@@ -137,11 +139,12 @@ pub struct ForwardOutput {
 pub struct Model {
     spec: ModelSpec,
     device: Device,
-    embed: Tensor<2>,
+    /// Rows read from the checkpoint per forward pass (nothing on the GPU).
+    embed: Embedding,
     layers: Vec<Layer>,
     final_norm: Tensor<1>,
-    /// `[vocab, hidden]`, HF layout (the embedding itself when tied).
-    lm_head: Tensor<2>,
+    /// `[vocab, hidden]` in blocks that fit a binding (the embedding's values when tied).
+    lm_head: LmHead,
     rope: Rope,
     /// Routed experts: host store plus GPU slot cache. Locked per forward pass.
     experts: Mutex<ExpertCache>,
@@ -170,7 +173,7 @@ impl Model {
         let loader = Loader { store, device };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
-        let embed = loader.matrix(&names.embed, v, h)?;
+        let embed = Embedding::open(store, &names.embed, v, h)?;
         // A MoLE folder with a lookup table runs from the table; without one, from the FFNs.
         let lookup = if spec.layers.contains(&FfnKind::Mole) && store.folder().join(LUT_FILE).exists() {
             let expected = lookup_header(&spec, LutDtype::F32)?;
@@ -178,7 +181,8 @@ impl Model {
         } else {
             None
         };
-        let lm_head = if spec.tie_word_embeddings { embed.clone() } else { loader.matrix(&names.lm_head, v, h)? };
+        let head_name = if spec.tie_word_embeddings { &names.embed } else { &names.lm_head };
+        let lm_head = LmHead::load(&loader, head_name, v, h, max_buffer_bytes(device, options.page_bytes)?)?;
         let final_norm = loader.vector(&names.final_norm, h)?;
         let layers = spec
             .layers
@@ -232,6 +236,11 @@ impl Model {
             prefetch_k: Mutex::new(prefetch_k),
             lookup,
         })
+    }
+
+    /// Row blocks the LM head is split into (one unless it exceeds a binding).
+    pub fn lm_head_blocks(&self) -> usize {
+        self.lm_head.blocks()
     }
 
     /// The lookup table's header when this MoLE model runs from one.
@@ -328,9 +337,7 @@ impl Model {
         }
         let device = &self.device;
         let eps = self.spec.rms_norm_eps;
-        let index =
-            Tensor::<1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [tokens]), device);
-        let mut x = self.embed.clone().select(0, index);
+        let mut x = self.embed.rows(ids, device);
         let embedded = x.clone();
         // MoLE: each token's whole row (all layers and experts) is read and uploaded once,
         // before layer 0, since the token id is all it depends on.
@@ -386,16 +393,17 @@ impl Model {
             LogitsFor::Last => x.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
         };
         let x = rms_norm(x, &self.final_norm, eps);
-        let rows = x.dims()[0];
-        // [vocab, hidden] x [hidden, rows]: the head stays in checkpoint layout, shared with the
-        // embedding when tied.
-        let logits = self.lm_head.clone().matmul(x.transpose()).transpose();
-        let values: Vec<f32> =
-            logits.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading logits: {e:?}")))?;
-        let logits = values.chunks_exact(self.spec.vocab_size).map(<[f32]>::to_vec).collect::<Vec<_>>();
-        debug_assert_eq!(logits.len(), rows);
+        let logits = self.lm_head.logits(x)?;
         Ok(ForwardOutput { logits, routing })
     }
+}
+
+/// The largest GPU buffer a vocabulary block may take: what the adapter can bind, or the smaller
+/// `page_bytes` asked for (tests split the head that way).
+fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Result<u64> {
+    let probe = crate::experts::cube_float(Tensor::<1>::zeros([1], device))?;
+    let adapter = probe.client.properties().memory.max_page_size;
+    Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))
 }
 
 fn prefetch_k(spec: &ModelSpec, options: &ExpertOptions) -> Option<usize> {
