@@ -21,7 +21,7 @@ fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
 fn offloaded_quantised_experts_equal_all_resident_quantised_experts_bit_for_bit() {
     for family in ["mixtral", "qwen3_moe"] {
         let ids = reference(family).input_ids;
-        for dtype in [ExpertDtype::Int8, ExpertDtype::Int4] {
+        for dtype in [ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Int2, ExpertDtype::Mxfp4] {
             let expected = prompt_forward(&load(family, VramBudget::All, dtype), &ids);
             let model = load(family, VramBudget::FractionOfExperts(0.25), dtype);
             let out = prompt_forward(&model, &ids);

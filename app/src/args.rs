@@ -181,7 +181,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "0")]
     pub lut_cache: String,
     /// How routed experts are stored in host RAM and GPU slots: f32 (exact), group-wise int8 /
-    /// int4 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
+    /// int4 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
     /// except mxfp4 on an MXFP4 checkpoint); auto: mxfp4 for MXFP4 checkpoints, else f32.
     #[arg(long, default_value = "auto")]
     pub expert_dtype: String,
@@ -319,7 +319,7 @@ pub struct BenchArgs {
     /// big-little experts, each with f32, int8 and int4 experts (a MoLE model: its table).
     #[arg(long)]
     pub compare: bool,
-    /// Expert formats to measure (repeatable or comma-separated: f32, int8, int4, mxfp4); each quantised
+    /// Expert formats to measure (repeatable or comma-separated: f32, int8, int4, int2, mxfp4); each quantised
     /// format loads its own copy of the model. All-resident f32 is always the baseline.
     #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
     pub expert_dtypes: Vec<String>,

@@ -499,12 +499,13 @@ mod tests {
         check_against_reference(ExpertDtype::Int8, 64, 32, false);
         check_against_reference(ExpertDtype::Int4, 32, 64, false);
         check_against_reference(ExpertDtype::Mxfp4, 32, 64, false);
+        check_against_reference(ExpertDtype::Int2, 64, 32, false);
     }
 
     /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
     #[test]
     fn biased_clamped_experts_match_a_cpu_reference_in_every_format() {
-        for dtype in [ExpertDtype::F32, ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Mxfp4] {
+        for dtype in [ExpertDtype::F32, ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Int2, ExpertDtype::Mxfp4] {
             check_against_reference(dtype, 64, 32, true);
         }
     }

@@ -18,6 +18,8 @@ pub enum ExpertDtype {
     F32,
     Int8,
     Int4,
+    /// Symmetric 2-bit codes: each weight is -1, 0 or +1 times its group's scale.
+    Int2,
     /// OCP MXFP4 as GPT-OSS ships it: e2m1 codes, one power-of-two scale per 32 weights. An
     /// MXFP4 checkpoint is uploaded as it is (exact); other checkpoints are rounded to it.
     Mxfp4,
@@ -31,10 +33,11 @@ impl std::str::FromStr for ExpertDtype {
             "f32" => Ok(Self::F32),
             "int8" => Ok(Self::Int8),
             "int4" => Ok(Self::Int4),
+            "int2" => Ok(Self::Int2),
             "mxfp4" => Ok(Self::Mxfp4),
             other => Err(FerryError::flag(
                 "--expert-dtype",
-                format!("unknown dtype {other:?}; use f32, int8, int4 or mxfp4"),
+                format!("unknown dtype {other:?}; use f32, int8, int4, int2 or mxfp4"),
             )),
         }
     }
@@ -46,6 +49,7 @@ impl std::fmt::Display for ExpertDtype {
             Self::F32 => "f32",
             Self::Int8 => "int8",
             Self::Int4 => "int4",
+            Self::Int2 => "int2",
             Self::Mxfp4 => "mxfp4",
         })
     }
@@ -58,6 +62,7 @@ impl ExpertDtype {
             Self::F32 => None,
             Self::Int8 => Some(8),
             Self::Int4 | Self::Mxfp4 => Some(4),
+            Self::Int2 => Some(2),
         }
     }
 
@@ -221,7 +226,7 @@ mod tests {
     fn round_trip_error_is_within_half_a_step_of_each_groups_scale() {
         let (n, k) = (3, 64);
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-        for bits in [8, 4] {
+        for bits in [8, 4, 2] {
             let q = quantize(&w, n, k, bits);
             let back = dequantize(&q, n, k, bits, false);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
