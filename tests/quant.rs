@@ -4,6 +4,7 @@
 
 use ferry_runtime::experts::{ExpertDtype, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_runtime::spec::ExpertLayout;
 use ferry_tests::{FAMILIES, fixture, gpu, max_abs_diff, reference};
 
 fn load(family: &str, budget: VramBudget, expert_dtype: ExpertDtype) -> Model {
@@ -58,5 +59,39 @@ fn quantised_logits_stay_near_transformers_and_int8_nearer_than_int4() {
         assert!(int4 < 0.3, "{family}: int4 relative error {int4}");
         assert!(f32 <= int8 && int8 <= int4, "{family}: errors not ordered: f32 {f32}, int8 {int8}, int4 {int4}");
         eprintln!("{family}: max |logit error| / max |logit|: f32 {f32:.2e}, int8 {int8:.2e}, int4 {int4:.2e}");
+    }
+}
+
+/// `ferry convert quantize` stores experts in the slot layout: loading the converted folder gives
+/// exactly what quantising at load gives (int4 from BF16/F32 experts, MXFP4 from GPT-OSS's own
+/// MXFP4 blocks), its experts take the quantised bytes on disk, and a converted folder is not
+/// converted twice.
+#[test]
+fn converted_folders_equal_quantising_at_load() {
+    for (family, dtype) in
+        [("qwen3_moe", ExpertDtype::Int4), ("gpt_oss", ExpertDtype::Mxfp4), ("deepseek_v3", ExpertDtype::Int8)]
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("converted");
+        let done = ferry_models::quantize::quantize_folder(&fixture(family), &out, dtype, |_, _| {}).unwrap();
+        let opened = ferry_models::open(&out).unwrap();
+        assert_eq!(opened.spec.moe.layout, ExpertLayout::Prequantised(dtype), "{family}");
+        let spec = &opened.spec;
+        let per_expert = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size) as usize;
+        assert_eq!(done.output_expert_bytes, done.experts * per_expert, "{family}");
+        let ids = reference(family).input_ids;
+        let options =
+            ExpertOptions { expert_dtype: dtype, budget: VramBudget::FractionOfExperts(0.25), ..Default::default() };
+        let converted = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+        let out_logits = prompt_forward(&converted, &ids);
+        let expected = prompt_forward(&load(family, VramBudget::All, dtype), &ids);
+        assert_eq!(
+            out_logits.logits, expected.logits,
+            "{family} {dtype}: converted differs from load-time quantisation"
+        );
+        let err = ferry_models::quantize::quantize_folder(&out, &tmp.path().join("again"), dtype, |_, _| {})
+            .expect_err("a converted folder must not be converted again")
+            .to_string();
+        assert!(err.contains("already quantised"), "{err}");
     }
 }

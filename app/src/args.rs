@@ -29,7 +29,8 @@ pub enum Command {
     RandomModel(RandomModelArgs),
     /// Quality of a mode against full mode on a text: perplexity and argmax agreement.
     Eval(EvalArgs),
-    /// Convert a model: `mole-to-lut` re-parameterises MoLE experts into a lookup table.
+    /// Convert a model: `mole-to-lut` re-parameterises MoLE experts into a lookup table,
+    /// `quantize` stores routed experts quantised.
     #[command(subcommand)]
     Convert(ConvertCommand),
     /// Train a small dense, MoE or MoLE model on text files (burn autodiff, CPU by default).
@@ -125,6 +126,23 @@ pub enum ConvertCommand {
     /// Evaluate every lookup expert on every vocabulary entry and write a complete model folder
     /// (config, non-expert weights, tokenizer, mole_lut.bin) that runs from the table.
     MoleToLut(MoleToLutArgs),
+    /// Quantise the routed experts once and write a model folder that stores them in the GPU
+    /// slots' layout (loading then maps and uploads them without quantising).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// Model folder (any supported family).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output folder (created; must not hold a model).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Expert format: int8, int4, int2 or mxfp4 (an MXFP4 checkpoint converted to mxfp4 stays
+    /// exact).
+    #[arg(long)]
+    pub dtype: String,
 }
 
 #[derive(Args)]

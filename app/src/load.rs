@@ -94,13 +94,18 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
     })
 }
 
-/// `--expert-dtype`; `auto` keeps an MXFP4 checkpoint's experts in MXFP4 and runs others in f32.
+/// `--expert-dtype`; `auto` keeps experts in the format the folder stores them in (MXFP4, or what
+/// `ferry convert quantize` wrote) and runs others in f32.
 fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
     if args.expert_dtype != "auto" {
         return Ok(args.expert_dtype.parse()?);
     }
     let spec = ferry_models::read_spec(&model_folder(args)?)?;
-    Ok(if spec.moe.layout == ExpertLayout::Mxfp4 { ExpertDtype::Mxfp4 } else { ExpertDtype::F32 })
+    Ok(match spec.moe.layout {
+        ExpertLayout::Mxfp4 => ExpertDtype::Mxfp4,
+        ExpertLayout::Prequantised(dtype) => dtype,
+        ExpertLayout::PerExpert | ExpertLayout::Fused => ExpertDtype::F32,
+    })
 }
 
 /// `--experts` and its settings; None for full (exact) mode.

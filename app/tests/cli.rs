@@ -286,3 +286,49 @@ fn train_resumes_and_a_trained_mole_converts_to_an_equivalent_table() {
     assert_eq!(ids(&lut), ids(&model));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `ferry convert quantize` writes a folder that `info` reports as pre-quantised and that
+/// generates with the stored format by default; a bad dtype names the flag.
+#[test]
+fn convert_quantize_writes_a_folder_that_loads_its_stored_format() {
+    let tmp = std::env::temp_dir().join(format!("ferry-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let model = fixture("mixtral");
+    let out = ferry(&[
+        "convert",
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        tmp.to_str().unwrap(),
+        "--dtype",
+        "int4",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = json_of(&ferry(&["info", "--model", tmp.to_str().unwrap(), "--json"]));
+    assert!(info["expert_format"].as_str().unwrap().starts_with("int4"), "{}", info["expert_format"]);
+    let generated = json_of(&ferry(&[
+        "generate",
+        "--model",
+        tmp.to_str().unwrap(),
+        "--ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "2",
+        "--greedy",
+        "--json",
+    ]));
+    assert_eq!(generated["ids"].as_array().unwrap().len(), 2);
+    let bad = error_line(&ferry(&[
+        "convert",
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        tmp.join("x").to_str().unwrap(),
+        "--dtype",
+        "int5",
+    ]));
+    assert!(bad.contains("--dtype") && bad.contains("int5"), "{bad}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -8,6 +8,7 @@ pub mod gpt_oss;
 pub mod mixtral;
 pub mod mole;
 pub mod olmoe;
+pub mod quantize;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
 pub mod random_model;
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_runtime::error::{FerryError, Result};
-use ferry_runtime::spec::ModelSpec;
+use ferry_runtime::spec::{ExpertLayout, ModelSpec};
 use ferry_runtime::weights::WeightStore;
 
 use crate::config::HfConfig;
@@ -46,6 +47,9 @@ pub fn read_spec(folder: &Path) -> Result<ModelSpec> {
             supported: FAMILIES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", "),
         })?;
     let mut spec = spec_fn(&cfg)?;
+    if let Some(dtype) = quantize::stored_dtype(&cfg)? {
+        spec.moe.layout = ExpertLayout::Prequantised(dtype);
+    }
     if let Some(eos) = config::generation_eos(folder)? {
         spec.eos_token_ids = eos;
     }

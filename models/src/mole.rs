@@ -33,7 +33,7 @@ use ferry_runtime::error::{FerryError, Result};
 use ferry_runtime::graph::write_lookup_table;
 use ferry_runtime::lut::{LUT_FILE, LutDtype, LutHeader};
 use ferry_runtime::spec::{FfnKind, ModelSpec, MoleNames, MoleSpec};
-use ferry_runtime::weights::{SourceDtype, WeightStore};
+use ferry_runtime::weights::WeightStore;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView;
@@ -197,12 +197,7 @@ pub fn write_without_lookup_experts(store: &WeightStore, path: &Path) -> Result<
     let mut total = 0;
     for name in store.names().into_iter().filter(|n| !is_lookup_expert_tensor(n)) {
         let Some(tensor) = store.tensor(name) else { continue };
-        let dtype = match tensor.dtype {
-            SourceDtype::F32 => safetensors::Dtype::F32,
-            SourceDtype::F16 => safetensors::Dtype::F16,
-            SourceDtype::BF16 => safetensors::Dtype::BF16,
-            SourceDtype::U8 => safetensors::Dtype::U8,
-        };
+        let dtype = tensor.dtype.to_safetensors();
         let bytes = store.bytes(tensor);
         total += bytes.len();
         let view = TensorView::new(dtype, tensor.shape.clone(), bytes).map_err(|e| FerryError::io(path, e))?;

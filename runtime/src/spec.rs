@@ -201,6 +201,11 @@ pub enum ExpertLayout {
     /// e2m1 codes per byte, low nibble first) and `_scales` `[experts, out, in / 32]` (a power
     /// of two, exponent biased by 127); biases as in `Fused`.
     Mxfp4,
+    /// Written by `ferry convert quantize`: per layer `ferry_experts.{gate,up,down}.codes` (U32,
+    /// `[experts, k / per_word, n]`) and `.scales` (F32, `[experts, k / 32, n]`) in the slot layout
+    /// of this format, so that loading copies them as they are. Other tensors (biases included)
+    /// keep the source model's names.
+    Prequantised(crate::experts::ExpertDtype),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -2,16 +2,46 @@
 //! lookup table and writes a complete model folder that runs from it.
 
 use anyhow::{Context, Result};
+use ferry_runtime::experts::ExpertDtype;
 use ferry_runtime::lut::{LUT_FILE, LutDtype};
 use ferry_runtime::{AdapterChoice, Gpu};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{ConvertCommand, MoleToLutArgs};
+use crate::args::{ConvertCommand, MoleToLutArgs, QuantizeArgs};
 
 pub fn run(command: ConvertCommand) -> Result<()> {
     match command {
         ConvertCommand::MoleToLut(args) => mole_to_lut(args),
+        ConvertCommand::Quantize(args) => quantize(args),
     }
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let dtype: ExpertDtype =
+        args.dtype.parse().map_err(|_| anyhow::anyhow!("--dtype {:?}: use int8, int4, int2 or mxfp4", args.dtype))?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} experts ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("quantising to {dtype}"));
+    let done = ferry_models::quantize::quantize_folder(&args.model, &args.out, dtype, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("quantising {} into {}", args.model.display(), args.out.display()))?;
+    bar.finish_and_clear();
+    let mib = |b: usize| b as f64 / 1048576.0;
+    eprintln!(
+        "wrote {}: {} experts as {dtype}, {:.2} MiB of experts (from {:.2} MiB), model.safetensors {:.2} MiB",
+        args.out.display(),
+        done.experts,
+        mib(done.output_expert_bytes),
+        mib(done.source_expert_bytes),
+        mib(done.output_bytes)
+    );
+    Ok(())
 }
 
 fn mole_to_lut(args: MoleToLutArgs) -> Result<()> {

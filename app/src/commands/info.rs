@@ -113,6 +113,7 @@ fn expert_format(opened: &ferry_models::ModelFolder) -> String {
         ExpertLayout::PerExpert => (spec.names.expert_weights(layer, 0)[0].clone(), ""),
         ExpertLayout::Fused => (format!("{fused}.gate_up_proj"), " (fused gate/up)"),
         ExpertLayout::Mxfp4 => return "MXFP4 (e2m1 blocks, power-of-two scale per 32)".into(),
+        ExpertLayout::Prequantised(dtype) => return format!("{dtype} (ferry convert quantize, slot layout)"),
     };
     match opened.weights.tensor(&name) {
         Some(t) => format!("{:?}{label}", t.dtype),

@@ -27,5 +27,5 @@ pub use residency::{Access, ExpertCell, Residency, SlotState};
 pub use select::{BigFallback, BigLittle, Importance, SelectionStats, Selector};
 pub use slots::SlotRef;
 pub use stats::ExpertStats;
-pub use store::{ExpertStore, HostExpert};
+pub use store::{ExpertStore, HostExpert, prequantised_names};
 pub use transfer::LinkModel;

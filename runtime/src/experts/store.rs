@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, e2m1_twice, pow2};
 use crate::error::{FerryError, Result};
 use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
+use crate::weights::SourceDtype::{F32, U8, U32};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
 /// An expert in host memory, ready to upload: f32 in checkpoint layout, or quantised in slot
@@ -31,6 +32,14 @@ enum LayerSource {
     /// MXFP4 blocks `[experts, out, in / 32, 16]` and scales `[experts, out, in / 32]`: gate_up's
     /// outputs interleave gate and up rows; down's outputs are hidden rows.
     Mxfp4 { gate_up: [TensorRef; 2], down: [TensorRef; 2] },
+    /// `ferry convert quantize`'s slot-layout codes and scales per projection (gate, up, down).
+    Prequantised { dtype: ExpertDtype, codes: [TensorRef; 3], scales: [TensorRef; 3] },
+}
+
+/// Tensor names of a pre-quantised layer's projection `part` (gate, up, down) relative to the
+/// layer: `ferry_experts.{part}.codes` and `.scales`.
+pub fn prequantised_names(part: &str) -> [String; 2] {
+    [format!("ferry_experts.{part}.codes"), format!("ferry_experts.{part}.scales")]
 }
 
 /// Every routed expert's gate, up and down weights, by (layer, expert).
@@ -94,6 +103,18 @@ impl ExpertStore {
         })))
     }
 
+    /// The expert in this store's quantised format, made now (not kept): repacked without
+    /// passing through f32 when the checkpoint already holds that format.
+    pub fn quantised(&self, layer: usize, expert: usize) -> QuantExpert {
+        match (&self.layers[layer], self.dtype) {
+            (Some(LayerSource::Mxfp4 { gate_up, down }), ExpertDtype::Mxfp4) => self.mxfp4_slots(gate_up, down, expert),
+            (Some(LayerSource::Prequantised { dtype, codes, scales }), wanted) if *dtype == wanted => {
+                self.stored(*dtype, codes, scales, expert)
+            }
+            _ => QuantExpert::new(&self.host_f32(layer, expert), self.hidden, self.intermediate, self.dtype),
+        }
+    }
+
     /// `(intermediate, hidden)`: gate and up are `[intermediate, hidden]`, down the transpose.
     pub fn dims(&self) -> (usize, usize) {
         (self.intermediate, self.hidden)
@@ -130,7 +151,29 @@ impl ExpertStore {
                 let down = mxfp4_rows(self.slice(&down[0], expert), self.slice(&down[1], expert), i);
                 [rows(0), rows(1), down]
             }
+            LayerSource::Prequantised { dtype, codes, scales } => {
+                self.stored(*dtype, codes, scales, expert).dequantize(h, i)
+            }
         }
+    }
+
+    /// A pre-quantised expert read from the mapping.
+    fn stored(
+        &self,
+        dtype: ExpertDtype,
+        codes: &[TensorRef; 3],
+        scales: &[TensorRef; 3],
+        expert: usize,
+    ) -> QuantExpert {
+        let matrix = |k: usize| QuantMatrix {
+            words: self
+                .slice(&codes[k], expert)
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            scales: to_f32(self.slice(&scales[k], expert), scales[k].dtype),
+        };
+        QuantExpert { dtype, gate: matrix(0), up: matrix(1), down: matrix(2) }
     }
 
     /// Bytes the expert occupies in the checkpoint.
@@ -140,6 +183,7 @@ impl ExpertStore {
             LayerSource::PerExpert(experts) => experts[expert].iter().map(TensorRef::byte_len).sum(),
             LayerSource::Fused { gate_up, down } => share(gate_up) + share(down),
             LayerSource::Mxfp4 { gate_up, down } => gate_up.iter().chain(down).map(share).sum(),
+            LayerSource::Prequantised { codes, scales, .. } => codes.iter().chain(scales).map(share).sum(),
         }
     }
 
@@ -195,7 +239,8 @@ fn layer_source(weights: &WeightStore, spec: &ModelSpec, layer: usize) -> Result
                 }
             }
             let pair = |name: &str, out: usize, k: usize| -> Result<[TensorRef; 2]> {
-                let blocks = weights.u8(&format!("{prefix}.{name}_blocks"), &[e, out, k / GROUP, GROUP / 2])?.clone();
+                let blocks =
+                    weights.raw(&format!("{prefix}.{name}_blocks"), &[e, out, k / GROUP, GROUP / 2], U8)?.clone();
                 let scales_name = format!("{prefix}.{name}_scales");
                 let scales = weights.tensor(&scales_name).cloned();
                 // The scales must cover the blocks one for one: name the pair when they do not.
@@ -212,10 +257,29 @@ fn layer_source(weights: &WeightStore, spec: &ModelSpec, layer: usize) -> Result
                             &blocks.shape[..3]
                         ),
                     )),
-                    None => weights.u8(&scales_name, &blocks.shape[..3]).map(|s| [blocks, s.clone()]),
+                    None => weights.raw(&scales_name, &blocks.shape[..3], U8).map(|s| [blocks, s.clone()]),
                 }
             };
             Ok(LayerSource::Mxfp4 { gate_up: pair("gate_up_proj", 2 * i, h)?, down: pair("down_proj", h, i)? })
+        }
+        ExpertLayout::Prequantised(stored) => {
+            let per_word = (32 / stored.bits().unwrap_or(32)) as usize;
+            // (k, n) per projection: gate and up reduce over hidden, down over intermediate.
+            let dims = [(h, i), (h, i), (i, h)];
+            let get = |p: usize, part: &str| -> Result<[TensorRef; 2]> {
+                let [codes, scales] = prequantised_names(part).map(|n| spec.names.layer(layer, &n));
+                let (k, n) = dims[p];
+                Ok([
+                    weights.raw(&codes, &[e, k / per_word, n], U32)?.clone(),
+                    weights.raw(&scales, &[e, k / GROUP, n], F32)?.clone(),
+                ])
+            };
+            let [gate, up, down] = [get(0, "gate")?, get(1, "up")?, get(2, "down")?];
+            Ok(LayerSource::Prequantised {
+                dtype: stored,
+                codes: [gate[0].clone(), up[0].clone(), down[0].clone()],
+                scales: [gate[1].clone(), up[1].clone(), down[1].clone()],
+            })
         }
     }
 }

@@ -10,6 +10,8 @@ pub enum SourceDtype {
     BF16,
     /// Raw bytes: MXFP4 blocks (two e2m1 codes each) and scales (biased exponents).
     U8,
+    /// Packed codes of experts quantised by `ferry convert quantize`.
+    U32,
 }
 
 impl SourceDtype {
@@ -19,7 +21,24 @@ impl SourceDtype {
             safetensors::Dtype::F16 => Some(Self::F16),
             safetensors::Dtype::BF16 => Some(Self::BF16),
             safetensors::Dtype::U8 => Some(Self::U8),
+            safetensors::Dtype::U32 => Some(Self::U32),
             _ => None,
+        }
+    }
+
+    /// Whether the values are floating-point weights (not packed codes).
+    pub fn is_float(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
+
+    /// The safetensors dtype it came from.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::F16 => safetensors::Dtype::F16,
+            Self::BF16 => safetensors::Dtype::BF16,
+            Self::U8 => safetensors::Dtype::U8,
+            Self::U32 => safetensors::Dtype::U32,
         }
     }
 
@@ -29,6 +48,7 @@ impl SourceDtype {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
             Self::U8 => 1,
+            Self::U32 => 4,
         }
     }
 }
@@ -41,6 +61,9 @@ pub fn to_f32(bytes: &[u8], dtype: SourceDtype) -> Vec<f32> {
         SourceDtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         SourceDtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         SourceDtype::U8 => bytes.iter().map(|&b| f32::from(b)).collect(),
+        SourceDtype::U32 => {
+            bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect()
+        }
     }
 }
 

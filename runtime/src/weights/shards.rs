@@ -146,20 +146,18 @@ impl WeightStore {
         &self.shards[tensor.shard].mmap[tensor.start..tensor.end]
     }
 
-    /// A tensor converted to f32, after checking its shape. Raw bytes (U8) are not weights.
+    /// A tensor converted to f32, after checking its shape. Packed codes are not weights.
     pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
-        let tensor = self.get(name, expected_shape)?;
-        if tensor.dtype == SourceDtype::U8 {
-            return Err(self.dtype_error(name, tensor));
-        }
+        let tensor = self.float(name, expected_shape)?;
         Ok(to_f32(self.bytes(tensor), tensor.dtype))
     }
 
-    /// A U8 tensor (MXFP4 blocks or scales), after checking its shape and dtype.
-    pub fn u8(&self, name: &str, expected_shape: &[usize]) -> Result<&TensorRef> {
+    /// A tensor of raw `dtype` (U8 MXFP4 blocks and scales, U32 packed codes), after checking its
+    /// shape and dtype.
+    pub fn raw(&self, name: &str, expected_shape: &[usize], dtype: SourceDtype) -> Result<&TensorRef> {
         let tensor = self.get(name, expected_shape)?;
-        if tensor.dtype != SourceDtype::U8 {
-            return Err(self.dtype_error(name, tensor));
+        if tensor.dtype != dtype {
+            return Err(self.dtype_error(name, tensor, &format!("{dtype:?}")));
         }
         Ok(tensor)
     }
@@ -167,14 +165,13 @@ impl WeightStore {
     /// A float tensor (F32, F16 or BF16), after checking its shape and dtype.
     pub fn float(&self, name: &str, expected_shape: &[usize]) -> Result<&TensorRef> {
         let tensor = self.get(name, expected_shape)?;
-        if tensor.dtype == SourceDtype::U8 {
-            return Err(self.dtype_error(name, tensor));
+        if !tensor.dtype.is_float() {
+            return Err(self.dtype_error(name, tensor, "a float dtype (F32, F16, BF16)"));
         }
         Ok(tensor)
     }
 
-    fn dtype_error(&self, name: &str, tensor: &TensorRef) -> FerryError {
-        let expected = if tensor.dtype == SourceDtype::U8 { "a float dtype (F32, F16, BF16)" } else { "U8" };
+    fn dtype_error(&self, name: &str, tensor: &TensorRef, expected: &str) -> FerryError {
         FerryError::Config {
             path: self.shards[tensor.shard].path.clone(),
             message: format!("tensor {name:?} has dtype {:?}; expected {expected}", tensor.dtype),
