@@ -139,16 +139,6 @@ impl Gpu {
         Ok(gpu)
     }
 
-    /// The GPU `Gpu::open` opened for `device`, whose wgpu queue writes expert slots.
-    pub fn of(device: &Device) -> Result<Self> {
-        let opened = opened().lock().map_err(|_| FerryError::Gpu("GPU registry poisoned".into()))?;
-        opened
-            .iter()
-            .find(|(_, gpu)| gpu.device == *device)
-            .map(|(_, gpu)| gpu.clone())
-            .ok_or_else(|| FerryError::Gpu("the device was not opened with Gpu::open".into()))
-    }
-
     /// One line naming the adapter, for logs and reports.
     pub fn describe(&self) -> String {
         format!("{} ({}, {})", self.adapter.name, self.adapter.backend, self.adapter.device_type)

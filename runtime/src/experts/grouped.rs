@@ -18,9 +18,8 @@ use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
 use burn::tensor::{Device, Int, Tensor as BurnTensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::CubeCount;
 use cubecl::prelude::*;
-use cubecl::wgpu::{AutoCompiler, WgpuServer, wgpu};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use super::grouped_quant::QuantPage;
 use super::quant::ExpertDtype;
@@ -163,6 +162,35 @@ fn down_kernel<F: Float, I: Numeric>(
     }
 }
 
+/// Writes one expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
+/// `[hidden, intermediate]`) into slot `slot` of a page, transposing on the way.
+#[cube(launch)]
+fn store_slot_kernel<F: Float>(
+    gate_src: &Tensor<F>,
+    up_src: &Tensor<F>,
+    down_src: &Tensor<F>,
+    gate: &mut Tensor<F>,
+    up: &mut Tensor<F>,
+    down: &mut Tensor<F>,
+    slot: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let pos = ABSOLUTE_POS;
+    if pos >= gate_src.len() {
+        terminate!();
+    }
+    let hidden = gate.shape(1);
+    let inter = gate.shape(2);
+    let base = slot as usize * hidden * inter;
+    let r = pos / hidden;
+    let c = pos % hidden;
+    gate[base + c * inter + r] = gate_src[pos];
+    up[base + c * inter + r] = up_src[pos];
+    let hr = pos / inter;
+    let ic = pos % inter;
+    down[base + ic * hidden + hr] = down_src[pos];
+}
+
 /// A block of expert slots: f32 in three GPU buffers (gate, up, down), or quantised.
 pub enum SlotPage {
     F32(Box<[CubeTensor; 3]>),
@@ -252,18 +280,38 @@ impl SlotPage {
         Self::F32(Box::new([make([slots, hidden, inter]), make([slots, hidden, inter]), make([slots, inter, hidden])]))
     }
 
-    /// Writes an expert into `slot` straight from host memory (see `write_into`). Kernels
-    /// queued earlier that read the slot's previous expert are submitted first.
-    pub fn store(&self, slot: usize, host: HostExpert, queue: &wgpu::Queue) -> Result<()> {
+    /// Uploads an expert and queues its copy into `slot`. Kernels queued earlier that read the
+    /// slot's previous expert run first: the copy is ordered behind them on the same stream.
+    pub fn store(&self, slot: usize, host: HostExpert, device: &Device) -> Result<()> {
         match (self, host) {
-            (Self::F32(page), HostExpert::F32(parts)) => {
-                for (buffer, values) in page.iter().zip(&parts) {
-                    let at = (slot * values.len() * 4) as u64;
-                    write_into(buffer, at, bytemuck::cast_slice(values), queue)?;
-                }
+            (Self::F32(page), HostExpert::F32([g, u, d])) => {
+                let [gate, up, down] = &**page;
+                let (hidden, inter) = (gate.meta.shape()[1], gate.meta.shape()[2]);
+                let upload = |v: Vec<f32>, shape: [usize; 2]| {
+                    float(BurnTensor::<2>::from_data(TensorData::new(v, shape), device))
+                };
+                let (g, u, d) = (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [hidden, inter])?);
+                let client = g.client.clone();
+                let elems = g.meta.shape().num_elements();
+                let cube_dim = CubeDim::new(&client, elems);
+                let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
+                let dtype = dtype_to_storage_type(g.dtype);
+                store_slot_kernel::launch(
+                    &client,
+                    count,
+                    cube_dim,
+                    g.into_tensor_arg(),
+                    u.into_tensor_arg(),
+                    d.into_tensor_arg(),
+                    gate.clone().into_tensor_arg(),
+                    up.clone().into_tensor_arg(),
+                    down.clone().into_tensor_arg(),
+                    slot as u32,
+                    dtype,
+                );
                 Ok(())
             }
-            (Self::Quant(page), HostExpert::Quant(expert)) => page.store(slot, &expert, queue),
+            (Self::Quant(page), HostExpert::Quant(expert)) => page.store(slot, &expert, device),
             _ => Err(FerryError::Gpu("an expert's format does not match its slot page's".into())),
         }
     }
@@ -360,26 +408,6 @@ impl Launch {
             dtypes,
         );
     }
-}
-
-/// Writes `bytes` into `target`'s GPU buffer at byte `offset` with `Queue::write_buffer`: wgpu
-/// stages the bytes and copies them at the start of the next submission, with no temporary
-/// tensor and no copy kernel. Work already queued on the client is submitted first, so kernels
-/// that read what the bytes replace run before the copy, and kernels queued later run after it.
-pub(super) fn write_into(target: &CubeTensor, offset: u64, bytes: &[u8], queue: &wgpu::Queue) -> Result<()> {
-    let gpu = |e: cubecl::server::ServerError| FerryError::Gpu(format!("writing an expert slot: {e:?}"));
-    target.client.flush().map_err(gpu)?;
-    let managed = target.client.get_resource::<WgpuServer<AutoCompiler>>(target.handle.clone()).map_err(gpu)?;
-    let resource = managed.resource();
-    if offset + bytes.len() as u64 > resource.size {
-        return Err(FerryError::Gpu(format!(
-            "an expert of {} bytes at {offset} overruns its slot buffer of {} bytes",
-            bytes.len(),
-            resource.size
-        )));
-    }
-    queue.write_buffer(&resource.buffer, resource.offset + offset, bytes);
-    Ok(())
 }
 
 /// The CubeCL tensor under a burn float tensor.
@@ -493,9 +521,7 @@ mod tests {
         let x = random(tokens * hidden);
         // What is uploaded, and the f32 weights it stands for (the reference's).
         let (hosts, experts): (Vec<HostExpert>, Vec<[Vec<f32>; 3]>) = match dtype.bits() {
-            None => {
-                weights.iter().map(|w| (HostExpert::f32_from_checkpoint(w.clone(), hidden, inter), w.clone())).unzip()
-            }
+            None => weights.iter().map(|w| (HostExpert::F32(w.clone()), w.clone())).unzip(),
             Some(_) => weights
                 .iter()
                 .map(|w| {

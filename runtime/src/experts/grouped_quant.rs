@@ -9,13 +9,12 @@
 //! order, so offloaded output equals all-resident output bit for bit.
 
 use burn::backend::cubecl::dtype_to_storage_type;
-use burn::tensor::DType;
+use burn::tensor::{DType, Device, Tensor as BurnTensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::CubeDim;
 use cubecl::prelude::*;
-use cubecl::wgpu::wgpu;
+use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::grouped::{Launch, ROWS_PER_CUBE, activate, group_at, write_into};
+use super::grouped::{Launch, ROWS_PER_CUBE, activate, float, group_at};
 use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix};
 use crate::error::Result;
 
@@ -156,6 +155,26 @@ fn down_quant_kernel<F: Float, I: Numeric>(
     }
 }
 
+/// Copies `src` into `dst` from element `offset` on (an expert's codes into its slot).
+#[cube(launch)]
+fn copy_codes_kernel(src: &Tensor<u32>, dst: &mut Tensor<u32>, offset: u32) {
+    let pos = ABSOLUTE_POS;
+    if pos >= src.len() {
+        terminate!();
+    }
+    dst[offset as usize + pos] = src[pos];
+}
+
+/// Copies `src` into `dst` from element `offset` on (an expert's scales into its slot).
+#[cube(launch)]
+fn copy_scales_kernel<F: Float>(src: &Tensor<F>, dst: &mut Tensor<F>, offset: u32, #[define(F)] _dtype: ElemType) {
+    let pos = ABSOLUTE_POS;
+    if pos >= src.len() {
+        terminate!();
+    }
+    dst[offset as usize + pos] = src[pos];
+}
+
 /// One projection of a page of quantised slots.
 struct Packed {
     codes: CubeTensor,
@@ -172,10 +191,42 @@ impl Packed {
         Self { codes: empty([slots, k / per_word, n], DType::U32), scales: empty([slots, k / GROUP, n], like.dtype) }
     }
 
-    /// Writes one expert's codes and scales into `slot`.
-    fn store(&self, slot: usize, m: &QuantMatrix, queue: &wgpu::Queue) -> Result<()> {
-        write_into(&self.codes, (slot * m.words.len() * 4) as u64, bytemuck::cast_slice(&m.words), queue)?;
-        write_into(&self.scales, (slot * m.scales.len() * 4) as u64, bytemuck::cast_slice(&m.scales), queue)
+    fn store(&self, slot: usize, m: &QuantMatrix, device: &Device) -> Result<()> {
+        let client = self.codes.client.clone();
+        let handle = client.create_from_slice(bytemuck::cast_slice(&m.words));
+        let codes = CubeTensor::new_contiguous(
+            client.clone(),
+            self.codes.device.clone(),
+            [m.words.len()].into(),
+            handle,
+            DType::U32,
+        );
+        let scales = float(BurnTensor::<1>::from_data(TensorData::new(m.scales.clone(), [m.scales.len()]), device))?;
+        let launch = |elems: usize| {
+            let dim = CubeDim::new(&client, elems);
+            (calculate_cube_count_elemwise(&client, elems, dim), dim)
+        };
+        let (count, dim) = launch(m.words.len());
+        copy_codes_kernel::launch(
+            &client,
+            count,
+            dim,
+            codes.into_tensor_arg(),
+            self.codes.clone().into_tensor_arg(),
+            (slot * m.words.len()) as u32,
+        );
+        let (count, dim) = launch(m.scales.len());
+        let dtype = dtype_to_storage_type(scales.dtype);
+        copy_scales_kernel::launch(
+            &client,
+            count,
+            dim,
+            scales.into_tensor_arg(),
+            self.scales.clone().into_tensor_arg(),
+            (slot * m.scales.len()) as u32,
+            dtype,
+        );
+        Ok(())
     }
 }
 
@@ -201,10 +252,10 @@ impl QuantPage {
         }
     }
 
-    pub fn store(&self, slot: usize, expert: &QuantExpert, queue: &wgpu::Queue) -> Result<()> {
-        self.gate.store(slot, &expert.gate, queue)?;
-        self.up.store(slot, &expert.up, queue)?;
-        self.down.store(slot, &expert.down, queue)
+    pub fn store(&self, slot: usize, expert: &QuantExpert, device: &Device) -> Result<()> {
+        self.gate.store(slot, &expert.gate, device)?;
+        self.up.store(slot, &expert.up, device)?;
+        self.down.store(slot, &expert.down, device)
     }
 
     pub(super) fn swiglu(&self, x: &CubeTensor, launch: &Launch, act: &CubeTensor, y: &CubeTensor) {

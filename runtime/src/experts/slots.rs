@@ -11,9 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::grouped::{SlotPage, float};
 use super::quant::ExpertDtype;
 use super::store::HostExpert;
-use crate::device::Gpu;
 use crate::error::{FerryError, Result};
-use cubecl::wgpu::wgpu;
 
 /// Where an expert sits on the GPU: its page, and its slot within the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,8 +26,6 @@ const PAGE_BYTES_CAP: u64 = 1 << 30;
 
 pub struct SlotPool {
     device: Device,
-    /// The device's wgpu queue: experts are written into their slots through it.
-    queue: wgpu::Queue,
     pages: Vec<Option<SlotPage>>,
     per_page: usize,
     total: usize,
@@ -68,7 +64,6 @@ impl SlotPool {
         let per_page = (limit / projection.max(1)).max(1) as usize;
         Ok(Self {
             device: device.clone(),
-            queue: Gpu::of(device)?.queue,
             pages: Vec::new(),
             per_page,
             total,
@@ -106,7 +101,7 @@ impl SlotPool {
             let slots = self.page_slots(at.page);
             self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i, self.dtype));
         }
-        self.page(at.page)?.store(at.slot, host, &self.queue)?;
+        self.page(at.page)?.store(at.slot, host, &self.device)?;
         Ok(at)
     }
 

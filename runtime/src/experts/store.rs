@@ -14,36 +14,12 @@ use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
 use crate::weights::SourceDtype::{F32, U8, U32};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
-/// An expert in host memory, ready to be written into a slot: f32 or quantised, in slot layout
-/// (gate and up `[hidden, inter]`, down `[inter, hidden]`: the checkpoint's transposes, so that
-/// neighbouring GPU threads read neighbouring addresses).
+/// An expert in host memory, ready to upload: f32 in checkpoint layout, or quantised in slot
+/// layout.
 #[derive(Debug, Clone)]
 pub enum HostExpert {
     F32([Vec<f32>; 3]),
     Quant(Arc<QuantExpert>),
-}
-
-impl HostExpert {
-    /// From checkpoint-layout f32 weights (gate, up `[inter, hidden]`, down `[hidden, inter]`).
-    pub fn f32_from_checkpoint([gate, up, down]: [Vec<f32>; 3], hidden: usize, inter: usize) -> Self {
-        Self::F32([transpose(&gate, inter, hidden), transpose(&up, inter, hidden), transpose(&down, hidden, inter)])
-    }
-}
-
-/// Row-major `[rows, cols]` to row-major `[cols, rows]`, in tiles so both sides stay in cache.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    let mut out = vec![0f32; values.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = values[r * cols + c];
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Where one layer's routed experts live.
@@ -115,7 +91,7 @@ impl ExpertStore {
     /// kept in host RAM).
     pub fn host(&self, layer: usize, expert: usize) -> HostExpert {
         if self.dtype.bits().is_none() {
-            return HostExpert::f32_from_checkpoint(self.host_f32(layer, expert), self.hidden, self.intermediate);
+            return HostExpert::F32(self.host_f32(layer, expert));
         }
         HostExpert::Quant(Arc::clone(self.quantised[layer][expert].get_or_init(|| {
             Arc::new(match (&self.layers[layer], self.dtype) {
@@ -348,17 +324,6 @@ mod tests {
 
     /// Repacking an MXFP4 block row into slot words decodes to the same values as dequantising
     /// the row directly.
-    #[test]
-    fn slot_layout_is_the_checkpoint_transposed() {
-        let gate: Vec<f32> = (0..6).map(|v| v as f32).collect(); // [inter 2, hidden 3]
-        let HostExpert::F32([g, _, d]) = HostExpert::f32_from_checkpoint([gate.clone(), gate.clone(), gate], 3, 2)
-        else {
-            panic!("f32")
-        };
-        assert_eq!(g, vec![0., 3., 1., 4., 2., 5.]);
-        assert_eq!(d, vec![0., 2., 4., 1., 3., 5.]); // down read as [hidden 3, inter 2]
-    }
-
     #[test]
     fn repacked_mxfp4_rows_equal_directly_dequantised_rows() {
         let k = 64;
