@@ -145,6 +145,13 @@ fn info_reports_mla_kv_bytes_and_the_expert_format() {
         + stats["decode_experts"]["bytes_uploaded"].as_u64().unwrap();
     assert!(misses > 0);
     assert_eq!(bytes, misses * (3 * 64 * 32 / 2 + 3 * 64 * 32 / 32 * 4));
+    // Vulkan and DX12 report the device memory wgpu's allocator holds (Metal and GL do not).
+    let backend = generated["adapter"]["backend"].as_str().unwrap().to_lowercase();
+    if backend.contains("vulkan") || backend.contains("dx12") {
+        let reserved = generated["gpu_memory"]["reserved_bytes"].as_u64().expect("a memory report");
+        let allocated = generated["gpu_memory"]["allocated_bytes"].as_u64().unwrap();
+        assert!(allocated > 300_000 && allocated <= reserved, "{}", generated["gpu_memory"]);
+    }
 }
 
 #[test]

@@ -103,6 +103,15 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
     adapters.iter().map(AdapterSummary::of).collect()
 }
 
+/// Device memory measured through wgpu's allocator (Vulkan, DX12).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct GpuMemory {
+    /// Bytes of live allocations.
+    pub allocated_bytes: u64,
+    /// Bytes of the memory blocks they are carved from (what the device has given the process).
+    pub reserved_bytes: u64,
+}
+
 /// A GPU ready for Ferry: burn's device for the graph and the raw wgpu handles for Ferry's own
 /// buffers, sharing one wgpu device.
 #[derive(Clone)]
@@ -137,6 +146,14 @@ impl Gpu {
             Gpu { device, adapter: AdapterSummary::of(&setup.adapter), wgpu_device: setup.device, queue: setup.queue };
         opened.push((choice, gpu.clone()));
         Ok(gpu)
+    }
+
+    /// GPU memory wgpu's allocator holds for this device right now (all of the process's tensors,
+    /// pools and staging buffers): None where the backend keeps no report (Metal, GL).
+    pub fn memory(&self) -> Option<GpuMemory> {
+        self.wgpu_device
+            .generate_allocator_report()
+            .map(|r| GpuMemory { allocated_bytes: r.total_allocated_bytes, reserved_bytes: r.total_reserved_bytes })
     }
 
     /// One line naming the adapter, for logs and reports.

@@ -72,7 +72,11 @@ struct ModeReport {
     emulated_link_gb_per_s: Option<f64>,
     slots: usize,
     total_experts: usize,
+    /// GPU bytes the budget plans (resident weights, KV cache, expert slots).
     gpu_bytes: u64,
+    /// GPU memory measured through wgpu's allocator after the mode ran, device-wide (every model
+    /// copy alive in the process, burn's pools, staging); None where the backend keeps no report.
+    gpu_memory: Option<ferry_runtime::device::GpuMemory>,
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
     time_to_first_token_seconds: f64,
@@ -280,6 +284,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             slots: plan.slots,
             total_experts: plan.total_experts,
             gpu_bytes: plan.gpu_bytes(),
+            gpu_memory: gpu.memory(),
             prefill_tokens_per_second: s.prefill_tokens_per_second,
             decode_tokens_per_second: s.decode_tokens_per_second,
             time_to_first_token_seconds: s.time_to_first_token_seconds,
@@ -400,6 +405,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!("greedy tokens identical across exact (full) modes: {exact}");
+    if let Some(peak) = reports.iter().filter_map(|r| r.gpu_memory).max_by_key(|m| m.reserved_bytes) {
+        println!(
+            "GPU memory (wgpu allocator, device-wide, largest after any mode): {:.1} MiB allocated, {:.1} MiB reserved",
+            peak.allocated_bytes as f64 / 1048576.0,
+            peak.reserved_bytes as f64 / 1048576.0
+        );
+    }
     println!(
         "roofline: memory {:.1} GiB/s (elementwise over {} MiB), uploads {:.2} GiB/s (burn from_data)",
         memory.bytes_per_second / (1u64 << 30) as f64,

@@ -52,6 +52,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "stats": output.stats,
             "expert_plan": engine.model.experts().plan(),
             "adapter": loaded.gpu.adapter,
+            "gpu_memory": loaded.gpu.memory(),
         });
         writeln!(stdout, "{value}")?;
     } else {
