@@ -133,3 +133,26 @@ fn little_tokens_take_the_head_of_the_grouped_ranking() {
         }
     }
 }
+
+/// MLA decode steps absorb `kv_b_proj` into the query and output instead of expanding every
+/// cached latent: token-by-token logits match a prefill of the same sequence (expanded keys and
+/// values) up to float summation order.
+#[test]
+fn absorbed_mla_decode_matches_the_expanded_prefill() {
+    for family in ["deepseek_v2", "deepseek_v3"] {
+        let reference = reference(family);
+        let model = load(family, ExpertOptions::default());
+        let ids = &reference.input_ids;
+        let expected = prompt_forward(&model, ids).logits;
+        let mut cache = model.new_cache(ids.len()).unwrap();
+        let mut stepped = model.forward(&ids[..4], &mut cache, LogitsFor::All).unwrap().logits;
+        for &id in &ids[4..] {
+            stepped.extend(model.forward(&[id], &mut cache, LogitsFor::All).unwrap().logits);
+        }
+        let (diff, scale) = max_abs_diff(&stepped, &expected);
+        eprintln!("{family}: absorbed decode vs expanded prefill: max |logit diff| {diff:.3e} (largest {scale:.3})");
+        assert!(diff <= 1e-5 * scale.max(1.0), "{family}: absorbed decode differs by {diff}");
+        let (diff_ref, _) = max_abs_diff(&stepped, &reference.logits);
+        assert!(diff_ref <= 1e-5 * scale.max(1.0), "{family}: decode differs from transformers by {diff_ref}");
+    }
+}

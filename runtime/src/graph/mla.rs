@@ -1,15 +1,21 @@
 //! Multi-head latent attention (DeepSeek-V2/V3). Each token's keys and values come from a
 //! latent of `kv_lora_rank` (RMSNorm'd) expanded per head by `kv_b_proj`, plus one rope key
-//! shared by all heads. The cache keeps only the latent and the rope key, and every pass
-//! re-expands the cached latents; that costs `kv_b_proj` over the whole context per step, which
-//! an absorbed-weight decode would avoid.
+//! shared by all heads. The cache keeps only the latent and the rope key.
+//!
+//! A prefill expands the cached latents into per-head keys and values, as transformers does. A
+//! decode step absorbs `kv_b_proj` instead (DeepSeek's own inference trick): with
+//! `W_UK`/`W_UV` the key and value halves of `kv_b_proj` for a head, `q_nope · (W_UK c) =
+//! (q_nope W_UK) · c` and `Σ p (W_UV c) = W_UV (Σ p c)`, so attention runs over the latents
+//! themselves, one shared key/value head of `kv_lora_rank + qk_rope_head_dim`, and costs
+//! O(context x heads x kv_lora_rank) instead of expanding the whole context every step. Only the
+//! summation order differs from the expanded form.
 //!
 //! DeepSeek's RoPE rotates adjacent lane pairs (2i, 2i+1). Loading reorders the rope rows of the
 //! query and `kv_a_proj_with_mqa` projections to (evens, odds), which turns that into the
 //! runtime's rotate-half RoPE; the scores are unchanged, since queries and keys are permuted
 //! alike.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::attention::{KeySpan, attention_probs};
 use super::kv_cache::KvCache;
@@ -32,6 +38,10 @@ pub struct MlaAttention {
     kv_a: Linear,
     kv_a_norm: Tensor<1>,
     kv_b: Linear,
+    /// `kv_b_proj`'s key half per head `[heads, qk_nope, kv_lora_rank]` and its value half,
+    /// transposed, `[heads, kv_lora_rank, v]`: the absorbed decode's weights.
+    w_uk: Tensor<3>,
+    w_uv: Tensor<3>,
     o: Linear,
 }
 
@@ -57,9 +67,12 @@ impl MlaAttention {
         };
         let latent = m.kv_lora_rank + m.qk_rope_head_dim;
         let kv_rows = m.rope_interleaved.then(|| deinterleave(0, m.kv_lora_rank, m.qk_rope_head_dim));
+        let (w_uk, w_uv) = absorbed(loader, &format!("{prefix}.kv_b_proj.weight"), heads, m)?;
         Ok(Self {
             q_lora,
             q,
+            w_uk,
+            w_uv,
             kv_a: loader.linear_rows(&format!("{prefix}.kv_a_proj_with_mqa"), h, latent, bias, kv_rows.as_deref())?,
             kv_a_norm: loader.vector(&format!("{prefix}.kv_a_layernorm.weight"), m.kv_lora_rank)?,
             kv_b: loader.linear(
@@ -106,19 +119,88 @@ impl MlaAttention {
         let total = start + tokens;
         let (latents, k_pes, _) = cache.append(layer, latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1));
 
-        // Expand every cached latent: [total, heads, nope + v] -> keys and values per head.
+        let span = KeySpan { start, tokens, key_start: 0, keys: total, window: None };
+        let (out, received) = if tokens == 1 {
+            self.absorbed(q, latents, k_pes, &span, want_received, device)
+        } else {
+            self.expanded(q, latents, k_pes, &span, want_received, device)
+        };
+        (self.o.forward(out.reshape([tokens, heads * m.v_head_dim])), received)
+    }
+
+    /// Attention over keys and values expanded per head from every cached latent. `q` is
+    /// `[heads, tokens, qk]`; returns `[tokens, heads, v]`.
+    fn expanded(
+        &self,
+        q: Tensor<3>,
+        latents: Tensor<3>,
+        k_pes: Tensor<3>,
+        span: &KeySpan,
+        want_received: bool,
+        device: &Device,
+    ) -> (Tensor<3>, Option<Tensor<2>>) {
+        let m = &self.spec;
+        let (heads, total, nope, r) = (self.heads, span.keys, m.qk_nope_head_dim, m.kv_lora_rank);
         let kv = self.kv_b.forward(latents.reshape([total, r])).reshape([total, heads, nope + m.v_head_dim]);
         let k_nope = kv.clone().slice([0..total, 0..heads, 0..nope]).swap_dims(0, 1);
         let values = kv.slice([0..total, 0..heads, nope..nope + m.v_head_dim]).swap_dims(0, 1);
         let keys = Tensor::cat(vec![k_nope, k_pes.repeat_dim(0, heads)], 2); // [heads, total, qk]
-
         let scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(m.softmax_scale);
-        let span = KeySpan { start, tokens, key_start: 0, keys: total, window: None };
-        let probs = attention_probs(scores, &span, None, device);
+        let probs = attention_probs(scores, span, None, device);
         let received = want_received.then(|| span.received(probs.clone(), device));
-        let out = probs.matmul(values).swap_dims(0, 1).reshape([tokens, heads * m.v_head_dim]);
-        (self.o.forward(out), received)
+        (probs.matmul(values).swap_dims(0, 1), received)
     }
+
+    /// Attention over the latents themselves, `kv_b_proj` absorbed into the query and output
+    /// (see the module comment). `q` is `[heads, tokens, qk]`; returns `[tokens, heads, v]`.
+    fn absorbed(
+        &self,
+        q: Tensor<3>,
+        latents: Tensor<3>,
+        k_pes: Tensor<3>,
+        span: &KeySpan,
+        want_received: bool,
+        device: &Device,
+    ) -> (Tensor<3>, Option<Tensor<2>>) {
+        let m = &self.spec;
+        let (heads, tokens, total) = (self.heads, span.tokens, span.keys);
+        let (nope, rope_dim, r) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
+        let q_nope = q.clone().slice([0..heads, 0..tokens, 0..nope]);
+        let q_pe = q.slice([0..heads, 0..tokens, nope..nope + rope_dim]);
+        // [heads, tokens, r + rope] against the one shared key [total, r + rope].
+        let q_latent =
+            Tensor::cat(vec![q_nope.matmul(self.w_uk.clone()), q_pe], 2).reshape([heads * tokens, r + rope_dim]);
+        let latents = latents.reshape([total, r]);
+        let keys = Tensor::cat(vec![latents.clone(), k_pes.reshape([total, rope_dim])], 1);
+        let scores = q_latent.matmul(keys.transpose()).mul_scalar(m.softmax_scale).reshape([heads, tokens, total]);
+        let probs = attention_probs(scores, span, None, device);
+        let received = want_received.then(|| span.received(probs.clone(), device));
+        let mixed = probs.reshape([heads * tokens, total]).matmul(latents).reshape([heads, tokens, r]);
+        (mixed.matmul(self.w_uv.clone()).swap_dims(0, 1), received)
+    }
+}
+
+/// `kv_b_proj` `[heads * (nope + v), r]` split per head into the key half `[heads, nope, r]` and
+/// the value half transposed `[heads, r, v]`.
+fn absorbed(loader: &Loader, name: &str, heads: usize, m: &MlaSpec) -> Result<(Tensor<3>, Tensor<3>)> {
+    let (nope, v, r) = (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
+    let w = loader.store.f32(name, &[heads * (nope + v), r])?;
+    let mut uk = Vec::with_capacity(heads * nope * r);
+    let mut uv = vec![0f32; heads * r * v];
+    for h in 0..heads {
+        let head = &w[h * (nope + v) * r..(h + 1) * (nope + v) * r];
+        uk.extend_from_slice(&head[..nope * r]);
+        for row in 0..v {
+            for c in 0..r {
+                uv[(h * r + c) * v + row] = head[(nope + row) * r + c];
+            }
+        }
+    }
+    let device = loader.device;
+    Ok((
+        Tensor::from_data(TensorData::new(uk, [heads, nope, r]), device),
+        Tensor::from_data(TensorData::new(uv, [heads, r, v]), device),
+    ))
 }
 
 /// Output rows for one `[skip | rope]` block at `offset`: the first `skip` rows as they are, then
