@@ -198,8 +198,9 @@ pub struct ModelArgs {
     /// memory-mapped table (the OS page cache).
     #[arg(long, default_value = "0")]
     pub lut_cache: String,
-    /// How routed experts are stored in host RAM and GPU slots: f32 (exact), group-wise int8 /
-    /// int4 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
+    /// How routed experts are stored in host RAM and GPU slots: f32 (exact), f16 (half the
+    /// bytes; exact for BF16/F16 checkpoints within f16's range; needs shader-f16), group-wise
+    /// int8 / int4 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
     /// except mxfp4 on an MXFP4 checkpoint); auto: mxfp4 for MXFP4 checkpoints, else f32.
     #[arg(long, default_value = "auto")]
     pub expert_dtype: String,
@@ -334,10 +335,10 @@ pub struct BenchArgs {
     #[arg(long = "vram-budget")]
     pub vram_budgets: Vec<String>,
     /// Every technique in one run: at each budget, offload with and without pre-gating, full and
-    /// big-little experts, each with f32, int8 and int4 experts (a MoLE model: its table).
+    /// big-little experts, each with f32, f16, int8 and int4 experts (a MoLE model: its table).
     #[arg(long)]
     pub compare: bool,
-    /// Expert formats to measure (repeatable or comma-separated: f32, int8, int4, int2, mxfp4); each quantised
+    /// Expert formats to measure (repeatable or comma-separated: f32, f16, int8, int4, int2, mxfp4); each quantised
     /// format loads its own copy of the model. All-resident f32 is always the baseline.
     #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
     pub expert_dtypes: Vec<String>,

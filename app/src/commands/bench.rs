@@ -152,8 +152,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let has_experts = spec.layers.contains(&ferry_runtime::spec::FfnKind::Moe);
     let mut dtypes: Vec<ExpertDtype> = vec![ExpertDtype::F32];
-    let dtype_names =
-        if args.compare { vec!["int8".to_string(), "int4".to_string()] } else { args.expert_dtypes.clone() };
+    let dtype_names = if args.compare {
+        vec!["f16".to_string(), "int8".to_string(), "int4".to_string()]
+    } else {
+        args.expert_dtypes.clone()
+    };
     for name in &dtype_names {
         let dtype: ExpertDtype = name.parse()?;
         if !dtypes.contains(&dtype) && has_experts {

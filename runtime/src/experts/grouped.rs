@@ -16,7 +16,7 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
-use burn::tensor::{Device, Int, Tensor as BurnTensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor as BurnTensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
@@ -88,10 +88,10 @@ pub(super) fn activate<F: Float>(
 /// one unit per (intermediate row `i`, group).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gate_up_kernel<F: Float, I: Numeric>(
+fn gate_up_kernel<F: Float, W: Float, I: Numeric>(
     x: &Tensor<F>,       // [tokens, hidden]
-    gate: &Tensor<F>,    // [slots, hidden, intermediate]
-    up: &Tensor<F>,      // [slots, hidden, intermediate]
+    gate: &Tensor<W>,    // [slots, hidden, intermediate] (f32 or f16; sums in F)
+    up: &Tensor<W>,      // [slots, hidden, intermediate]
     groups: &Tensor<I>,  // [groups * 4]: slot, first assignment, end, expert
     assign: &Tensor<I>,  // [assignments * 2]: token, output row
     act: &mut Tensor<F>, // [rows, intermediate]
@@ -99,7 +99,7 @@ fn gate_up_kernel<F: Float, I: Numeric>(
     params: &Tensor<F>,  // [limit, alpha] (when clamped)
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
-    #[define(F, I)] _dtypes: [ElemType; 2],
+    #[define(F, W, I)] _dtypes: [ElemType; 3],
 ) {
     let hidden = gate.shape(1);
     let inter = gate.shape(2);
@@ -118,8 +118,8 @@ fn gate_up_kernel<F: Float, I: Numeric>(
         let mut us = F::new(0.0);
         for j in 0..hidden {
             let xv = x[t * xs0 + j * xs1];
-            gs += gate[base + j * inter] * xv;
-            us += up[base + j * inter] * xv;
+            gs += F::cast_from(gate[base + j * inter]) * xv;
+            us += F::cast_from(up[base + j * inter]) * xv;
         }
         act[o * inter + i] =
             activate::<F>(gs, us, bias, params, group.expert * 2 * inter + i, inter, has_bias, clamped);
@@ -130,16 +130,16 @@ fn gate_up_kernel<F: Float, I: Numeric>(
 /// one unit per (hidden row, group).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn down_kernel<F: Float, I: Numeric>(
+fn down_kernel<F: Float, W: Float, I: Numeric>(
     act: &Tensor<F>,     // [rows, intermediate]
-    down: &Tensor<F>,    // [slots, intermediate, hidden]
+    down: &Tensor<W>,    // [slots, intermediate, hidden]
     groups: &Tensor<I>,  // [groups * 4]
     assign: &Tensor<I>,  // [assignments * 2]
     weights: &Tensor<F>, // [assignments]
     y: &mut Tensor<F>,   // [rows, hidden]
     bias: &Tensor<F>,    // [experts, hidden] (when has_bias)
     #[comptime] has_bias: bool,
-    #[define(F, I)] _dtypes: [ElemType; 2],
+    #[define(F, W, I)] _dtypes: [ElemType; 3],
 ) {
     let inter = down.shape(1);
     let hidden = down.shape(2);
@@ -153,7 +153,7 @@ fn down_kernel<F: Float, I: Numeric>(
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = F::new(0.0);
         for i in 0..inter {
-            s += down[base + i * hidden] * act[o * inter + i];
+            s += F::cast_from(down[base + i * hidden]) * act[o * inter + i];
         }
         if has_bias {
             s += bias[group.expert * hidden + h];
@@ -165,15 +165,15 @@ fn down_kernel<F: Float, I: Numeric>(
 /// Writes one expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
 /// `[hidden, intermediate]`) into slot `slot` of a page, transposing on the way.
 #[cube(launch)]
-fn store_slot_kernel<F: Float>(
+fn store_slot_kernel<F: Float, W: Float>(
     gate_src: &Tensor<F>,
     up_src: &Tensor<F>,
     down_src: &Tensor<F>,
-    gate: &mut Tensor<F>,
-    up: &mut Tensor<F>,
-    down: &mut Tensor<F>,
+    gate: &mut Tensor<W>,
+    up: &mut Tensor<W>,
+    down: &mut Tensor<W>,
     slot: u32,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, W)] _dtypes: [ElemType; 2],
 ) {
     let pos = ABSOLUTE_POS;
     if pos >= gate_src.len() {
@@ -184,14 +184,14 @@ fn store_slot_kernel<F: Float>(
     let base = slot as usize * hidden * inter;
     let r = pos / hidden;
     let c = pos % hidden;
-    gate[base + c * inter + r] = gate_src[pos];
-    up[base + c * inter + r] = up_src[pos];
+    gate[base + c * inter + r] = W::cast_from(gate_src[pos]);
+    up[base + c * inter + r] = W::cast_from(up_src[pos]);
     let hr = pos / inter;
     let ic = pos % inter;
-    down[base + ic * hidden + hr] = down_src[pos];
+    down[base + ic * hidden + hr] = W::cast_from(down_src[pos]);
 }
 
-/// A block of expert slots: f32 in three GPU buffers (gate, up, down), or quantised.
+/// A block of expert slots: f32 or f16 in three GPU buffers (gate, up, down), or quantised.
 pub enum SlotPage {
     F32(Box<[CubeTensor; 3]>),
     Quant(Box<QuantPage>),
@@ -269,12 +269,13 @@ impl SlotPage {
         if dtype.bits().is_some() {
             return Self::Quant(Box::new(QuantPage::new(like, slots, hidden, inter, dtype)));
         }
+        let element = if dtype == ExpertDtype::F16 { DType::F16 } else { like.dtype };
         let make = |shape: [usize; 3]| {
             burn_cubecl::ops::numeric::empty_device_dtype(
                 like.client.clone(),
                 like.device.clone(),
                 shape.into(),
-                like.dtype,
+                element,
             )
         };
         Self::F32(Box::new([make([slots, hidden, inter]), make([slots, hidden, inter]), make([slots, inter, hidden])]))
@@ -287,15 +288,27 @@ impl SlotPage {
             (Self::F32(page), HostExpert::F32([g, u, d])) => {
                 let [gate, up, down] = &**page;
                 let (hidden, inter) = (gate.meta.shape()[1], gate.meta.shape()[2]);
-                let upload = |v: Vec<f32>, shape: [usize; 2]| {
-                    float(BurnTensor::<2>::from_data(TensorData::new(v, shape), device))
+                // f16 slots take f16 bytes over the link, converted on the host.
+                let upload = |v: Vec<f32>, shape: [usize; 2]| -> Result<CubeTensor> {
+                    if gate.dtype != DType::F16 {
+                        return float(BurnTensor::<2>::from_data(TensorData::new(v, shape), device));
+                    }
+                    let halves: Vec<half::f16> = v.into_iter().map(half::f16::from_f32).collect();
+                    let handle = gate.client.create_from_slice(bytemuck::cast_slice(&halves));
+                    Ok(CubeTensor::new_contiguous(
+                        gate.client.clone(),
+                        gate.device.clone(),
+                        shape.into(),
+                        handle,
+                        DType::F16,
+                    ))
                 };
                 let (g, u, d) = (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [hidden, inter])?);
                 let client = g.client.clone();
                 let elems = g.meta.shape().num_elements();
                 let cube_dim = CubeDim::new(&client, elems);
                 let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
-                let dtype = dtype_to_storage_type(g.dtype);
+                let dtypes = [dtype_to_storage_type(g.dtype), dtype_to_storage_type(gate.dtype)];
                 store_slot_kernel::launch(
                     &client,
                     count,
@@ -307,7 +320,7 @@ impl SlotPage {
                     up.clone().into_tensor_arg(),
                     down.clone().into_tensor_arg(),
                     slot as u32,
-                    dtype,
+                    dtypes,
                 );
                 Ok(())
             }
@@ -374,7 +387,11 @@ impl Launch {
         let client = x.client.clone();
         let dims = gate.meta.shape();
         let (hidden, inter) = (dims[1], dims[2]);
-        let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(self.groups.dtype)];
+        let dtypes = [
+            dtype_to_storage_type(x.dtype),
+            dtype_to_storage_type(gate.dtype),
+            dtype_to_storage_type(self.groups.dtype),
+        ];
         let (bias_gate_up, bias_down) = self.extras.bias_args();
         let has_bias = self.extras.bias.is_some();
         gate_up_kernel::launch(
@@ -490,6 +507,7 @@ mod tests {
     #[test]
     fn grouped_swiglu_matches_a_cpu_reference_across_pages_and_odd_routing() {
         check_against_reference(ExpertDtype::F32, 24, 40, false);
+        check_against_reference(ExpertDtype::F16, 24, 40, false);
     }
 
     /// The same routing over int8, int4 and MXFP4 slots: the kernel equals a CPU reference run
@@ -505,7 +523,14 @@ mod tests {
     /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
     #[test]
     fn biased_clamped_experts_match_a_cpu_reference_in_every_format() {
-        for dtype in [ExpertDtype::F32, ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Int2, ExpertDtype::Mxfp4] {
+        for dtype in [
+            ExpertDtype::F32,
+            ExpertDtype::F16,
+            ExpertDtype::Int8,
+            ExpertDtype::Int4,
+            ExpertDtype::Int2,
+            ExpertDtype::Mxfp4,
+        ] {
             check_against_reference(dtype, 64, 32, true);
         }
     }
@@ -521,6 +546,14 @@ mod tests {
         let x = random(tokens * hidden);
         // What is uploaded, and the f32 weights it stands for (the reference's).
         let (hosts, experts): (Vec<HostExpert>, Vec<[Vec<f32>; 3]>) = match dtype.bits() {
+            // f16 slots hold the weights rounded to half precision.
+            None if dtype == ExpertDtype::F16 => weights
+                .iter()
+                .map(|w| {
+                    let half = w.clone().map(|v| v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect());
+                    (HostExpert::F32(w.clone()), half)
+                })
+                .unzip(),
             None => weights.iter().map(|w| (HostExpert::F32(w.clone()), w.clone())).unzip(),
             Some(_) => weights
                 .iter()
@@ -532,7 +565,7 @@ mod tests {
                 .unzip(),
         };
         // Two slots per page: slots 0-1, 2-3 and 4 live in three pages.
-        let page_bytes = (hidden * inter) as u64 * u64::from(dtype.bits().unwrap_or(32)) / 8 * 2;
+        let page_bytes = (hidden * inter) as u64 * u64::from(dtype.weight_bits()) / 8 * 2;
         let mut pool = SlotPool::new(device, 5, hidden, inter, dtype, Some(page_bytes)).unwrap();
         let at: Vec<_> = hosts.into_iter().enumerate().map(|(i, e)| pool.store(i, e).unwrap()).collect();
         assert_eq!(at.iter().map(|a| a.page).collect::<Vec<_>>(), [0, 0, 1, 1, 2]);
@@ -570,7 +603,7 @@ mod tests {
         }
         let got: Vec<f32> = wrap::<2>(y).into_data().try_into_vec::<f32>().unwrap();
         // Quantised sums run group by group, so their rounding differs a little more.
-        let tolerance = if dtype.bits().is_some() { 1e-4 } else { 1e-5 };
+        let tolerance = if dtype == ExpertDtype::F32 { 1e-5 } else { 1e-4 };
         for t in 0..tokens {
             for rank in 0..k {
                 let row = &got[(t * k + rank) * hidden..][..hidden];

@@ -16,6 +16,8 @@ pub enum ExpertDtype {
     /// Exact: f32 as Ferry computes.
     #[default]
     F32,
+    /// Half precision in the slots (loads in f16, sums in f32); needs `shader-f16`.
+    F16,
     Int8,
     Int4,
     /// Symmetric 2-bit codes: each weight is -1, 0 or +1 times its group's scale.
@@ -31,13 +33,14 @@ impl std::str::FromStr for ExpertDtype {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
             "int8" => Ok(Self::Int8),
             "int4" => Ok(Self::Int4),
             "int2" => Ok(Self::Int2),
             "mxfp4" => Ok(Self::Mxfp4),
             other => Err(FerryError::flag(
                 "--expert-dtype",
-                format!("unknown dtype {other:?}; use f32, int8, int4, int2 or mxfp4"),
+                format!("unknown dtype {other:?}; use f32, f16, int8, int4, int2 or mxfp4"),
             )),
         }
     }
@@ -47,6 +50,7 @@ impl std::fmt::Display for ExpertDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::F32 => "f32",
+            Self::F16 => "f16",
             Self::Int8 => "int8",
             Self::Int4 => "int4",
             Self::Int2 => "int2",
@@ -56,13 +60,22 @@ impl std::fmt::Display for ExpertDtype {
 }
 
 impl ExpertDtype {
-    /// Bits per quantised weight; None for f32.
+    /// Bits per quantised weight; None for the float formats (f32, f16).
     pub fn bits(self) -> Option<u32> {
         match self {
-            Self::F32 => None,
+            Self::F32 | Self::F16 => None,
             Self::Int8 => Some(8),
             Self::Int4 | Self::Mxfp4 => Some(4),
             Self::Int2 => Some(2),
+        }
+    }
+
+    /// Bits per weight in a slot's largest buffer (codes for quantised formats).
+    pub fn weight_bits(self) -> u32 {
+        match self {
+            Self::F32 => 32,
+            Self::F16 => 16,
+            other => other.bits().unwrap_or(32),
         }
     }
 
@@ -75,7 +88,7 @@ impl ExpertDtype {
     pub fn expert_bytes(self, hidden: usize, inter: usize) -> u64 {
         let weights = (3 * hidden * inter) as u64;
         match self.bits() {
-            None => weights * 4,
+            None => weights * u64::from(self.weight_bits()) / 8,
             Some(bits) => weights * u64::from(bits) / 8 + weights / GROUP as u64 * 4,
         }
     }

@@ -48,10 +48,18 @@ impl SlotPool {
         page_bytes: Option<u64>,
     ) -> Result<Self> {
         let probe = float(Tensor::<1>::zeros([1], device))?;
+        if dtype == ExpertDtype::F16
+            && !probe.client.properties().supports_type(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F16))
+        {
+            return Err(FerryError::flag(
+                "--expert-dtype",
+                "f16 experts need an adapter with shader-f16; this one has none (use f32 or int8)",
+            ));
+        }
         let adapter = probe.client.properties().memory.max_page_size.min(PAGE_BYTES_CAP);
         let limit = page_bytes.map_or(adapter, |p| p.min(adapter));
         // The largest buffer of a page: f32 weights, or the packed codes.
-        let projection = (hidden * inter) as u64 * u64::from(dtype.bits().unwrap_or(32)) / 8;
+        let projection = (hidden * inter) as u64 * u64::from(dtype.weight_bits()) / 8;
         if projection > limit {
             return Err(FerryError::Gpu(format!(
                 "one expert projection is {} KiB, more than the largest buffer for expert slots ({} KiB: \
