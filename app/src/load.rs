@@ -1,6 +1,6 @@
 //! From command-line model arguments to a ready engine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use ferry_runtime::chat::ChatTokenizer;
@@ -94,13 +94,21 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
     })
 }
 
-/// `--expert-dtype`; `auto` keeps experts in the format the folder stores them in (MXFP4, or what
-/// `ferry convert quantize` wrote) and runs others in f32.
+/// `--expert-dtype` for the folder the arguments name.
 fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
     if args.expert_dtype != "auto" {
         return Ok(args.expert_dtype.parse()?);
     }
-    let spec = ferry_models::read_spec(&model_folder(args)?)?;
+    resolve_expert_dtype(&args.expert_dtype, &model_folder(args)?)
+}
+
+/// `--expert-dtype` for `folder`: `auto` keeps experts in the format the folder stores them in
+/// (MXFP4, or what `ferry convert quantize` wrote) and runs others in f32.
+pub fn resolve_expert_dtype(flag: &str, folder: &Path) -> Result<ExpertDtype> {
+    if flag != "auto" {
+        return Ok(flag.parse()?);
+    }
+    let spec = ferry_models::read_spec(folder)?;
     Ok(match spec.moe.layout {
         ExpertLayout::Mxfp4 => ExpertDtype::Mxfp4,
         ExpertLayout::Prequantised(dtype) => dtype,

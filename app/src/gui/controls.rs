@@ -54,6 +54,11 @@ impl Controls {
         }
     }
 
+    /// The format experts load in; set when a folder is opened (it needs a reload to change).
+    pub fn set_expert_dtype(&mut self, dtype: ferry_runtime::experts::ExpertDtype) {
+        self.base.expert_dtype = dtype;
+    }
+
     /// The expert settings as the engine takes them.
     pub fn expert_options(&self) -> Result<ExpertOptions, String> {
         let budget = match self.given_bytes {

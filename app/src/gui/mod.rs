@@ -43,11 +43,12 @@ pub fn run(args: GuiArgs) -> Result<()> {
     };
     let system = args.system.clone();
     let max_new_tokens = args.max_new_tokens;
+    let dtype_flag = args.model.expert_dtype.clone();
     eframe::run_native(
         "Ferry",
         options,
         Box::new(move |cc| {
-            let app = FerryApp::new(&cc.egui_ctx, source, system, max_new_tokens, script)?;
+            let app = FerryApp::new(&cc.egui_ctx, source, dtype_flag, system, max_new_tokens, script)?;
             Ok(Box::new(app))
         }),
     )
@@ -73,6 +74,8 @@ struct FerryApp {
     worker: Worker,
     updates: mpsc::Receiver<Update>,
     source: Source,
+    /// `--expert-dtype` as given: `auto` is resolved again for each folder opened.
+    dtype_flag: String,
     folder_input: String,
     model: ModelState,
     chat: Chat,
@@ -95,6 +98,7 @@ impl FerryApp {
     fn new(
         ctx: &egui::Context,
         source: Source,
+        dtype_flag: String,
         system: Option<String>,
         max_new_tokens: usize,
         script: Option<Script>,
@@ -105,6 +109,7 @@ impl FerryApp {
             worker,
             updates,
             folder_input: source.folder.display().to_string(),
+            dtype_flag,
             controls: Controls::new(source.options, max_new_tokens),
             source,
             model: ModelState::Loading { stage: "starting".into(), since: Instant::now() },
@@ -198,7 +203,16 @@ impl FerryApp {
 
     fn open_folder(&mut self) {
         let folder = PathBuf::from(self.folder_input.trim());
+        // An MXFP4 or pre-quantised folder keeps its format under `--expert-dtype auto`.
+        let dtype = match load::resolve_expert_dtype(&self.dtype_flag, &folder) {
+            Ok(dtype) => dtype,
+            Err(error) => {
+                self.model = ModelState::Failed(format!("{error:#}"));
+                return;
+            }
+        };
         self.source.folder = folder;
+        self.controls.set_expert_dtype(dtype);
         match self.controls.expert_options() {
             Ok(options) => self.source.options = options,
             Err(error) => {

@@ -189,6 +189,23 @@ pub fn loss(params: &Params, config: &NetConfig, ids: &[u32], batch: usize, devi
     let (inputs, targets): (Vec<i64>, Vec<i64>) =
         ids.chunks_exact(seq + 1).flat_map(|w| (0..seq).map(move |i| (i64::from(w[i]), i64::from(w[i + 1])))).unzip();
     let n = batch * seq;
+    let (logits, balance) = forward(params, config, inputs, batch, device);
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
+    let nll = log_softmax(logits, 1).gather(1, targets).neg().mean();
+    (nll.reshape([1]), balance)
+}
+
+/// Logits `[batch * seq, vocab]` of `inputs` (`batch` rows of `seq` ids, flattened), plus the
+/// MoE load-balancing term averaged over layers.
+pub fn forward(
+    params: &Params,
+    config: &NetConfig,
+    inputs: Vec<i64>,
+    batch: usize,
+    device: &Device,
+) -> (Tensor<2>, Tensor<1>) {
+    let n = inputs.len();
+    let seq = n / batch;
     let (h, heads) = (config.hidden, config.heads);
     let hd = h / heads;
     let index = Tensor::<1, Int>::from_data(TensorData::new(inputs, [n]), device);
@@ -246,8 +263,46 @@ pub fn loss(params: &Params, config: &NetConfig, ids: &[u32], batch: usize, devi
         x = x + y;
     }
     let x = rms_norm(x, params.vector("model.norm.weight"), config.eps);
-    let logits = params.linear(x, "lm_head.weight");
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
-    let nll = log_softmax(logits, 1).gather(1, targets).neg().mean();
-    (nll.reshape([1]), balance / config.layers as f32)
+    (params.linear(x, "lm_head.weight"), balance / config.layers as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use ferry_runtime::graph::{LogitsFor, Model};
+    use ferry_runtime::{AdapterChoice, Gpu};
+
+    use super::{NetConfig, Params, forward};
+
+    /// The decoder `ferry train` optimises is the one Ferry runs: for each trained model in
+    /// `models/trained/`, the trainer's forward pass over the saved weights gives Ferry's
+    /// inference logits (both in f32 on the same device; they differ only in summation order).
+    #[test]
+    fn the_training_forward_pass_equals_ferrys_inference_logits() {
+        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
+        for arch in ["dense", "moe", "mole"] {
+            let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/trained").join(arch);
+            let state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(folder.join("trainer_state.json")).unwrap()).unwrap();
+            let config: NetConfig = serde_json::from_value(state["config"].clone()).unwrap();
+            let opened = ferry_models::open(&folder).unwrap();
+            let names = config.parameters();
+            let values = names.iter().map(|(name, shape)| opened.weights.f32(name, shape).unwrap()).collect();
+            // The trainer's parameters live on an autodiff device, as in `ferry train`.
+            let device = gpu.device.clone().autodiff();
+            let params = Params::from_values(names, values, &device);
+            let ids: Vec<u32> = (0..12).map(|i| (i * 97 + 5) % config.vocab as u32).collect();
+            let (logits, _) = forward(&params, &config, ids.iter().map(|&i| i64::from(i)).collect(), 1, &device);
+            let trainer: Vec<f32> = logits.into_data().try_into_vec().unwrap();
+
+            let model = Model::load(opened.spec, &opened.weights, &gpu.device).unwrap();
+            let mut cache = model.new_cache(ids.len()).unwrap();
+            let ferry: Vec<f32> = model.forward(&ids, &mut cache, LogitsFor::All).unwrap().logits.concat();
+            let scale = ferry.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = trainer.iter().zip(&ferry).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("{arch}: trainer vs Ferry logits: max |diff| {diff:.3e} (largest {scale:.3})");
+            assert!(diff <= 1e-4 * scale.max(1.0), "{arch}: the trainer's logits differ from Ferry's by {diff}");
+        }
+    }
 }
