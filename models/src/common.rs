@@ -103,3 +103,32 @@ pub fn validate(cfg: &HfConfig, spec: &ModelSpec) -> Result<()> {
 pub fn cfg_error(cfg: &HfConfig, message: String) -> ferry_runtime::FerryError {
     ferry_runtime::FerryError::config(&cfg.path, message)
 }
+
+/// Names and shapes of a Llama-style decoder's tensors in checkpoint order (embedding, head,
+/// final norm, then per layer its two norms, q/k/v/o, and whatever `ffn(layer_prefix)` adds), for
+/// the random-checkpoint writers. Vectors (norm gains) are the one-dimensional shapes.
+pub fn decoder_tensors(
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    [heads, kv_heads]: [usize; 2],
+    ffn: impl Fn(&str) -> Vec<(String, Vec<usize>)>,
+) -> Vec<(String, Vec<usize>)> {
+    let head_dim = hidden / heads;
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![vocab, hidden]),
+        ("lm_head.weight".to_string(), vec![vocab, hidden]),
+        ("model.norm.weight".to_string(), vec![hidden]),
+    ];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
+        for (name, rows) in [("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)] {
+            out.push((format!("{p}.self_attn.{name}.weight"), vec![rows * head_dim, hidden]));
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * head_dim]));
+        out.extend(ffn(&p));
+    }
+    out
+}

@@ -133,7 +133,6 @@ pub fn write_random(dir: &Path, shape: MoleShape, seed: u64) -> Result<()> {
     }
     let path = dir.join("model.safetensors");
     let MoleShape { hidden: h, heads, kv_heads, experts, expert_intermediate: ie, shared_intermediate: is, .. } = shape;
-    let head_dim = h / heads;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     // Norm gains near 1, other weights uniform with standard deviation min(0.08, 1/sqrt(h)), as
@@ -150,29 +149,22 @@ pub fn write_random(dir: &Path, shape: MoleShape, seed: u64) -> Result<()> {
             .collect();
         tensors.push((name, dims, bytes));
     };
-    add("model.embed_tokens.weight".into(), vec![vocab, h], false);
-    add("lm_head.weight".into(), vec![vocab, h], false);
-    add("model.norm.weight".into(), vec![h], true);
-    for l in 0..shape.layers {
-        let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), vec![h], true);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
-        for (name, rows) in
-            [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
-        {
-            add(format!("{p}.self_attn.{name}.weight"), vec![rows, h], false);
-        }
-        add(format!("{p}.self_attn.o_proj.weight"), vec![h, heads * head_dim], false);
-        add(format!("{p}.mlp.router.weight"), vec![experts, h], false);
+    let ffn = |p: &str| {
+        let mut out = vec![(format!("{p}.mlp.router.weight"), vec![experts, h])];
         for (q, inter) in [(format!("{p}.mlp.shared_mlp"), is)]
             .into_iter()
             .chain((0..experts).map(|j| (format!("{p}.mlp.experts.{j}"), ie)))
         {
-            add(format!("{q}.gate_proj.weight"), vec![inter, h], false);
-            add(format!("{q}.up_proj.weight"), vec![inter, h], false);
-            add(format!("{q}.down_proj.weight"), vec![h, inter], false);
+            out.push((format!("{q}.gate_proj.weight"), vec![inter, h]));
+            out.push((format!("{q}.up_proj.weight"), vec![inter, h]));
+            out.push((format!("{q}.down_proj.weight"), vec![h, inter]));
         }
-        add(format!("{p}.mlp.expert_norm.weight"), vec![h], true);
+        out.push((format!("{p}.mlp.expert_norm.weight"), vec![h]));
+        out
+    };
+    for (name, dims) in crate::common::decoder_tensors(vocab, h, shape.layers, [heads, kv_heads], ffn) {
+        let norm = dims.len() == 1;
+        add(name, dims, norm);
     }
     let views = tensors
         .iter()

@@ -189,7 +189,6 @@ pub fn write(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
 fn write_weights(path: &Path, vocab: usize, shape: Shape, seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let Shape { hidden, layers, heads, kv_heads, experts, intermediate, bf16: as_bf16, .. } = shape;
-    let head_dim = hidden / heads;
     let dtype = if as_bf16 { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     // Norm gains are 1; every other weight is uniform with a standard deviation of 0.08 (the
@@ -209,26 +208,19 @@ fn write_weights(path: &Path, vocab: usize, shape: Shape, seed: u64) -> Result<(
         }
         tensors.push((name, shape, bytes));
     };
-    add("model.embed_tokens.weight".into(), vec![vocab, hidden], true);
-    add("lm_head.weight".into(), vec![vocab, hidden], true);
-    add("model.norm.weight".into(), vec![hidden], false);
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), vec![hidden], false);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![hidden], false);
-        for (name, rows) in
-            [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
-        {
-            add(format!("{p}.self_attn.{name}.weight"), vec![rows, hidden], true);
-        }
-        add(format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * head_dim], true);
-        add(format!("{p}.block_sparse_moe.gate.weight"), vec![experts, hidden], true);
+    let ffn = |p: &str| {
+        let mut out = vec![(format!("{p}.block_sparse_moe.gate.weight"), vec![experts, hidden])];
         for e in 0..experts {
             let q = format!("{p}.block_sparse_moe.experts.{e}");
-            add(format!("{q}.w1.weight"), vec![intermediate, hidden], true);
-            add(format!("{q}.w3.weight"), vec![intermediate, hidden], true);
-            add(format!("{q}.w2.weight"), vec![hidden, intermediate], true);
+            out.push((format!("{q}.w1.weight"), vec![intermediate, hidden]));
+            out.push((format!("{q}.w3.weight"), vec![intermediate, hidden]));
+            out.push((format!("{q}.w2.weight"), vec![hidden, intermediate]));
         }
+        out
+    };
+    for (name, dims) in crate::common::decoder_tensors(vocab, hidden, layers, [heads, kv_heads], ffn) {
+        let random = dims.len() > 1;
+        add(name, dims, random);
     }
     let views = tensors
         .iter()
