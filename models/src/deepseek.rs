@@ -186,3 +186,52 @@ fn check_groups(cfg: &HfConfig, router: RouterKind, experts: usize, top_k: usize
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use ferry_runtime::spec::{FfnKind, GroupScoring, RouterKind};
+
+    use crate::config::HfConfig;
+
+    /// DeepSeek-V2-Lite's config.json as released (values from the hub's file): greedy routing
+    /// over 64 experts, no q-LoRA, one dense layer, YaRN with mscale = mscale_all_dim; MLA's cache
+    /// holds 576 values per token and layer instead of 16 x (192 + 128) = 5120 (8.9x less).
+    #[test]
+    fn deepseek_v2_lite_config_reads_as_released() {
+        let cfg = HfConfig::from_value(
+            PathBuf::from("DeepSeek-V2-Lite/config.json"),
+            serde_json::json!({
+                "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": false, "aux_loss_alpha": 0.001,
+                "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+                "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 10944,
+                "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+                "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+                "n_shared_experts": 2, "norm_topk_prob": false, "num_attention_heads": 16,
+                "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+                "q_lora_rank": null, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                "rms_norm_eps": 1e-06,
+                "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                    "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+                "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+                "seq_aux": true, "tie_word_embeddings": false, "topk_group": 1, "topk_method": "greedy",
+                "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 102400
+            }),
+        );
+        let spec = super::spec_v2(&cfg).unwrap();
+        let m = spec.attention.mla.as_ref().unwrap();
+        assert_eq!(m.q_lora_rank, None);
+        assert_eq!(spec.attention.kv_elements_per_token(), 512 + 64);
+        assert_eq!(spec.attention.kv_elements_per_token_expanded(), 16 * (192 + 128));
+        // transformers 4.57 gives V2 no mscale^2 in the softmax.
+        assert!((m.softmax_scale - 192f32.powf(-0.5)).abs() < 1e-7);
+        assert_eq!(spec.layers[0], FfnKind::Dense { intermediate_size: 10944 });
+        assert!(spec.layers[1..].iter().all(|l| *l == FfnKind::Moe));
+        let RouterKind::Grouped { scoring, groups, topk_groups, renormalize, scaling } = spec.moe.router else {
+            panic!("grouped routing")
+        };
+        assert_eq!((scoring, groups, topk_groups, renormalize, scaling), (GroupScoring::SoftmaxMax, 1, 1, false, 1.0));
+        assert_eq!(spec.moe.shared_expert.as_ref().unwrap().intermediate_size, 2 * 1408);
+    }
+}
