@@ -384,8 +384,9 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct RandomModelArgs {
-    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, or mole (a small Mixture of Lookup Experts)
-    /// (vocabulary: Ferry's 384-token tokenizer).
+    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, mole (a small Mixture of Lookup Experts), or
+    /// gpt-oss-20b (the released config, MXFP4 experts, 201088-entry vocabulary)
+    /// (tokenizer: Ferry's 384-token one).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// Number of layers (default: the preset's).

@@ -6,8 +6,13 @@
 //! The clamp limit is `swiglu_limit` (7.0 in released configs). transformers 4.57 hard-codes 7.0
 //! and ignores the key; a config with another value runs with the config's.
 
-use ferry_runtime::error::Result;
+use std::path::Path;
+
+use ferry_runtime::error::{FerryError, Result};
 use ferry_runtime::spec::{ExpertActivation, ExpertLayout, ModelSpec, MoeSpec, RouterKind};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::TensorView;
 use serde_json::Value;
 
 use crate::common::{self, cfg_error};
@@ -76,6 +81,121 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     };
     spec.names.router = "mlp.router.weight".into();
     Ok(spec)
+}
+
+/// Writes a GPT-OSS-20B-shaped model with random weights (`ferry random-model --preset
+/// gpt-oss-20b --layers N`): the released config with `layers` layers, BF16 dense tensors and
+/// MXFP4 experts as the hub ships them, and the built-in tokenizer (whose ids cover only the
+/// first part of the 201088-entry vocabulary). For exercising real tensor sizes without a
+/// download: the LM head alone is 2.2 GiB in f32.
+pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
+    const HIDDEN: usize = 2880;
+    const INTER: usize = 2880;
+    const VOCAB: usize = 201088;
+    const EXPERTS: usize = 32;
+    const HEADS: usize = 64;
+    const KV_HEADS: usize = 8;
+    const HEAD_DIM: usize = 64;
+    let layers = layers.max(1);
+    std::fs::create_dir_all(dir).map_err(|e| FerryError::io(dir, e))?;
+    let (_, eos) = crate::random_model::vocab_and_eos()?;
+    let layer_types: Vec<&str> = ["sliding_attention", "full_attention"].iter().copied().cycle().take(layers).collect();
+    let config = serde_json::json!({
+        "architectures": [ARCHITECTURE], "model_type": "gpt_oss", "attention_bias": true,
+        "eos_token_id": eos, "experts_per_token": 4, "head_dim": HEAD_DIM, "hidden_act": "silu",
+        "hidden_size": HIDDEN, "initial_context_length": 4096, "intermediate_size": INTER,
+        "layer_types": layer_types, "max_position_embeddings": 131072, "num_attention_heads": HEADS,
+        "num_experts_per_tok": 4, "num_hidden_layers": layers, "num_key_value_heads": KV_HEADS,
+        "num_local_experts": EXPERTS,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+            "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false},
+        "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16", "vocab_size": VOCAB
+    });
+    let files = [
+        ("config.json", serde_json::to_string_pretty(&config).unwrap_or_default()),
+        ("generation_config.json", serde_json::json!({ "eos_token_id": eos }).to_string()),
+        ("tokenizer.json", crate::random_model::TOKENIZER.to_string()),
+        ("tokenizer_config.json", crate::random_model::TOKENIZER_CONFIG.to_string()),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
+    }
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = Vec::new();
+    let bf16_tensor = |name: String, shape: Vec<usize>, rng: &mut StdRng| {
+        let n: usize = shape.iter().product();
+        // Norm gains near 1; weights uniform with standard deviation 1/sqrt(fan-in).
+        let scale = if shape.len() == 1 { 0.0 } else { (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt() };
+        let bytes: Vec<u8> = (0..n)
+            .flat_map(|_| {
+                let r = rng.random::<f32>() * 2.0 - 1.0;
+                let v = if shape.len() == 1 { 1.0 + 0.1 * r } else { r * scale };
+                half::bf16::from_f32(v).to_le_bytes()
+            })
+            .collect();
+        (name, shape, bytes, safetensors::Dtype::BF16)
+    };
+    let ffn = |p: &str| {
+        vec![
+            (format!("{p}.self_attn.sinks"), vec![HEADS]),
+            (format!("{p}.self_attn.q_proj.bias"), vec![HEADS * HEAD_DIM]),
+            (format!("{p}.self_attn.k_proj.bias"), vec![KV_HEADS * HEAD_DIM]),
+            (format!("{p}.self_attn.v_proj.bias"), vec![KV_HEADS * HEAD_DIM]),
+            (format!("{p}.self_attn.o_proj.bias"), vec![HIDDEN]),
+            (format!("{p}.mlp.router.weight"), vec![EXPERTS, HIDDEN]),
+            (format!("{p}.mlp.router.bias"), vec![EXPERTS]),
+            (format!("{p}.mlp.experts.gate_up_proj_bias"), vec![EXPERTS, 2 * INTER]),
+            (format!("{p}.mlp.experts.down_proj_bias"), vec![EXPERTS, HIDDEN]),
+        ]
+    };
+    // GPT-OSS's attention is 64 heads of 64 over a 2880 hidden size: q/o are not hidden x hidden.
+    for (name, shape) in crate::common::decoder_tensors(VOCAB, HIDDEN, layers, [HEADS, KV_HEADS], ffn) {
+        let projection = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next());
+        let shape = match projection {
+            Some("q_proj") => vec![HEADS * HEAD_DIM, HIDDEN],
+            Some("k_proj" | "v_proj") => vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
+            _ => shape,
+        };
+        // Biases and sinks are small random values, not gains.
+        let small = name.ends_with(".bias") || name.ends_with("sinks") || name.ends_with("_bias");
+        let (name, shape, mut bytes, dtype) = bf16_tensor(name, shape, &mut rng);
+        if small {
+            bytes = bytes
+                .chunks_exact(2)
+                .flat_map(|_| half::bf16::from_f32((rng.random::<f32>() - 0.5) * 0.2).to_le_bytes())
+                .collect();
+        }
+        tensors.push((name, shape, bytes, dtype));
+    }
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.mlp.experts");
+        for (name, rows, k) in [("gate_up_proj", 2 * INTER, HIDDEN), ("down_proj", HIDDEN, INTER)] {
+            let blocks: Vec<u8> = (0..EXPERTS * rows * k / 2).map(|_| rng.random::<u8>()).collect();
+            // Block scales near 2^-7, so weights stay about 1/sqrt(2880) in size.
+            let scales: Vec<u8> = (0..EXPERTS * rows * k / 32).map(|_| 119 + rng.random_range(0..3u8)).collect();
+            tensors.push((
+                format!("{p}.{name}_blocks"),
+                vec![EXPERTS, rows, k / 32, 16],
+                blocks,
+                safetensors::Dtype::U8,
+            ));
+            tensors.push((format!("{p}.{name}_scales"), vec![EXPERTS, rows, k / 32], scales, safetensors::Dtype::U8));
+        }
+    }
+    let path = dir.join("model.safetensors");
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes, dtype)| TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| FerryError::io(&path, e))?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| FerryError::io(&path, e))
 }
 
 #[cfg(test)]

@@ -17,6 +17,13 @@ pub fn run(args: RandomModelArgs) -> Result<()> {
         eprintln!("wrote {} (MoLE: {} layers x {} lookup experts)", args.out.display(), shape.layers, shape.experts);
         return Ok(());
     }
+    if args.preset == "gpt-oss-20b" {
+        let layers = args.layers.unwrap_or(24);
+        ferry_models::gpt_oss::write_random(&args.out, layers, args.seed)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+        eprintln!("wrote {} (GPT-OSS-20B shapes, {layers} layers, MXFP4 experts, random weights)", args.out.display());
+        return Ok(());
+    }
     let shape = random_model::preset(&args.preset, args.layers)?;
     random_model::write(&args.out, shape, args.seed).with_context(|| format!("--out {}", args.out.display()))?;
     let spec = ferry_models::read_spec(&args.out)?;
