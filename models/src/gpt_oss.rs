@@ -97,7 +97,6 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
     const KV_HEADS: usize = 8;
     const HEAD_DIM: usize = 64;
     let layers = layers.max(1);
-    std::fs::create_dir_all(dir).map_err(|e| FerryError::io(dir, e))?;
     let (_, eos) = crate::random_model::vocab_and_eos()?;
     let layer_types: Vec<&str> = ["sliding_attention", "full_attention"].iter().copied().cycle().take(layers).collect();
     let config = serde_json::json!({
@@ -115,31 +114,29 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
         "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": false,
         "torch_dtype": "bfloat16", "vocab_size": VOCAB
     });
-    let files = [
-        ("config.json", serde_json::to_string_pretty(&config).unwrap_or_default()),
-        ("generation_config.json", serde_json::json!({ "eos_token_id": eos }).to_string()),
-        ("tokenizer.json", crate::random_model::TOKENIZER.to_string()),
-        ("tokenizer_config.json", crate::random_model::TOKENIZER_CONFIG.to_string()),
-    ];
-    for (name, text) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
-    }
+    crate::random_model::write_folder_files(dir, &config, eos)?;
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = Vec::new();
-    let bf16_tensor = |name: String, shape: Vec<usize>, rng: &mut StdRng| {
+    // Norm gains near 1; biases and sinks small; weights uniform with standard deviation
+    // 1/sqrt(fan-in).
+    let bf16_tensor = |name: &str, shape: &[usize], rng: &mut StdRng| -> Vec<u8> {
         let n: usize = shape.iter().product();
-        // Norm gains near 1; weights uniform with standard deviation 1/sqrt(fan-in).
-        let scale = if shape.len() == 1 { 0.0 } else { (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt() };
-        let bytes: Vec<u8> = (0..n)
+        let small = name.ends_with(".bias") || name.ends_with("sinks") || name.ends_with("_bias");
+        let scale = (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt();
+        (0..n)
             .flat_map(|_| {
                 let r = rng.random::<f32>() * 2.0 - 1.0;
-                let v = if shape.len() == 1 { 1.0 + 0.1 * r } else { r * scale };
+                let v = if small {
+                    r * 0.1
+                } else if shape.len() == 1 {
+                    1.0 + 0.1 * r
+                } else {
+                    r * scale
+                };
                 half::bf16::from_f32(v).to_le_bytes()
             })
-            .collect();
-        (name, shape, bytes, safetensors::Dtype::BF16)
+            .collect()
     };
     let ffn = |p: &str| {
         vec![
@@ -163,16 +160,8 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
             Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
             _ => shape,
         };
-        // Biases and sinks are small random values, not gains.
-        let small = name.ends_with(".bias") || name.ends_with("sinks") || name.ends_with("_bias");
-        let (name, shape, mut bytes, dtype) = bf16_tensor(name, shape, &mut rng);
-        if small {
-            bytes = bytes
-                .chunks_exact(2)
-                .flat_map(|_| half::bf16::from_f32((rng.random::<f32>() - 0.5) * 0.2).to_le_bytes())
-                .collect();
-        }
-        tensors.push((name, shape, bytes, dtype));
+        let bytes = bf16_tensor(&name, &shape, &mut rng);
+        tensors.push((name, shape, bytes, safetensors::Dtype::BF16));
     }
     for l in 0..layers {
         let p = format!("model.layers.{l}.mlp.experts");

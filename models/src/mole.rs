@@ -119,18 +119,8 @@ pub fn config_json(shape: MoleShape, vocab: usize, eos: u32) -> serde_json::Valu
 
 /// Writes a MoLE model folder with deterministic random f32 weights and the embedded tokenizer.
 pub fn write_random(dir: &Path, shape: MoleShape, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| FerryError::io(dir, e))?;
     let (vocab, eos) = crate::random_model::vocab_and_eos()?;
-    let files = [
-        ("config.json", serde_json::to_string_pretty(&config_json(shape, vocab, eos)).unwrap_or_default()),
-        ("generation_config.json", serde_json::json!({ "eos_token_id": eos }).to_string()),
-        ("tokenizer.json", crate::random_model::TOKENIZER.to_string()),
-        ("tokenizer_config.json", crate::random_model::TOKENIZER_CONFIG.to_string()),
-    ];
-    for (name, text) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
-    }
+    crate::random_model::write_folder_files(dir, &config_json(shape, vocab, eos), eos)?;
     let path = dir.join("model.safetensors");
     let MoleShape { hidden: h, heads, kv_heads, experts, expert_intermediate: ie, shared_intermediate: is, .. } = shape;
     let mut rng = StdRng::seed_from_u64(seed);

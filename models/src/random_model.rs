@@ -150,6 +150,23 @@ pub(crate) fn vocab_and_eos() -> Result<(usize, u32)> {
     Ok((vocab + added.len(), eos as u32))
 }
 
+/// Writes a random model folder's text files: `config`, the generation config with `eos`, and
+/// the embedded tokenizer.
+pub(crate) fn write_folder_files(dir: &Path, config: &serde_json::Value, eos: u32) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| FerryError::io(dir, e))?;
+    let files = [
+        ("config.json", serde_json::to_string_pretty(config).unwrap_or_default()),
+        ("generation_config.json", serde_json::json!({ "eos_token_id": eos }).to_string()),
+        ("tokenizer.json", TOKENIZER.to_string()),
+        ("tokenizer_config.json", TOKENIZER_CONFIG.to_string()),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
+    }
+    Ok(())
+}
+
 /// Writes a whole model folder: config, generation config, tokenizer files and weights.
 pub fn write(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| FerryError::io(dir, e))?;
@@ -173,16 +190,7 @@ pub fn write(dir: &Path, shape: Shape, seed: u64) -> Result<()> {
         "eos_token_id": eos,
         "torch_dtype": if shape.bf16 { "bfloat16" } else { "float32" }
     });
-    let files = [
-        ("config.json", serde_json::to_string_pretty(&config).unwrap_or_default()),
-        ("generation_config.json", serde_json::json!({ "eos_token_id": eos }).to_string()),
-        ("tokenizer.json", TOKENIZER.to_string()),
-        ("tokenizer_config.json", TOKENIZER_CONFIG.to_string()),
-    ];
-    for (name, text) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
-    }
+    write_folder_files(dir, &config, eos)?;
     write_weights(&dir.join("model.safetensors"), vocab, shape, seed)
 }
 
