@@ -1,4 +1,4 @@
-//! Quantised experts (`--expert-dtype int8|int4`): offloading them stays exact (offloaded output
+//! Quantised experts (`--expert-dtype int8|int4|int3|int2|mxfp4`, f16): offloading them stays exact (offloaded output
 //! equals all-resident output of the same dtype bit for bit), every upload moves the quantised
 //! size, and their logits stay near transformers' (int8 nearer than int4).
 
@@ -22,7 +22,14 @@ fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
 fn offloaded_quantised_experts_equal_all_resident_quantised_experts_bit_for_bit() {
     for family in ["mixtral", "qwen3_moe"] {
         let ids = reference(family).input_ids;
-        for dtype in [ExpertDtype::F16, ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Int2, ExpertDtype::Mxfp4] {
+        for dtype in [
+            ExpertDtype::F16,
+            ExpertDtype::Int8,
+            ExpertDtype::Int4,
+            ExpertDtype::Int3,
+            ExpertDtype::Int2,
+            ExpertDtype::Mxfp4,
+        ] {
             let expected = prompt_forward(&load(family, VramBudget::All, dtype), &ids);
             let model = load(family, VramBudget::FractionOfExperts(0.25), dtype);
             let out = prompt_forward(&model, &ids);
@@ -55,16 +62,17 @@ fn quantised_logits_stay_near_transformers_and_int8_nearer_than_int4() {
             diff / scale
         };
         let (f32, int8, int4) = (error(ExpertDtype::F32), error(ExpertDtype::Int8), error(ExpertDtype::Int4));
-        let f16 = error(ExpertDtype::F16);
+        let (f16, int3) = (error(ExpertDtype::F16), error(ExpertDtype::Int3));
         assert!(f32 < 1e-4, "{family}: f32 {f32}");
         // BF16 and F16 checkpoints fit f16 slots exactly (up to range), F32 ones are rounded.
         assert!(f16 < 2e-3, "{family}: f16 relative error {f16}");
         assert!(f16 <= int8, "{family}: f16 {f16} worse than int8 {int8}");
         assert!(int8 < 0.02, "{family}: int8 relative error {int8}");
         assert!(int4 < 0.3, "{family}: int4 relative error {int4}");
+        assert!(int4 <= int3 && int3 < 0.8, "{family}: int3 relative error {int3} (int4 {int4})");
         assert!(f32 <= int8 && int8 <= int4, "{family}: errors not ordered: f32 {f32}, int8 {int8}, int4 {int4}");
         eprintln!(
-            "{family}: max |logit error| / max |logit|: f32 {f32:.2e}, f16 {f16:.2e}, int8 {int8:.2e}, int4 {int4:.2e}"
+            "{family}: max |logit error| / max |logit|: f32 {f32:.2e}, f16 {f16:.2e}, int8 {int8:.2e}, int4 {int4:.2e}, int3 {int3:.2e}"
         );
     }
 }
@@ -75,9 +83,12 @@ fn quantised_logits_stay_near_transformers_and_int8_nearer_than_int4() {
 /// converted twice.
 #[test]
 fn converted_folders_equal_quantising_at_load() {
-    for (family, dtype) in
-        [("qwen3_moe", ExpertDtype::Int4), ("gpt_oss", ExpertDtype::Mxfp4), ("deepseek_v3", ExpertDtype::Int8)]
-    {
+    for (family, dtype) in [
+        ("qwen3_moe", ExpertDtype::Int4),
+        ("gpt_oss", ExpertDtype::Mxfp4),
+        ("deepseek_v3", ExpertDtype::Int8),
+        ("mixtral", ExpertDtype::Int3),
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("converted");
         let done = ferry_models::quantize::quantize_folder(&fixture(family), &out, dtype, |_, _| {}).unwrap();

@@ -139,7 +139,7 @@ pub struct QuantizeArgs {
     /// Output folder (created; must not hold a model).
     #[arg(long)]
     pub out: PathBuf,
-    /// Expert format: int8, int4, int2 or mxfp4 (an MXFP4 checkpoint converted to mxfp4 stays
+    /// Expert format: int8, int4, int3, int2 or mxfp4 (an MXFP4 checkpoint converted to mxfp4 stays
     /// exact).
     #[arg(long)]
     pub dtype: String,
@@ -200,7 +200,7 @@ pub struct ModelArgs {
     pub lut_cache: String,
     /// How routed experts are stored in host RAM and GPU slots: f32 (exact), f16 (half the
     /// bytes; exact for BF16/F16 checkpoints within f16's range; needs shader-f16), group-wise
-    /// int8 / int4 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
+    /// int8 / int4 / int3 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
     /// except mxfp4 on an MXFP4 checkpoint); auto: mxfp4 for MXFP4 checkpoints, else f32.
     #[arg(long, default_value = "auto")]
     pub expert_dtype: String,
@@ -338,7 +338,7 @@ pub struct BenchArgs {
     /// big-little experts, each with f32, f16, int8 and int4 experts (a MoLE model: its table).
     #[arg(long)]
     pub compare: bool,
-    /// Expert formats to measure (repeatable or comma-separated: f32, f16, int8, int4, int2, mxfp4); each quantised
+    /// Expert formats to measure (repeatable or comma-separated: f32, f16, int8, int4, int3, int2, mxfp4); each quantised
     /// format loads its own copy of the model. All-resident f32 is always the baseline.
     #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
     pub expert_dtypes: Vec<String>,

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ferry_runtime::error::{FerryError, Result};
-use ferry_runtime::experts::{ExpertDtype, ExpertStore, QUANT_GROUP, prequantised_names};
+use ferry_runtime::experts::{ExpertDtype, ExpertStore, QUANT_GROUP, code_rows, prequantised_names};
 use ferry_runtime::spec::{ExpertLayout, FfnKind, ModelSpec};
 use safetensors::tensor::TensorView;
 use serde_json::Value;
@@ -34,7 +34,7 @@ const COPIED: &[&str] = &[
 pub fn stored_dtype(cfg: &HfConfig) -> Result<Option<ExpertDtype>> {
     let Some(entry) = cfg.get(CONFIG_KEY) else { return Ok(None) };
     let dtype = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| {
-        FerryError::config(&cfg.path, format!("{CONFIG_KEY} needs a \"dtype\" (int8, int4, int2 or mxfp4)"))
+        FerryError::config(&cfg.path, format!("{CONFIG_KEY} needs a \"dtype\" (int8, int4, int3, int2 or mxfp4)"))
     })?;
     let dtype: ExpertDtype = dtype.parse().map_err(|e| FerryError::config(&cfg.path, format!("{CONFIG_KEY}: {e}")))?;
     if dtype.bits().is_none() {
@@ -73,7 +73,7 @@ pub fn quantize_folder(
     if dtype.bits().is_none() {
         return Err(FerryError::flag(
             "--dtype",
-            format!("{dtype} is not a quantised format; use int8, int4, int2 or mxfp4"),
+            format!("{dtype} is not a quantised format; use int8, int4, int3, int2 or mxfp4"),
         ));
     }
     let opened = crate::open(model)?;
@@ -97,7 +97,7 @@ pub fn quantize_folder(
     // Codes and scales per layer and projection, experts concatenated: [experts, rows, n].
     let total = moe_layers.len() * spec.moe.num_experts;
     let (h, i) = (spec.hidden_size, spec.moe.expert_intermediate_size);
-    let per_word = (32 / dtype.bits().unwrap_or(32)) as usize;
+    let bits = dtype.bits().unwrap_or(32);
     let mut new_tensors: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = Vec::new();
     let mut source_expert_bytes = 0;
     let mut done = 0;
@@ -118,7 +118,7 @@ pub fn quantize_folder(
             parts.into_iter().zip([("gate", (h, i)), ("up", (h, i)), ("down", (i, h))])
         {
             let [codes_name, scales_name] = prequantised_names(name).map(|n| spec.names.layer(layer, &n));
-            new_tensors.push((codes_name, vec![e, k / per_word, n], codes, safetensors::Dtype::U32));
+            new_tensors.push((codes_name, vec![e, code_rows(k, bits), n], codes, safetensors::Dtype::U32));
             new_tensors.push((scales_name, vec![e, k / QUANT_GROUP, n], scales, safetensors::Dtype::F32));
         }
     }

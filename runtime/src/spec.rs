@@ -202,7 +202,7 @@ pub enum ExpertLayout {
     /// of two, exponent biased by 127); biases as in `Fused`.
     Mxfp4,
     /// Written by `ferry convert quantize`: per layer `ferry_experts.{gate,up,down}.codes` (U32,
-    /// `[experts, k / per_word, n]`) and `.scales` (F32, `[experts, k / 32, n]`) in the slot layout
+    /// `[experts, code_rows(k, bits), n]`) and `.scales` (F32, `[experts, k / 32, n]`) in the slot layout
     /// of this format, so that loading copies them as they are. Other tensors (biases included)
     /// keep the source model's names.
     Prequantised(crate::experts::ExpertDtype),

@@ -17,8 +17,10 @@ pub fn run(command: ConvertCommand) -> Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
-    let dtype: ExpertDtype =
-        args.dtype.parse().map_err(|_| anyhow::anyhow!("--dtype {:?}: use int8, int4, int2 or mxfp4", args.dtype))?;
+    let dtype: ExpertDtype = args
+        .dtype
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--dtype {:?}: use int8, int4, int3, int2 or mxfp4", args.dtype))?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} experts ({eta})")

@@ -510,7 +510,7 @@ mod tests {
         check_against_reference(ExpertDtype::F16, 24, 40, false);
     }
 
-    /// The same routing over int8, int4 and MXFP4 slots: the kernel equals a CPU reference run
+    /// The same routing over int8, int4, int3, int2 and MXFP4 slots: the kernel equals a CPU reference run
     /// on the weights the codes stand for.
     #[test]
     fn quantised_grouped_swiglu_matches_a_cpu_reference_on_dequantised_weights() {
@@ -518,6 +518,7 @@ mod tests {
         check_against_reference(ExpertDtype::Int4, 32, 64, false);
         check_against_reference(ExpertDtype::Mxfp4, 32, 64, false);
         check_against_reference(ExpertDtype::Int2, 64, 32, false);
+        check_against_reference(ExpertDtype::Int3, 64, 96, false);
     }
 
     /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
@@ -528,6 +529,7 @@ mod tests {
             ExpertDtype::F16,
             ExpertDtype::Int8,
             ExpertDtype::Int4,
+            ExpertDtype::Int3,
             ExpertDtype::Int2,
             ExpertDtype::Mxfp4,
         ] {

@@ -1,10 +1,10 @@
-//! The grouped expert FFN over quantised slots (`--expert-dtype int8|int4`): the same launch
+//! The grouped expert FFN over quantised slots (`--expert-dtype int8|int4|int3|int2|mxfp4`): the same launch
 //! shape as the f32 kernels (one unit per output row and group of assignments), reading packed
 //! codes one u32 word at a time and applying each group's scale once per `GROUP` products.
 //!
-//! Slot layout (see `quant.rs`): gate and up codes `[slots, hidden / per_word, intermediate]`
+//! Slot layout (see `quant.rs`): gate and up codes `[slots, code_rows(hidden), intermediate]`
 //! with scales `[slots, hidden / GROUP, intermediate]`; down codes
-//! `[slots, intermediate / per_word, hidden]` with scales `[slots, intermediate / GROUP, hidden]`.
+//! `[slots, code_rows(intermediate), hidden]` with scales `[slots, intermediate / GROUP, hidden]`.
 //! Neighbouring units read neighbouring words. As in the f32 kernels, every sum runs in a fixed
 //! order, so offloaded output equals all-resident output bit for bit.
 
@@ -15,7 +15,7 @@ use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::grouped::{Launch, ROWS_PER_CUBE, activate, float, group_at};
-use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix};
+use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, code_rows};
 use crate::error::Result;
 
 /// The dot product of one packed column with `v[vs * j]` over a whole reduction dimension:
@@ -34,25 +34,46 @@ fn packed_dot<F: Float>(
     #[comptime] bits: u32,
     #[comptime] fp4: bool,
 ) -> F {
-    let per_word = comptime!((32 / bits) as usize);
-    let words_per_group = comptime!(GROUP / per_word);
-    let mask = comptime!((1u32 << bits) - 1);
-    let zero = F::cast_from(comptime!(1u32 << (bits - 1)));
     let mut total = F::new(0.0);
-    for q in 0..groups {
-        let mut part = F::new(0.0);
-        for w in 0..words_per_group {
-            let r = q * words_per_group + w;
-            let word = codes[code_base + r * columns];
+    if comptime!(bits == 3) {
+        // Bit planes (see `quant::get_code`): two words of low 2-bit parts, one of high bits.
+        for q in 0..groups {
+            let r = q * 3;
+            let high = codes[code_base + (r + 2) * columns];
+            let v_group = v_base + q * comptime!(GROUP) * v_stride;
+            let mut part = F::new(0.0);
             #[unroll]
-            for b in 0..per_word {
-                let shift = comptime!(b as u32 * bits);
-                let code = (word >> shift) & mask;
-                let weight = if fp4 { e2m1_twice::<F>(code) } else { F::cast_from(code) - zero };
-                part += weight * v[v_base + (r * per_word + b) * v_stride];
+            for half in 0..2u32 {
+                let low = codes[code_base + (r + half as usize) * columns];
+                #[unroll]
+                for b in 0..16u32 {
+                    let at = comptime!(half * 16 + b);
+                    let code = ((low >> comptime!(2 * b)) & 3) | (((high >> at) & 1) << 2);
+                    part += (F::cast_from(code) - F::new(4.0)) * v[v_group + at as usize * v_stride];
+                }
             }
+            total += part * scales[scale_base + q * columns];
         }
-        total += part * scales[scale_base + q * columns];
+    } else {
+        let per_word = comptime!((32 / bits) as usize);
+        let words_per_group = comptime!(GROUP / per_word);
+        let mask = comptime!((1u32 << bits) - 1);
+        let zero = F::cast_from(comptime!(1u32 << (bits - 1)));
+        for q in 0..groups {
+            let mut part = F::new(0.0);
+            for w in 0..words_per_group {
+                let r = q * words_per_group + w;
+                let word = codes[code_base + r * columns];
+                #[unroll]
+                for b in 0..per_word {
+                    let shift = comptime!(b as u32 * bits);
+                    let code = (word >> shift) & mask;
+                    let weight = if fp4 { e2m1_twice::<F>(code) } else { F::cast_from(code) - zero };
+                    part += weight * v[v_base + (r * per_word + b) * v_stride];
+                }
+            }
+            total += part * scales[scale_base + q * columns];
+        }
     }
     total
 }
@@ -187,8 +208,10 @@ impl Packed {
         let empty = |shape: [usize; 3], dtype: DType| {
             burn_cubecl::ops::numeric::empty_device_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
         };
-        let per_word = (32 / bits) as usize;
-        Self { codes: empty([slots, k / per_word, n], DType::U32), scales: empty([slots, k / GROUP, n], like.dtype) }
+        Self {
+            codes: empty([slots, code_rows(k, bits), n], DType::U32),
+            scales: empty([slots, k / GROUP, n], like.dtype),
+        }
     }
 
     fn store(&self, slot: usize, m: &QuantMatrix, device: &Device) -> Result<()> {

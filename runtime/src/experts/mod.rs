@@ -22,7 +22,7 @@ pub use cache::{ExpertCache, LayerRecall};
 pub use grouped::{ExpertExtras, PageWork, SlotPage};
 pub(crate) use grouped::{float as cube_float, wrap as from_cube};
 pub use policy::EvictionPolicy;
-pub use quant::{ExpertDtype, GROUP as QUANT_GROUP, QuantExpert};
+pub use quant::{ExpertDtype, GROUP as QUANT_GROUP, QuantExpert, code_rows};
 pub use residency::{Access, ExpertCell, Residency, SlotState};
 pub use select::{BigFallback, BigLittle, Importance, SelectionStats, Selector};
 pub use slots::SlotRef;

@@ -1,4 +1,4 @@
-//! Group-wise quantised experts (`--expert-dtype int8|int4`): one scale per `GROUP` weights
+//! Group-wise quantised experts (`--expert-dtype int8|int4|int3|int2|mxfp4`): one scale per `GROUP` weights
 //! along the dimension a dot product runs over (symmetric, absmax / qmax), codes packed into u32
 //! words in the slot's own layout, dequantised inside the grouped expert kernel. Quantised
 //! experts are smaller in host RAM, on the link and in their GPU slots; they are an
@@ -20,6 +20,8 @@ pub enum ExpertDtype {
     F16,
     Int8,
     Int4,
+    /// Symmetric 3-bit codes (-3..=3 times the group's scale), stored in bit planes.
+    Int3,
     /// Symmetric 2-bit codes: each weight is -1, 0 or +1 times its group's scale.
     Int2,
     /// OCP MXFP4 as GPT-OSS ships it: e2m1 codes, one power-of-two scale per 32 weights. An
@@ -36,11 +38,12 @@ impl std::str::FromStr for ExpertDtype {
             "f16" => Ok(Self::F16),
             "int8" => Ok(Self::Int8),
             "int4" => Ok(Self::Int4),
+            "int3" => Ok(Self::Int3),
             "int2" => Ok(Self::Int2),
             "mxfp4" => Ok(Self::Mxfp4),
             other => Err(FerryError::flag(
                 "--expert-dtype",
-                format!("unknown dtype {other:?}; use f32, f16, int8, int4, int2 or mxfp4"),
+                format!("unknown dtype {other:?}; use f32, f16, int8, int4, int3, int2 or mxfp4"),
             )),
         }
     }
@@ -53,6 +56,7 @@ impl std::fmt::Display for ExpertDtype {
             Self::F16 => "f16",
             Self::Int8 => "int8",
             Self::Int4 => "int4",
+            Self::Int3 => "int3",
             Self::Int2 => "int2",
             Self::Mxfp4 => "mxfp4",
         })
@@ -66,6 +70,7 @@ impl ExpertDtype {
             Self::F32 | Self::F16 => None,
             Self::Int8 => Some(8),
             Self::Int4 | Self::Mxfp4 => Some(4),
+            Self::Int3 => Some(3),
             Self::Int2 => Some(2),
         }
     }
@@ -105,12 +110,42 @@ impl ExpertDtype {
     }
 }
 
+/// Rows of u32 code words for `k` reduction rows of `bits`-bit codes (`k` whole groups).
+pub fn code_rows(k: usize, bits: u32) -> usize {
+    k * bits as usize / 32
+}
+
+/// Code `r` of `column`. Widths that divide 32 pack whole codes, the first in the lowest bits.
+/// 3-bit codes would straddle words, so each group of 32 is kept in bit planes: two words of
+/// low 2-bit parts (16 codes each), then one word of the 32 high bits.
+pub fn get_code(words: &[u32], n: usize, column: usize, r: usize, bits: u32) -> u32 {
+    if bits == 3 {
+        let (q, b) = (r / GROUP, r % GROUP);
+        let low = (words[(q * 3 + b / 16) * n + column] >> (2 * (b % 16))) & 3;
+        let high = (words[(q * 3 + 2) * n + column] >> b) & 1;
+        return low | high << 2;
+    }
+    let per_word = (32 / bits) as usize;
+    (words[r / per_word * n + column] >> ((r % per_word) as u32 * bits)) & ((1 << bits) - 1)
+}
+
+/// Ors `code` into its place (see `get_code`); the words start zeroed.
+fn put_code(words: &mut [u32], n: usize, column: usize, r: usize, bits: u32, code: u32) {
+    if bits == 3 {
+        let (q, b) = (r / GROUP, r % GROUP);
+        words[(q * 3 + b / 16) * n + column] |= (code & 3) << (2 * (b % 16));
+        words[(q * 3 + 2) * n + column] |= (code >> 2) << b;
+        return;
+    }
+    let per_word = (32 / bits) as usize;
+    words[r / per_word * n + column] |= code << ((r % per_word) as u32 * bits);
+}
+
 /// One matrix in slot layout: `k` reduction rows by `n` columns, codes packed along `k`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantMatrix {
-    /// `[k / per_word, n]`: word `(r, c)` holds the codes of rows `r*per_word ..` of column `c`,
-    /// the first in the lowest bits. An integer code is the signed value plus `2^(bits-1)`; an
-    /// MXFP4 code is an e2m1 nibble (see `e2m1_twice`).
+    /// `[code_rows(k, bits), n]`, packed as `get_code` reads them. An integer code is the
+    /// signed value plus `2^(bits-1)`; an MXFP4 code is an e2m1 nibble (see `e2m1_twice`).
     pub words: Vec<u32>,
     /// `[k / GROUP, n]`.
     pub scales: Vec<f32>,
@@ -119,10 +154,9 @@ pub struct QuantMatrix {
 /// Quantises `w`, given in checkpoint layout `[n, k]` (one row per output, over the reduction
 /// dimension), into slot layout.
 pub fn quantize(w: &[f32], n: usize, k: usize, bits: u32) -> QuantMatrix {
-    let per_word = (32 / bits) as usize;
     let qmax = ((1i32 << (bits - 1)) - 1) as f32;
     let zero = 1i32 << (bits - 1);
-    let mut words = vec![0u32; k / per_word * n];
+    let mut words = vec![0u32; code_rows(k, bits) * n];
     let mut scales = vec![0f32; k / GROUP * n];
     for (column, row) in w.chunks_exact(k).enumerate().take(n) {
         for (g, group) in row.chunks_exact(GROUP).enumerate() {
@@ -132,7 +166,7 @@ pub fn quantize(w: &[f32], n: usize, k: usize, bits: u32) -> QuantMatrix {
             for (offset, &v) in group.iter().enumerate() {
                 let r = g * GROUP + offset;
                 let code = ((v / scale).round().clamp(-qmax, qmax) as i32 + zero) as u32;
-                words[r / per_word * n + column] |= code << ((r % per_word) as u32 * bits);
+                put_code(&mut words, n, column, r, bits, code);
             }
         }
     }
@@ -185,13 +219,11 @@ pub fn quantize_mxfp4(w: &[f32], n: usize, k: usize) -> QuantMatrix {
 
 /// The weights a quantised matrix stands for, in checkpoint layout `[n, k]`.
 pub fn dequantize(m: &QuantMatrix, n: usize, k: usize, bits: u32, fp4: bool) -> Vec<f32> {
-    let per_word = (32 / bits) as usize;
-    let mask = (1u32 << bits) - 1;
     let zero = 1i32 << (bits - 1);
     let mut w = vec![0f32; n * k];
     for column in 0..n {
         for r in 0..k {
-            let code = (m.words[r / per_word * n + column] >> ((r % per_word) as u32 * bits)) & mask;
+            let code = get_code(&m.words, n, column, r, bits);
             let value = if fp4 { e2m1_twice(code) } else { code as i32 - zero };
             w[column * k + r] = value as f32 * m.scales[r / GROUP * n + column];
         }
@@ -236,10 +268,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn three_bit_codes_sit_in_bit_planes_and_every_code_reads_back() {
+        let (n, k) = (2, 64);
+        let mut words = vec![0u32; code_rows(k, 3) * n];
+        for r in 0..k {
+            put_code(&mut words, n, 1, r, 3, (r * 5 % 8) as u32);
+        }
+        assert!((0..k).all(|r| get_code(&words, n, 1, r, 3) == (r * 5 % 8) as u32));
+        assert!((0..k).all(|r| get_code(&words, n, 0, r, 3) == 0), "column 0 untouched");
+        // Code 17 of the first group (5 = 0b101): low part 0b01 in word 1 at bit 2, high bit 17 in word 2.
+        let mut one = vec![0u32; 3];
+        put_code(&mut one, 1, 0, 17, 3, 5);
+        assert_eq!(one, vec![0, 1 << 2, 1 << 17]);
+    }
+
+    #[test]
     fn round_trip_error_is_within_half_a_step_of_each_groups_scale() {
         let (n, k) = (3, 64);
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-        for bits in [8, 4, 2] {
+        for bits in [8, 4, 3, 2] {
             let q = quantize(&w, n, k, bits);
             let back = dequantize(&q, n, k, bits, false);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
@@ -281,6 +328,7 @@ mod tests {
         assert_eq!(ExpertDtype::F32.expert_bytes(64, 32), 3 * 64 * 32 * 4);
         assert_eq!(ExpertDtype::Int8.expert_bytes(64, 32), 3 * 64 * 32 + 3 * 64 * 32 / 32 * 4);
         assert_eq!(ExpertDtype::Int4.expert_bytes(64, 32), 3 * 64 * 32 / 2 + 3 * 64 * 32 / 32 * 4);
+        assert_eq!(ExpertDtype::Int3.expert_bytes(64, 32), 3 * 64 * 32 * 3 / 8 + 3 * 64 * 32 / 32 * 4);
         let err = ExpertDtype::Int8.check(48, 40).unwrap_err().to_string();
         assert!(err.contains("--expert-dtype"), "{err}");
         assert!(ExpertDtype::F32.check(48, 40).is_ok());

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, e2m1_twice, pow2};
+use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, code_rows, e2m1_twice, pow2};
 use crate::error::{FerryError, Result};
 use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
 use crate::weights::SourceDtype::{F32, U8, U32};
@@ -263,14 +263,14 @@ fn layer_source(weights: &WeightStore, spec: &ModelSpec, layer: usize) -> Result
             Ok(LayerSource::Mxfp4 { gate_up: pair("gate_up_proj", 2 * i, h)?, down: pair("down_proj", h, i)? })
         }
         ExpertLayout::Prequantised(stored) => {
-            let per_word = (32 / stored.bits().unwrap_or(32)) as usize;
+            let bits = stored.bits().unwrap_or(32);
             // (k, n) per projection: gate and up reduce over hidden, down over intermediate.
             let dims = [(h, i), (h, i), (i, h)];
             let get = |p: usize, part: &str| -> Result<[TensorRef; 2]> {
                 let [codes, scales] = prequantised_names(part).map(|n| spec.names.layer(layer, &n));
                 let (k, n) = dims[p];
                 Ok([
-                    weights.raw(&codes, &[e, k / per_word, n], U32)?.clone(),
+                    weights.raw(&codes, &[e, code_rows(k, bits), n], U32)?.clone(),
                     weights.raw(&scales, &[e, k / GROUP, n], F32)?.clone(),
                 ])
             };
