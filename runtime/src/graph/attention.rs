@@ -3,6 +3,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+use super::decode_attention::decode_attention;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Loader};
 use super::norm::rms_norm;
@@ -101,22 +102,26 @@ impl Attention {
         // A windowed layer's cache returns only the keys its queries can still see.
         let (keys, values, key_start) = cache.append(layer, k, v); // [kv_heads, keys, dim]
         let span = KeySpan { start, tokens, key_start, keys: keys.dims()[1], window: self.window };
-        let group = a.num_heads / a.num_kv_heads;
-        // Head h reads kv head h / group, as transformers' repeat_kv.
-        let expand = |t: Tensor<3>| -> Tensor<3> {
-            if group == 1 {
-                return t;
-            }
-            t.unsqueeze_dim::<4>(1).repeat_dim(1, group).reshape([a.num_heads, span.keys, a.head_dim])
-        };
-        let keys = expand(keys);
-        let values = expand(values);
-
         let scale = (a.head_dim as f32).powf(-0.5);
-        let scores = q.matmul(keys.swap_dims(1, 2)).mul_scalar(scale); // [heads, tokens, keys]
-        let probs = attention_probs(scores, &span, self.sinks.as_ref(), device);
+        if tokens == 1 && !want_received && !(0..span.keys).any(|j| span.hidden(0, j)) {
+            let fused = decode_attention(&q, &keys, &values, self.sinks.as_ref(), scale);
+            if let Some(out) = fused {
+                return (self.o.forward(out.reshape([1, a.num_heads * a.head_dim])), None);
+            }
+        }
+        // Head h reads kv head h / group, as transformers' repeat_kv; instead of repeating the
+        // keys and values `group` times, each kv head's queries are stacked into one matmul
+        // (`[kv_heads, group * tokens, dim]`), so the cache is read once per layer, not `group`.
+        let group = a.num_heads / a.num_kv_heads;
+        let stacked = |t: Tensor<3>, width: usize| t.reshape([a.num_kv_heads, group * tokens, width]);
+        let per_head = |t: Tensor<3>, width: usize| t.reshape([a.num_heads, tokens, width]);
+
+        let scores = stacked(q, a.head_dim).matmul(keys.swap_dims(1, 2)).mul_scalar(scale);
+        let probs = attention_probs(per_head(scores, span.keys), &span, self.sinks.as_ref(), device);
         let received = want_received.then(|| span.received(probs.clone(), device));
-        let out = probs.matmul(values).swap_dims(0, 1).reshape([tokens, a.num_heads * a.head_dim]);
+        let out = per_head(stacked(probs, span.keys).matmul(values), a.head_dim)
+            .swap_dims(0, 1)
+            .reshape([tokens, a.num_heads * a.head_dim]);
         (self.o.forward(out), received)
     }
 }

@@ -18,6 +18,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::attention::{KeySpan, attention_probs};
+use super::decode_attention::decode_attention;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Loader};
 use super::norm::rms_norm;
@@ -172,6 +173,15 @@ impl MlaAttention {
             Tensor::cat(vec![q_nope.matmul(self.w_uk.clone()), q_pe], 2).reshape([heads * tokens, r + rope_dim]);
         let latents = latents.reshape([total, r]);
         let keys = Tensor::cat(vec![latents.clone(), k_pes.reshape([total, rope_dim])], 1);
+        // One step without probabilities to report: every head against the one latent "head".
+        if tokens == 1 && !want_received {
+            let q3 = q_latent.clone().reshape([heads, 1, r + rope_dim]);
+            let (keys3, values3) =
+                (keys.clone().reshape([1, total, r + rope_dim]), latents.clone().reshape([1, total, r]));
+            if let Some(mixed) = decode_attention(&q3, &keys3, &values3, None, m.softmax_scale) {
+                return (mixed.reshape([heads, 1, r]).matmul(self.w_uv.clone()).swap_dims(0, 1), None);
+            }
+        }
         let scores = q_latent.matmul(keys.transpose()).mul_scalar(m.softmax_scale).reshape([heads, tokens, total]);
         let probs = attention_probs(scores, span, None, device);
         let received = want_received.then(|| span.received(probs.clone(), device));
