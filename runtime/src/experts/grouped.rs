@@ -437,11 +437,11 @@ pub fn float<const D: usize>(t: BurnTensor<D>) -> Result<CubeTensor> {
 
 /// The CubeCL tensor under a burn float tensor, or the tensor back when the backend is another
 /// (for callers that have a plain burn path to fall back on).
-pub fn try_float<const D: usize>(t: BurnTensor<D>) -> std::result::Result<CubeTensor, BurnTensor<D>> {
+pub fn try_float<const D: usize>(t: BurnTensor<D>) -> std::result::Result<CubeTensor, Box<BurnTensor<D>>> {
     let dispatch = t.into_dispatch();
     match dispatch.kind {
         DispatchTensorKind::Cube(BackendTensor::Float(c)) => Ok(burn_cubecl::kernel::untile(c)),
-        kind => Err(BurnTensor::from_dispatch(DispatchTensor { kind, autodiff: dispatch.autodiff })),
+        kind => Err(Box::new(BurnTensor::from_dispatch(DispatchTensor { kind, autodiff: dispatch.autodiff }))),
     }
 }
 

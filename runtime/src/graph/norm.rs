@@ -24,7 +24,7 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> T
     let (xc, wc) = match (try_cube_float(rows_x), try_cube_float(weight.clone())) {
         (Ok(xc), Ok(wc)) => (xc, wc),
         (Ok(xc), Err(_)) => return reference(from_cube::<2>(xc), weight, eps).reshape(dims),
-        (Err(rows_x), _) => return reference(rows_x, weight, eps).reshape(dims),
+        (Err(rows_x), _) => return reference(*rows_x, weight, eps).reshape(dims),
     };
     let out = burn_cubecl::ops::numeric::empty_device_dtype(
         xc.client.clone(),
@@ -73,7 +73,7 @@ mod kernel {
         eps: f32,
         #[define(F)] _dtype: ElemType,
     ) {
-        let row = CUBE_POS as usize;
+        let row = CUBE_POS;
         // Whole cubes leave together, so no unit misses a barrier.
         if row >= rows as usize {
             terminate!();

@@ -93,7 +93,7 @@ pub fn apply(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<3> {
     let (xc, cc, sc) = match (try_cube_float(x), try_cube_float(cos.clone()), try_cube_float(sin.clone())) {
         (Ok(xc), Ok(cc), Ok(sc)) => (xc, cc, sc),
         (Ok(xc), _, _) => return reference(from_cube(xc), cos, sin),
-        (Err(x), _, _) => return reference(x, cos, sin),
+        (Err(x), _, _) => return reference(*x, cos, sin),
     };
     let client = xc.client.clone();
     let out = burn_cubecl::ops::numeric::empty_device_dtype(client.clone(), xc.device.clone(), dims.into(), xc.dtype);
