@@ -30,6 +30,9 @@ use crate::spec::ExpertActivation;
 /// Units per cube along the output rows.
 pub(super) const ROWS_PER_CUBE: u32 = 64;
 
+/// Rows per unit in the vectorised f32/f16 kernels (one 16-byte load of f32 weights).
+const VECTOR: usize = 4;
+
 /// One group of assignments: the slot it reads, its assignments `start..end`, and the expert
 /// (for the per-expert biases).
 #[derive(CubeType)]
@@ -159,6 +162,78 @@ fn down_kernel<F: Float, W: Float, I: Numeric>(
             s += bias[group.expert * hidden + h];
         }
         y[o * hidden + h] = s * weights[a];
+    }
+}
+
+/// `gate_up_kernel` for plain SwiGLU with `N` adjacent intermediate rows per unit: one vector
+/// load per weight row instead of `N` scalar loads. Each lane's sum runs in the same order as
+/// the scalar kernel's, so results are the same bit for bit.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gate_up_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
+    x: &Tensor<F>,                  // [tokens, hidden]
+    gate: &Tensor<Vector<W, N>>,    // [slots, hidden, intermediate]
+    up: &Tensor<Vector<W, N>>,      // [slots, hidden, intermediate]
+    groups: &Tensor<I>,             // [groups * 4]
+    assign: &Tensor<I>,             // [assignments * 2]
+    act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
+    #[define(F, W, I)] _dtypes: [ElemType; 3],
+) {
+    let lanes = gate.vector_size();
+    let hidden = gate.shape(1);
+    let row = gate.shape(2) / lanes;
+    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if i >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * hidden * row + i;
+    let xs0 = x.stride(0);
+    let xs1 = x.stride(1);
+    for a in group.start..group.end {
+        let t = usize::cast_from(assign[a * 2]);
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let mut gs = Vector::<F, N>::new(F::new(0.0));
+        let mut us = Vector::<F, N>::new(F::new(0.0));
+        for j in 0..hidden {
+            let xv = Vector::<F, N>::new(x[t * xs0 + j * xs1]);
+            gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
+            us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
+        }
+        let one = Vector::<F, N>::new(F::new(1.0));
+        let zero = Vector::<F, N>::new(F::new(0.0));
+        act[o * row + i] = gs / (one + Vector::exp(zero - gs)) * us;
+    }
+}
+
+/// `down_kernel` without biases, `N` adjacent hidden rows per unit (see `gate_up_vec_kernel`).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn down_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
+    act: &Tensor<F>,              // [rows, intermediate]
+    down: &Tensor<Vector<W, N>>,  // [slots, intermediate, hidden]
+    groups: &Tensor<I>,           // [groups * 4]
+    assign: &Tensor<I>,           // [assignments * 2]
+    weights: &Tensor<F>,          // [assignments]
+    y: &mut Tensor<Vector<F, N>>, // [rows, hidden]
+    #[define(F, W, I)] _dtypes: [ElemType; 3],
+) {
+    let lanes = down.vector_size();
+    let inter = down.shape(1);
+    let row = down.shape(2) / lanes;
+    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if h >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * inter * row + h;
+    for a in group.start..group.end {
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let mut s = Vector::<F, N>::new(F::new(0.0));
+        for i in 0..inter {
+            s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
+        }
+        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
     }
 }
 
@@ -394,6 +469,35 @@ impl Launch {
         ];
         let (bias_gate_up, bias_down) = self.extras.bias_args();
         let has_bias = self.extras.bias.is_some();
+        if !has_bias && !self.extras.clamped && hidden.is_multiple_of(VECTOR) && inter.is_multiple_of(VECTOR) {
+            gate_up_vec_kernel::launch(
+                &client,
+                self.cubes(inter / VECTOR),
+                CubeDim::new_1d(ROWS_PER_CUBE),
+                VECTOR,
+                x.clone().into_tensor_arg(),
+                gate.clone().into_tensor_arg(),
+                up.clone().into_tensor_arg(),
+                self.groups.clone().into_tensor_arg(),
+                self.assign.clone().into_tensor_arg(),
+                act.clone().into_tensor_arg(),
+                dtypes,
+            );
+            down_vec_kernel::launch(
+                &client,
+                self.cubes(hidden / VECTOR),
+                CubeDim::new_1d(ROWS_PER_CUBE),
+                VECTOR,
+                act.clone().into_tensor_arg(),
+                down.clone().into_tensor_arg(),
+                self.groups.clone().into_tensor_arg(),
+                self.assign.clone().into_tensor_arg(),
+                self.weights.clone().into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                dtypes,
+            );
+            return;
+        }
         gate_up_kernel::launch(
             &client,
             self.cubes(inter),
