@@ -31,7 +31,7 @@ use crate::spec::ExpertActivation;
 pub(super) const ROWS_PER_CUBE: u32 = 64;
 
 /// Rows per unit in the vectorised f32/f16 kernels (one 16-byte load of f32 weights).
-const VECTOR: usize = 4;
+pub(super) const VECTOR: usize = 4;
 
 /// One group of assignments: the slot it reads, its assignments `start..end`, and the expert
 /// (for the per-expert biases).

@@ -14,7 +14,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::grouped::{Launch, ROWS_PER_CUBE, activate, float, group_at};
+use super::grouped::{Launch, ROWS_PER_CUBE, VECTOR, activate, float, group_at};
 use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, code_rows};
 use crate::error::Result;
 
@@ -76,6 +76,139 @@ fn packed_dot<F: Float>(
         }
     }
     total
+}
+
+/// `packed_dot` for integer codes over `N` adjacent columns at once: one vector load of `N`
+/// columns' words per code word. Each lane's sum runs in `packed_dot`'s order.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the same arguments as packed_dot
+fn packed_dot_vec<F: Float, N: Size>(
+    codes: &Tensor<Vector<u32, N>>,
+    scales: &Tensor<Vector<F, N>>,
+    code_base: usize,
+    scale_base: usize,
+    columns: usize,
+    groups: usize,
+    v: &Tensor<F>,
+    v_base: usize,
+    v_stride: usize,
+    #[comptime] bits: u32,
+) -> Vector<F, N> {
+    let mut total = Vector::<F, N>::new(F::new(0.0));
+    let zero = Vector::<F, N>::new(F::cast_from(comptime!(1u32 << (bits - 1))));
+    if comptime!(bits == 3) {
+        for q in 0..groups {
+            let r = q * 3;
+            let high = codes[code_base + (r + 2) * columns];
+            let v_group = v_base + q * comptime!(GROUP) * v_stride;
+            let mut part = Vector::<F, N>::new(F::new(0.0));
+            #[unroll]
+            for half in 0..2u32 {
+                let low = codes[code_base + (r + half as usize) * columns];
+                #[unroll]
+                for b in 0..16u32 {
+                    let at = comptime!(half * 16 + b);
+                    let code = ((low >> Vector::new(comptime!(2 * b))) & Vector::new(3))
+                        | (((high >> Vector::new(at)) & Vector::new(1)) << Vector::new(2));
+                    part += (Vector::<F, N>::cast_from(code) - zero)
+                        * Vector::<F, N>::new(v[v_group + at as usize * v_stride]);
+                }
+            }
+            total += part * scales[scale_base + q * columns];
+        }
+    } else {
+        let per_word = comptime!((32 / bits) as usize);
+        let words_per_group = comptime!(GROUP / per_word);
+        let mask = Vector::<u32, N>::new(comptime!((1u32 << bits) - 1));
+        for q in 0..groups {
+            let mut part = Vector::<F, N>::new(F::new(0.0));
+            for w in 0..words_per_group {
+                let r = q * words_per_group + w;
+                let word = codes[code_base + r * columns];
+                #[unroll]
+                for b in 0..per_word {
+                    let code = (word >> Vector::new(comptime!(b as u32 * bits))) & mask;
+                    part += (Vector::<F, N>::cast_from(code) - zero)
+                        * Vector::<F, N>::new(v[v_base + (r * per_word + b) * v_stride]);
+                }
+            }
+            total += part * scales[scale_base + q * columns];
+        }
+    }
+    total
+}
+
+/// `gate_up_quant_kernel` for plain SwiGLU over integer codes, `N` intermediate rows per unit.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gate_up_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
+    x: &Tensor<F>,
+    gate: &Tensor<Vector<u32, N>>,
+    gate_scales: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<u32, N>>,
+    up_scales: &Tensor<Vector<F, N>>,
+    groups: &Tensor<I>,
+    assign: &Tensor<I>,
+    act: &mut Tensor<Vector<F, N>>,
+    #[comptime] bits: u32,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let lanes = gate.vector_size();
+    let words = gate.shape(1);
+    let row = gate.shape(2) / lanes;
+    let n_scales = gate_scales.shape(1);
+    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if i >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let code_base = group.slot * words * row + i;
+    let scale_base = group.slot * n_scales * row + i;
+    for a in group.start..group.end {
+        let t = usize::cast_from(assign[a * 2]);
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let x_base = t * x.stride(0);
+        let xs = x.stride(1);
+        let gs = packed_dot_vec::<F, N>(gate, gate_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits);
+        let us = packed_dot_vec::<F, N>(up, up_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits);
+        let one = Vector::<F, N>::new(F::new(1.0));
+        let zero = Vector::<F, N>::new(F::new(0.0));
+        act[o * row + i] = gs / (one + Vector::exp(zero - gs)) * us;
+    }
+}
+
+/// `down_quant_kernel` without biases over integer codes, `N` hidden rows per unit.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn down_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
+    act: &Tensor<F>,
+    down: &Tensor<Vector<u32, N>>,
+    down_scales: &Tensor<Vector<F, N>>,
+    groups: &Tensor<I>,
+    assign: &Tensor<I>,
+    weights: &Tensor<F>,
+    y: &mut Tensor<Vector<F, N>>,
+    #[comptime] bits: u32,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let lanes = down.vector_size();
+    let words = down.shape(1);
+    let row = down.shape(2) / lanes;
+    let n_scales = down_scales.shape(1);
+    let inter = act.shape(1);
+    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if h >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let code_base = group.slot * words * row + h;
+    let scale_base = group.slot * n_scales * row + h;
+    for a in group.start..group.end {
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let s =
+            packed_dot_vec::<F, N>(down, down_scales, code_base, scale_base, row, n_scales, act, o * inter, 1, bits);
+        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
+    }
 }
 
 /// Twice an e2m1 code's value (see `quant::e2m1_twice`): exponent 0 gives the mantissa bit,
@@ -288,6 +421,45 @@ impl QuantPage {
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let (bias_gate_up, bias_down) = launch.extras.bias_args();
         let has_bias = launch.extras.bias.is_some();
+        if !self.fp4
+            && !has_bias
+            && !launch.extras.clamped
+            && inter.is_multiple_of(VECTOR)
+            && hidden.is_multiple_of(VECTOR)
+        {
+            gate_up_quant_vec_kernel::launch(
+                &client,
+                launch.cubes(inter / VECTOR),
+                CubeDim::new_1d(ROWS_PER_CUBE),
+                VECTOR,
+                x.clone().into_tensor_arg(),
+                self.gate.codes.clone().into_tensor_arg(),
+                self.gate.scales.clone().into_tensor_arg(),
+                self.up.codes.clone().into_tensor_arg(),
+                self.up.scales.clone().into_tensor_arg(),
+                launch.groups.clone().into_tensor_arg(),
+                launch.assign.clone().into_tensor_arg(),
+                act.clone().into_tensor_arg(),
+                self.bits,
+                dtypes,
+            );
+            down_quant_vec_kernel::launch(
+                &client,
+                launch.cubes(hidden / VECTOR),
+                CubeDim::new_1d(ROWS_PER_CUBE),
+                VECTOR,
+                act.clone().into_tensor_arg(),
+                self.down.codes.clone().into_tensor_arg(),
+                self.down.scales.clone().into_tensor_arg(),
+                launch.groups.clone().into_tensor_arg(),
+                launch.assign.clone().into_tensor_arg(),
+                launch.weights.clone().into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                self.bits,
+                dtypes,
+            );
+            return;
+        }
         gate_up_quant_kernel::launch(
             &client,
             launch.cubes(inter),
