@@ -78,7 +78,7 @@ fn packed_dot<F: Float>(
     total
 }
 
-/// `packed_dot` for integer codes over `N` adjacent columns at once: one vector load of `N`
+/// `packed_dot` over `N` adjacent columns at once: one vector load of `N`
 /// columns' words per code word. Each lane's sum runs in `packed_dot`'s order.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the same arguments as packed_dot
@@ -93,6 +93,7 @@ fn packed_dot_vec<F: Float, N: Size>(
     v_base: usize,
     v_stride: usize,
     #[comptime] bits: u32,
+    #[comptime] fp4: bool,
 ) -> Vector<F, N> {
     let mut total = Vector::<F, N>::new(F::new(0.0));
     let zero = Vector::<F, N>::new(F::cast_from(comptime!(1u32 << (bits - 1))));
@@ -128,8 +129,9 @@ fn packed_dot_vec<F: Float, N: Size>(
                 #[unroll]
                 for b in 0..per_word {
                     let code = (word >> Vector::new(comptime!(b as u32 * bits))) & mask;
-                    part += (Vector::<F, N>::cast_from(code) - zero)
-                        * Vector::<F, N>::new(v[v_base + (r * per_word + b) * v_stride]);
+                    let weight =
+                        if fp4 { e2m1_twice_vec::<F, N>(code) } else { Vector::<F, N>::cast_from(code) - zero };
+                    part += weight * Vector::<F, N>::new(v[v_base + (r * per_word + b) * v_stride]);
                 }
             }
             total += part * scales[scale_base + q * columns];
@@ -138,7 +140,66 @@ fn packed_dot_vec<F: Float, N: Size>(
     total
 }
 
-/// `gate_up_quant_kernel` for plain SwiGLU over integer codes, `N` intermediate rows per unit.
+/// `e2m1_twice` on every lane without branches: `((2 + m) << e) >> 1` is `(2 + m) << (e - 1)`
+/// for `e > 0`; for `e = 0` it is 1, so `1 - m` is taken off there; bit 3 is the sign.
+#[cube]
+fn e2m1_twice_vec<F: Float, N: Size>(code: Vector<u32, N>) -> Vector<F, N> {
+    let one = Vector::<u32, N>::new(1);
+    let e = (code >> one) & Vector::new(3);
+    let m = code & one;
+    let normal = ((Vector::<u32, N>::new(2) + m) << e) >> one;
+    let subnormal_fix = (one - m) * (one - min(e, one));
+    let magnitude = Vector::<F, N>::cast_from(normal - subnormal_fix);
+    let sign = Vector::<F, N>::cast_from(code >> Vector::new(3));
+    magnitude - Vector::<F, N>::new(F::new(2.0)) * sign * magnitude
+}
+
+/// `N` consecutive values of a scalar tensor from `at` on (biases are bound as scalars: the
+/// unbiased launches pass a two-element stand-in, too short for a vector binding).
+#[cube]
+fn load_vec<F: Float, N: Size>(t: &Tensor<F>, at: usize) -> Vector<F, N> {
+    let mut v = Vector::<F, N>::new(F::new(0.0));
+    #[unroll]
+    for l in 0..v.vector_size() {
+        v.insert(l, t[at + l]);
+    }
+    v
+}
+
+/// `grouped::activate` on every lane: the biases of rows `at..at + N` (gate) and
+/// `at + inter..` (up) when `has_bias`, GPT-OSS's clamped SwiGLU when `clamped`.
+#[cube]
+#[allow(clippy::too_many_arguments)] // as `activate`
+fn activate_vec<F: Float, N: Size>(
+    gate: Vector<F, N>,
+    up: Vector<F, N>,
+    bias: &Tensor<F>,
+    params: &Tensor<F>,
+    at: usize,
+    inter: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) -> Vector<F, N> {
+    let one = Vector::<F, N>::new(F::new(1.0));
+    let zero = Vector::<F, N>::new(F::new(0.0));
+    let mut g = gate;
+    let mut u = up;
+    if has_bias {
+        g += load_vec::<F, N>(bias, at);
+        u += load_vec::<F, N>(bias, at + inter);
+    }
+    if clamped {
+        let limit = Vector::<F, N>::new(params[0]);
+        g = min(g, limit);
+        u = min(max(u, zero - limit), limit);
+        let sig = one / (one + Vector::exp(zero - g * Vector::new(params[1])));
+        (u + one) * (g * sig)
+    } else {
+        g / (one + Vector::exp(zero - g)) * u
+    }
+}
+
+/// `gate_up_quant_kernel` with `N` intermediate rows per unit.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn gate_up_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
@@ -150,7 +211,12 @@ fn gate_up_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
     groups: &Tensor<I>,
     assign: &Tensor<I>,
     act: &mut Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
+    params: &Tensor<F>,
     #[comptime] bits: u32,
+    #[comptime] fp4: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let lanes = gate.vector_size();
@@ -169,15 +235,16 @@ fn gate_up_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
         let o = usize::cast_from(assign[a * 2 + 1]);
         let x_base = t * x.stride(0);
         let xs = x.stride(1);
-        let gs = packed_dot_vec::<F, N>(gate, gate_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits);
-        let us = packed_dot_vec::<F, N>(up, up_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits);
-        let one = Vector::<F, N>::new(F::new(1.0));
-        let zero = Vector::<F, N>::new(F::new(0.0));
-        act[o * row + i] = gs / (one + Vector::exp(zero - gs)) * us;
+        let gs =
+            packed_dot_vec::<F, N>(gate, gate_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
+        let us = packed_dot_vec::<F, N>(up, up_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
+        let inter = row * lanes;
+        let at = group.expert * 2 * inter + i * lanes;
+        act[o * row + i] = activate_vec::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
     }
 }
 
-/// `down_quant_kernel` without biases over integer codes, `N` hidden rows per unit.
+/// `down_quant_kernel` with `N` hidden rows per unit.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn down_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
@@ -188,7 +255,10 @@ fn down_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
     assign: &Tensor<I>,
     weights: &Tensor<F>,
     y: &mut Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
     #[comptime] bits: u32,
+    #[comptime] fp4: bool,
+    #[comptime] has_bias: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let lanes = down.vector_size();
@@ -205,8 +275,22 @@ fn down_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
     let scale_base = group.slot * n_scales * row + h;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
-        let s =
-            packed_dot_vec::<F, N>(down, down_scales, code_base, scale_base, row, n_scales, act, o * inter, 1, bits);
+        let mut s = packed_dot_vec::<F, N>(
+            down,
+            down_scales,
+            code_base,
+            scale_base,
+            row,
+            n_scales,
+            act,
+            o * inter,
+            1,
+            bits,
+            fp4,
+        );
+        if has_bias {
+            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+        }
         y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
     }
 }
@@ -421,12 +505,7 @@ impl QuantPage {
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let (bias_gate_up, bias_down) = launch.extras.bias_args();
         let has_bias = launch.extras.bias.is_some();
-        if !self.fp4
-            && !has_bias
-            && !launch.extras.clamped
-            && inter.is_multiple_of(VECTOR)
-            && hidden.is_multiple_of(VECTOR)
-        {
+        if inter.is_multiple_of(VECTOR) && hidden.is_multiple_of(VECTOR) {
             gate_up_quant_vec_kernel::launch(
                 &client,
                 launch.cubes(inter / VECTOR),
@@ -440,7 +519,12 @@ impl QuantPage {
                 launch.groups.clone().into_tensor_arg(),
                 launch.assign.clone().into_tensor_arg(),
                 act.clone().into_tensor_arg(),
+                bias_gate_up.into_tensor_arg(),
+                launch.extras.params.clone().into_tensor_arg(),
                 self.bits,
+                self.fp4,
+                has_bias,
+                launch.extras.clamped,
                 dtypes,
             );
             down_quant_vec_kernel::launch(
@@ -455,7 +539,10 @@ impl QuantPage {
                 launch.assign.clone().into_tensor_arg(),
                 launch.weights.clone().into_tensor_arg(),
                 y.clone().into_tensor_arg(),
+                bias_down.into_tensor_arg(),
                 self.bits,
+                self.fp4,
+                has_bias,
                 dtypes,
             );
             return;
