@@ -8,6 +8,8 @@
 //!
 //! Layout of a slot (transposed from the checkpoint so that neighbouring units read
 //! neighbouring addresses): gate and up `[hidden, intermediate]`, down `[intermediate, hidden]`.
+//! Each unit computes four adjacent output rows from one vector load per weight row (one row
+//! where the sizes do not divide by four).
 //!
 //! Exactness: each assignment (token, expert) writes its own output row, and every dot product
 //! runs in index order, so a token's result does not depend on which slot or page its experts
@@ -30,8 +32,11 @@ use crate::spec::ExpertActivation;
 /// Units per cube along the output rows.
 pub(super) const ROWS_PER_CUBE: u32 = 64;
 
-/// Rows per unit in the vectorised f32/f16 kernels (one 16-byte load of f32 weights).
-pub(super) const VECTOR: usize = 4;
+/// Adjacent output rows per unit: four (one 16-byte load of f32 weights) when both expert
+/// dimensions allow it, else one. Results are the same either way; only the speed differs.
+pub(super) fn vector_size(hidden: usize, inter: usize) -> usize {
+    if hidden.is_multiple_of(4) && inter.is_multiple_of(4) { 4 } else { 1 }
+}
 
 /// One group of assignments: the slot it reads, its assignments `start..end`, and the expert
 /// (for the per-expert biases).
@@ -54,129 +59,69 @@ pub(super) fn group_at<I: Numeric>(groups: &Tensor<I>, g: usize) -> Group {
     }
 }
 
-/// The activation between gate/up and down. Plain: `silu(g) * u`. With `has_bias`, the
-/// expert's gate and up biases (`bias[at]`, `bias[at + inter]`) are added first; `clamped` is
-/// GPT-OSS's `(clamp(u, -l, l) + 1) * g' * sigmoid(alpha * g')` with `g' = min(g, l)` and
-/// `params` = `[l, alpha]`.
+/// `N` consecutive values of a scalar tensor from `at` on. Biases are bound as scalars: an
+/// unbiased launch binds a two-element stand-in, too short for a vector binding.
+#[cube]
+pub(super) fn load_vec<F: Float, N: Size>(t: &Tensor<F>, at: usize) -> Vector<F, N> {
+    let mut v = Vector::<F, N>::new(F::new(0.0));
+    #[unroll]
+    for l in 0..v.vector_size() {
+        v.insert(l, t[at + l]);
+    }
+    v
+}
+
+/// The activation between gate/up and down, on every lane. Plain: `silu(g) * u`. With
+/// `has_bias`, the expert's gate and up biases of rows `at..` and `at + inter..` are added
+/// first; `clamped` is GPT-OSS's `(clamp(u, -l, l) + 1) * g' * sigmoid(alpha * g')` with
+/// `g' = min(g, l)` and `params` = `[l, alpha]`.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
-pub(super) fn activate<F: Float>(
-    gate: F,
-    up: F,
+pub(super) fn activate<F: Float, N: Size>(
+    gate: Vector<F, N>,
+    up: Vector<F, N>,
     bias: &Tensor<F>,
     params: &Tensor<F>,
     at: usize,
     inter: usize,
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
-) -> F {
+) -> Vector<F, N> {
+    let one = Vector::<F, N>::new(F::new(1.0));
+    let zero = Vector::<F, N>::new(F::new(0.0));
     let mut g = gate;
     let mut u = up;
     if has_bias {
-        g += bias[at];
-        u += bias[at + inter];
+        g += load_vec::<F, N>(bias, at);
+        u += load_vec::<F, N>(bias, at + inter);
     }
     if clamped {
-        let limit = params[0];
+        let limit = Vector::<F, N>::new(params[0]);
         g = min(g, limit);
-        u = clamp(u, F::new(0.0) - limit, limit);
-        let sig = F::new(1.0) / (F::new(1.0) + F::exp(F::new(0.0) - g * params[1]));
-        (u + F::new(1.0)) * (g * sig)
+        u = min(max(u, zero - limit), limit);
+        let sig = one / (one + Vector::exp(zero - g * Vector::new(params[1])));
+        (u + one) * (g * sig)
     } else {
-        g / (F::new(1.0) + F::exp(F::new(0.0) - g)) * u
+        g / (one + Vector::exp(zero - g)) * u
     }
 }
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` for every assignment `(t, o)` of every group;
-/// one unit per (intermediate row `i`, group).
+/// one unit per `N` adjacent intermediate rows `i` and group, one vector load per weight row.
+/// Each lane's dot product runs in index order, whatever `N`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gate_up_kernel<F: Float, W: Float, I: Numeric>(
-    x: &Tensor<F>,       // [tokens, hidden]
-    gate: &Tensor<W>,    // [slots, hidden, intermediate] (f32 or f16; sums in F)
-    up: &Tensor<W>,      // [slots, hidden, intermediate]
-    groups: &Tensor<I>,  // [groups * 4]: slot, first assignment, end, expert
-    assign: &Tensor<I>,  // [assignments * 2]: token, output row
-    act: &mut Tensor<F>, // [rows, intermediate]
-    bias: &Tensor<F>,    // [experts, 2 * intermediate]: gate then up biases (when has_bias)
-    params: &Tensor<F>,  // [limit, alpha] (when clamped)
+fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
+    x: &Tensor<F>,                  // [tokens, hidden]
+    gate: &Tensor<Vector<W, N>>,    // [slots, hidden, intermediate] (f32 or f16; sums in F)
+    up: &Tensor<Vector<W, N>>,      // [slots, hidden, intermediate]
+    groups: &Tensor<I>,             // [groups * 4]: slot, first assignment, end, expert
+    assign: &Tensor<I>,             // [assignments * 2]: token, output row
+    act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
+    bias: &Tensor<F>,               // [experts, 2 * intermediate]: gate then up biases (when has_bias)
+    params: &Tensor<F>,             // [limit, alpha] (when clamped)
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
-    #[define(F, W, I)] _dtypes: [ElemType; 3],
-) {
-    let hidden = gate.shape(1);
-    let inter = gate.shape(2);
-    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if i >= inter {
-        terminate!();
-    }
-    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let base = group.slot * hidden * inter + i;
-    let xs0 = x.stride(0);
-    let xs1 = x.stride(1);
-    for a in group.start..group.end {
-        let t = usize::cast_from(assign[a * 2]);
-        let o = usize::cast_from(assign[a * 2 + 1]);
-        let mut gs = F::new(0.0);
-        let mut us = F::new(0.0);
-        for j in 0..hidden {
-            let xv = x[t * xs0 + j * xs1];
-            gs += F::cast_from(gate[base + j * inter]) * xv;
-            us += F::cast_from(up[base + j * inter]) * xv;
-        }
-        act[o * inter + i] =
-            activate::<F>(gs, us, bias, params, group.expert * 2 * inter + i, inter, has_bias, clamped);
-    }
-}
-
-/// `y[o, h] = w_a * (down_h · act[o] + b_h)` for every assignment (the bias when `has_bias`);
-/// one unit per (hidden row, group).
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn down_kernel<F: Float, W: Float, I: Numeric>(
-    act: &Tensor<F>,     // [rows, intermediate]
-    down: &Tensor<W>,    // [slots, intermediate, hidden]
-    groups: &Tensor<I>,  // [groups * 4]
-    assign: &Tensor<I>,  // [assignments * 2]
-    weights: &Tensor<F>, // [assignments]
-    y: &mut Tensor<F>,   // [rows, hidden]
-    bias: &Tensor<F>,    // [experts, hidden] (when has_bias)
-    #[comptime] has_bias: bool,
-    #[define(F, W, I)] _dtypes: [ElemType; 3],
-) {
-    let inter = down.shape(1);
-    let hidden = down.shape(2);
-    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if h >= hidden {
-        terminate!();
-    }
-    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let base = group.slot * inter * hidden + h;
-    for a in group.start..group.end {
-        let o = usize::cast_from(assign[a * 2 + 1]);
-        let mut s = F::new(0.0);
-        for i in 0..inter {
-            s += F::cast_from(down[base + i * hidden]) * act[o * inter + i];
-        }
-        if has_bias {
-            s += bias[group.expert * hidden + h];
-        }
-        y[o * hidden + h] = s * weights[a];
-    }
-}
-
-/// `gate_up_kernel` for plain SwiGLU with `N` adjacent intermediate rows per unit: one vector
-/// load per weight row instead of `N` scalar loads. Each lane's sum runs in the same order as
-/// the scalar kernel's, so results are the same bit for bit.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn gate_up_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
-    x: &Tensor<F>,                  // [tokens, hidden]
-    gate: &Tensor<Vector<W, N>>,    // [slots, hidden, intermediate]
-    up: &Tensor<Vector<W, N>>,      // [slots, hidden, intermediate]
-    groups: &Tensor<I>,             // [groups * 4]
-    assign: &Tensor<I>,             // [assignments * 2]
-    act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
     #[define(F, W, I)] _dtypes: [ElemType; 3],
 ) {
     let lanes = gate.vector_size();
@@ -190,6 +135,7 @@ fn gate_up_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     let base = group.slot * hidden * row + i;
     let xs0 = x.stride(0);
     let xs1 = x.stride(1);
+    let inter = row * lanes;
     for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
         let o = usize::cast_from(assign[a * 2 + 1]);
@@ -200,22 +146,24 @@ fn gate_up_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
             gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
             us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
         }
-        let one = Vector::<F, N>::new(F::new(1.0));
-        let zero = Vector::<F, N>::new(F::new(0.0));
-        act[o * row + i] = gs / (one + Vector::exp(zero - gs)) * us;
+        let at = group.expert * 2 * inter + i * lanes;
+        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
     }
 }
 
-/// `down_kernel` without biases, `N` adjacent hidden rows per unit (see `gate_up_vec_kernel`).
+/// `y[o, h] = w_a * (down_h · act[o] + b_h)` for every assignment (the bias when `has_bias`);
+/// one unit per `N` adjacent hidden rows and group.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn down_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
+fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     act: &Tensor<F>,              // [rows, intermediate]
     down: &Tensor<Vector<W, N>>,  // [slots, intermediate, hidden]
     groups: &Tensor<I>,           // [groups * 4]
     assign: &Tensor<I>,           // [assignments * 2]
     weights: &Tensor<F>,          // [assignments]
     y: &mut Tensor<Vector<F, N>>, // [rows, hidden]
+    bias: &Tensor<F>,             // [experts, hidden] (when has_bias)
+    #[comptime] has_bias: bool,
     #[define(F, W, I)] _dtypes: [ElemType; 3],
 ) {
     let lanes = down.vector_size();
@@ -232,6 +180,9 @@ fn down_vec_kernel<F: Float, W: Float, I: Numeric, N: Size>(
         let mut s = Vector::<F, N>::new(F::new(0.0));
         for i in 0..inter {
             s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
+        }
+        if has_bias {
+            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
         }
         y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
     }
@@ -453,7 +404,7 @@ pub(super) struct Launch {
 }
 
 impl Launch {
-    /// One unit per output row of each group.
+    /// One unit per `rows` (output rows over the vector size) of each group.
     pub fn cubes(&self, rows: usize) -> CubeCount {
         CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), self.n_groups, 1)
     }
@@ -469,39 +420,12 @@ impl Launch {
         ];
         let (bias_gate_up, bias_down) = self.extras.bias_args();
         let has_bias = self.extras.bias.is_some();
-        if !has_bias && !self.extras.clamped && hidden.is_multiple_of(VECTOR) && inter.is_multiple_of(VECTOR) {
-            gate_up_vec_kernel::launch(
-                &client,
-                self.cubes(inter / VECTOR),
-                CubeDim::new_1d(ROWS_PER_CUBE),
-                VECTOR,
-                x.clone().into_tensor_arg(),
-                gate.clone().into_tensor_arg(),
-                up.clone().into_tensor_arg(),
-                self.groups.clone().into_tensor_arg(),
-                self.assign.clone().into_tensor_arg(),
-                act.clone().into_tensor_arg(),
-                dtypes,
-            );
-            down_vec_kernel::launch(
-                &client,
-                self.cubes(hidden / VECTOR),
-                CubeDim::new_1d(ROWS_PER_CUBE),
-                VECTOR,
-                act.clone().into_tensor_arg(),
-                down.clone().into_tensor_arg(),
-                self.groups.clone().into_tensor_arg(),
-                self.assign.clone().into_tensor_arg(),
-                self.weights.clone().into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                dtypes,
-            );
-            return;
-        }
+        let lanes = vector_size(hidden, inter);
         gate_up_kernel::launch(
             &client,
-            self.cubes(inter),
+            self.cubes(inter / lanes),
             CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
             x.clone().into_tensor_arg(),
             gate.clone().into_tensor_arg(),
             up.clone().into_tensor_arg(),
@@ -516,8 +440,9 @@ impl Launch {
         );
         down_kernel::launch(
             &client,
-            self.cubes(hidden),
+            self.cubes(hidden / lanes),
             CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
             act.clone().into_tensor_arg(),
             down.clone().into_tensor_arg(),
             self.groups.clone().into_tensor_arg(),
@@ -622,6 +547,9 @@ mod tests {
     fn grouped_swiglu_matches_a_cpu_reference_across_pages_and_odd_routing() {
         check_against_reference(ExpertDtype::F32, 24, 40, false);
         check_against_reference(ExpertDtype::F16, 24, 40, false);
+        // Sizes that do not divide by four: one row per unit instead of four.
+        check_against_reference(ExpertDtype::F32, 26, 42, false);
+        check_against_reference(ExpertDtype::F32, 26, 42, true);
     }
 
     /// The same routing over int8, int4, int3, int2 and MXFP4 slots: the kernel equals a CPU reference run

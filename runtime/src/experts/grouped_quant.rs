@@ -1,6 +1,7 @@
-//! The grouped expert FFN over quantised slots (`--expert-dtype int8|int4|int3|int2|mxfp4`): the same launch
-//! shape as the f32 kernels (one unit per output row and group of assignments), reading packed
-//! codes one u32 word at a time and applying each group's scale once per `GROUP` products.
+//! The grouped expert FFN over quantised slots (`--expert-dtype int8|int4|int3|int2|mxfp4`): the
+//! same launch shape as the f32 kernels (one unit per four adjacent output rows, or one where the
+//! sizes do not divide by four, and group of assignments), reading packed codes one vector of
+//! u32 words at a time and applying each group's scale once per `GROUP` products.
 //!
 //! Slot layout (see `quant.rs`): gate and up codes `[slots, code_rows(hidden), intermediate]`
 //! with scales `[slots, hidden / GROUP, intermediate]`; down codes
@@ -14,75 +15,16 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::grouped::{Launch, ROWS_PER_CUBE, VECTOR, activate, float, group_at};
+use super::grouped::{Launch, ROWS_PER_CUBE, activate, float, group_at, load_vec, vector_size};
 use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, code_rows};
 use crate::error::Result;
 
-/// The dot product of one packed column with `v[vs * j]` over a whole reduction dimension:
-/// codes are unpacked word by word and each group's partial sum is scaled once.
-#[cube]
-fn packed_dot<F: Float>(
-    codes: &Tensor<u32>,
-    scales: &Tensor<F>,
-    code_base: usize,
-    scale_base: usize,
-    columns: usize,
-    groups: usize,
-    v: &Tensor<F>,
-    v_base: usize,
-    v_stride: usize,
-    #[comptime] bits: u32,
-    #[comptime] fp4: bool,
-) -> F {
-    let mut total = F::new(0.0);
-    if comptime!(bits == 3) {
-        // Bit planes (see `quant::get_code`): two words of low 2-bit parts, one of high bits.
-        for q in 0..groups {
-            let r = q * 3;
-            let high = codes[code_base + (r + 2) * columns];
-            let v_group = v_base + q * comptime!(GROUP) * v_stride;
-            let mut part = F::new(0.0);
-            #[unroll]
-            for half in 0..2u32 {
-                let low = codes[code_base + (r + half as usize) * columns];
-                #[unroll]
-                for b in 0..16u32 {
-                    let at = comptime!(half * 16 + b);
-                    let code = ((low >> comptime!(2 * b)) & 3) | (((high >> at) & 1) << 2);
-                    part += (F::cast_from(code) - F::new(4.0)) * v[v_group + at as usize * v_stride];
-                }
-            }
-            total += part * scales[scale_base + q * columns];
-        }
-    } else {
-        let per_word = comptime!((32 / bits) as usize);
-        let words_per_group = comptime!(GROUP / per_word);
-        let mask = comptime!((1u32 << bits) - 1);
-        let zero = F::cast_from(comptime!(1u32 << (bits - 1)));
-        for q in 0..groups {
-            let mut part = F::new(0.0);
-            for w in 0..words_per_group {
-                let r = q * words_per_group + w;
-                let word = codes[code_base + r * columns];
-                #[unroll]
-                for b in 0..per_word {
-                    let shift = comptime!(b as u32 * bits);
-                    let code = (word >> shift) & mask;
-                    let weight = if fp4 { e2m1_twice::<F>(code) } else { F::cast_from(code) - zero };
-                    part += weight * v[v_base + (r * per_word + b) * v_stride];
-                }
-            }
-            total += part * scales[scale_base + q * columns];
-        }
-    }
-    total
-}
-
-/// `packed_dot` over `N` adjacent columns at once: one vector load of `N`
-/// columns' words per code word. Each lane's sum runs in `packed_dot`'s order.
+/// The dot products of `N` adjacent packed columns with `v[v_base + v_stride * j]` over a whole
+/// reduction dimension: one vector load of the `N` columns' words per code word, codes unpacked
+/// word by word, each group's partial sums scaled once. Each lane's sum runs in index order.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the same arguments as packed_dot
-fn packed_dot_vec<F: Float, N: Size>(
+fn packed_dot<F: Float, N: Size>(
     codes: &Tensor<Vector<u32, N>>,
     scales: &Tensor<Vector<F, N>>,
     code_base: usize,
@@ -129,8 +71,7 @@ fn packed_dot_vec<F: Float, N: Size>(
                 #[unroll]
                 for b in 0..per_word {
                     let code = (word >> Vector::new(comptime!(b as u32 * bits))) & mask;
-                    let weight =
-                        if fp4 { e2m1_twice_vec::<F, N>(code) } else { Vector::<F, N>::cast_from(code) - zero };
+                    let weight = if fp4 { e2m1_twice::<F, N>(code) } else { Vector::<F, N>::cast_from(code) - zero };
                     part += weight * Vector::<F, N>::new(v[v_base + (r * per_word + b) * v_stride]);
                 }
             }
@@ -140,10 +81,10 @@ fn packed_dot_vec<F: Float, N: Size>(
     total
 }
 
-/// `e2m1_twice` on every lane without branches: `((2 + m) << e) >> 1` is `(2 + m) << (e - 1)`
+/// Twice an e2m1 code's value (see `quant::e2m1_twice`) on every lane, without branches: `((2 + m) << e) >> 1` is `(2 + m) << (e - 1)`
 /// for `e > 0`; for `e = 0` it is 1, so `1 - m` is taken off there; bit 3 is the sign.
 #[cube]
-fn e2m1_twice_vec<F: Float, N: Size>(code: Vector<u32, N>) -> Vector<F, N> {
+fn e2m1_twice<F: Float, N: Size>(code: Vector<u32, N>) -> Vector<F, N> {
     let one = Vector::<u32, N>::new(1);
     let e = (code >> one) & Vector::new(3);
     let m = code & one;
@@ -154,55 +95,11 @@ fn e2m1_twice_vec<F: Float, N: Size>(code: Vector<u32, N>) -> Vector<F, N> {
     magnitude - Vector::<F, N>::new(F::new(2.0)) * sign * magnitude
 }
 
-/// `N` consecutive values of a scalar tensor from `at` on (biases are bound as scalars: the
-/// unbiased launches pass a two-element stand-in, too short for a vector binding).
-#[cube]
-fn load_vec<F: Float, N: Size>(t: &Tensor<F>, at: usize) -> Vector<F, N> {
-    let mut v = Vector::<F, N>::new(F::new(0.0));
-    #[unroll]
-    for l in 0..v.vector_size() {
-        v.insert(l, t[at + l]);
-    }
-    v
-}
-
-/// `grouped::activate` on every lane: the biases of rows `at..at + N` (gate) and
-/// `at + inter..` (up) when `has_bias`, GPT-OSS's clamped SwiGLU when `clamped`.
-#[cube]
-#[allow(clippy::too_many_arguments)] // as `activate`
-fn activate_vec<F: Float, N: Size>(
-    gate: Vector<F, N>,
-    up: Vector<F, N>,
-    bias: &Tensor<F>,
-    params: &Tensor<F>,
-    at: usize,
-    inter: usize,
-    #[comptime] has_bias: bool,
-    #[comptime] clamped: bool,
-) -> Vector<F, N> {
-    let one = Vector::<F, N>::new(F::new(1.0));
-    let zero = Vector::<F, N>::new(F::new(0.0));
-    let mut g = gate;
-    let mut u = up;
-    if has_bias {
-        g += load_vec::<F, N>(bias, at);
-        u += load_vec::<F, N>(bias, at + inter);
-    }
-    if clamped {
-        let limit = Vector::<F, N>::new(params[0]);
-        g = min(g, limit);
-        u = min(max(u, zero - limit), limit);
-        let sig = one / (one + Vector::exp(zero - g * Vector::new(params[1])));
-        (u + one) * (g * sig)
-    } else {
-        g / (one + Vector::exp(zero - g)) * u
-    }
-}
-
-/// `gate_up_quant_kernel` with `N` intermediate rows per unit.
+/// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over quantised slots, `N` adjacent intermediate
+/// rows per unit.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gate_up_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
+fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
     x: &Tensor<F>,
     gate: &Tensor<Vector<u32, N>>,
     gate_scales: &Tensor<Vector<F, N>>,
@@ -235,19 +132,19 @@ fn gate_up_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
         let o = usize::cast_from(assign[a * 2 + 1]);
         let x_base = t * x.stride(0);
         let xs = x.stride(1);
-        let gs =
-            packed_dot_vec::<F, N>(gate, gate_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
-        let us = packed_dot_vec::<F, N>(up, up_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
+        let gs = packed_dot::<F, N>(gate, gate_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
+        let us = packed_dot::<F, N>(up, up_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
         let inter = row * lanes;
         let at = group.expert * 2 * inter + i * lanes;
-        act[o * row + i] = activate_vec::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
     }
 }
 
-/// `down_quant_kernel` with `N` hidden rows per unit.
+/// `y[o, h] = w_a * (down_h · act[o] + b_h)` over quantised slots, `N` adjacent hidden rows per
+/// unit.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn down_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
+fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
     act: &Tensor<F>,
     down: &Tensor<Vector<u32, N>>,
     down_scales: &Tensor<Vector<F, N>>,
@@ -275,121 +172,12 @@ fn down_quant_vec_kernel<F: Float, I: Numeric, N: Size>(
     let scale_base = group.slot * n_scales * row + h;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
-        let mut s = packed_dot_vec::<F, N>(
-            down,
-            down_scales,
-            code_base,
-            scale_base,
-            row,
-            n_scales,
-            act,
-            o * inter,
-            1,
-            bits,
-            fp4,
-        );
+        let mut s =
+            packed_dot::<F, N>(down, down_scales, code_base, scale_base, row, n_scales, act, o * inter, 1, bits, fp4);
         if has_bias {
             s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
         }
         y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
-    }
-}
-
-/// Twice an e2m1 code's value (see `quant::e2m1_twice`): exponent 0 gives the mantissa bit,
-/// otherwise `(2 + m) << (e - 1)`; bit 3 is the sign.
-#[cube]
-fn e2m1_twice<F: Float>(code: u32) -> F {
-    let e = (code >> 1) & 3;
-    let m = code & 1;
-    let mut magnitude = m;
-    if e > 0 {
-        magnitude = (2 + m) << (e - 1);
-    }
-    let mut value = F::cast_from(magnitude);
-    if code >= 8 {
-        value = F::new(0.0) - value;
-    }
-    value
-}
-
-/// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over quantised slots.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn gate_up_quant_kernel<F: Float, I: Numeric>(
-    x: &Tensor<F>,
-    gate: &Tensor<u32>,
-    gate_scales: &Tensor<F>,
-    up: &Tensor<u32>,
-    up_scales: &Tensor<F>,
-    groups: &Tensor<I>,
-    assign: &Tensor<I>,
-    act: &mut Tensor<F>,
-    bias: &Tensor<F>,
-    params: &Tensor<F>,
-    #[comptime] bits: u32,
-    #[comptime] fp4: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] clamped: bool,
-    #[define(F, I)] _dtypes: [ElemType; 2],
-) {
-    let words = gate.shape(1);
-    let inter = gate.shape(2);
-    let n_scales = gate_scales.shape(1);
-    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if i >= inter {
-        terminate!();
-    }
-    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let code_base = group.slot * words * inter + i;
-    let scale_base = group.slot * n_scales * inter + i;
-    for a in group.start..group.end {
-        let t = usize::cast_from(assign[a * 2]);
-        let o = usize::cast_from(assign[a * 2 + 1]);
-        let x_base = t * x.stride(0);
-        let xs = x.stride(1);
-        let gs = packed_dot::<F>(gate, gate_scales, code_base, scale_base, inter, n_scales, x, x_base, xs, bits, fp4);
-        let us = packed_dot::<F>(up, up_scales, code_base, scale_base, inter, n_scales, x, x_base, xs, bits, fp4);
-        act[o * inter + i] =
-            activate::<F>(gs, us, bias, params, group.expert * 2 * inter + i, inter, has_bias, clamped);
-    }
-}
-
-/// `y[o, h] = w_a * (down_h · act[o] + b_h)` over quantised slots.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn down_quant_kernel<F: Float, I: Numeric>(
-    act: &Tensor<F>,
-    down: &Tensor<u32>,
-    down_scales: &Tensor<F>,
-    groups: &Tensor<I>,
-    assign: &Tensor<I>,
-    weights: &Tensor<F>,
-    y: &mut Tensor<F>,
-    bias: &Tensor<F>,
-    #[comptime] bits: u32,
-    #[comptime] fp4: bool,
-    #[comptime] has_bias: bool,
-    #[define(F, I)] _dtypes: [ElemType; 2],
-) {
-    let words = down.shape(1);
-    let hidden = down.shape(2);
-    let n_scales = down_scales.shape(1);
-    let inter = act.shape(1);
-    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if h >= hidden {
-        terminate!();
-    }
-    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let code_base = group.slot * words * hidden + h;
-    let scale_base = group.slot * n_scales * hidden + h;
-    for a in group.start..group.end {
-        let o = usize::cast_from(assign[a * 2 + 1]);
-        let mut s =
-            packed_dot::<F>(down, down_scales, code_base, scale_base, hidden, n_scales, act, o * inter, 1, bits, fp4);
-        if has_bias {
-            s += bias[group.expert * hidden + h];
-        }
-        y[o * hidden + h] = s * weights[a];
     }
 }
 
@@ -505,52 +293,12 @@ impl QuantPage {
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let (bias_gate_up, bias_down) = launch.extras.bias_args();
         let has_bias = launch.extras.bias.is_some();
-        if inter.is_multiple_of(VECTOR) && hidden.is_multiple_of(VECTOR) {
-            gate_up_quant_vec_kernel::launch(
-                &client,
-                launch.cubes(inter / VECTOR),
-                CubeDim::new_1d(ROWS_PER_CUBE),
-                VECTOR,
-                x.clone().into_tensor_arg(),
-                self.gate.codes.clone().into_tensor_arg(),
-                self.gate.scales.clone().into_tensor_arg(),
-                self.up.codes.clone().into_tensor_arg(),
-                self.up.scales.clone().into_tensor_arg(),
-                launch.groups.clone().into_tensor_arg(),
-                launch.assign.clone().into_tensor_arg(),
-                act.clone().into_tensor_arg(),
-                bias_gate_up.into_tensor_arg(),
-                launch.extras.params.clone().into_tensor_arg(),
-                self.bits,
-                self.fp4,
-                has_bias,
-                launch.extras.clamped,
-                dtypes,
-            );
-            down_quant_vec_kernel::launch(
-                &client,
-                launch.cubes(hidden / VECTOR),
-                CubeDim::new_1d(ROWS_PER_CUBE),
-                VECTOR,
-                act.clone().into_tensor_arg(),
-                self.down.codes.clone().into_tensor_arg(),
-                self.down.scales.clone().into_tensor_arg(),
-                launch.groups.clone().into_tensor_arg(),
-                launch.assign.clone().into_tensor_arg(),
-                launch.weights.clone().into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                bias_down.into_tensor_arg(),
-                self.bits,
-                self.fp4,
-                has_bias,
-                dtypes,
-            );
-            return;
-        }
+        let lanes = vector_size(hidden, inter);
         gate_up_quant_kernel::launch(
             &client,
-            launch.cubes(inter),
+            launch.cubes(inter / lanes),
             CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
             x.clone().into_tensor_arg(),
             self.gate.codes.clone().into_tensor_arg(),
             self.gate.scales.clone().into_tensor_arg(),
@@ -569,8 +317,9 @@ impl QuantPage {
         );
         down_quant_kernel::launch(
             &client,
-            launch.cubes(hidden),
+            launch.cubes(hidden / lanes),
             CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
             act.clone().into_tensor_arg(),
             self.down.codes.clone().into_tensor_arg(),
             self.down.scales.clone().into_tensor_arg(),
