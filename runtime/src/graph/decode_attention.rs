@@ -12,10 +12,8 @@ use cubecl::{CubeCount, CubeDim};
 use crate::experts::{from_cube, try_cube_float};
 
 /// Units per head: keys are split among them for the scores and the softmax, value lanes for
-/// the weighted sum. Partials are combined by a fixed tree, so results do not depend on timing.
-const UNITS: usize = 64;
-/// `log2(UNITS)`.
-const LEVELS: usize = 6;
+/// the weighted sum; `cube_reduce` combines their partials.
+const UNITS: usize = super::cube_reduce::UNITS;
 
 /// `[heads, dv]` attention output of one query per head, or None where the backend is not
 /// CubeCL (the caller then runs its burn ops).
@@ -69,7 +67,8 @@ pub fn decode_attention(
 mod kernel {
     use cubecl::prelude::*;
 
-    use super::{LEVELS, UNITS};
+    use super::UNITS;
+    use crate::graph::cube_reduce::cube_reduce;
 
     /// One cube per head.
     #[cube(launch)]
@@ -93,7 +92,6 @@ mod kernel {
         let dk = keys.shape(2);
         let dv = values.shape(2);
         let row = h * n;
-        let mut partial = Shared::<[F]>::new_slice(comptime!(UNITS));
 
         // Scores of this unit's keys, and their maximum.
         let q_base = h * q.stride(0);
@@ -110,22 +108,10 @@ mod kernel {
             top = max(top, s);
             j += comptime!(UNITS);
         }
-        partial[unit] = top;
-        sync_cube();
-        #[unroll]
-        for level in 0..LEVELS {
-            let half = comptime!(UNITS >> (level + 1));
-            if unit < half {
-                partial[unit] = max(partial[unit], partial[unit + half]);
-            }
-            sync_cube();
-        }
-        let mut top = partial[0];
+        let mut top = cube_reduce::<F>(top, true);
         if has_sinks {
             top = max(top, sinks[h]);
         }
-        // Every unit has read the maximum before the partials are reused.
-        sync_cube();
 
         // Exponentials and their sum (the sink's joins the sum only).
         let mut sum = F::new(0.0);
@@ -136,18 +122,7 @@ mod kernel {
             sum += e;
             j += comptime!(UNITS);
         }
-        partial[unit] = sum;
-        sync_cube();
-        #[unroll]
-        for level in 0..LEVELS {
-            let half = comptime!(UNITS >> (level + 1));
-            if unit < half {
-                let other = partial[unit + half];
-                partial[unit] += other;
-            }
-            sync_cube();
-        }
-        let mut total = partial[0];
+        let mut total = cube_reduce::<F>(sum, false);
         if has_sinks {
             total += F::exp(sinks[h] - top);
         }

@@ -9,11 +9,9 @@ use cubecl::{CubeCount, CubeDim};
 
 use crate::experts::{from_cube, try_cube_float};
 
-/// Units per row; each sums every `NORM_UNITS`-th square, then a fixed tree adds the partials,
+/// Units per row; each sums every `NORM_UNITS`-th square, then `cube_reduce` adds the partials,
 /// so a row's result does not depend on the other rows of the launch.
-const NORM_UNITS: usize = 64;
-/// `log2(NORM_UNITS)`: the levels of the tree.
-const NORM_LEVELS: usize = 6;
+const NORM_UNITS: usize = super::cube_reduce::UNITS;
 
 /// `x * rsqrt(mean(x^2) + eps) * weight`, over the last dimension.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
@@ -61,7 +59,8 @@ fn reference<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tens
 mod kernel {
     use cubecl::prelude::*;
 
-    use super::{NORM_LEVELS, NORM_UNITS};
+    use super::NORM_UNITS;
+    use crate::graph::cube_reduce::cube_reduce;
 
     /// One cube per row of `x` `[rows, width]` (any strides); `out` is contiguous.
     #[cube(launch)]
@@ -82,7 +81,6 @@ mod kernel {
         let unit = UNIT_POS_X as usize;
         let base = row * x.stride(0);
         let step = x.stride(1);
-        let mut partial = Shared::<[F]>::new_slice(comptime!(NORM_UNITS));
         let mut sum = F::new(0.0);
         let mut j = unit;
         while j < width {
@@ -90,18 +88,8 @@ mod kernel {
             sum += v * v;
             j += comptime!(NORM_UNITS);
         }
-        partial[unit] = sum;
-        sync_cube();
-        #[unroll]
-        for level in 0..NORM_LEVELS {
-            let half = comptime!(NORM_UNITS >> (level + 1));
-            if unit < half {
-                let other = partial[unit + half];
-                partial[unit] += other;
-            }
-            sync_cube();
-        }
-        let scale = F::new(1.0) / F::sqrt(partial[0] / F::cast_from(width) + F::cast_from(eps));
+        let total = cube_reduce::<F>(sum, false);
+        let scale = F::new(1.0) / F::sqrt(total / F::cast_from(width) + F::cast_from(eps));
         let mut j = unit;
         while j < width {
             out[row * width + j] = x[base + j * step] * scale * weight[j];
