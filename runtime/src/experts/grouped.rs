@@ -62,7 +62,7 @@ pub(super) fn group_at<I: Numeric>(groups: &Tensor<I>, g: usize) -> Group {
 /// `N` consecutive values of a scalar tensor from `at` on. Biases are bound as scalars: an
 /// unbiased launch binds a two-element stand-in, too short for a vector binding.
 #[cube]
-pub(super) fn load_vec<F: Float, N: Size>(t: &Tensor<F>, at: usize) -> Vector<F, N> {
+pub(crate) fn load_vec<F: Float, N: Size>(t: &Tensor<F>, at: usize) -> Vector<F, N> {
     let mut v = Vector::<F, N>::new(F::new(0.0));
     #[unroll]
     for l in 0..v.vector_size() {

@@ -20,7 +20,7 @@ pub use bandwidth::{UploadMeasurement, measure_upload};
 pub use budget::{SlotPlan, VramBudget};
 pub use cache::{ExpertCache, LayerRecall};
 pub use grouped::{ExpertExtras, PageWork, SlotPage};
-pub(crate) use grouped::{float as cube_float, try_float as try_cube_float, wrap as from_cube};
+pub(crate) use grouped::{float as cube_float, load_vec, try_float as try_cube_float, wrap as from_cube};
 pub use policy::EvictionPolicy;
 pub use quant::{ExpertDtype, GROUP as QUANT_GROUP, QuantExpert, code_rows};
 pub use residency::{Access, ExpertCell, Residency, SlotState};

@@ -2,7 +2,9 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::matvec::{MAX_ROWS, matvec};
 use crate::error::Result;
+use crate::experts::{from_cube, try_cube_float};
 use crate::weights::WeightStore;
 
 /// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul. Clones
@@ -15,11 +17,32 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        if let Some(y) = decode_product(&x, &self.weight_t, self.bias.as_ref()) {
+            return y;
+        }
         let y = x.matmul(self.weight_t.clone());
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
+    }
+}
+
+/// `x wt (+ bias)` by the matrix-vector kernel when `x` is decode-shaped (at most
+/// `matvec::MAX_ROWS` rows) and the tensors are CubeCL's; None otherwise.
+pub fn decode_product(x: &Tensor<2>, wt: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+    if x.dims()[0] > MAX_ROWS {
+        return None;
+    }
+    matvec(x, &try_cube_float(wt.clone()).ok()?, bias)
+}
+
+/// `t` transposed into a contiguous tensor, on the device (burn's matmul reads a transposed view
+/// as well, but the matrix-vector kernel wants `[in, out]` rows).
+pub fn transposed(t: Tensor<2>) -> Tensor<2> {
+    match try_cube_float(t.transpose()) {
+        Ok(c) => from_cube(burn_cubecl::kernel::into_contiguous(c)),
+        Err(view) => *view,
     }
 }
 

@@ -9,6 +9,7 @@ mod decode_attention;
 mod ffn;
 mod kv_cache;
 mod linear;
+mod matvec;
 mod mla;
 mod model;
 mod moe;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::linear::Loader;
+use super::linear::{Loader, decode_product, transposed};
 use crate::error::{FerryError, Result};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
@@ -38,7 +38,8 @@ impl Embedding {
     }
 }
 
-/// `[vocab, hidden]` in row blocks of at most `max_bytes` each.
+/// `[vocab, hidden]` in row blocks of at most `max_bytes` each, each kept transposed
+/// (`[hidden, block rows]`) so that a decode step's product reads it in order.
 pub struct LmHead {
     blocks: Vec<Tensor<2>>,
     vocab: usize,
@@ -57,7 +58,10 @@ impl LmHead {
         let blocks = values
             .chunks(rows * hidden)
             .map(|chunk| {
-                Tensor::from_data(TensorData::new(chunk.to_vec(), [chunk.len() / hidden, hidden]), loader.device)
+                transposed(Tensor::from_data(
+                    TensorData::new(chunk.to_vec(), [chunk.len() / hidden, hidden]),
+                    loader.device,
+                ))
             })
             .collect();
         Ok(Self { blocks, vocab })
@@ -71,11 +75,10 @@ impl LmHead {
     /// Logits `[rows][vocab]` of `x` `[rows, hidden]`, one read-back per block.
     pub fn logits(&self, x: Tensor<2>) -> Result<Vec<Vec<f32>>> {
         let rows = x.dims()[0];
-        let xt = x.transpose();
         let mut logits = vec![Vec::with_capacity(self.vocab); rows];
         for block in &self.blocks {
-            // [block rows, hidden] x [hidden, rows]: the head stays in checkpoint layout.
-            let part = block.clone().matmul(xt.clone()).transpose();
+            // [rows, hidden] x [hidden, block rows].
+            let part = decode_product(&x, block, None).unwrap_or_else(|| x.clone().matmul(block.clone()));
             let width = part.dims()[1];
             let values: Vec<f32> =
                 part.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading logits: {e:?}")))?;

@@ -1,0 +1,143 @@
+//! The decode-shaped product: one row of activations times a weight matrix kept as `[in, out]`.
+//!
+//! A decode step multiplies a single row by every projection and by the LM head. burn's tiled
+//! matmul is built for many rows; for one it was 1.4x to 4.6x slower than this kernel on lavapipe
+//! (BENCHMARKS.md). Each unit owns `N` adjacent outputs and walks the input dimension in
+//! order with one vector load per weight row, so neighbouring units read neighbouring addresses
+//! and the weights are read exactly once, as in the grouped expert kernels.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::Tensor;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::{CubeCount, CubeDim};
+
+use crate::experts::{from_cube, try_cube_float};
+
+/// Units per cube along the outputs.
+const UNITS: u32 = 64;
+
+/// Rows up to which the kernel is used (each row reads the weights again); more rows go to
+/// burn's matmul.
+pub const MAX_ROWS: usize = 1;
+
+/// `x W` for `x` `[rows, in]` (any strides) and `wt` `[in, out]` (contiguous), plus `bias`
+/// `[out]`; None where the tensors are not on a CubeCL backend (the caller then runs a matmul).
+pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+    let [rows, inputs] = x.dims();
+    let (w_in, outputs) = (wt.meta.shape()[0], wt.meta.shape()[1]);
+    debug_assert_eq!(inputs, w_in, "matvec: x has {inputs} columns, the weight {w_in} rows");
+    let xc = try_cube_float(x.clone()).ok()?;
+    let bc = match bias {
+        Some(b) => Some(try_cube_float(b.clone()).ok()?),
+        None => None,
+    };
+    let client = xc.client.clone();
+    let y = burn_cubecl::ops::numeric::empty_device_dtype(
+        client.clone(),
+        xc.device.clone(),
+        [rows, outputs].into(),
+        xc.dtype,
+    );
+    let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
+    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
+    let has_bias = bc.is_some();
+    let dtypes = [dtype_to_storage_type(xc.dtype), dtype_to_storage_type(wt.dtype)];
+    kernel::matvec_kernel::launch(
+        &client,
+        count,
+        CubeDim::new_1d(UNITS),
+        lanes,
+        xc.clone().into_tensor_arg(),
+        wt.clone().into_tensor_arg(),
+        bc.unwrap_or(xc).into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        has_bias,
+        dtypes,
+    );
+    Some(from_cube(y))
+}
+
+/// The kernel, apart so that its `Tensor` is CubeCL's.
+mod kernel {
+    use cubecl::prelude::*;
+
+    use crate::experts::load_vec;
+
+    /// `y[r, c..c+N] = sum_j x[r, j] * wt[j, c..c+N] (+ bias)`: one unit per `N` adjacent
+    /// outputs, one cube row per input row; each lane sums in index order.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
+    pub(super) fn matvec_kernel<F: Float, W: Float, N: Size>(
+        x: &Tensor<F>,                // [rows, in]
+        wt: &Tensor<Vector<W, N>>,    // [in, out]
+        bias: &Tensor<F>,             // [out] (when has_bias)
+        y: &mut Tensor<Vector<F, N>>, // [rows, out]
+        #[comptime] has_bias: bool,
+        #[define(F, W)] _dtypes: [ElemType; 2],
+    ) {
+        let lanes = wt.vector_size();
+        let cols = wt.shape(1) / lanes;
+        let c = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+        if c >= cols {
+            terminate!();
+        }
+        let r = CUBE_POS_Y as usize;
+        let inputs = wt.shape(0);
+        let x_base = r * x.stride(0);
+        let x_step = x.stride(1);
+        let mut s = Vector::<F, N>::new(F::new(0.0));
+        for j in 0..inputs {
+            s += Vector::<F, N>::cast_from(wt[j * cols + c]) * Vector::<F, N>::new(x[x_base + j * x_step]);
+        }
+        if has_bias {
+            s += load_vec::<F, N>(bias, c * lanes);
+        }
+        y[r * cols + c] = s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Tensor, TensorData};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use crate::device::{AdapterChoice, Gpu};
+    use crate::experts::cube_float;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Outputs divisible by four and not, with and without a bias, a strided (sliced) input row
+    /// and two rows: the kernel equals a plain-Rust product in index order up to rounding.
+    #[test]
+    fn matvec_matches_a_cpu_product() {
+        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
+        let device = &gpu.device;
+        for (rows, inputs, outputs, bias) in
+            [(1, 64, 96, false), (1, 40, 30, true), (2, 130, 8, true), (1, 5, 3, false)]
+        {
+            let wt = random(inputs * outputs, 1);
+            let b = random(outputs, 2);
+            // The rows are every other column block of a wider tensor: strides to follow.
+            let wide = random(rows * 2 * inputs, 3);
+            let x = Tensor::<2>::from_data(TensorData::new(wide.clone(), [rows, 2 * inputs]), device)
+                .slice([0..rows, inputs..2 * inputs]);
+            let wt_gpu =
+                cube_float(Tensor::<2>::from_data(TensorData::new(wt.clone(), [inputs, outputs]), device)).unwrap();
+            let b_gpu = Tensor::<1>::from_data(TensorData::new(b.clone(), [outputs]), device);
+            let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu)).expect("CubeCL backend");
+            assert_eq!(got.dims(), [rows, outputs]);
+            let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
+            for r in 0..rows {
+                for c in 0..outputs {
+                    let dot: f32 = (0..inputs).map(|j| wide[r * 2 * inputs + inputs + j] * wt[j * outputs + c]).sum();
+                    let want = dot + if bias { b[c] } else { 0.0 };
+                    let g = got[r * outputs + c];
+                    assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()), "{rows}x{inputs}x{outputs}: {g} vs {want}");
+                }
+            }
+        }
+    }
+}
