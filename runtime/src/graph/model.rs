@@ -12,7 +12,7 @@ use super::mla::MlaAttention;
 use super::moe::{MoeBlock, PreGate};
 use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
-use super::norm::rms_norm;
+use super::norm::{add_rms_norm, rms_norm};
 use super::rope::Rope;
 use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
@@ -352,19 +352,22 @@ impl Model {
         let mut experts = self.experts();
         // Big-little's attention importance: what each token receives, for the MoE layers only.
         let attention_importance = experts.wants_received_attention();
+        // Each block's output joins the residual stream in the same launch that normalises the
+        // stream for the next block (the next layer's input norm, or the final norm).
+        let norm_after = |l: usize| self.layers.get(l + 1).map_or(&self.final_norm, |next| &next.input_norm);
+        let mut h = rms_norm(x.clone(), self.layers.first().map_or(&self.final_norm, |l| &l.input_norm), eps);
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(x.clone(), &layer.input_norm, eps);
             let want_received = attention_importance && matches!(layer.ffn, Ffn::Moe(_));
             let (attended, received) = layer.attention.forward(h, l, cache, &rope_tables, want_received, device);
-            x = x + attended;
-            let h = rms_norm(x.clone(), &layer.post_attention_norm, eps);
+            let h_ffn;
+            (x, h_ffn) = add_rms_norm(x, attended, &layer.post_attention_norm, eps);
             let y = match &layer.ffn {
                 Ffn::Dense(mlp) => {
                     routing.push(Vec::new());
-                    mlp.forward(h)
+                    mlp.forward(h_ffn)
                 }
                 Ffn::Moe(block) => {
-                    let (y, routes) = block.forward(h, &mut experts, prefetch_k, received, device)?;
+                    let (y, routes) = block.forward(h_ffn, &mut experts, prefetch_k, received, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     y
                 }
@@ -379,21 +382,21 @@ impl Model {
                             .reshape([tokens, experts, d])
                     });
                     mole_layer += 1;
-                    block.forward(h, &embedded, layer_rows, eps)?
+                    block.forward(h_ffn, &embedded, layer_rows, eps)?
                 }
             };
-            x = x + y;
+            (x, h) = add_rms_norm(x, y, norm_after(l), eps);
         }
         experts.end_forward();
         drop(experts);
         cache.advance(tokens);
 
-        let x = match logits_for {
-            LogitsFor::All => x,
-            LogitsFor::Last => x.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
+        // `h` is the final norm of every position.
+        let h = match logits_for {
+            LogitsFor::All => h,
+            LogitsFor::Last => h.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
         };
-        let x = rms_norm(x, &self.final_norm, eps);
-        let logits = self.lm_head.logits(x)?;
+        let logits = self.lm_head.logits(h)?;
         Ok(ForwardOutput { logits, routing })
     }
 }

@@ -5,6 +5,7 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Tensor;
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeCount, CubeDim};
 
 use crate::experts::{from_cube, try_cube_float};
@@ -24,20 +25,12 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> T
         (Ok(xc), Err(_)) => return reference(from_cube::<2>(xc), weight, eps).reshape(dims),
         (Err(rows_x), _) => return reference(*rows_x, weight, eps).reshape(dims),
     };
-    let out = burn_cubecl::ops::numeric::empty_device_dtype(
-        xc.client.clone(),
-        xc.device.clone(),
-        [rows, width].into(),
-        xc.dtype,
-    );
-    // Rows beyond one dimension's 65535 cubes spill into the second.
-    let across = rows.clamp(1, 65535) as u32;
-    let count = CubeCount::Static(across, (rows as u32).div_ceil(across), 1);
-    let dtype = dtype_to_storage_type(xc.dtype);
+    let out = empty_like(&xc, rows, width);
+    let (count, dim, dtype) = launch_shape(&xc, rows);
     kernel::rms_norm_kernel::launch(
         &xc.client.clone(),
         count,
-        CubeDim::new_1d(NORM_UNITS as u32),
+        dim,
         xc.into_tensor_arg(),
         wc.into_tensor_arg(),
         out.clone().into_tensor_arg(),
@@ -46,6 +39,55 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> T
         dtype,
     );
     from_cube::<2>(out).reshape(dims)
+}
+
+/// The residual sum `x + y` and its norm, in one launch: a decoder layer adds each block's
+/// output to the residual stream and normalises the result for the next block. The sum is the
+/// same element-wise addition burn performs, so results are unchanged.
+pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, weight: &Tensor<1>, eps: f32) -> (Tensor<2>, Tensor<2>) {
+    let [rows, width] = x.dims();
+    let cubes = (try_cube_float(x), try_cube_float(y), try_cube_float(weight.clone()));
+    let (xc, yc, wc) = match cubes {
+        (Ok(xc), Ok(yc), Ok(wc)) => (xc, yc, wc),
+        (x, y, _) => {
+            let back = |t: std::result::Result<CubeTensor, Box<Tensor<2>>>| t.map_or_else(|b| *b, from_cube::<2>);
+            let sum = back(x) + back(y);
+            return (sum.clone(), reference(sum, weight, eps));
+        }
+    };
+    let sum = empty_like(&xc, rows, width);
+    let out = empty_like(&xc, rows, width);
+    let (count, dim, dtype) = launch_shape(&xc, rows);
+    kernel::add_rms_norm_kernel::launch(
+        &xc.client.clone(),
+        count,
+        dim,
+        xc.into_tensor_arg(),
+        yc.into_tensor_arg(),
+        wc.into_tensor_arg(),
+        sum.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        rows as u32,
+        eps,
+        dtype,
+    );
+    (from_cube::<2>(sum), from_cube::<2>(out))
+}
+
+fn empty_like(like: &CubeTensor, rows: usize, width: usize) -> CubeTensor {
+    burn_cubecl::ops::numeric::empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        [rows, width].into(),
+        like.dtype,
+    )
+}
+
+/// One cube per row; rows beyond one dimension's 65535 cubes spill into the second.
+fn launch_shape(like: &CubeTensor, rows: usize) -> (CubeCount, CubeDim, cubecl::prelude::ElemType) {
+    let across = rows.clamp(1, 65535) as u32;
+    let count = CubeCount::Static(across, (rows as u32).div_ceil(across), 1);
+    (count, CubeDim::new_1d(NORM_UNITS as u32), dtype_to_storage_type(like.dtype))
 }
 
 /// The same norm as burn ops (the fallback for another backend, and the tests' reference).
@@ -78,23 +120,64 @@ mod kernel {
             terminate!();
         }
         let width = x.shape(1);
-        let unit = UNIT_POS_X as usize;
         let base = row * x.stride(0);
         let step = x.stride(1);
-        let mut sum = F::new(0.0);
-        let mut j = unit;
+        let mut squares = F::new(0.0);
+        let mut j = UNIT_POS_X as usize;
         while j < width {
             let v = x[base + j * step];
-            sum += v * v;
+            squares += v * v;
             j += comptime!(NORM_UNITS);
         }
-        let total = cube_reduce::<F>(sum, false);
-        let scale = F::new(1.0) / F::sqrt(total / F::cast_from(width) + F::cast_from(eps));
-        let mut j = unit;
+        let scale = row_scale::<F>(squares, width, eps);
+        let mut j = UNIT_POS_X as usize;
         while j < width {
             out[row * width + j] = x[base + j * step] * scale * weight[j];
             j += comptime!(NORM_UNITS);
         }
+    }
+
+    /// `sum = x + y` (any strides, `sum` contiguous) and its norm into `out`, one cube per row.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers and scalars, passed through
+    pub(super) fn add_rms_norm_kernel<F: Float>(
+        x: &Tensor<F>,
+        y: &Tensor<F>,
+        weight: &Tensor<F>,
+        sum: &mut Tensor<F>,
+        out: &mut Tensor<F>,
+        rows: u32,
+        eps: f32,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let row = CUBE_POS;
+        if row >= rows as usize {
+            terminate!();
+        }
+        let width = x.shape(1);
+        let at = row * width;
+        let mut squares = F::new(0.0);
+        let mut j = UNIT_POS_X as usize;
+        while j < width {
+            let v = x[row * x.stride(0) + j * x.stride(1)] + y[row * y.stride(0) + j * y.stride(1)];
+            sum[at + j] = v;
+            squares += v * v;
+            j += comptime!(NORM_UNITS);
+        }
+        let scale = row_scale::<F>(squares, width, eps);
+        let mut j = UNIT_POS_X as usize;
+        while j < width {
+            let v = x[row * x.stride(0) + j * x.stride(1)] + y[row * y.stride(0) + j * y.stride(1)];
+            out[at + j] = v * scale * weight[j];
+            j += comptime!(NORM_UNITS);
+        }
+    }
+
+    /// `rsqrt(mean + eps)` of a row from the units' partial sums of squares.
+    #[cube]
+    fn row_scale<F: Float>(squares: F, width: usize, eps: f32) -> F {
+        let total = cube_reduce::<F>(squares, false);
+        F::new(1.0) / F::sqrt(total / F::cast_from(width) + F::cast_from(eps))
     }
 }
 
@@ -132,5 +215,28 @@ mod tests {
         let want: Vec<f32> = super::reference(view, &w, 1e-5).into_data().try_to_vec().unwrap();
         let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-5, "sliced input: max diff {diff}");
+    }
+
+    /// The fused residual add returns exactly burn's sum and its norm, also for a strided
+    /// residual and more rows than the cube has units.
+    #[test]
+    fn fused_add_and_norm_match_burn_ops() {
+        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
+        let device = &gpu.device;
+        for (rows, width) in [(1, 5), (3, 200), (70, 64)] {
+            let x = Tensor::<2>::from_data(TensorData::new(random(rows * 2 * width, 5), [rows, 2 * width]), device)
+                .slice([0..rows, width..2 * width]);
+            let y = Tensor::<2>::from_data(TensorData::new(random(rows * width, 6), [rows, width]), device);
+            let w = Tensor::<1>::from_data(TensorData::new(random(width, 7), [width]), device);
+            let (sum, normed) = super::add_rms_norm(x.clone(), y.clone(), &w, 1e-6);
+            let want_sum = x + y;
+            let got: Vec<f32> = sum.into_data().try_to_vec().unwrap();
+            let want: Vec<f32> = want_sum.clone().into_data().try_to_vec().unwrap();
+            assert_eq!(got, want, "rows {rows} width {width}: the sum differs from burn's");
+            let got: Vec<f32> = normed.into_data().try_to_vec().unwrap();
+            let want: Vec<f32> = super::reference(want_sum, &w, 1e-6).into_data().try_to_vec().unwrap();
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "rows {rows} width {width}: max diff {diff}");
+        }
     }
 }
