@@ -18,9 +18,8 @@ pub struct Attention {
     /// Per-head sink logits `[heads, 1, 1]` (GPT-OSS).
     sinks: Option<Tensor<3>>,
     eps: f32,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The q, k and v projections side by side (`[q | k | v]` outputs), one launch per pass.
+    qkv: Linear,
     o: Linear,
     q_norm: Option<Tensor<1>>,
     k_norm: Option<Tensor<1>>,
@@ -51,9 +50,11 @@ impl Attention {
             window: a.window(layer),
             sinks,
             eps: spec.rms_norm_eps,
-            q: loader.linear(&format!("{prefix}.q_proj"), h, q_dim, a.qkv_bias)?,
-            k: loader.linear(&format!("{prefix}.k_proj"), h, kv_dim, a.qkv_bias)?,
-            v: loader.linear(&format!("{prefix}.v_proj"), h, kv_dim, a.qkv_bias)?,
+            qkv: Linear::concat(&[
+                &loader.linear(&format!("{prefix}.q_proj"), h, q_dim, a.qkv_bias)?,
+                &loader.linear(&format!("{prefix}.k_proj"), h, kv_dim, a.qkv_bias)?,
+                &loader.linear(&format!("{prefix}.v_proj"), h, kv_dim, a.qkv_bias)?,
+            ]),
             o: loader.linear(&format!("{prefix}.o_proj"), q_dim, h, a.o_bias)?,
             q_norm: norm("q_norm", q_norm_len)?,
             k_norm: norm("k_norm", k_norm_len)?,
@@ -74,9 +75,11 @@ impl Attention {
     ) -> (Tensor<2>, Option<Tensor<2>>) {
         let a = &self.spec;
         let [tokens, _] = x.dims();
-        let mut q = self.q.forward(x.clone());
-        let mut k = self.k.forward(x.clone());
-        let mut v = self.v.forward(x);
+        let (q_dim, kv_dim) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+        let qkv = self.qkv.forward(x);
+        let mut q = qkv.clone().slice([0..tokens, 0..q_dim]);
+        let mut k = qkv.clone().slice([0..tokens, q_dim..q_dim + kv_dim]);
+        let mut v = qkv.slice([0..tokens, q_dim + kv_dim..q_dim + 2 * kv_dim]);
         if a.qk_norm == QkNorm::WholeProjection {
             q = rms_norm(q, self.q_norm.as_ref().expect("loaded with q_norm"), self.eps);
             k = rms_norm(k, self.k_norm.as_ref().expect("loaded with k_norm"), self.eps);

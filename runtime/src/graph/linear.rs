@@ -26,6 +26,26 @@ impl Linear {
             None => y,
         }
     }
+
+    /// Output columns.
+    pub fn outputs(&self) -> usize {
+        self.weight_t.dims()[1]
+    }
+
+    /// One projection whose outputs are `parts`' outputs side by side (same inputs), so that a
+    /// decode step runs one launch instead of one per part. A part without a bias gets zeros
+    /// when another has one.
+    pub fn concat(parts: &[&Linear]) -> Linear {
+        let weight_t = Tensor::cat(parts.iter().map(|p| p.weight_t.clone()).collect(), 1);
+        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
+            let device = weight_t.device();
+            Tensor::cat(
+                parts.iter().map(|p| p.bias.clone().unwrap_or_else(|| Tensor::zeros([p.outputs()], &device))).collect(),
+                0,
+            )
+        });
+        Linear { weight_t, bias }
+    }
 }
 
 /// `x wt (+ bias)` by the matrix-vector kernel when `x` is decode-shaped (at most

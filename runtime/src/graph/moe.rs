@@ -40,6 +40,9 @@ pub struct MoeBlock {
     /// Per-expert selection bias (DeepSeek-V3's `e_score_correction_bias`).
     score_bias: Option<Vec<f32>>,
     pregate: Option<PreGate>,
+    /// The router and the pre-gate as one projection (`[own | predicted]` columns), so that a
+    /// pass with prefetching runs one launch for both; set with the pre-gate.
+    router_and_pregate: Option<Linear>,
     shared: Option<SharedExpert>,
     /// Routed experts' biases and activation, for the kernels.
     extras: ExpertExtras,
@@ -89,6 +92,7 @@ impl MoeBlock {
             score_bias,
             extras,
             pregate: None,
+            router_and_pregate: None,
             shared,
             num_experts: moe.num_experts,
             top_k: moe.top_k,
@@ -105,6 +109,7 @@ impl MoeBlock {
     }
 
     pub fn set_pregate(&mut self, pregate: PreGate) {
+        self.router_and_pregate = Some(Linear::concat(&[&self.router, &pregate.router]));
         self.pregate = Some(pregate);
     }
 
@@ -135,16 +140,17 @@ impl MoeBlock {
         let pregate = self.pregate.as_ref().filter(|_| prefetch_k.is_some());
         // One read-back serves the routing, the prediction and the received attention:
         // columns [own router | pre-gate | received].
-        let mut columns = vec![self.router.forward(x.clone())];
-        if let Some(p) = pregate {
-            columns.push(p.router.forward(x.clone()));
-        }
+        let scores = match (pregate, &self.router_and_pregate) {
+            (Some(_), Some(both)) => both.forward(x.clone()),
+            _ => self.router.forward(x.clone()),
+        };
         let has_received = received.is_some();
-        columns.extend(received);
-        let logits: Vec<f32> = Tensor::cat(columns, 1)
-            .into_data()
-            .try_into_vec()
-            .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
+        let columns = match received {
+            Some(r) => Tensor::cat(vec![scores, r], 1),
+            None => scores,
+        };
+        let logits: Vec<f32> =
+            columns.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
         let width = logits.len() / tokens;
         let targets = width - self.num_experts - usize::from(has_received);
         let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
