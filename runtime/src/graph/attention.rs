@@ -77,29 +77,38 @@ impl Attention {
         let [tokens, _] = x.dims();
         let (q_dim, kv_dim) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
         let qkv = self.qkv.forward(x);
-        let mut q = qkv.clone().slice([0..tokens, 0..q_dim]);
-        let mut k = qkv.clone().slice([0..tokens, q_dim..q_dim + kv_dim]);
-        let mut v = qkv.slice([0..tokens, q_dim + kv_dim..q_dim + 2 * kv_dim]);
-        if a.qk_norm == QkNorm::WholeProjection {
-            q = rms_norm(q, self.q_norm.as_ref().expect("loaded with q_norm"), self.eps);
-            k = rms_norm(k, self.k_norm.as_ref().expect("loaded with k_norm"), self.eps);
-        }
-        if let Some(c) = a.clip_qkv {
-            q = q.clamp(-c, c);
-            k = k.clamp(-c, c);
-            v = v.clamp(-c, c);
-        }
-        let mut q = q.reshape([tokens, a.num_heads, a.head_dim]);
-        let mut k = k.reshape([tokens, a.num_kv_heads, a.head_dim]);
-        let v = v.reshape([tokens, a.num_kv_heads, a.head_dim]);
-        if a.qk_norm == QkNorm::PerHead {
-            q = rms_norm(q, self.q_norm.as_ref().expect("loaded with q_norm"), self.eps);
-            k = rms_norm(k, self.k_norm.as_ref().expect("loaded with k_norm"), self.eps);
-        }
         let (cos, sin) = rope_tables;
-        let q = rope::apply(q, cos, sin).swap_dims(0, 1); // [heads, tokens, dim]
-        let k = rope::apply(k, cos, sin).swap_dims(0, 1);
-        let v = v.swap_dims(0, 1);
+        let (hd, nh, nkv) = (a.head_dim, a.num_heads, a.num_kv_heads);
+        let v = qkv.clone().slice([0..tokens, q_dim + kv_dim..q_dim + 2 * kv_dim]);
+        let (q, k, v) = if a.qk_norm == QkNorm::None && a.clip_qkv.is_none() {
+            // q and k still sit side by side: one rotation for both.
+            let qk = qkv.slice([0..tokens, 0..q_dim + kv_dim]).reshape([tokens, nh + nkv, hd]);
+            let qk = rope::apply(qk, cos, sin);
+            (qk.clone().slice([0..tokens, 0..nh, 0..hd]), qk.slice([0..tokens, nh..nh + nkv, 0..hd]), v)
+        } else {
+            let mut q = qkv.clone().slice([0..tokens, 0..q_dim]);
+            let mut k = qkv.slice([0..tokens, q_dim..q_dim + kv_dim]);
+            let mut v = v;
+            if a.qk_norm == QkNorm::WholeProjection {
+                q = rms_norm(q, self.q_norm.as_ref().expect("loaded with q_norm"), self.eps);
+                k = rms_norm(k, self.k_norm.as_ref().expect("loaded with k_norm"), self.eps);
+            }
+            if let Some(c) = a.clip_qkv {
+                q = q.clamp(-c, c);
+                k = k.clamp(-c, c);
+                v = v.clamp(-c, c);
+            }
+            let mut q = q.reshape([tokens, nh, hd]);
+            let mut k = k.reshape([tokens, nkv, hd]);
+            if a.qk_norm == QkNorm::PerHead {
+                q = rms_norm(q, self.q_norm.as_ref().expect("loaded with q_norm"), self.eps);
+                k = rms_norm(k, self.k_norm.as_ref().expect("loaded with k_norm"), self.eps);
+            }
+            (rope::apply(q, cos, sin), rope::apply(k, cos, sin), v)
+        };
+        let q = q.swap_dims(0, 1); // [heads, tokens, dim]
+        let k = k.swap_dims(0, 1);
+        let v = v.reshape([tokens, nkv, hd]).swap_dims(0, 1);
 
         let start = cache.len();
         // A windowed layer's cache returns only the keys its queries can still see.
