@@ -360,16 +360,17 @@ impl Model {
             let want_received = attention_importance && matches!(layer.ffn, Ffn::Moe(_));
             let (attended, received) = layer.attention.forward(h, l, cache, &rope_tables, want_received, device);
             let h_ffn;
-            (x, h_ffn) = add_rms_norm(x, attended, &layer.post_attention_norm, eps);
-            let y = match &layer.ffn {
+            (x, h_ffn) = add_rms_norm(x, attended, 1, &layer.post_attention_norm, eps);
+            // The block's output rows, `parts` per token (a MoE block's ranks, summed in the norm).
+            let (y, parts) = match &layer.ffn {
                 Ffn::Dense(mlp) => {
                     routing.push(Vec::new());
-                    mlp.forward(h_ffn)
+                    (mlp.forward(h_ffn), 1)
                 }
                 Ffn::Moe(block) => {
-                    let (y, routes) = block.forward(h_ffn, &mut experts, prefetch_k, received, device)?;
+                    let (y, parts, routes) = block.forward(h_ffn, &mut experts, prefetch_k, received, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
-                    y
+                    (y, parts)
                 }
                 Ffn::Mole(block) => {
                     routing.push(Vec::new());
@@ -382,10 +383,10 @@ impl Model {
                             .reshape([tokens, experts, d])
                     });
                     mole_layer += 1;
-                    block.forward(h_ffn, &embedded, layer_rows, eps)?
+                    (block.forward(h_ffn, &embedded, layer_rows, eps)?, 1)
                 }
             };
-            (x, h) = add_rms_norm(x, y, norm_after(l), eps);
+            (x, h) = add_rms_norm(x, y, parts, norm_after(l), eps);
         }
         experts.end_forward();
         drop(experts);

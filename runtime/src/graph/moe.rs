@@ -117,7 +117,9 @@ impl MoeBlock {
         self.pregate.as_ref()
     }
 
-    /// `x` `[tokens, hidden]` (already normed). Returns the block output and each token's route.
+    /// `x` `[tokens, hidden]` (already normed). Returns the block output, as `parts` rows per
+    /// token to be summed in order (`[tokens * parts, hidden]`: the weighted expert output of each
+    /// rank, or one row when a shared expert is added here), and each token's route.
     ///
     /// Experts already resident run first, then the misses (each uploaded once, even when the
     /// cache has fewer slots than this layer needs); their outputs are summed in expert order
@@ -135,7 +137,7 @@ impl MoeBlock {
         prefetch_k: Option<usize>,
         received: Option<Tensor<2>>,
         device: &Device,
-    ) -> Result<(Tensor<2>, Vec<TokenRoute>)> {
+    ) -> Result<(Tensor<2>, usize, Vec<TokenRoute>)> {
         let [tokens, hidden] = x.dims();
         let pregate = self.pregate.as_ref().filter(|_| prefetch_k.is_some());
         // One read-back serves the routing, the prediction and the received attention:
@@ -184,12 +186,15 @@ impl MoeBlock {
         let (hits, misses): (Vec<usize>, Vec<usize>) =
             needed.iter().partition(|&&e| experts.is_resident(self.layer, e));
 
-        // Every (token, expert) output row starts at zero, so a little token's unused ranks add
-        // nothing when the rows are summed per token.
+        // A little token's unused ranks must add nothing when the rows are summed per token, so
+        // their rows start at zero; when every token takes all k experts, each row is written.
         let inter = experts.dims().0;
         let xc = cube_float(x.clone())?;
         let act = cube_float(Tensor::<2>::empty([tokens * k, inter], device))?;
-        let y = cube_float(Tensor::<2>::zeros([tokens * k, hidden], device))?;
+        let rows = [tokens * k, hidden];
+        let every_rank = routes.iter().all(|r| r.experts.len() == k);
+        let y =
+            cube_float(if every_rank { Tensor::<2>::empty(rows, device) } else { Tensor::<2>::zeros(rows, device) })?;
         // Experts are fetched into a batch until the cache cannot make room without evicting one
         // of the batch; then the batch's kernels are queued and its slots become evictable.
         let mut batch: Vec<(usize, SlotRef)> = Vec::new();
@@ -210,15 +215,14 @@ impl MoeBlock {
         self.launch(experts, &batch, &served, &xc, &act, &y, device)?;
         let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
         experts.score_prediction(self.layer, &chosen);
-        let mut out = from_cube::<2>(y).reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]);
-        if let Some(shared) = &self.shared {
-            let mut y = shared.mlp.forward(x.clone());
-            if let Some(gate) = &shared.gate {
-                y = y * sigmoid(gate.forward(x));
-            }
-            out = out + y;
+        let rows = from_cube::<2>(y);
+        let Some(shared) = &self.shared else { return Ok((rows, k, routes)) };
+        let mut y = shared.mlp.forward(x.clone());
+        if let Some(gate) = &shared.gate {
+            y = y * sigmoid(gate.forward(x));
         }
-        Ok((out, routes))
+        let out = rows.reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]) + y;
+        Ok((out, 1, routes))
     }
 
     /// The experts to stage for each token of the pre-gate's target layer: its predicted

@@ -41,17 +41,20 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> T
     from_cube::<2>(out).reshape(dims)
 }
 
-/// The residual sum `x + y` and its norm, in one launch: a decoder layer adds each block's
-/// output to the residual stream and normalises the result for the next block. The sum is the
-/// same element-wise addition burn performs, so results are unchanged.
-pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, weight: &Tensor<1>, eps: f32) -> (Tensor<2>, Tensor<2>) {
+/// The residual sum and its norm, in one launch: a decoder layer adds each block's output to
+/// the residual stream and normalises the result for the next block. `y` holds `parts` rows per
+/// row of `x` (a MoE block's weighted expert outputs, one per rank), summed in order before
+/// they join `x`; with one part the sum is burn's element-wise `x + y`.
+pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, parts: usize, weight: &Tensor<1>, eps: f32) -> (Tensor<2>, Tensor<2>) {
     let [rows, width] = x.dims();
+    debug_assert_eq!(y.dims(), [rows * parts, width], "add_rms_norm: {parts} parts per row");
     let cubes = (try_cube_float(x), try_cube_float(y), try_cube_float(weight.clone()));
     let (xc, yc, wc) = match cubes {
         (Ok(xc), Ok(yc), Ok(wc)) => (xc, yc, wc),
         (x, y, _) => {
             let back = |t: std::result::Result<CubeTensor, Box<Tensor<2>>>| t.map_or_else(|b| *b, from_cube::<2>);
-            let sum = back(x) + back(y);
+            let y = back(y).reshape([rows, parts, width]).sum_dim(1).reshape([rows, width]);
+            let sum = back(x) + y;
             return (sum.clone(), reference(sum, weight, eps));
         }
     };
@@ -68,6 +71,7 @@ pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, weight: &Tensor<1>, eps: f32) ->
         sum.clone().into_tensor_arg(),
         out.clone().into_tensor_arg(),
         rows as u32,
+        parts as u32,
         eps,
         dtype,
     );
@@ -137,7 +141,8 @@ mod kernel {
         }
     }
 
-    /// `sum = x + y` (any strides, `sum` contiguous) and its norm into `out`, one cube per row.
+    /// `sum = x + (y[row * parts] + ... + y[row * parts + parts - 1])` (any strides, `sum`
+    /// contiguous) and its norm into `out`, one cube per row.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)] // the kernel's buffers and scalars, passed through
     pub(super) fn add_rms_norm_kernel<F: Float>(
@@ -147,6 +152,7 @@ mod kernel {
         sum: &mut Tensor<F>,
         out: &mut Tensor<F>,
         rows: u32,
+        parts: u32,
         eps: f32,
         #[define(F)] _dtype: ElemType,
     ) {
@@ -159,7 +165,7 @@ mod kernel {
         let mut squares = F::new(0.0);
         let mut j = UNIT_POS_X as usize;
         while j < width {
-            let v = x[row * x.stride(0) + j * x.stride(1)] + y[row * y.stride(0) + j * y.stride(1)];
+            let v = residual_sum::<F>(x, y, row, parts as usize, j);
             sum[at + j] = v;
             squares += v * v;
             j += comptime!(NORM_UNITS);
@@ -167,10 +173,20 @@ mod kernel {
         let scale = row_scale::<F>(squares, width, eps);
         let mut j = UNIT_POS_X as usize;
         while j < width {
-            let v = x[row * x.stride(0) + j * x.stride(1)] + y[row * y.stride(0) + j * y.stride(1)];
-            out[at + j] = v * scale * weight[j];
+            out[at + j] = residual_sum::<F>(x, y, row, parts as usize, j) * scale * weight[j];
             j += comptime!(NORM_UNITS);
         }
+    }
+
+    /// `x[row, j]` plus the row's parts of `y` at column `j`, the parts added first, in order.
+    #[cube]
+    fn residual_sum<F: Float>(x: &Tensor<F>, y: &Tensor<F>, row: usize, parts: usize, j: usize) -> F {
+        let first = row * parts;
+        let mut s = y[first * y.stride(0) + j * y.stride(1)];
+        for p in 1..parts {
+            s += y[(first + p) * y.stride(0) + j * y.stride(1)];
+        }
+        x[row * x.stride(0) + j * x.stride(1)] + s
     }
 
     /// `rsqrt(mean + eps)` of a row from the units' partial sums of squares.
@@ -228,7 +244,7 @@ mod tests {
                 .slice([0..rows, width..2 * width]);
             let y = Tensor::<2>::from_data(TensorData::new(random(rows * width, 6), [rows, width]), device);
             let w = Tensor::<1>::from_data(TensorData::new(random(width, 7), [width]), device);
-            let (sum, normed) = super::add_rms_norm(x.clone(), y.clone(), &w, 1e-6);
+            let (sum, normed) = super::add_rms_norm(x.clone(), y.clone(), 1, &w, 1e-6);
             let want_sum = x + y;
             let got: Vec<f32> = sum.into_data().try_to_vec().unwrap();
             let want: Vec<f32> = want_sum.clone().into_data().try_to_vec().unwrap();
@@ -238,5 +254,22 @@ mod tests {
             let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-5, "rows {rows} width {width}: max diff {diff}");
         }
+        // Three parts per row (a MoE block's ranks): added in order, then to the residual.
+        let (rows, parts, width) = (2, 3, 70);
+        let xs = random(rows * width, 8);
+        let ys = random(rows * parts * width, 9);
+        let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [rows, width]), device);
+        let y = Tensor::<2>::from_data(TensorData::new(ys.clone(), [rows * parts, width]), device);
+        let w = Tensor::<1>::from_data(TensorData::new(random(width, 10), [width]), device);
+        let (sum, _) = super::add_rms_norm(x, y, parts, &w, 1e-6);
+        let got: Vec<f32> = sum.into_data().try_to_vec().unwrap();
+        let want: Vec<f32> = (0..rows * width)
+            .map(|i| {
+                let (r, j) = (i / width, i % width);
+                let part = |p: usize| ys[(r * parts + p) * width + j];
+                xs[i] + (part(0) + part(1) + part(2))
+            })
+            .collect();
+        assert_eq!(got, want, "parts are added in order, then to the residual");
     }
 }
