@@ -377,6 +377,10 @@ pub struct BenchArgs {
     /// Seed of the random prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Times every mode is measured, in interleaved rounds (all modes of an expert format, then
+    /// again); tables report each mode's median run, JSON lists every run's decode tokens/s.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

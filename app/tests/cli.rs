@@ -113,6 +113,26 @@ fn info_reports_family_and_expert_bytes() {
     assert_eq!(out["expert_parameters"], 2 * 8 * 3 * 64 * 32);
 }
 
+/// `bench --rounds` measures each mode that many times and reports the median run, and the
+/// offloaded mode's greedy tokens equal all-resident's.
+#[test]
+fn bench_reports_every_round_and_their_median() {
+    let model = fixture("mixtral");
+    let args = ["bench", "--model", model.to_str().unwrap(), "--vram-budget", "25%", "--prompt-len", "4"];
+    let out = json_of(&ferry(&[&args[..], &["--gen-len", "4", "--rounds", "3", "--json"]].concat()));
+    assert_eq!(out["greedy_tokens_identical_across_exact_modes"], true);
+    let modes = out["modes"].as_array().unwrap();
+    assert_eq!(modes.iter().map(|m| m["mode"].as_str().unwrap()).collect::<Vec<_>>(), ["resident", "offload"]);
+    for m in modes {
+        let mut runs: Vec<f64> =
+            m["decode_tokens_per_second_runs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(runs.len(), 3, "{}: one decode figure per round", m["mode"]);
+        runs.sort_by(f64::total_cmp);
+        assert_eq!(m["decode_tokens_per_second"].as_f64().unwrap(), runs[1], "{}: the median run", m["mode"]);
+    }
+    assert!(modes[1]["hit_rate"].as_f64().unwrap() < 1.0, "a 25% budget misses");
+}
+
 /// The family figures: MLA's KV bytes per token against expanded keys and values (as the
 /// fixture's reference computed them), and GPT-OSS's MXFP4 experts, which `--expert-dtype auto`
 /// keeps in MXFP4.

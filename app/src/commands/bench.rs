@@ -78,7 +78,10 @@ struct ModeReport {
     /// copy alive in the process, burn's pools, staging); None where the backend keeps no report.
     gpu_memory: Option<ferry_runtime::device::GpuMemory>,
     prefill_tokens_per_second: f64,
+    /// The median of `decode_tokens_per_second_runs` (the run every other figure comes from).
     decode_tokens_per_second: f64,
+    /// Every round's decode tokens/s (`--rounds`).
+    decode_tokens_per_second_runs: Vec<f64>,
     time_to_first_token_seconds: f64,
     /// Over decode steps.
     hit_rate: f64,
@@ -108,6 +111,49 @@ struct ModeReport {
     /// Measured decode tokens/s over the roofline.
     roofline_fraction: f64,
     ids: Vec<u32>,
+}
+
+/// One generation of the bench request in one mode.
+struct Run {
+    output: ferry_runtime::engine::GenerateOutput,
+    recall_per_layer: Vec<Option<f64>>,
+    plan: ferry_runtime::experts::SlotPlan,
+}
+
+fn run_mode(engine: &Engine, mode: &Mode, request: &GenerateRequest, prefetch_extra: usize) -> Result<Run> {
+    let budget: VramBudget = mode.budget.parse()?;
+    engine.model.set_expert_options(ExpertOptions {
+        expert_dtype: mode.dtype,
+        budget,
+        policy: mode.policy,
+        kv_tokens: None,
+        prefetch: mode.prefetch,
+        prefetch_extra,
+        link: mode.link,
+        big_little: mode.big_little,
+        ..ExpertOptions::default()
+    })?;
+    if mode.name == "offload" {
+        // Every offloaded mode starts cold, as a fresh process would.
+        engine.model.experts().clear();
+    }
+    let recall_before = engine.model.experts().recall().to_vec();
+    let output =
+        engine.generate(request, |_| {}).with_context(|| format!("bench mode {} {}", mode.name, mode.budget))?;
+    let recall_per_layer: Vec<Option<f64>> = engine
+        .model
+        .experts()
+        .recall()
+        .iter()
+        .zip(&recall_before)
+        .filter(|(after, _)| after.actual > 0)
+        .map(|(after, before)| {
+            let actual = after.actual - before.actual;
+            (actual > 0).then(|| (after.predicted - before.predicted) as f64 / actual as f64)
+        })
+        .collect();
+    let plan = engine.model.experts().plan().clone();
+    Ok(Run { output, recall_per_layer, plan })
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -217,12 +263,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut resident_decode = None;
     // Each quantised format repeats every mode (all-resident included) on its own copy of the
-    // model; the first mode, all-resident f32, is the baseline of every ratio.
-    let all_modes: Vec<Mode> =
-        dtypes.iter().flat_map(|&dtype| modes.iter().map(move |m| Mode { dtype, ..m.clone() })).collect();
+    // model; the first mode, all-resident f32, is the baseline of every ratio. Modes of one
+    // format share the copy, and `rounds` passes over them interleave the repeats, so a burst of
+    // machine noise hits every mode rather than one.
+    let groups: Vec<Vec<Mode>> =
+        dtypes.iter().map(|&dtype| modes.iter().map(|m| Mode { dtype, ..m.clone() }).collect()).collect();
     let mut quantised: Option<(ExpertDtype, Engine)> = None;
-    for Mode { name: mode, dtype, budget, policy, prefetch, big_little, link: mode_link } in all_modes {
-        if dtype != ExpertDtype::F32 && quantised.as_ref().is_none_or(|(d, _)| *d != dtype) {
+    for group in groups {
+        let dtype = group[0].dtype;
+        if dtype != ExpertDtype::F32 {
             // Drop the previous copy before uploading the next.
             drop(quantised.take());
             let opened = ferry_models::open(&folder)?;
@@ -235,79 +284,63 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Some((d, copy)) if *d == dtype => copy,
             _ => &engine,
         };
-        let budget_value: VramBudget = budget.parse()?;
-        engine.model.set_expert_options(ExpertOptions {
-            expert_dtype: dtype,
-            budget: budget_value,
-            policy,
-            kv_tokens: None,
-            prefetch,
-            prefetch_extra: args.prefetch_extra,
-            link: mode_link,
-            big_little,
-            ..ExpertOptions::default()
-        })?;
-        if mode == "offload" {
-            // Every offloaded mode starts cold, as a fresh process would.
-            engine.model.experts().clear();
+        let mut runs: Vec<Vec<Run>> = (0..group.len()).map(|_| Vec::new()).collect();
+        for _ in 0..args.rounds {
+            for (mode, runs) in group.iter().zip(&mut runs) {
+                runs.push(run_mode(engine, mode, &request, args.prefetch_extra)?);
+            }
         }
-        let recall_before = engine.model.experts().recall().to_vec();
-        let output = engine.generate(&request, |_| {}).with_context(|| format!("bench mode {mode} {budget}"))?;
-        let recall_per_layer: Vec<Option<f64>> = engine
-            .model
-            .experts()
-            .recall()
-            .iter()
-            .zip(&recall_before)
-            .filter(|(after, _)| after.actual > 0)
-            .map(|(after, before)| {
-                let actual = after.actual - before.actual;
-                (actual > 0).then(|| (after.predicted - before.predicted) as f64 / actual as f64)
-            })
-            .collect();
-        let plan = engine.model.experts().plan().clone();
-        let s: &GenerateStats = &output.stats;
-        let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
-        let d = s.decode_experts;
-        let resident = *resident_decode.get_or_insert(s.decode_tokens_per_second);
-        reports.push(ModeReport {
-            mode,
-            expert_dtype: dtype,
-            vram_budget: budget,
-            policy,
-            prefetch,
-            experts: if big_little.is_some() { "big-little" } else { "full" },
-            importance: big_little.map(|b| b.importance),
-            big_share: big_little.map(|_| d.big as f64 / (d.big + d.little).max(1) as f64),
-            fallbacks_per_token: d.fallbacks as f64 / decode_tokens,
-            mode_prediction_accuracy: d.mode_prediction_accuracy(),
-            big_predicted_little_per_token: d.big_predicted_little as f64 / decode_tokens,
-            experts_per_token_layer: (d.hits + d.misses) as f64 / decode_tokens / moe_layers as f64,
-            emulated_link_gb_per_s: mode_link.map(|l| l.bytes_per_second / 1e9),
-            slots: plan.slots,
-            total_experts: plan.total_experts,
-            gpu_bytes: plan.gpu_bytes(),
-            gpu_memory: gpu.memory(),
-            prefill_tokens_per_second: s.prefill_tokens_per_second,
-            decode_tokens_per_second: s.decode_tokens_per_second,
-            time_to_first_token_seconds: s.time_to_first_token_seconds,
-            hit_rate: d.hit_rate(),
-            misses_per_token: d.misses as f64 / decode_tokens,
-            bytes_uploaded_per_token: d.bytes_uploaded as f64 / decode_tokens,
-            stall_fraction: d.stall_seconds / s.decode_seconds.max(1e-9),
-            decode_ratio_to_resident: s.decode_tokens_per_second / resident,
-            prefill_uploaded_bytes: s.prefill_experts.bytes_uploaded,
-            prefetched_per_token: d.prefetched as f64 / decode_tokens,
-            wasted_prefetch_bytes_per_token: d.wasted_prefetch_bytes as f64 / decode_tokens,
-            recall_per_layer,
-            lookup_rows_per_token: s.decode_lookup.rows_fetched as f64 / decode_tokens,
-            lookup_bytes_read_per_token: s.decode_lookup.bytes_read as f64 / decode_tokens,
-            lookup_bytes_uploaded_per_token: s.decode_lookup.bytes_uploaded as f64 / decode_tokens,
-            decode_bytes_read_per_token: 0,
-            roofline_tokens_per_second: 0.0,
-            roofline_fraction: 0.0,
-            ids: output.ids,
-        });
+        for (mode, mut runs) in group.into_iter().zip(runs) {
+            let decode_runs: Vec<f64> = runs.iter().map(|r| r.output.stats.decode_tokens_per_second).collect();
+            runs.sort_by(|a, b| {
+                a.output.stats.decode_tokens_per_second.total_cmp(&b.output.stats.decode_tokens_per_second)
+            });
+            let Run { output, recall_per_layer, plan } = runs.swap_remove(runs.len() / 2);
+            let Mode { name: mode, dtype, budget, policy, prefetch, big_little, link: mode_link } = mode;
+            let s: &GenerateStats = &output.stats;
+            let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
+            let d = s.decode_experts;
+            let resident = *resident_decode.get_or_insert(s.decode_tokens_per_second);
+            reports.push(ModeReport {
+                mode,
+                expert_dtype: dtype,
+                vram_budget: budget,
+                policy,
+                prefetch,
+                experts: if big_little.is_some() { "big-little" } else { "full" },
+                importance: big_little.map(|b| b.importance),
+                big_share: big_little.map(|_| d.big as f64 / (d.big + d.little).max(1) as f64),
+                fallbacks_per_token: d.fallbacks as f64 / decode_tokens,
+                mode_prediction_accuracy: d.mode_prediction_accuracy(),
+                big_predicted_little_per_token: d.big_predicted_little as f64 / decode_tokens,
+                experts_per_token_layer: (d.hits + d.misses) as f64 / decode_tokens / moe_layers as f64,
+                emulated_link_gb_per_s: mode_link.map(|l| l.bytes_per_second / 1e9),
+                slots: plan.slots,
+                total_experts: plan.total_experts,
+                gpu_bytes: plan.gpu_bytes(),
+                gpu_memory: gpu.memory(),
+                prefill_tokens_per_second: s.prefill_tokens_per_second,
+                decode_tokens_per_second: s.decode_tokens_per_second,
+                decode_tokens_per_second_runs: decode_runs,
+                time_to_first_token_seconds: s.time_to_first_token_seconds,
+                hit_rate: d.hit_rate(),
+                misses_per_token: d.misses as f64 / decode_tokens,
+                bytes_uploaded_per_token: d.bytes_uploaded as f64 / decode_tokens,
+                stall_fraction: d.stall_seconds / s.decode_seconds.max(1e-9),
+                decode_ratio_to_resident: s.decode_tokens_per_second / resident,
+                prefill_uploaded_bytes: s.prefill_experts.bytes_uploaded,
+                prefetched_per_token: d.prefetched as f64 / decode_tokens,
+                wasted_prefetch_bytes_per_token: d.wasted_prefetch_bytes as f64 / decode_tokens,
+                recall_per_layer,
+                lookup_rows_per_token: s.decode_lookup.rows_fetched as f64 / decode_tokens,
+                lookup_bytes_read_per_token: s.decode_lookup.bytes_read as f64 / decode_tokens,
+                lookup_bytes_uploaded_per_token: s.decode_lookup.bytes_uploaded as f64 / decode_tokens,
+                decode_bytes_read_per_token: 0,
+                roofline_tokens_per_second: 0.0,
+                roofline_fraction: 0.0,
+                ids: output.ids,
+            });
+        }
     }
     let exact = reports
         .iter()
