@@ -1,11 +1,13 @@
 //! Quantised experts (`--expert-dtype int8|int4|int3|int2|mxfp4`, f16): offloading them stays exact (offloaded output
 //! equals all-resident output of the same dtype bit for bit), every upload moves the quantised
-//! size, and their logits stay near transformers' (int8 nearer than int4).
+//! size, and their logits stay near transformers' (int8 nearer than int4). f16 projections
+//! (`--dense-dtype f16`): near transformers, offloading exact, half the resident bytes.
 
+use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{ExpertDtype, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_runtime::graph::{DenseDtype, ExpertOptions, ForwardOutput, LogitsFor, Model};
 use ferry_runtime::spec::ExpertLayout;
-use ferry_tests::{FAMILIES, fixture, gpu, max_abs_diff, reference};
+use ferry_tests::{FAMILIES, fixture, gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str, budget: VramBudget, expert_dtype: ExpertDtype) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
@@ -111,5 +113,37 @@ fn converted_folders_equal_quantising_at_load() {
             .expect_err("a converted folder must not be converted again")
             .to_string();
         assert!(err.contains("already quantised"), "{err}");
+    }
+}
+
+fn load_f16_projections(family: &str, budget: VramBudget) -> Model {
+    let opened = ferry_models::open(&fixture(family)).unwrap();
+    let options = ExpertOptions { budget, dense_dtype: DenseDtype::F16, ..Default::default() };
+    Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
+}
+
+/// f16 projections round the fixtures' F32 weights to half precision: logits stay within a
+/// small error of transformers' (prefill and the decode kernel alike), an offloaded model equals
+/// the all-resident one bit for bit, and the plan holds the projections at two bytes.
+#[test]
+fn f16_projections_stay_near_transformers_and_offload_exactly() {
+    for family in FAMILIES {
+        let reference = reference(family);
+        let resident = load_f16_projections(family, VramBudget::All);
+        let out = prompt_forward(&resident, &reference.input_ids);
+        let (diff, scale) = max_abs_diff(&out.logits, &reference.logits);
+        assert!(diff / scale < 5e-3, "{family}: f16 projections relative error {}", diff / scale);
+        eprintln!("{family}: f16 projections max |logit error| / max |logit| {:.2e}", diff / scale);
+
+        let offloaded = load_f16_projections(family, VramBudget::FractionOfExperts(0.25));
+        assert_eq!(prompt_forward(&offloaded, &reference.input_ids).logits, out.logits, "{family}: offloaded");
+        let prompt = &reference.greedy.prompt_ids;
+        let (resident, offloaded) = (Engine::new(resident, None), Engine::new(offloaded, None));
+        assert_eq!(greedy(&offloaded, prompt, 8), greedy(&resident, prompt, 8), "{family}: offloaded decode");
+
+        let spec = resident.model.spec();
+        let f32_bytes = VramBudget::All.plan(spec, 16).unwrap().resident_bytes;
+        let plan = offloaded.model.experts().plan().clone();
+        assert_eq!(f32_bytes - plan.resident_bytes, 2 * spec.projection_params() as u64, "{family}: plan");
     }
 }

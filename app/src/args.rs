@@ -204,6 +204,11 @@ pub struct ModelArgs {
     /// except mxfp4 on an MXFP4 checkpoint); auto: mxfp4 for MXFP4 checkpoints, else f32.
     #[arg(long, default_value = "auto")]
     pub expert_dtype: String,
+    /// How projection matrices (attention, dense and shared FFNs, routers, LM head) are stored
+    /// on the GPU: f32 (exact), or f16 (half their bytes and memory, products summed in f32;
+    /// approximate; needs shader-f16).
+    #[arg(long, default_value = "f32")]
+    pub dense_dtype: String,
 }
 
 #[derive(Args, Clone)]
@@ -342,6 +347,10 @@ pub struct BenchArgs {
     /// format loads its own copy of the model. All-resident f32 is always the baseline.
     #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
     pub expert_dtypes: Vec<String>,
+    /// Projection formats to measure (comma-separated: f32, f16); each format other than f32
+    /// repeats every expert format on its own copy of the model.
+    #[arg(long = "dense-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
+    pub dense_dtypes: Vec<String>,
     /// Eviction policies to measure at each budget (repeatable).
     #[arg(long = "expert-policy", default_values_t = ["lru".to_string()])]
     pub expert_policies: Vec<String>,

@@ -91,6 +91,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
         expert_dtype: expert_dtype(args)?,
+        dense_dtype: args.dense_dtype.parse()?,
     })
 }
 

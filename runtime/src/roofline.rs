@@ -9,9 +9,11 @@ use burn::tensor::Tensor;
 use crate::device::Gpu;
 use crate::error::{FerryError, Result};
 use crate::experts::ExpertDtype;
+use crate::graph::DenseDtype;
 use crate::spec::{FfnKind, ModelSpec};
 
-/// Ferry computes in f32: every weight and cached K/V value read is 4 bytes.
+/// Ferry computes in f32: norms, biases and cached K/V values are 4 bytes (projections and
+/// experts are counted in their stored formats).
 const BYTES_PER_VALUE: u64 = 4;
 
 /// Bytes one decode step reads from GPU memory.
@@ -27,18 +29,27 @@ pub struct DecodeBytes {
 
 impl DecodeBytes {
     /// For a token with `position` tokens before it, computing `experts_per_layer` routed
-    /// experts in each MoE layer (top-k in full mode, fewer for little tokens) stored as `dtype`.
-    pub fn of(spec: &ModelSpec, position: usize, experts_per_layer: f64, dtype: ExpertDtype) -> Self {
+    /// experts in each MoE layer (top-k in full mode, fewer for little tokens) stored as `dtype`,
+    /// with projection matrices stored as `projections`.
+    pub fn of(
+        spec: &ModelSpec,
+        position: usize,
+        experts_per_layer: f64,
+        dtype: ExpertDtype,
+        projections: DenseDtype,
+    ) -> Self {
         let hidden = spec.hidden_size as u64;
         let embedding = spec.vocab_size as u64 * hidden;
         // An untied embedding is read one row per token; tied, the LM head reads all of it.
         let unread = if spec.tie_word_embeddings { 0 } else { embedding - hidden };
-        let dense = spec.resident_params() as u64 - unread;
+        let matrices = spec.projection_params() as u64;
+        let rest = spec.resident_params() as u64 - unread - matrices;
+        let dense = matrices * projections.bytes() + rest * BYTES_PER_VALUE;
         let moe_layers = spec.layers.iter().filter(|l| matches!(l, FfnKind::Moe)).count() as f64;
         let expert = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size) as f64;
         let experts = (experts_per_layer * moe_layers * expert).round() as u64;
         let kv = spec.attention.kv_elements(spec.num_layers(), position) as u64;
-        Self { dense: dense * BYTES_PER_VALUE, experts, kv_cache: kv * BYTES_PER_VALUE }
+        Self { dense, experts, kv_cache: kv * BYTES_PER_VALUE }
     }
 
     pub fn total(&self) -> u64 {

@@ -364,59 +364,82 @@ impl ModelSpec {
 
     /// Parameters of everything but the routed experts.
     pub fn resident_params(&self) -> usize {
+        let p = self.resident_parts();
+        p.projections + p.other
+    }
+
+    /// Parameters held as projection matrices on the GPU, the ones `--dense-dtype` stores:
+    /// attention projections, dense and shared FFNs, routers, and the LM head (the embedding's
+    /// values when tied).
+    pub fn projection_params(&self) -> usize {
+        self.resident_parts().projections
+    }
+
+    /// `resident_params` split into projection matrices (the LM head included) and the rest
+    /// (embedding when untied, norms, biases, sinks).
+    fn resident_parts(&self) -> ResidentParts {
         let h = self.hidden_size;
         let a = &self.attention;
         let q = a.num_heads * a.head_dim;
         let kv = a.num_kv_heads * a.head_dim;
-        let mut attn = match &a.mla {
-            None => h * q + 2 * h * kv + q * h,
+        let mut attn = ResidentParts::default();
+        match &a.mla {
+            None => attn.projections += h * q + 2 * h * kv + q * h,
             Some(m) => {
-                let query = m.q_lora_rank.map_or(h * q, |r| h * r + r + r * q);
-                let kv_a = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank;
+                let query = m.q_lora_rank.map_or(h * q, |r| h * r + r * q);
+                attn.other += m.q_lora_rank.unwrap_or(0) + m.kv_lora_rank; // the latent norms
+                let kv_a = h * (m.kv_lora_rank + m.qk_rope_head_dim);
                 let kv_b = m.kv_lora_rank * a.num_heads * (m.qk_nope_head_dim + m.v_head_dim);
-                query + kv_a + kv_b + a.num_heads * m.v_head_dim * h
+                attn.projections += query + kv_a + kv_b + a.num_heads * m.v_head_dim * h;
             }
-        };
+        }
         if a.qkv_bias {
-            attn += q + 2 * kv;
+            attn.other += q + 2 * kv;
         }
         if a.o_bias {
-            attn += h;
+            attn.other += h;
         }
         if a.sinks {
-            attn += a.num_heads;
+            attn.other += a.num_heads;
         }
-        attn += match a.qk_norm {
+        attn.other += match a.qk_norm {
             QkNorm::None => 0,
             QkNorm::PerHead => 2 * a.head_dim,
             QkNorm::WholeProjection => q + kv,
         };
-        let mut total = self.vocab_size * h + h; // embedding, final norm
-        if !self.tie_word_embeddings {
-            total += self.vocab_size * h;
-        }
+        // LM head (the embedding when tied), final norm, and an untied embedding.
+        let mut total = ResidentParts {
+            projections: self.vocab_size * h,
+            other: h + if self.tie_word_embeddings { 0 } else { self.vocab_size * h },
+        };
         for ffn in &self.layers {
-            total += attn + 2 * h;
-            total += match ffn {
-                FfnKind::Dense { intermediate_size } => 3 * h * intermediate_size,
+            total.projections += attn.projections;
+            total.other += attn.other + 2 * h;
+            match ffn {
+                FfnKind::Dense { intermediate_size } => total.projections += 3 * h * intermediate_size,
                 FfnKind::Moe => {
                     let m = &self.moe;
-                    let shared = m
+                    total.projections += m
                         .shared_expert
                         .as_ref()
                         .map_or(0, |s| 3 * h * s.intermediate_size + usize::from(s.sigmoid_gate) * h);
                     // Expert biases stay resident: they are small and read by every launch.
-                    let biases = if m.expert_bias { m.num_experts * (2 * m.expert_intermediate_size + h) } else { 0 };
-                    let router =
-                        (h + usize::from(m.router_bias) + usize::from(m.router.has_score_bias())) * m.num_experts;
-                    router + shared + biases
+                    if m.expert_bias {
+                        total.other += m.num_experts * (2 * m.expert_intermediate_size + h);
+                    }
+                    total.projections += h * m.num_experts;
+                    total.other +=
+                        (usize::from(m.router_bias) + usize::from(m.router.has_score_bias())) * m.num_experts;
                 }
                 // Router, expert norm and shared FFN; lookup experts (FFNs or table rows) are
                 // not counted, like routed experts.
                 FfnKind::Mole => {
-                    self.mole.as_ref().map_or(0, |m| h * m.num_experts + h + 3 * h * m.shared_intermediate_size)
+                    if let Some(m) = &self.mole {
+                        total.projections += h * m.num_experts + 3 * h * m.shared_intermediate_size;
+                        total.other += h;
+                    }
                 }
-            };
+            }
         }
         total
     }
@@ -433,4 +456,11 @@ impl ModelSpec {
         let moe_layers = self.layers.iter().filter(|f| matches!(f, FfnKind::Moe)).count();
         moe_layers * self.moe.num_experts * self.expert_params()
     }
+}
+
+/// Resident parameters by how they are stored (see `ModelSpec::resident_parts`).
+#[derive(Debug, Default, Clone, Copy)]
+struct ResidentParts {
+    projections: usize,
+    other: usize,
 }

@@ -6,7 +6,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest, GenerateStats};
 use ferry_runtime::experts::{
     BigLittle, EvictionPolicy, ExpertDtype, Importance, LinkModel, VramBudget, measure_upload,
 };
-use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
+use ferry_runtime::graph::{DenseDtype, ExpertOptions, Model, PrefetchMode};
 use ferry_runtime::roofline::{DecodeBytes, ceiling_tokens_per_second, measure_memory_bandwidth};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_runtime::{AdapterChoice, Gpu};
@@ -20,6 +20,8 @@ use crate::args::BenchArgs;
 struct Mode {
     name: String,
     dtype: ExpertDtype,
+    /// How projection matrices are stored.
+    dense: DenseDtype,
     budget: String,
     policy: EvictionPolicy,
     prefetch: PrefetchMode,
@@ -34,7 +36,8 @@ fn label(r: &ModeReport) -> String {
         Some(i) => format!("{}:{i}", r.experts),
         None => r.experts.to_string(),
     };
-    format!("{:?}/{experts}/{}", r.prefetch, r.expert_dtype).to_lowercase()
+    let projections = if r.dense_dtype == DenseDtype::F32 { String::new() } else { format!("/{}-proj", r.dense_dtype) };
+    format!("{:?}/{experts}/{}{projections}", r.prefetch, r.expert_dtype).to_lowercase()
 }
 
 /// `--link-gbps` entry: `none` (the adapter's speed) or GB/s.
@@ -52,6 +55,8 @@ struct ModeReport {
     mode: String,
     /// How routed experts were stored (f32 is exact).
     expert_dtype: ExpertDtype,
+    /// How projection matrices were stored (f32 is exact).
+    dense_dtype: DenseDtype,
     vram_budget: String,
     policy: EvictionPolicy,
     prefetch: PrefetchMode,
@@ -124,6 +129,7 @@ fn run_mode(engine: &Engine, mode: &Mode, request: &GenerateRequest, prefetch_ex
     let budget: VramBudget = mode.budget.parse()?;
     engine.model.set_expert_options(ExpertOptions {
         expert_dtype: mode.dtype,
+        dense_dtype: mode.dense,
         budget,
         policy: mode.policy,
         kv_tokens: None,
@@ -220,9 +226,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ([], false) => vec!["50%".to_string()],
         (given, _) => given.to_vec(),
     };
+    let mut denses: Vec<DenseDtype> = Vec::new();
+    for name in &args.dense_dtypes {
+        let dense: DenseDtype = name.parse()?;
+        if !denses.contains(&dense) {
+            denses.push(dense);
+        }
+    }
+    if denses.first() != Some(&DenseDtype::F32) {
+        denses.retain(|&d| d != DenseDtype::F32);
+        denses.insert(0, DenseDtype::F32);
+    }
     let mut modes = vec![Mode {
         name: "resident".into(),
         dtype: ExpertDtype::F32,
+        dense: DenseDtype::F32,
         budget: "all".into(),
         policy: EvictionPolicy::Lru,
         prefetch: PrefetchMode::None,
@@ -247,6 +265,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                             modes.push(Mode {
                                 name: "offload".into(),
                                 dtype: ExpertDtype::F32,
+                                dense: DenseDtype::F32,
                                 budget: budget.clone(),
                                 policy: policy.parse()?,
                                 prefetch: prefetch.parse()?,
@@ -262,28 +281,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let moe_layers = spec.layers.iter().filter(|l| matches!(l, ferry_runtime::spec::FfnKind::Moe)).count().max(1);
     let mut reports: Vec<ModeReport> = Vec::new();
     let mut resident_decode = None;
-    // Each quantised format repeats every mode (all-resident included) on its own copy of the
-    // model; the first mode, all-resident f32, is the baseline of every ratio. Modes of one
-    // format share the copy, and `rounds` passes over them interleave the repeats, so a burst of
-    // machine noise hits every mode rather than one.
-    let groups: Vec<Vec<Mode>> =
-        dtypes.iter().map(|&dtype| modes.iter().map(|m| Mode { dtype, ..m.clone() }).collect()).collect();
-    let mut quantised: Option<(ExpertDtype, Engine)> = None;
+    // Each quantised expert format and f16 projections repeat every mode (all-resident
+    // included) on their own copy of the model; the first mode, all-resident f32, is the baseline
+    // of every ratio. Modes of one format share the copy, and `rounds` passes over them
+    // interleave the repeats, so a burst of machine noise hits every mode rather than one.
+    let groups: Vec<Vec<Mode>> = denses
+        .iter()
+        .flat_map(|&dense| dtypes.iter().map(move |&dtype| (dense, dtype)))
+        .map(|(dense, dtype)| modes.iter().map(|m| Mode { dtype, dense, ..m.clone() }).collect())
+        .collect();
+    let mut copy: Option<Engine> = None;
     for group in groups {
-        let dtype = group[0].dtype;
-        if dtype != ExpertDtype::F32 {
+        let (dtype, dense) = (group[0].dtype, group[0].dense);
+        if (dtype, dense) != (ExpertDtype::F32, DenseDtype::F32) {
             // Drop the previous copy before uploading the next.
-            drop(quantised.take());
+            drop(copy.take());
             let opened = ferry_models::open(&folder)?;
-            let options = ExpertOptions { expert_dtype: dtype, ..ExpertOptions::default() };
-            let copy = Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?, None);
-            copy.generate(&request, |_| {})?;
-            quantised = Some((dtype, copy));
+            let options = ExpertOptions { expert_dtype: dtype, dense_dtype: dense, ..ExpertOptions::default() };
+            let loaded = Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?, None);
+            loaded.generate(&request, |_| {})?;
+            copy = Some(loaded);
         }
-        let engine = match &quantised {
-            Some((d, copy)) if *d == dtype => copy,
-            _ => &engine,
-        };
+        let engine = copy.as_ref().unwrap_or(&engine);
         let mut runs: Vec<Vec<Run>> = (0..group.len()).map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
             for (mode, runs) in group.iter().zip(&mut runs) {
@@ -296,7 +315,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 a.output.stats.decode_tokens_per_second.total_cmp(&b.output.stats.decode_tokens_per_second)
             });
             let Run { output, recall_per_layer, plan } = runs.swap_remove(runs.len() / 2);
-            let Mode { name: mode, dtype, budget, policy, prefetch, big_little, link: mode_link } = mode;
+            let Mode { name: mode, dtype, dense, budget, policy, prefetch, big_little, link: mode_link } = mode;
             let s: &GenerateStats = &output.stats;
             let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
             let d = s.decode_experts;
@@ -304,6 +323,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             reports.push(ModeReport {
                 mode,
                 expert_dtype: dtype,
+                dense_dtype: dense,
                 vram_budget: budget,
                 policy,
                 prefetch,
@@ -344,7 +364,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let exact = reports
         .iter()
-        .filter(|r| r.experts == "full" && r.expert_dtype == ExpertDtype::F32)
+        .filter(|r| r.experts == "full" && r.expert_dtype == ExpertDtype::F32 && r.dense_dtype == DenseDtype::F32)
         .all(|r| r.ids == reports[0].ids);
     // Host-to-GPU paths at one expert's size, and at 64 MiB for the link's peak.
     let slot_bytes = engine.model.experts().plan().slot_bytes as usize;
@@ -361,7 +381,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .fold(f64::MIN_POSITIVE, f64::max);
     let middle = prompt.len() + request.max_new_tokens / 2;
     for r in &mut reports {
-        let read = DecodeBytes::of(&spec, middle, r.experts_per_token_layer, r.expert_dtype).total();
+        let read = DecodeBytes::of(&spec, middle, r.experts_per_token_layer, r.expert_dtype, r.dense_dtype).total();
         r.decode_bytes_read_per_token = read;
         r.roofline_tokens_per_second =
             ceiling_tokens_per_second(read, memory.bytes_per_second, r.bytes_uploaded_per_token, upload_rate);

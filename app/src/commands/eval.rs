@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use ferry_runtime::experts::ExpertDtype;
-use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model};
+use ferry_runtime::graph::{DenseDtype, ExpertOptions, LogitsFor, Model};
 use ferry_runtime::routing::softmax;
 
 use crate::args::EvalArgs;
@@ -54,10 +54,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let window = model.spec().max_position_embeddings.min(512);
     let options = load::expert_options(&args.model)?;
 
-    // Full mode is exact: every expert of the top-k, in f32. Quantised experts are fixed at
-    // load, so their reference is a second, f32 copy of the model.
-    let exact = ExpertOptions { big_little: None, expert_dtype: ExpertDtype::F32, ..options };
-    let full = if options.expert_dtype == ExpertDtype::F32 {
+    // Full mode is exact: every expert of the top-k, experts and projections in f32. Formats
+    // are fixed at load, so the reference of a quantised or f16 model is a second, f32 copy.
+    let exact =
+        ExpertOptions { big_little: None, expert_dtype: ExpertDtype::F32, dense_dtype: DenseDtype::F32, ..options };
+    let full = if options.expert_dtype == ExpertDtype::F32 && options.dense_dtype == DenseDtype::F32 {
         model.set_expert_options(exact)?;
         let full = logits_over(model, &ids)?;
         model.set_expert_options(options)?;
@@ -82,6 +83,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "tokens": ids.len(),
         "experts": args.model.big_little.experts,
         "expert_dtype": options.expert_dtype,
+        "dense_dtype": options.dense_dtype,
         "importance": args.model.big_little.importance,
         "big_fraction": args.model.big_little.big_fraction,
         "perplexity_full": ppl_full,
@@ -96,9 +98,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         println!("{} tokens of {}", ids.len(), args.text.display());
         println!(
-            "perplexity full f32 {ppl_full:.4}, {} {} {ppl_mode:.4} (delta {:+.4})",
+            "perplexity full f32 {ppl_full:.4}, {} experts {} projections {} {ppl_mode:.4} (delta {:+.4})",
             args.model.big_little.experts,
             options.expert_dtype,
+            options.dense_dtype,
             ppl_mode - ppl_full
         );
         println!("argmax agreement with full: {:.1}%", 100.0 * agree);

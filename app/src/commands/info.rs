@@ -57,6 +57,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
         "resident_bytes_f32": resident * 4,
         // On the GPU: an untied embedding stays in the checkpoint, read a row per token.
         "gpu_resident_bytes_f32": spec.gpu_resident_params() * 4,
+        // What --dense-dtype f16 stores at two bytes instead of four.
+        "projection_parameters": spec.projection_params(),
         "expert_bytes_f32": experts * 4,
         "checkpoint_bytes": opened.weights.total_bytes(),
         "kv_bytes_per_token_f32": kv_bytes,

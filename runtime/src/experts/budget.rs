@@ -2,6 +2,7 @@
 
 use super::quant::ExpertDtype;
 use crate::error::{FerryError, Result};
+use crate::graph::DenseDtype;
 use crate::spec::ModelSpec;
 
 /// A GPU memory budget as the user gives it.
@@ -81,22 +82,32 @@ impl SlotPlan {
     }
 }
 
-/// Bytes per element on the GPU: the graph computes in f32.
+/// Bytes per element on the GPU of everything but projections and experts (norms, biases, the
+/// KV cache): the graph computes in f32.
 const GPU_ELEMENT_BYTES: u64 = 4;
 
 impl VramBudget {
-    /// Splits the budget for f32 experts. `kv_tokens` is the context the KV cache is counted for.
+    /// Splits the budget for f32 experts and projections. `kv_tokens` is the context the KV
+    /// cache is counted for.
     pub fn plan(self, spec: &ModelSpec, kv_tokens: usize) -> Result<SlotPlan> {
-        self.plan_for(spec, kv_tokens, ExpertDtype::F32)
+        self.plan_for(spec, kv_tokens, ExpertDtype::F32, DenseDtype::F32)
     }
 
     /// Splits the budget for experts stored as `dtype` (a share of expert bytes is a share of
-    /// the experts in that format).
-    pub fn plan_for(self, spec: &ModelSpec, kv_tokens: usize, dtype: ExpertDtype) -> Result<SlotPlan> {
+    /// the experts in that format) next to projections stored as `dense`.
+    pub fn plan_for(
+        self,
+        spec: &ModelSpec,
+        kv_tokens: usize,
+        dtype: ExpertDtype,
+        dense: DenseDtype,
+    ) -> Result<SlotPlan> {
         let moe_layers = spec.layers.iter().filter(|l| matches!(l, crate::spec::FfnKind::Moe)).count();
         let total_experts = moe_layers * spec.moe.num_experts;
         let slot_bytes = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
-        let resident_bytes = spec.gpu_resident_params() as u64 * GPU_ELEMENT_BYTES;
+        let projections = spec.projection_params() as u64;
+        let resident_bytes =
+            projections * dense.bytes() + (spec.gpu_resident_params() as u64 - projections) * GPU_ELEMENT_BYTES;
         let kv_bytes = spec.attention.kv_elements(spec.num_layers(), kv_tokens) as u64 * GPU_ELEMENT_BYTES;
         let slots = match self {
             Self::All => total_experts,

@@ -1,11 +1,55 @@
 //! Weights from the store to GPU tensors, and the linear projection that uses them.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use super::matvec::{MAX_ROWS, matvec};
-use crate::error::Result;
+use crate::error::{FerryError, Result};
 use crate::experts::{from_cube, try_cube_float};
 use crate::weights::WeightStore;
+
+/// How projection matrices (attention, dense and shared FFNs, routers, the LM head) are stored on
+/// the GPU (`--dense-dtype`). Products always sum in f32; f16 halves the bytes each decode step
+/// reads and the GPU memory they take, and rounds every weight to half precision (an
+/// approximation unless each value fits f16). Norms, biases and the KV cache stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenseDtype {
+    #[default]
+    F32,
+    /// Needs `shader-f16`.
+    F16,
+}
+
+impl DenseDtype {
+    /// Bytes of one stored projection weight.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for DenseDtype {
+    type Err = FerryError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(FerryError::flag("--dense-dtype", format!("unknown format {other:?}; use f32 or f16"))),
+        }
+    }
+}
+
+impl std::fmt::Display for DenseDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
 
 /// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul. Clones
 /// share the GPU tensors.
@@ -20,7 +64,7 @@ impl Linear {
         if let Some(y) = decode_product(&x, &self.weight_t, self.bias.as_ref()) {
             return y;
         }
-        let y = x.matmul(self.weight_t.clone());
+        let y = x.matmul(as_f32(&self.weight_t));
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
@@ -57,6 +101,12 @@ pub fn decode_product(x: &Tensor<2>, wt: &Tensor<2>, bias: Option<&Tensor<1>>) -
     matvec(x, &try_cube_float(wt.clone()).ok()?, bias)
 }
 
+/// A stored projection as burn's matmul takes it: f16 weights are widened for the product (a
+/// prefill's cost; a decode step reads them as they are).
+pub fn as_f32(wt: &Tensor<2>) -> Tensor<2> {
+    wt.clone().cast(FloatDType::F32)
+}
+
 /// `t` transposed into a contiguous tensor, on the device (burn's matmul reads a transposed view
 /// as well, but the matrix-vector kernel wants `[in, out]` rows).
 pub fn transposed(t: Tensor<2>) -> Tensor<2> {
@@ -70,6 +120,8 @@ pub fn transposed(t: Tensor<2>) -> Tensor<2> {
 pub struct Loader<'a> {
     pub store: &'a WeightStore,
     pub device: &'a Device,
+    /// How projection matrices are stored.
+    pub dense: DenseDtype,
 }
 
 impl Loader<'_> {
@@ -104,8 +156,10 @@ impl Loader<'_> {
         };
         let name = format!("{prefix}.weight");
         let weight = reorder(self.store.f32(&name, &[outputs, inputs])?, inputs);
-        let weight_t =
-            Tensor::from_data(TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]), self.device);
+        let weight_t = self.stored(Tensor::from_data(
+            TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]),
+            self.device,
+        ));
         let bias = if bias {
             let values = reorder(self.store.f32(&format!("{prefix}.bias"), &[outputs])?, 1);
             Some(Tensor::from_data(TensorData::new(values, [outputs]), self.device))
@@ -113,6 +167,14 @@ impl Loader<'_> {
             None
         };
         Ok(Linear { weight_t, bias })
+    }
+
+    /// A projection matrix in the stored format (`--dense-dtype`).
+    pub fn stored(&self, weight: Tensor<2>) -> Tensor<2> {
+        match self.dense {
+            DenseDtype::F32 => weight,
+            DenseDtype::F16 => weight.cast(FloatDType::F16),
+        }
     }
 }
 

@@ -109,23 +109,35 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
-    /// Outputs divisible by four and not, with and without a bias, a strided (sliced) input row
-    /// and two rows: the kernel equals a plain-Rust product in index order up to rounding.
+    /// Outputs divisible by four and not, with and without a bias, a strided (sliced) input row,
+    /// two rows, and f16 weights: the kernel equals a plain-Rust product in index order (on the
+    /// weights rounded to f16 for f16) up to rounding.
     #[test]
     fn matvec_matches_a_cpu_product() {
         let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
         let device = &gpu.device;
-        for (rows, inputs, outputs, bias) in
-            [(1, 64, 96, false), (1, 40, 30, true), (2, 130, 8, true), (1, 5, 3, false)]
-        {
-            let wt = random(inputs * outputs, 1);
+        let cases = [
+            (1, 64, 96, false, false),
+            (1, 40, 30, true, false),
+            (2, 130, 8, true, false),
+            (1, 5, 3, false, false),
+            (1, 64, 96, true, true),
+            (1, 9, 7, false, true),
+        ];
+        for (rows, inputs, outputs, bias, f16) in cases {
+            let mut wt = random(inputs * outputs, 1);
+            if f16 {
+                wt.iter_mut().for_each(|w| *w = half::f16::from_f32(*w).to_f32());
+            }
             let b = random(outputs, 2);
             // The rows are every other column block of a wider tensor: strides to follow.
             let wide = random(rows * 2 * inputs, 3);
             let x = Tensor::<2>::from_data(TensorData::new(wide.clone(), [rows, 2 * inputs]), device)
                 .slice([0..rows, inputs..2 * inputs]);
+            let wt_tensor = Tensor::<2>::from_data(TensorData::new(wt.clone(), [inputs, outputs]), device);
             let wt_gpu =
-                cube_float(Tensor::<2>::from_data(TensorData::new(wt.clone(), [inputs, outputs]), device)).unwrap();
+                cube_float(if f16 { wt_tensor.cast(burn::tensor::FloatDType::F16) } else { wt_tensor }).unwrap();
+            assert_eq!(wt_gpu.dtype == burn::tensor::DType::F16, f16);
             let b_gpu = Tensor::<1>::from_data(TensorData::new(b.clone(), [outputs]), device);
             let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu)).expect("CubeCL backend");
             assert_eq!(got.dims(), [rows, outputs]);
@@ -135,7 +147,10 @@ mod tests {
                     let dot: f32 = (0..inputs).map(|j| wide[r * 2 * inputs + inputs + j] * wt[j * outputs + c]).sum();
                     let want = dot + if bias { b[c] } else { 0.0 };
                     let g = got[r * outputs + c];
-                    assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()), "{rows}x{inputs}x{outputs}: {g} vs {want}");
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{rows}x{inputs}x{outputs} f16 {f16}: {g} vs {want}"
+                    );
                 }
             }
         }

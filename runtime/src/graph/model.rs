@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 use super::attention::Attention;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
-use super::linear::Loader;
+use super::linear::{DenseDtype, Loader};
 use super::mla::MlaAttention;
 use super::moe::{MoeBlock, PreGate};
 use super::mole::{MoleBlock, upload_rows};
@@ -65,6 +65,9 @@ pub struct ExpertOptions {
     /// How routed experts are stored in host RAM and GPU slots (`--expert-dtype`); quantised
     /// formats are approximations. Set when the model is loaded.
     pub expert_dtype: ExpertDtype,
+    /// How projection matrices are stored on the GPU (`--dense-dtype`); f16 is an
+    /// approximation. Set when the model is loaded.
+    pub dense_dtype: DenseDtype,
 }
 
 impl Default for ExpertOptions {
@@ -79,6 +82,7 @@ impl Default for ExpertOptions {
             big_little: None,
             page_bytes: None,
             expert_dtype: ExpertDtype::F32,
+            dense_dtype: DenseDtype::F32,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct Model {
     prefetch_k: Mutex<Option<usize>>,
     /// MoLE in table mode: the memory-mapped lookup table (`mole_lut.bin` in the model folder).
     lookup: Option<Mutex<LookupTable>>,
+    /// How the projection matrices were stored at load.
+    dense_dtype: DenseDtype,
 }
 
 impl Model {
@@ -168,9 +174,15 @@ impl Model {
         options: ExpertOptions,
     ) -> Result<Self> {
         let kv_tokens = options.kv_tokens.unwrap_or(spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
-        let plan = options.budget.plan_for(&spec, kv_tokens, options.expert_dtype)?;
+        let plan = options.budget.plan_for(&spec, kv_tokens, options.expert_dtype, options.dense_dtype)?;
         let expert_store = ExpertStore::new(Arc::clone(store), &spec, options.expert_dtype)?;
-        let loader = Loader { store, device };
+        if options.dense_dtype == DenseDtype::F16 && !supports_f16(device)? {
+            return Err(FerryError::flag(
+                "--dense-dtype",
+                "f16 projections need an adapter with shader-f16; this one has none (use f32)",
+            ));
+        }
+        let loader = Loader { store, device, dense: options.dense_dtype };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let embed = Embedding::open(store, &names.embed, v, h)?;
@@ -235,6 +247,7 @@ impl Model {
             experts: Mutex::new(experts),
             prefetch_k: Mutex::new(prefetch_k),
             lookup,
+            dense_dtype: options.dense_dtype,
         })
     }
 
@@ -292,7 +305,16 @@ impl Model {
                 ),
             ));
         }
-        let plan = options.budget.plan_for(&self.spec, kv_tokens, options.expert_dtype)?;
+        if options.dense_dtype != self.dense_dtype {
+            return Err(FerryError::flag(
+                "--dense-dtype",
+                format!(
+                    "projections were loaded as {}; changing to {} needs a reload",
+                    self.dense_dtype, options.dense_dtype
+                ),
+            ));
+        }
+        let plan = options.budget.plan_for(&self.spec, kv_tokens, options.expert_dtype, options.dense_dtype)?;
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
         experts.set_big_little(options.big_little);
@@ -302,6 +324,11 @@ impl Model {
 
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// How the projection matrices are stored (`--dense-dtype`).
+    pub fn dense_dtype(&self) -> DenseDtype {
+        self.dense_dtype
     }
 
     /// An empty KV cache for up to `capacity` tokens (at most the model's context).
@@ -400,6 +427,12 @@ impl Model {
         let logits = self.lm_head.logits(h)?;
         Ok(ForwardOutput { logits, routing })
     }
+}
+
+/// Whether the adapter computes with half precision (`shader-f16`).
+fn supports_f16(device: &Device) -> Result<bool> {
+    let probe = crate::experts::cube_float(Tensor::<1>::zeros([1], device))?;
+    Ok(probe.client.properties().supports_type(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F16)))
 }
 
 /// The largest GPU buffer a vocabulary block may take: what the adapter can bind, or the smaller

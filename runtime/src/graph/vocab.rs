@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::linear::{Loader, decode_product, transposed};
+use super::linear::{Loader, as_f32, decode_product, transposed};
 use crate::error::{FerryError, Result};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
@@ -58,10 +58,10 @@ impl LmHead {
         let blocks = values
             .chunks(rows * hidden)
             .map(|chunk| {
-                transposed(Tensor::from_data(
+                loader.stored(transposed(Tensor::from_data(
                     TensorData::new(chunk.to_vec(), [chunk.len() / hidden, hidden]),
                     loader.device,
-                ))
+                )))
             })
             .collect();
         Ok(Self { blocks, vocab })
@@ -78,7 +78,7 @@ impl LmHead {
         let mut logits = vec![Vec::with_capacity(self.vocab); rows];
         for block in &self.blocks {
             // [rows, hidden] x [hidden, block rows].
-            let part = decode_product(&x, block, None).unwrap_or_else(|| x.clone().matmul(block.clone()));
+            let part = decode_product(&x, block, None).unwrap_or_else(|| x.clone().matmul(as_f32(block)));
             let width = part.dims()[1];
             let values: Vec<f32> =
                 part.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading logits: {e:?}")))?;
