@@ -3,8 +3,9 @@
 use burn::tensor::{Device, Tensor};
 
 /// Keys and values `[kv_heads, capacity, head_dim]` for every layer, plus how many positions
-/// are filled. MLA layers keep their latent as the "keys" `[1, capacity, kv_lora_rank]` and the
-/// shared rope key as the "values" `[1, capacity, qk_rope_head_dim]`.
+/// are filled. MLA layers keep one tensor, `[1, capacity, kv_lora_rank + qk_rope_head_dim]`:
+/// each position's latent followed by its shared rope key (`joint`), so that a decode step
+/// attends over the cache where it lies instead of joining the two every step.
 ///
 /// A layer with a sliding window keeps only the `window - 1` most recent positions, all a later
 /// query can see, so its cache stays bounded however long the sequence grows.
@@ -39,6 +40,38 @@ impl KvCache {
             capacity,
             len: 0,
         }
+    }
+
+    /// A cache of one tensor per layer, `[heads, capacity, width]`, written part by part with
+    /// `append_joint` (MLA: the latent, then the rope key). No sliding windows.
+    pub fn joint(layers: usize, [heads, width]: [usize; 2], capacity: usize, device: &Device) -> Self {
+        Self {
+            keys: (0..layers).map(|_| Some(Tensor::zeros([heads, capacity, width], device))).collect(),
+            values: vec![None; layers],
+            windows: vec![None; layers],
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Writes `parts` (each `[heads, tokens, width_i]`, the widths adding up to the cache's) side
+    /// by side at the current end of a `joint` cache and returns every filled position
+    /// `[heads, positions, width]`.
+    pub fn append_joint(&mut self, layer: usize, parts: Vec<Tensor<3>>) -> Tensor<3> {
+        let mut t = self.keys[layer].take().expect("kv cache layer in use");
+        let [heads, _, width] = t.dims();
+        let (start, mut lane) = (self.len, 0);
+        let mut end = start;
+        for part in parts {
+            let [_, tokens, w] = part.dims();
+            end = start + tokens;
+            // Taken out of the cache, the tensor is uniquely owned: slice_assign writes in place.
+            t = t.slice_assign([0..heads, start..end, lane..lane + w], part);
+            lane += w;
+        }
+        debug_assert_eq!(lane, width, "joint cache parts must fill its width");
+        self.keys[layer] = Some(t.clone());
+        t.slice([0..heads, 0..end, 0..width])
     }
 
     /// Positions layer `layer` holds: every one for a full layer, at most `window - 1` for a

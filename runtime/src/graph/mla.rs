@@ -118,12 +118,15 @@ impl MlaAttention {
         let k_pe = rope::apply(compressed.slice([0..tokens, r..r + rope_dim]).reshape([tokens, 1, rope_dim]), cos, sin);
         let start = cache.len();
         let total = start + tokens;
-        let (latents, k_pes, _) = cache.append(layer, latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1));
+        // [1, total, r + rope]: each position's latent, then its rope key.
+        let cached = cache.append_joint(layer, vec![latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1)]);
 
         let span = KeySpan { start, tokens, key_start: 0, keys: total, window: None };
         let (out, received) = if tokens == 1 {
-            self.absorbed(q, latents, k_pes, &span, want_received, device)
+            self.absorbed(q, cached, &span, want_received, device)
         } else {
+            let latents = cached.clone().slice([0..1, 0..total, 0..r]);
+            let k_pes = cached.slice([0..1, 0..total, r..r + rope_dim]);
             self.expanded(q, latents, k_pes, &span, want_received, device)
         };
         (self.o.forward(out.reshape([tokens, heads * m.v_head_dim])), received)
@@ -153,12 +156,13 @@ impl MlaAttention {
     }
 
     /// Attention over the latents themselves, `kv_b_proj` absorbed into the query and output
-    /// (see the module comment). `q` is `[heads, tokens, qk]`; returns `[tokens, heads, v]`.
+    /// (see the module comment). `q` is `[heads, tokens, qk]`, `cached` the cache's
+    /// `[1, positions, r + rope]`, which is the one shared key as it lies, its first `r` lanes the
+    /// values; returns `[tokens, heads, v]`.
     fn absorbed(
         &self,
         q: Tensor<3>,
-        latents: Tensor<3>,
-        k_pes: Tensor<3>,
+        cached: Tensor<3>,
         span: &KeySpan,
         want_received: bool,
         device: &Device,
@@ -171,17 +175,16 @@ impl MlaAttention {
         // [heads, tokens, r + rope] against the one shared key [total, r + rope].
         let q_latent =
             Tensor::cat(vec![q_nope.matmul(self.w_uk.clone()), q_pe], 2).reshape([heads * tokens, r + rope_dim]);
-        let latents = latents.reshape([total, r]);
-        let keys = Tensor::cat(vec![latents.clone(), k_pes.reshape([total, rope_dim])], 1);
         // One step without probabilities to report: every head against the one latent "head".
         if tokens == 1 && !want_received {
             let q3 = q_latent.clone().reshape([heads, 1, r + rope_dim]);
-            let (keys3, values3) =
-                (keys.clone().reshape([1, total, r + rope_dim]), latents.clone().reshape([1, total, r]));
-            if let Some(mixed) = decode_attention(&q3, &keys3, &values3, None, m.softmax_scale) {
+            let values = cached.clone().slice([0..1, 0..total, 0..r]);
+            if let Some(mixed) = decode_attention(&q3, &cached, &values, None, m.softmax_scale) {
                 return (mixed.reshape([heads, 1, r]).matmul(self.w_uv.clone()).swap_dims(0, 1), None);
             }
         }
+        let keys = cached.reshape([total, r + rope_dim]);
+        let latents = keys.clone().slice([0..total, 0..r]);
         let scores = q_latent.matmul(keys.transpose()).mul_scalar(m.softmax_scale).reshape([heads, tokens, total]);
         let probs = attention_probs(scores, span, None, device);
         let received = want_received.then(|| span.received(probs.clone(), device));

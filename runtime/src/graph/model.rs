@@ -338,12 +338,13 @@ impl Model {
             return Err(FerryError::ContextExceeded { prompt: capacity, new: 0, context });
         }
         let a = &self.spec.attention;
-        let (keys, values) = match &a.mla {
-            None => ([a.num_kv_heads, a.head_dim], [a.num_kv_heads, a.head_dim]),
-            Some(m) => ([1, m.kv_lora_rank], [1, m.qk_rope_head_dim]),
-        };
+        if let Some(m) = &a.mla {
+            let width = m.kv_lora_rank + m.qk_rope_head_dim;
+            return Ok(KvCache::joint(self.layers.len(), [1, width], capacity, &self.device));
+        }
+        let heads_dim = [a.num_kv_heads, a.head_dim];
         let windows = (0..self.layers.len()).map(|l| a.window(l)).collect();
-        Ok(KvCache::new(windows, keys, values, capacity, &self.device))
+        Ok(KvCache::new(windows, heads_dim, heads_dim, capacity, &self.device))
     }
 
     /// Runs `ids` at the positions after what `cache` holds, appending their keys and values.
