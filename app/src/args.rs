@@ -110,8 +110,9 @@ pub struct TrainArgs {
     /// Validate and checkpoint every this many steps.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
-    /// ndarray (CPU) or wgpu (the default adapter).
-    #[arg(long, default_value = "ndarray")]
+    /// wgpu (the default adapter; lavapipe on a machine without a GPU) or ndarray (the CPU;
+    /// only in a build with `--features cpu-train`).
+    #[arg(long, default_value = "wgpu")]
     pub device: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -186,6 +186,24 @@ fn a_missing_model_folder_is_one_error_line() {
     assert!(line.contains("/nonexistent/model"), "{line}");
 }
 
+/// The CPU training backend is a build feature; without it `--device ndarray` says how to get it.
+#[cfg(not(feature = "cpu-train"))]
+#[test]
+fn training_on_the_cpu_without_its_build_feature_names_the_feature() {
+    let line = error_line(&ferry(&[
+        "train",
+        "--arch",
+        "moe",
+        "--corpus",
+        "/nonexistent.txt",
+        "--out",
+        "/tmp/x",
+        "--device",
+        "ndarray",
+    ]));
+    assert!(line.contains("--device ndarray") && line.contains("cpu-train"), "{line}");
+}
+
 #[test]
 fn a_bad_adapter_flag_is_named() {
     let model = fixture("olmoe");

@@ -1,5 +1,5 @@
 //! `ferry train`: trains a small dense, MoE or MoLE model from text files on burn's autodiff
-//! (ndarray CPU backend by default, or the wgpu adapter), and writes a model folder Ferry loads:
+//! (the wgpu adapter by default, or with the `cpu-train` feature ndarray's CPU backend), and writes a model folder Ferry loads:
 //! config.json, model.safetensors, tokenizer.json. Resumable: the optimizer state and step are
 //! saved next to the weights and picked up when `--out` already holds a run.
 
@@ -50,8 +50,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = match args.device.as_str() {
         // burn 0.22 deprecates ndarray in favour of its new `flex` backend; ndarray is the CPU
         // backend the project chose (well tested), until flex is measured here.
+        #[cfg(feature = "cpu-train")]
         #[allow(deprecated)]
         "ndarray" | "cpu" => Device::ndarray(),
+        #[cfg(not(feature = "cpu-train"))]
+        "ndarray" | "cpu" => anyhow::bail!(
+            "--device {}: this ferry was built without the CPU training backend; rebuild with \
+             `cargo build --release --features cpu-train`, or train with --device wgpu",
+            args.device
+        ),
         "wgpu" => ferry_runtime::Gpu::open(ferry_runtime::AdapterChoice::Default)?.device.clone(),
         other => anyhow::bail!("--device {other:?}: use ndarray or wgpu"),
     };
