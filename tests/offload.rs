@@ -147,6 +147,24 @@ fn lfu_pinned_keeps_the_prompts_most_used_experts() {
     for &(layer, expert) in &pinned {
         assert!(model.experts().is_resident(layer, expert), "pinned ({layer}, {expert}) was evicted");
     }
+
+    // A new configuration warms up afresh: uses from before it (here each layer's least used
+    // expert, fetched a thousand times) do not decide what the next prompt pins.
+    let prompt_usage = usage;
+    for (layer, row) in prompt_usage.iter().enumerate() {
+        let Some(least) = (0..row.len()).min_by_key(|&e| row[e]) else { continue };
+        for _ in 0..1000 {
+            model.experts().fetch(layer, least).unwrap();
+        }
+    }
+    let options = ExpertOptions {
+        budget: VramBudget::FractionOfExperts(0.75),
+        policy: EvictionPolicy::LfuPinned,
+        ..Default::default()
+    };
+    model.set_expert_options(options).unwrap();
+    prompt_forward(&model, &reference.input_ids);
+    assert_eq!(model.experts().pinned(), pinned, "the same prompt after reconfiguring pins the same experts");
 }
 
 #[test]

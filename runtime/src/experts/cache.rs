@@ -55,6 +55,9 @@ pub struct ExpertCache {
     pinned: HashSet<ExpertId>,
     /// How often each expert was used, `[layer][expert]`, since the cache was made.
     usage: Vec<Vec<u64>>,
+    /// `usage` when the configuration last changed: `lfu-pinned`'s warm-up pins from the uses
+    /// since then, not from passes made under another policy or budget.
+    usage_at_reconfigure: Vec<Vec<u64>>,
     clock: u64,
     stats: ExpertStats,
     link: Option<LinkModel>,
@@ -86,7 +89,7 @@ impl ExpertCache {
         page_bytes: Option<u64>,
     ) -> Result<Self> {
         let layers = store.moe_layers().max().map_or(0, |l| l + 1);
-        let usage = (0..layers).map(|l| vec![0; store.num_experts(l)]).collect();
+        let usage: Vec<Vec<u64>> = (0..layers).map(|l| vec![0; store.num_experts(l)]).collect();
         let (inter, hidden) = store.dims();
         let pool = SlotPool::new(device, plan.slots, hidden, inter, store.dtype(), page_bytes)?;
         Ok(Self {
@@ -96,6 +99,7 @@ impl ExpertCache {
             plan,
             slots: HashMap::new(),
             pinned: HashSet::new(),
+            usage_at_reconfigure: usage.clone(),
             usage,
             clock: 0,
             stats: ExpertStats::default(),
@@ -304,6 +308,7 @@ impl ExpertCache {
         self.plan = plan;
         self.policy = policy;
         self.pinned.clear();
+        self.usage_at_reconfigure = self.usage.clone();
         while self.slots.len() > self.plan.slots {
             self.evict_one(&HashSet::new());
         }
@@ -521,12 +526,15 @@ impl ExpertCache {
         self.orphans.clear();
     }
 
-    /// Called after each forward pass. Under `lfu-pinned`, the first pass (the prompt) is the
-    /// warm-up: its most used experts per layer become pinned, unless a profile pinned them.
+    /// Called after each forward pass. Under `lfu-pinned`, the first pass (the prompt) after
+    /// loading or reconfiguring is the warm-up: its most used experts per layer become pinned,
+    /// unless a profile pinned them.
     pub fn end_forward(&mut self) {
         if self.policy == EvictionPolicy::LfuPinned && self.pinned.is_empty() {
-            let usage = self.usage.clone();
-            self.pin_most_used(&usage);
+            let since: Vec<Vec<u64>> = (self.usage.iter().zip(&self.usage_at_reconfigure))
+                .map(|(now, then)| now.iter().zip(then).map(|(n, t)| n - t).collect())
+                .collect();
+            self.pin_most_used(&since);
         }
     }
 
