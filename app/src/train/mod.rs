@@ -1,6 +1,6 @@
 //! `ferry train`: trains a small dense, MoE or MoLE model from text files on burn's autodiff
-//! (the wgpu adapter by default, or with the `cpu-train` feature ndarray's CPU backend), and writes a model folder Ferry loads:
-//! config.json, model.safetensors, tokenizer.json. Resumable: the optimizer state and step are
+//! (the wgpu adapter by default, or ndarray's CPU backend with the `cpu-train` feature), and
+//! writes a model folder Ferry loads: config.json, model.safetensors, tokenizer.json. Resumable: the optimizer state and step are
 //! saved next to the weights and picked up when `--out` already holds a run.
 
 mod data;
