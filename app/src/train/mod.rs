@@ -1,7 +1,8 @@
 //! `ferry train`: trains a small dense, MoE or MoLE model from text files on burn's autodiff
 //! (the wgpu adapter by default, or ndarray's CPU backend with the `cpu-train` feature), and
-//! writes a model folder Ferry loads: config.json, model.safetensors, tokenizer.json. Resumable: the optimizer state and step are
-//! saved next to the weights and picked up when `--out` already holds a run.
+//! writes a model folder Ferry loads: config.json, model.safetensors, tokenizer.json. Resumable:
+//! the optimizer state and step are saved next to the weights and picked up when `--out` already
+//! holds a run.
 
 mod data;
 mod net;
