@@ -134,7 +134,7 @@ fn fixture_engine(dir: &Path) -> Engine {
 
 #[test]
 fn token_ids_outside_the_vocabulary_are_rejected() {
-    let engine = fixture_engine(&fixture("qwen3_moe"));
+    let mut engine = fixture_engine(&fixture("qwen3_moe"));
     let vocab = engine.model.spec().vocab_size as u32;
     let mut cache = engine.model.new_cache(4).unwrap();
     let err = engine.model.forward(&[1, vocab + 5], &mut cache, LogitsFor::Last).err().expect("must fail").to_string();
@@ -145,7 +145,7 @@ fn token_ids_outside_the_vocabulary_are_rejected() {
 fn prompt_longer_than_the_context_is_rejected() {
     let (_tmp, dir) = copy_fixture("qwen3_moe");
     edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(8));
-    let engine = fixture_engine(&dir);
+    let mut engine = fixture_engine(&dir);
     let request = GenerateRequest {
         prompt_ids: vec![5; 12],
         max_new_tokens: 4,
@@ -161,7 +161,7 @@ fn prompt_longer_than_the_context_is_rejected() {
 fn generation_stops_at_the_context_limit() {
     let (_tmp, dir) = copy_fixture("qwen3_moe");
     edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(8));
-    let engine = fixture_engine(&dir);
+    let mut engine = fixture_engine(&dir);
     let request = GenerateRequest {
         prompt_ids: vec![5; 6],
         max_new_tokens: 10,

@@ -11,7 +11,7 @@ const IMPORTANCES: [Importance; 3] = [Importance::DroppedMass, Importance::Entro
 fn run(family: &str, options: ExpertOptions) -> (ForwardOutput, Model) {
     let reference = reference(family);
     let opened = ferry_models::open(&fixture(family)).unwrap();
-    let model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+    let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
     let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
     let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
     (out, model)
@@ -46,7 +46,7 @@ fn all_big_equals_full_mode_exactly_for_every_importance_with_and_without_pregat
         let reference = reference(family);
         let budget = VramBudget::FractionOfExperts(0.25);
         let (full, full_model) = run(family, ExpertOptions { budget, ..Default::default() });
-        let full_ids = greedy(&Engine::new(full_model, None), &reference.greedy.prompt_ids, 8);
+        let full_ids = greedy(&mut Engine::new(full_model, None), &reference.greedy.prompt_ids, 8);
         for importance in IMPORTANCES {
             for prefetch in [PrefetchMode::None, PrefetchMode::Pregate] {
                 let options = ExpertOptions {
@@ -59,8 +59,8 @@ fn all_big_equals_full_mode_exactly_for_every_importance_with_and_without_pregat
                 let (all_big, model) = run(family, options);
                 assert_eq!(all_big.logits, full.logits, "{what}");
                 assert_eq!(all_big.routing, full.routing, "{what}");
-                let engine = Engine::new(model, None);
-                assert_eq!(greedy(&engine, &reference.greedy.prompt_ids, 8), full_ids, "{what}");
+                let mut engine = Engine::new(model, None);
+                assert_eq!(greedy(&mut engine, &reference.greedy.prompt_ids, 8), full_ids, "{what}");
                 let stats = engine.model.experts().stats();
                 assert_eq!(stats.little, 0, "{what}");
                 if prefetch == PrefetchMode::Pregate {
@@ -161,7 +161,7 @@ fn substitution_only_uses_resident_experts_and_is_counted() {
 }
 
 /// Prompt, then `steps` greedy decode passes; the routing of every decode pass.
-fn decode_routing(model: &Model, prompt: &[u32], steps: usize) -> Vec<Vec<Vec<Vec<u32>>>> {
+fn decode_routing(model: &mut Model, prompt: &[u32], steps: usize) -> Vec<Vec<Vec<Vec<u32>>>> {
     let mut cache = model.new_cache(prompt.len() + steps).unwrap();
     let mut out = model.forward(prompt, &mut cache, LogitsFor::Last).unwrap();
     let mut routing = Vec::new();
@@ -186,12 +186,12 @@ fn switching_the_importance_score_starts_its_threshold_afresh() {
         let opened = ferry_models::open(&fixture("olmoe")).unwrap();
         Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
     };
-    let expected = decode_routing(&load(options(Importance::Entropy)), &prompt, 24);
-    let switched = load(options(Importance::DroppedMass));
-    decode_routing(&switched, &prompt, 24);
+    let expected = decode_routing(&mut load(options(Importance::Entropy)), &prompt, 24);
+    let mut switched = load(options(Importance::DroppedMass));
+    decode_routing(&mut switched, &prompt, 24);
     let before = switched.experts().stats();
     switched.set_expert_options(options(Importance::Entropy)).unwrap();
-    assert_eq!(decode_routing(&switched, &prompt, 24), expected);
+    assert_eq!(decode_routing(&mut switched, &prompt, 24), expected);
     // Counters stay cumulative across the switch and after turning big-little off (an engine
     // subtracts snapshots taken before a mid-reply change).
     let after = switched.experts().stats();

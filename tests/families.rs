@@ -13,7 +13,7 @@ fn load(family: &str, options: ExpertOptions) -> Model {
     Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
 }
 
-fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
+fn prompt_forward(model: &mut Model, ids: &[u32]) -> ForwardOutput {
     let mut cache = model.new_cache(ids.len()).unwrap();
     model.forward(ids, &mut cache, LogitsFor::All).unwrap()
 }
@@ -45,9 +45,9 @@ fn mxfp4_experts_in_the_kernel_match_dequantising_on_load() {
     let reference = reference("gpt_oss");
     assert_eq!(ferry_models::read_spec(&fixture("gpt_oss")).unwrap().moe.layout, ExpertLayout::Mxfp4);
     let run = |expert_dtype| {
-        let model = load("gpt_oss", ExpertOptions { expert_dtype, ..Default::default() });
-        let out = prompt_forward(&model, &reference.input_ids);
-        let ids = greedy(&Engine::new(model, None), &reference.greedy.prompt_ids, reference.greedy.new_ids.len());
+        let mut model = load("gpt_oss", ExpertOptions { expert_dtype, ..Default::default() });
+        let out = prompt_forward(&mut model, &reference.input_ids);
+        let ids = greedy(&mut Engine::new(model, None), &reference.greedy.prompt_ids, reference.greedy.new_ids.len());
         (out, ids)
     };
     let (mxfp4, mxfp4_ids) = run(ExpertDtype::Mxfp4);
@@ -66,9 +66,9 @@ fn mxfp4_experts_in_the_kernel_match_dequantising_on_load() {
 fn offloaded_mxfp4_experts_are_exact_and_move_their_own_size() {
     let ids = reference("gpt_oss").input_ids;
     let options = |budget| ExpertOptions { budget, expert_dtype: ExpertDtype::Mxfp4, ..Default::default() };
-    let expected = prompt_forward(&load("gpt_oss", options(VramBudget::All)), &ids);
-    let model = load("gpt_oss", options(VramBudget::FractionOfExperts(0.25)));
-    let out = prompt_forward(&model, &ids);
+    let expected = prompt_forward(&mut load("gpt_oss", options(VramBudget::All)), &ids);
+    let mut model = load("gpt_oss", options(VramBudget::FractionOfExperts(0.25)));
+    let out = prompt_forward(&mut model, &ids);
     assert_eq!(out.logits, expected.logits);
     let stats = model.experts().stats();
     let spec = model.spec();
@@ -84,7 +84,7 @@ fn offloaded_mxfp4_experts_are_exact_and_move_their_own_size() {
 #[test]
 fn sliding_layers_keep_a_cache_bounded_by_the_window() {
     let reference = reference("gpt_oss");
-    let model = load("gpt_oss", ExpertOptions::default());
+    let mut model = load("gpt_oss", ExpertOptions::default());
     let spec = model.spec().clone();
     let window = spec.attention.sliding_window.expect("gpt_oss has a sliding window");
     let ids = &reference.input_ids;
@@ -123,8 +123,8 @@ fn little_tokens_take_the_head_of_the_grouped_ranking() {
             }),
             ..Default::default()
         };
-        let model = load(family, options);
-        let out = prompt_forward(&model, &reference.input_ids);
+        let mut model = load(family, options);
+        let out = prompt_forward(&mut model, &reference.input_ids);
         let k = model.spec().moe.top_k;
         // The first MoE layer sees transformers' hidden states; later ones have moved.
         let first = out.routing.iter().position(|l| !l.is_empty()).unwrap();
@@ -141,9 +141,9 @@ fn little_tokens_take_the_head_of_the_grouped_ranking() {
 fn absorbed_mla_decode_matches_the_expanded_prefill() {
     for family in ["deepseek_v2", "deepseek_v3"] {
         let reference = reference(family);
-        let model = load(family, ExpertOptions::default());
+        let mut model = load(family, ExpertOptions::default());
         let ids = &reference.input_ids;
-        let expected = prompt_forward(&model, ids).logits;
+        let expected = prompt_forward(&mut model, ids).logits;
         let mut cache = model.new_cache(ids.len()).unwrap();
         let mut stepped = model.forward(&ids[..4], &mut cache, LogitsFor::All).unwrap().logits;
         for &id in &ids[4..] {

@@ -20,7 +20,7 @@ fn load(family: &str) -> Model {
 
 fn logits_and_routing_match(family: &str) {
     let reference = reference(family);
-    let model = load(family);
+    let mut model = load(family);
     let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
     let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
     let (diff, scale) = max_abs_diff(&out.logits, &reference.logits);
@@ -32,8 +32,8 @@ fn logits_and_routing_match(family: &str) {
 
 fn greedy_tokens_match(family: &str) {
     let reference = reference(family);
-    let engine = Engine::new(load(family), None);
-    let ids = greedy(&engine, &reference.greedy.prompt_ids, reference.greedy.new_ids.len());
+    let mut engine = Engine::new(load(family), None);
+    let ids = greedy(&mut engine, &reference.greedy.prompt_ids, reference.greedy.new_ids.len());
     assert_eq!(ids, reference.greedy.new_ids, "{family}: greedy tokens differ from transformers");
 }
 

@@ -36,7 +36,7 @@ fn load(dir: &Path) -> Model {
     Model::load(opened.spec, &opened.weights, &gpu().device).unwrap()
 }
 
-fn all_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
+fn all_logits(model: &mut Model, ids: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache(64).unwrap();
     model.forward(ids, &mut cache, LogitsFor::All).unwrap().logits
 }
@@ -44,16 +44,16 @@ fn all_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn lut_logits_and_greedy_tokens_equal_ffn_expert_inference() {
     let (ffn_dir, lut_dir) = models();
-    let (ffn, lut) = (load(ffn_dir), load(lut_dir));
+    let (mut ffn, mut lut) = (load(ffn_dir), load(lut_dir));
     assert!(ffn.lookup_table().is_none() && lut.lookup_table().is_some());
-    let (diff, scale) = max_abs_diff(&all_logits(&lut, &PROMPT), &all_logits(&ffn, &PROMPT));
+    let (diff, scale) = max_abs_diff(&all_logits(&mut lut, &PROMPT), &all_logits(&mut ffn, &PROMPT));
     eprintln!("LUT vs FFN: largest logit difference {diff:e} (largest logit {scale})");
     assert!(diff <= 1e-5 * scale, "LUT vs FFN logits differ by {diff} (largest logit {scale})");
 
-    let (ffn, lut) = (Engine::new(ffn, None), Engine::new(lut, None));
+    let (mut ffn, mut lut) = (Engine::new(ffn, None), Engine::new(lut, None));
     let before = lut.model.lookup_stats();
-    let tokens = greedy(&lut, &PROMPT, 20);
-    assert_eq!(tokens, greedy(&ffn, &PROMPT, 20), "greedy tokens");
+    let tokens = greedy(&mut lut, &PROMPT, 20);
+    assert_eq!(tokens, greedy(&mut ffn, &PROMPT, 20), "greedy tokens");
     // One row per token of each forward pass: the prompt, then 19 decode steps.
     let stats = lut.model.lookup_stats() - before;
     let row_bytes = lut.model.lookup_table().unwrap().row_bytes() as u64;
@@ -66,10 +66,10 @@ fn lut_logits_and_greedy_tokens_equal_ffn_expert_inference() {
 #[test]
 fn row_cache_serves_repeated_tokens_without_changing_logits() {
     let (_, lut_dir) = models();
-    let uncached = all_logits(&load(lut_dir), &PROMPT);
-    let model = load(lut_dir);
+    let uncached = all_logits(&mut load(lut_dir), &PROMPT);
+    let mut model = load(lut_dir);
     model.set_lookup_cache(1 << 20);
-    let cached = all_logits(&model, &PROMPT);
+    let cached = all_logits(&mut model, &PROMPT);
     assert_eq!(cached, uncached, "the row cache must not change a single bit");
     let s = model.lookup_stats();
     // PROMPT repeats 5, 17 and 42 once each.

@@ -20,7 +20,7 @@ fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
     .unwrap()
 }
 
-fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
+fn prompt_forward(model: &mut Model, ids: &[u32]) -> ForwardOutput {
     let mut cache = model.new_cache(ids.len()).unwrap();
     model.forward(ids, &mut cache, LogitsFor::All).unwrap()
 }
@@ -32,13 +32,13 @@ const TOP_K_SLOTS: VramBudget = VramBudget::FractionOfExperts(2.0 / 16.0);
 fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
     for family in FAMILIES {
         let reference = reference(family);
-        let resident = load(family, VramBudget::All, EvictionPolicy::Lru);
-        let expected = prompt_forward(&resident, &reference.input_ids);
-        let expected_tokens = greedy(&Engine::new(resident, None), &reference.greedy.prompt_ids, 12);
+        let mut resident = load(family, VramBudget::All, EvictionPolicy::Lru);
+        let expected = prompt_forward(&mut resident, &reference.input_ids);
+        let expected_tokens = greedy(&mut Engine::new(resident, None), &reference.greedy.prompt_ids, 12);
         for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu, EvictionPolicy::LfuPinned] {
             for budget in [TOP_K_SLOTS, VramBudget::FractionOfExperts(0.5)] {
-                let model = load(family, budget, policy);
-                let out = prompt_forward(&model, &reference.input_ids);
+                let mut model = load(family, budget, policy);
+                let out = prompt_forward(&mut model, &reference.input_ids);
                 assert_eq!(
                     out.logits, expected.logits,
                     "{family} {policy} {budget:?}: logits differ from all-resident"
@@ -47,7 +47,7 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
                 let stats = model.experts().stats();
                 assert!(stats.misses > 0, "{family}: an offloaded cold cache must miss");
                 assert_eq!(
-                    greedy(&Engine::new(model, None), &reference.greedy.prompt_ids, 12),
+                    greedy(&mut Engine::new(model, None), &reference.greedy.prompt_ids, 12),
                     expected_tokens,
                     "{family} {policy} {budget:?}"
                 );
@@ -62,15 +62,15 @@ fn experts_spread_over_many_slot_pages_give_the_same_logits() {
     // head, split by the same buffer limit, reads back block by block.
     for family in ["mixtral", "qwen3_moe"] {
         let reference = reference(family);
-        let expected = prompt_forward(&load(family, VramBudget::All, EvictionPolicy::Lru), &reference.input_ids);
+        let expected = prompt_forward(&mut load(family, VramBudget::All, EvictionPolicy::Lru), &reference.input_ids);
         for budget in [VramBudget::All, TOP_K_SLOTS] {
             let opened = ferry_models::open(&fixture(family)).unwrap();
             let projection = (opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4) as u64;
             let options = ExpertOptions { budget, page_bytes: Some(projection), ..Default::default() };
-            let model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+            let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
             // The same limit splits the LM head into blocks of 32 rows.
             assert_eq!(model.lm_head_blocks(), 12, "{family}");
-            let out = prompt_forward(&model, &reference.input_ids);
+            let out = prompt_forward(&mut model, &reference.input_ids);
             assert_eq!(out.logits, expected.logits, "{family} {budget:?}: logits differ with one slot per page");
         }
     }
@@ -79,9 +79,9 @@ fn experts_spread_over_many_slot_pages_give_the_same_logits() {
 #[test]
 fn a_top_k_budget_evicts_in_every_moe_layer_and_counts_every_byte() {
     let reference = reference("mixtral");
-    let model = load("mixtral", TOP_K_SLOTS, EvictionPolicy::Lru);
+    let mut model = load("mixtral", TOP_K_SLOTS, EvictionPolicy::Lru);
     assert_eq!(model.experts().plan().slots, 2);
-    let out = prompt_forward(&model, &reference.input_ids);
+    let out = prompt_forward(&mut model, &reference.input_ids);
     let stats = model.experts().stats();
     let plan = model.experts().plan().clone();
     // Every layer needs more than two experts for this prompt, so each one forces evictions.
@@ -98,8 +98,8 @@ fn a_top_k_budget_evicts_in_every_moe_layer_and_counts_every_byte() {
 fn prefill_uploads_each_needed_expert_once_per_layer() {
     let reference = reference("qwen2_moe");
     for budget in [TOP_K_SLOTS, VramBudget::FractionOfExperts(0.5), VramBudget::FractionOfExperts(0.75)] {
-        let model = load("qwen2_moe", budget, EvictionPolicy::Lru);
-        let out = prompt_forward(&model, &reference.input_ids);
+        let mut model = load("qwen2_moe", budget, EvictionPolicy::Lru);
+        let out = prompt_forward(&mut model, &reference.input_ids);
         let stats: ExpertStats = model.experts().stats();
         let unique: u64 =
             out.routing.iter().map(|routes| routes.iter().flatten().collect::<HashSet<_>>().len() as u64).sum();
@@ -111,25 +111,25 @@ fn prefill_uploads_each_needed_expert_once_per_layer() {
 
 #[test]
 fn lru_evicts_the_least_recently_used_and_lfu_the_least_used() {
-    let fetch = |model: &Model, experts: &[usize]| {
+    let fetch = |model: &mut Model, experts: &[usize]| {
         for &e in experts {
-            model.experts().fetch(0, e).unwrap();
+            model.experts_mut().fetch(0, e).unwrap();
         }
     };
-    let lru = load("olmoe", TOP_K_SLOTS, EvictionPolicy::Lru);
-    fetch(&lru, &[1, 1, 1, 2, 3]); // 1 is used most but least recently
+    let mut lru = load("olmoe", TOP_K_SLOTS, EvictionPolicy::Lru);
+    fetch(&mut lru, &[1, 1, 1, 2, 3]); // 1 is used most but least recently
     assert!(!lru.experts().is_resident(0, 1) && lru.experts().is_resident(0, 2) && lru.experts().is_resident(0, 3));
 
-    let lfu = load("olmoe", TOP_K_SLOTS, EvictionPolicy::Lfu);
-    fetch(&lfu, &[1, 1, 1, 2, 3]);
+    let mut lfu = load("olmoe", TOP_K_SLOTS, EvictionPolicy::Lfu);
+    fetch(&mut lfu, &[1, 1, 1, 2, 3]);
     assert!(lfu.experts().is_resident(0, 1) && !lfu.experts().is_resident(0, 2) && lfu.experts().is_resident(0, 3));
 }
 
 #[test]
 fn lfu_pinned_keeps_the_prompts_most_used_experts() {
     let reference = reference("olmoe");
-    let model = load("olmoe", VramBudget::FractionOfExperts(0.75), EvictionPolicy::LfuPinned);
-    prompt_forward(&model, &reference.input_ids);
+    let mut model = load("olmoe", VramBudget::FractionOfExperts(0.75), EvictionPolicy::LfuPinned);
+    prompt_forward(&mut model, &reference.input_ids);
     let pinned = model.experts().pinned();
     // 12 slots, 2 kept free for one layer's top-k: half of the other 10 pinned, 2 per MoE layer.
     assert_eq!(pinned.len(), 4, "{pinned:?}");
@@ -142,7 +142,7 @@ fn lfu_pinned_keeps_the_prompts_most_used_experts() {
     }
     // Pinned experts survive a flood of other experts.
     for e in 0..8 {
-        model.experts().fetch(0, e).unwrap();
+        model.experts_mut().fetch(0, e).unwrap();
     }
     for &(layer, expert) in &pinned {
         assert!(model.experts().is_resident(layer, expert), "pinned ({layer}, {expert}) was evicted");
@@ -154,7 +154,7 @@ fn lfu_pinned_keeps_the_prompts_most_used_experts() {
     for (layer, row) in prompt_usage.iter().enumerate() {
         let Some(least) = (0..row.len()).min_by_key(|&e| row[e]) else { continue };
         for _ in 0..1000 {
-            model.experts().fetch(layer, least).unwrap();
+            model.experts_mut().fetch(layer, least).unwrap();
         }
     }
     let options = ExpertOptions {
@@ -163,7 +163,7 @@ fn lfu_pinned_keeps_the_prompts_most_used_experts() {
         ..Default::default()
     };
     model.set_expert_options(options).unwrap();
-    prompt_forward(&model, &reference.input_ids);
+    prompt_forward(&mut model, &reference.input_ids);
     assert_eq!(model.experts().pinned(), pinned, "the same prompt after reconfiguring pins the same experts");
 }
 
@@ -182,7 +182,7 @@ fn a_budget_below_one_layers_top_k_says_the_minimum() {
 fn generation_reports_expert_traffic_per_step() {
     let reference = reference("mixtral");
     let model = load("mixtral", VramBudget::FractionOfExperts(0.25), EvictionPolicy::Lru);
-    let engine = Engine::new(model, None);
+    let mut engine = Engine::new(model, None);
     let request = GenerateRequest {
         prompt_ids: reference.greedy.prompt_ids.clone(),
         max_new_tokens: 6,

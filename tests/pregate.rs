@@ -17,17 +17,17 @@ fn prefetching_leaves_logits_and_tokens_unchanged() {
     for family in FAMILIES {
         let reference = reference(family);
         let quarter = VramBudget::FractionOfExperts(0.25);
-        let plain = load(family, quarter, PrefetchMode::None, 0, None);
+        let mut plain = load(family, quarter, PrefetchMode::None, 0, None);
         let mut cache = plain.new_cache(reference.input_ids.len()).unwrap();
         let expected = plain.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
-        let expected_ids = greedy(&Engine::new(plain, None), &reference.greedy.prompt_ids, 10);
+        let expected_ids = greedy(&mut Engine::new(plain, None), &reference.greedy.prompt_ids, 10);
         for extra in [0, 2] {
-            let model = load(family, quarter, PrefetchMode::Pregate, extra, None);
+            let mut model = load(family, quarter, PrefetchMode::Pregate, extra, None);
             let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
             let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
             assert_eq!(out.logits, expected.logits, "{family} extra {extra}");
-            let engine = Engine::new(model, None);
-            assert_eq!(greedy(&engine, &reference.greedy.prompt_ids, 10), expected_ids, "{family} extra {extra}");
+            let mut engine = Engine::new(model, None);
+            assert_eq!(greedy(&mut engine, &reference.greedy.prompt_ids, 10), expected_ids, "{family} extra {extra}");
             let stats = engine.model.experts().stats();
             assert!(stats.prefetched > 0, "{family}: pregate never prefetched");
             assert!(stats.prefetch_hits <= stats.prefetched);
@@ -38,7 +38,7 @@ fn prefetching_leaves_logits_and_tokens_unchanged() {
 #[test]
 fn predicting_every_expert_has_full_recall() {
     let reference = reference("mixtral");
-    let model = load("mixtral", VramBudget::All, PrefetchMode::Pregate, 6, None);
+    let mut model = load("mixtral", VramBudget::All, PrefetchMode::Pregate, 6, None);
     let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
     model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
     let recall = model.experts().recall().to_vec();
@@ -53,7 +53,7 @@ fn recall_matches_transformers_predictions() {
     for family in FAMILIES {
         let reference = reference(family);
         assert!(!reference.pregate.is_empty(), "{family}: reference.json has no pregate predictions");
-        let model = load(family, VramBudget::All, PrefetchMode::Pregate, 0, None);
+        let mut model = load(family, VramBudget::All, PrefetchMode::Pregate, 0, None);
         let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
         model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();
         let recall = model.experts().recall().to_vec();
@@ -78,7 +78,7 @@ fn an_emulated_link_makes_each_upload_take_its_transfer_time() {
     let reference = reference("olmoe");
     // 1 MB/s: one 24 KiB fixture expert takes about 25 ms.
     let link = LinkModel::from_gb_per_s(0.001);
-    let model = load("olmoe", VramBudget::FractionOfExperts(0.25), PrefetchMode::None, 0, Some(link));
+    let mut model = load("olmoe", VramBudget::FractionOfExperts(0.25), PrefetchMode::None, 0, Some(link));
     let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
     model.forward(&reference.input_ids, &mut cache, LogitsFor::Last).unwrap();
     let stats = model.experts().stats();
@@ -108,7 +108,7 @@ fn a_trained_pre_gate_in_the_checkpoint_replaces_the_next_router() {
     let reference = reference("qwen2_moe");
     let opened = ferry_models::open(&tmp).unwrap();
     let options = ExpertOptions { prefetch: PrefetchMode::Pregate, ..Default::default() };
-    let model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+    let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
     assert!(model.has_trained_pregate(0));
     let mut cache = model.new_cache(reference.input_ids.len()).unwrap();
     let out = model.forward(&reference.input_ids, &mut cache, LogitsFor::All).unwrap();

@@ -15,7 +15,7 @@ fn load(family: &str, budget: VramBudget, expert_dtype: ExpertDtype) -> Model {
     Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
 }
 
-fn prompt_forward(model: &Model, ids: &[u32]) -> ForwardOutput {
+fn prompt_forward(model: &mut Model, ids: &[u32]) -> ForwardOutput {
     let mut cache = model.new_cache(ids.len()).unwrap();
     model.forward(ids, &mut cache, LogitsFor::All).unwrap()
 }
@@ -32,9 +32,9 @@ fn offloaded_quantised_experts_equal_all_resident_quantised_experts_bit_for_bit(
             ExpertDtype::Int2,
             ExpertDtype::Mxfp4,
         ] {
-            let expected = prompt_forward(&load(family, VramBudget::All, dtype), &ids);
-            let model = load(family, VramBudget::FractionOfExperts(0.25), dtype);
-            let out = prompt_forward(&model, &ids);
+            let expected = prompt_forward(&mut load(family, VramBudget::All, dtype), &ids);
+            let mut model = load(family, VramBudget::FractionOfExperts(0.25), dtype);
+            let out = prompt_forward(&mut model, &ids);
             assert_eq!(out.logits, expected.logits, "{family} {dtype}: offloaded differs from all-resident");
             assert_eq!(out.routing, expected.routing, "{family} {dtype}");
             let stats = model.experts().stats();
@@ -59,7 +59,7 @@ fn quantised_logits_stay_near_transformers_and_int8_nearer_than_int4() {
     for family in FAMILIES.into_iter().filter(|&f| f != "gpt_oss") {
         let reference = reference(family);
         let error = |dtype| {
-            let out = prompt_forward(&load(family, VramBudget::All, dtype), &reference.input_ids);
+            let out = prompt_forward(&mut load(family, VramBudget::All, dtype), &reference.input_ids);
             let (diff, scale) = max_abs_diff(&out.logits, &reference.logits);
             diff / scale
         };
@@ -102,9 +102,9 @@ fn converted_folders_equal_quantising_at_load() {
         let ids = reference(family).input_ids;
         let options =
             ExpertOptions { expert_dtype: dtype, budget: VramBudget::FractionOfExperts(0.25), ..Default::default() };
-        let converted = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
-        let out_logits = prompt_forward(&converted, &ids);
-        let expected = prompt_forward(&load(family, VramBudget::All, dtype), &ids);
+        let mut converted = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+        let out_logits = prompt_forward(&mut converted, &ids);
+        let expected = prompt_forward(&mut load(family, VramBudget::All, dtype), &ids);
         assert_eq!(
             out_logits.logits, expected.logits,
             "{family} {dtype}: converted differs from load-time quantisation"
@@ -129,17 +129,17 @@ fn load_f16_projections(family: &str, budget: VramBudget) -> Model {
 fn f16_projections_stay_near_transformers_and_offload_exactly() {
     for family in FAMILIES {
         let reference = reference(family);
-        let resident = load_f16_projections(family, VramBudget::All);
-        let out = prompt_forward(&resident, &reference.input_ids);
+        let mut resident = load_f16_projections(family, VramBudget::All);
+        let out = prompt_forward(&mut resident, &reference.input_ids);
         let (diff, scale) = max_abs_diff(&out.logits, &reference.logits);
         assert!(diff / scale < 5e-3, "{family}: f16 projections relative error {}", diff / scale);
         eprintln!("{family}: f16 projections max |logit error| / max |logit| {:.2e}", diff / scale);
 
-        let offloaded = load_f16_projections(family, VramBudget::FractionOfExperts(0.25));
-        assert_eq!(prompt_forward(&offloaded, &reference.input_ids).logits, out.logits, "{family}: offloaded");
+        let mut offloaded = load_f16_projections(family, VramBudget::FractionOfExperts(0.25));
+        assert_eq!(prompt_forward(&mut offloaded, &reference.input_ids).logits, out.logits, "{family}: offloaded");
         let prompt = &reference.greedy.prompt_ids;
-        let (resident, offloaded) = (Engine::new(resident, None), Engine::new(offloaded, None));
-        assert_eq!(greedy(&offloaded, prompt, 8), greedy(&resident, prompt, 8), "{family}: offloaded decode");
+        let (mut resident, mut offloaded) = (Engine::new(resident, None), Engine::new(offloaded, None));
+        assert_eq!(greedy(&mut offloaded, prompt, 8), greedy(&mut resident, prompt, 8), "{family}: offloaded decode");
 
         let spec = resident.model.spec();
         let f32_bytes = VramBudget::All.plan(spec, 16).unwrap().resident_bytes;

@@ -34,12 +34,12 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
         options: expert_options(args)?,
         lut_cache: lut_cache_bytes(&args.lut_cache)?,
     };
-    let loaded = engine_from(&source, need_tokenizer, |_| {})?;
+    let mut loaded = engine_from(&source, need_tokenizer, |_| {})?;
     if let Some(path) = &args.expert_profile {
         let text = std::fs::read_to_string(path).with_context(|| format!("--expert-profile {}", path.display()))?;
         let profile: ExpertProfile = serde_json::from_str(&text)
             .with_context(|| format!("--expert-profile {}: not a Ferry profile", path.display()))?;
-        loaded.engine.model.experts().pin_most_used(&profile.usage);
+        loaded.engine.model.experts_mut().pin_most_used(&profile.usage);
     }
     Ok(loaded)
 }
@@ -70,7 +70,7 @@ pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(
         None
     };
     stage("uploading weights");
-    let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, source.options)
+    let mut model = Model::load_with(opened.spec, &opened.weights, &gpu.device, source.options)
         .with_context(|| format!("loading {}", folder.display()))?;
     model.set_lookup_cache(source.lut_cache);
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })

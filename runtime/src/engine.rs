@@ -1,13 +1,13 @@
-//! The generate loop: prefill the prompt in one pass, then decode one token at a time, sampling,
-//! streaming text and stopping on EOS, stop strings or length.
+//! Generation: prefill the prompt in one pass, then decode one token at a time, sampling,
+//! streaming text and stopping on EOS, stop strings or length. The caller owns the loop: it
+//! steps a [`Generation`] with `&mut Model`, and may change settings between steps.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::chat::ChatTokenizer;
 use crate::error::{FerryError, Result};
 use crate::experts::ExpertStats;
-use crate::graph::{LogitsFor, Model};
+use crate::graph::{KvCache, LogitsFor, Model};
 use crate::lut::LookupStats;
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -106,21 +106,56 @@ impl Engine {
         Self { model, tokenizer }
     }
 
-    pub fn generate(&self, request: &GenerateRequest, on_event: impl FnMut(&Event)) -> Result<GenerateOutput> {
-        self.generate_cancellable(request, &AtomicBool::new(false), on_event)
+    /// Generates to the end, handing each event to `on_event`: the simplest caller of
+    /// [`Generation`]. Callers that change settings or stop between tokens step it themselves.
+    pub fn generate(&mut self, request: &GenerateRequest, on_event: impl FnMut(&Event)) -> Result<GenerateOutput> {
+        generate(&mut self.model, self.tokenizer.as_ref(), request, on_event)
     }
+}
 
-    /// Like `generate`, but stops with `StopReason::Cancelled` before the next forward pass
-    /// once `cancel` is set (from another thread).
-    pub fn generate_cancellable(
-        &self,
-        request: &GenerateRequest,
-        cancel: &AtomicBool,
-        mut on_event: impl FnMut(&Event),
-    ) -> Result<GenerateOutput> {
-        let spec = self.model.spec();
+/// Generates to the end with `model`, handing each event to `on_event` (see `Engine::generate`).
+pub fn generate(
+    model: &mut Model,
+    tokenizer: Option<&ChatTokenizer>,
+    request: &GenerateRequest,
+    mut on_event: impl FnMut(&Event),
+) -> Result<GenerateOutput> {
+    let mut generation = Generation::new(model, request.clone())?;
+    while !generation.is_finished() {
+        for event in generation.step(model, tokenizer)? {
+            on_event(&event);
+        }
+    }
+    generation.into_output()
+}
+
+/// One generation in progress, stepped by its caller one forward pass at a time: the prompt
+/// first, then one token per step. The caller owns the loop, so between two steps it may read
+/// the model's expert cache, change its settings (`Model::set_expert_options`) or stop
+/// (`Generation::cancel`).
+pub struct Generation {
+    request: GenerateRequest,
+    cache: KvCache,
+    sampler: Sampler,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    text: TextStream,
+    start: Instant,
+    /// The next token's logits; None before the prompt's pass.
+    logits: Option<Vec<f32>>,
+    prefill_seconds: f64,
+    first_token_at: Option<f64>,
+    /// Expert and lookup counters when generation started and after the prompt's pass.
+    experts_at: [ExpertStats; 2],
+    lookup_at: [LookupStats; 2],
+    stats: Option<GenerateStats>,
+}
+
+impl Generation {
+    /// Checks the request against the model and allocates its KV cache; runs nothing yet.
+    pub fn new(model: &Model, request: GenerateRequest) -> Result<Self> {
         let prompt = &request.prompt_ids;
-        let context = spec.max_position_embeddings;
+        let context = model.spec().max_position_embeddings;
         if prompt.is_empty() {
             return Err(FerryError::Empty("the prompt has no tokens".into()));
         }
@@ -128,110 +163,159 @@ impl Engine {
             return Err(FerryError::ContextExceeded { prompt: prompt.len(), new: request.max_new_tokens, context });
         }
         let capacity = (prompt.len() + request.max_new_tokens).min(context);
-        let mut cache = self.model.new_cache(capacity)?;
-        let mut sampler = Sampler::new(request.sampling.clone());
-        let mut history = prompt.clone();
-        let mut generated: Vec<u32> = Vec::new();
-        let mut text = TextStream::new(&request.stop_strings);
+        let cache = model.new_cache(capacity)?;
+        let experts = model.experts().stats();
+        let lookup = model.lookup_stats();
+        Ok(Self {
+            cache,
+            sampler: Sampler::new(request.sampling.clone()),
+            history: prompt.clone(),
+            generated: Vec::new(),
+            text: TextStream::new(request.stop_strings.clone()),
+            start: Instant::now(),
+            logits: None,
+            prefill_seconds: 0.0,
+            first_token_at: None,
+            experts_at: [experts; 2],
+            lookup_at: [lookup; 2],
+            stats: None,
+            request,
+        })
+    }
 
-        let start = Instant::now();
-        let before = self.model.experts().stats();
-        let lookup_start = self.model.lookup_stats();
-        let mut logits = self.model.forward(prompt, &mut cache, LogitsFor::Last)?.logits.remove(0);
-        let prefill_seconds = start.elapsed().as_secs_f64();
-        let after_prefill = self.model.experts().stats();
-        let lookup_after_prefill = self.model.lookup_stats();
-        let lookup = lookup_after_prefill - lookup_start;
-        on_event(&Event::Step(self.step_stats(0, prompt.len(), prefill_seconds, after_prefill - before, lookup)));
-        let mut first_token_at = None;
-        let stop_reason = loop {
-            if cancel.load(Ordering::Relaxed) {
-                break StopReason::Cancelled;
-            }
-            if generated.len() >= request.max_new_tokens {
-                break StopReason::MaxNewTokens;
-            }
-            let id = sampler.sample(&logits, &history);
-            first_token_at.get_or_insert_with(|| start.elapsed().as_secs_f64());
-            if request.stop_at_eos && spec.eos_token_ids.contains(&id) {
-                break StopReason::Eos;
-            }
-            generated.push(id);
-            history.push(id);
-            let (delta, stopped) = match &self.tokenizer {
-                Some(tok) => text.update(tok.decode(&generated)?),
-                None => (String::new(), false),
-            };
-            on_event(&Event::Token { id, text: delta });
-            if stopped {
-                break StopReason::StopString;
-            }
-            if generated.len() >= request.max_new_tokens {
-                break StopReason::MaxNewTokens;
-            }
-            if history.len() >= context {
-                break StopReason::Context;
-            }
-            let step_start = Instant::now();
-            let step_before = self.model.experts().stats();
-            let lookup_before = self.model.lookup_stats();
-            logits = self.model.forward(&[id], &mut cache, LogitsFor::Last)?.logits.remove(0);
-            let experts = self.model.experts().stats() - step_before;
-            let lookup = self.model.lookup_stats() - lookup_before;
-            let seconds = step_start.elapsed().as_secs_f64();
-            on_event(&Event::Step(self.step_stats(generated.len(), 1, seconds, experts, lookup)));
+    /// Whether the generation has ended (its last step returned `Event::Finished`).
+    pub fn is_finished(&self) -> bool {
+        self.stats.is_some()
+    }
+
+    /// Whether the prompt's pass has run.
+    pub fn started(&self) -> bool {
+        self.logits.is_some()
+    }
+
+    /// Runs the next forward pass and returns what it produced: the prompt's `Step` on the
+    /// first call; then a sampled `Token` and its `Step`, until a stop condition ends the
+    /// generation with `Finished`. Nothing once finished.
+    pub fn step(&mut self, model: &mut Model, tokenizer: Option<&ChatTokenizer>) -> Result<Vec<Event>> {
+        if self.is_finished() {
+            return Ok(Vec::new());
+        }
+        let Some(logits) = &self.logits else {
+            let prompt = self.request.prompt_ids.clone();
+            self.start = Instant::now();
+            let logits = model.forward(&prompt, &mut self.cache, LogitsFor::Last)?.logits.remove(0);
+            self.prefill_seconds = self.start.elapsed().as_secs_f64();
+            self.logits = Some(logits);
+            self.experts_at[1] = model.experts().stats();
+            self.lookup_at[1] = model.lookup_stats();
+            let experts = self.experts_at[1] - self.experts_at[0];
+            let lookup = self.lookup_at[1] - self.lookup_at[0];
+            return Ok(vec![Event::Step(step_stats(model, 0, prompt.len(), self.prefill_seconds, experts, lookup))]);
         };
-        let total = start.elapsed().as_secs_f64();
-        let ttft = first_token_at.unwrap_or(total);
+        let mut events = Vec::new();
+        if self.generated.len() >= self.request.max_new_tokens {
+            return Ok(self.finish(model, StopReason::MaxNewTokens, events));
+        }
+        let id = self.sampler.sample(logits, &self.history);
+        self.first_token_at.get_or_insert_with(|| self.start.elapsed().as_secs_f64());
+        if self.request.stop_at_eos && model.spec().eos_token_ids.contains(&id) {
+            return Ok(self.finish(model, StopReason::Eos, events));
+        }
+        self.generated.push(id);
+        self.history.push(id);
+        let (delta, stopped) = match tokenizer {
+            Some(tok) => self.text.update(tok.decode(&self.generated)?),
+            None => (String::new(), false),
+        };
+        events.push(Event::Token { id, text: delta });
+        if stopped {
+            return Ok(self.finish(model, StopReason::StopString, events));
+        }
+        if self.generated.len() >= self.request.max_new_tokens {
+            return Ok(self.finish(model, StopReason::MaxNewTokens, events));
+        }
+        if self.history.len() >= model.spec().max_position_embeddings {
+            return Ok(self.finish(model, StopReason::Context, events));
+        }
+        let step_start = Instant::now();
+        let experts_before = model.experts().stats();
+        let lookup_before = model.lookup_stats();
+        self.logits = Some(model.forward(&[id], &mut self.cache, LogitsFor::Last)?.logits.remove(0));
+        let experts = model.experts().stats() - experts_before;
+        let lookup = model.lookup_stats() - lookup_before;
+        let seconds = step_start.elapsed().as_secs_f64();
+        events.push(Event::Step(step_stats(model, self.generated.len(), 1, seconds, experts, lookup)));
+        Ok(events)
+    }
+
+    /// Ends the generation now, as the caller's stop button does: `Finished` with
+    /// `StopReason::Cancelled` (nothing if it had already finished).
+    pub fn cancel(&mut self, model: &Model) -> Vec<Event> {
+        if self.is_finished() {
+            return Vec::new();
+        }
+        self.finish(model, StopReason::Cancelled, Vec::new())
+    }
+
+    /// The tokens, text and statistics of a finished generation.
+    pub fn into_output(self) -> Result<GenerateOutput> {
+        let stats = self.stats.ok_or_else(|| FerryError::Empty("the generation has not finished".into()))?;
+        Ok(GenerateOutput { ids: self.generated, text: self.text.text, stats })
+    }
+
+    /// Closes the generation with `reason`: what the text held back, then `Finished`.
+    fn finish(&mut self, model: &Model, reason: StopReason, mut events: Vec<Event>) -> Vec<Event> {
+        let total = self.start.elapsed().as_secs_f64();
+        let ttft = self.first_token_at.unwrap_or(total);
         let decode_seconds = total - ttft;
+        let (prompt, new) = (self.request.prompt_ids.len(), self.generated.len());
         let stats = GenerateStats {
-            prompt_tokens: prompt.len(),
-            new_tokens: generated.len(),
-            prefill_seconds,
+            prompt_tokens: prompt,
+            new_tokens: new,
+            prefill_seconds: self.prefill_seconds,
             decode_seconds,
             time_to_first_token_seconds: ttft,
-            prefill_tokens_per_second: prompt.len() as f64 / prefill_seconds.max(1e-9),
-            decode_tokens_per_second: generated.len().saturating_sub(1) as f64 / decode_seconds.max(1e-9),
-            stop_reason,
-            prefill_experts: after_prefill - before,
-            decode_experts: self.model.experts().stats() - after_prefill,
-            prefill_lookup: lookup_after_prefill - lookup_start,
-            decode_lookup: self.model.lookup_stats() - lookup_after_prefill,
+            prefill_tokens_per_second: prompt as f64 / self.prefill_seconds.max(1e-9),
+            decode_tokens_per_second: new.saturating_sub(1) as f64 / decode_seconds.max(1e-9),
+            stop_reason: reason,
+            prefill_experts: self.experts_at[1] - self.experts_at[0],
+            decode_experts: model.experts().stats() - self.experts_at[1],
+            prefill_lookup: self.lookup_at[1] - self.lookup_at[0],
+            decode_lookup: model.lookup_stats() - self.lookup_at[1],
         };
-        let tail = text.finish();
+        let tail = self.text.finish();
         if !tail.is_empty() {
-            on_event(&Event::Token { id: *generated.last().unwrap_or(&0), text: tail });
+            events.push(Event::Token { id: *self.generated.last().unwrap_or(&0), text: tail });
         }
-        on_event(&Event::Finished(stats.clone()));
-        Ok(GenerateOutput { ids: generated, text: text.text, stats })
+        events.push(Event::Finished(stats.clone()));
+        self.stats = Some(stats);
+        events
     }
 }
 
-impl Engine {
-    fn step_stats(
-        &self,
-        step: usize,
-        tokens: usize,
-        seconds: f64,
-        experts: ExpertStats,
-        lookup: LookupStats,
-    ) -> StepStats {
-        let resident_per_layer = self.model.experts().resident_per_layer();
-        StepStats { step, tokens, seconds, experts, lookup, resident_per_layer }
-    }
+fn step_stats(
+    model: &Model,
+    step: usize,
+    tokens: usize,
+    seconds: f64,
+    experts: ExpertStats,
+    lookup: LookupStats,
+) -> StepStats {
+    let resident_per_layer = model.experts().resident_per_layer();
+    StepStats { step, tokens, seconds, experts, lookup, resident_per_layer }
 }
 
 /// Turns the full decoded text after each token into the newly printable part, holding back
 /// an incomplete UTF-8 character and anything that might be the start of a stop string.
-struct TextStream<'a> {
-    stops: &'a [String],
+struct TextStream {
+    stops: Vec<String>,
     /// The text produced so far (cut before a stop string once one is found).
     text: String,
     emitted: usize,
 }
 
-impl<'a> TextStream<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl TextStream {
+    fn new(stops: Vec<String>) -> Self {
         Self { stops, text: String::new(), emitted: 0 }
     }
 
@@ -248,7 +332,7 @@ impl<'a> TextStream<'a> {
         if self.text.ends_with('\u{FFFD}') {
             safe -= '\u{FFFD}'.len_utf8();
         }
-        for stop in self.stops {
+        for stop in &self.stops {
             for len in (1..stop.len()).rev() {
                 if stop.is_char_boundary(len) && self.text[..safe].ends_with(&stop[..len]) {
                     safe = safe.min(self.text.len() - len);
@@ -280,8 +364,8 @@ mod tests {
 
     #[test]
     fn stop_strings_are_held_back_then_cut() {
-        let stops = vec!["<end>".to_string()];
-        let mut s = TextStream::new(&stops);
+        let stops = ["<end>".to_string()];
+        let mut s = TextStream::new(stops.to_vec());
         assert_eq!(s.update("Hello".into()), ("Hello".into(), false));
         assert_eq!(s.update("Hello <e".into()), (" ".into(), false));
         assert_eq!(s.update("Hello <end> more".into()), ("".into(), true));
@@ -290,15 +374,15 @@ mod tests {
 
     #[test]
     fn a_partial_stop_string_that_does_not_complete_is_released() {
-        let stops = vec!["<end>".to_string()];
-        let mut s = TextStream::new(&stops);
+        let stops = ["<end>".to_string()];
+        let mut s = TextStream::new(stops.to_vec());
         assert_eq!(s.update("a <e".into()), ("a ".into(), false));
         assert_eq!(s.update("a <ex".into()), ("<ex".into(), false));
     }
 
     #[test]
     fn incomplete_characters_wait_for_their_bytes() {
-        let mut s = TextStream::new(&[]);
+        let mut s = TextStream::new(Vec::new());
         assert_eq!(s.update("caf\u{FFFD}".into()), ("caf".into(), false));
         assert_eq!(s.update("café".into()), ("é".into(), false));
     }

@@ -2,6 +2,12 @@
 
 use std::path::PathBuf;
 
+impl From<ferry_shaders::ShaderError> for FerryError {
+    fn from(e: ferry_shaders::ShaderError) -> Self {
+        Self::Gpu(e.to_string())
+    }
+}
+
 /// Everything that can go wrong between a model folder and generated tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum FerryError {

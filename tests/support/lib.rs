@@ -96,7 +96,7 @@ pub fn max_abs_diff(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f32) {
 }
 
 /// `n` greedy tokens after `prompt`, never stopping at EOS (as transformers' min_new_tokens).
-pub fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+pub fn greedy(engine: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     let request = GenerateRequest {
         prompt_ids: prompt.to_vec(),
         max_new_tokens: n,

@@ -125,7 +125,7 @@ struct Run {
     plan: ferry_runtime::experts::SlotPlan,
 }
 
-fn run_mode(engine: &Engine, mode: &Mode, request: &GenerateRequest, prefetch_extra: usize) -> Result<Run> {
+fn run_mode(engine: &mut Engine, mode: &Mode, request: &GenerateRequest, prefetch_extra: usize) -> Result<Run> {
     let budget: VramBudget = mode.budget.parse()?;
     engine.model.set_expert_options(ExpertOptions {
         expert_dtype: mode.dtype,
@@ -141,7 +141,7 @@ fn run_mode(engine: &Engine, mode: &Mode, request: &GenerateRequest, prefetch_ex
     })?;
     if mode.name == "offload" {
         // Every offloaded mode starts cold, as a fresh process would.
-        engine.model.experts().clear();
+        engine.model.experts_mut().clear();
     }
     let recall_before = engine.model.experts().recall().to_vec();
     let output =
@@ -177,7 +177,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let gpu = Gpu::open(args.adapter.parse::<AdapterChoice>()?)?;
     let spec = opened.spec.clone();
     let model = Model::load(opened.spec, &opened.weights, &gpu.device)?;
-    let engine = Engine::new(model, None);
+    let mut engine = Engine::new(model, None);
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let prompt: Vec<u32> = (0..args.prompt_len.max(1))
@@ -298,11 +298,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             drop(copy.take());
             let opened = ferry_models::open(&folder)?;
             let options = ExpertOptions { expert_dtype: dtype, dense_dtype: dense, ..ExpertOptions::default() };
-            let loaded = Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?, None);
+            let mut loaded = Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?, None);
             loaded.generate(&request, |_| {})?;
             copy = Some(loaded);
         }
-        let engine = copy.as_ref().unwrap_or(&engine);
+        let engine = copy.as_mut().unwrap_or(&mut engine);
         let mut runs: Vec<Vec<Run>> = (0..group.len()).map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
             for (mode, runs) in group.iter().zip(&mut runs) {

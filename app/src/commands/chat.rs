@@ -4,14 +4,14 @@ use std::io::{BufRead, Write};
 
 use anyhow::Result;
 use ferry_runtime::chat::Message;
-use ferry_runtime::engine::{Event, GenerateRequest};
+use ferry_runtime::engine::{Event, GenerateRequest, generate};
 
 use crate::args::ChatArgs;
 use crate::load;
 
 pub fn run(args: ChatArgs) -> Result<()> {
-    let loaded = load::engine(&args.model, true)?;
-    let engine = &loaded.engine;
+    let mut loaded = load::engine(&args.model, true)?;
+    let engine = &mut loaded.engine;
     let Some(tokenizer) = engine.tokenizer.as_ref() else {
         anyhow::bail!("chat needs tokenizer.json in the model folder");
     };
@@ -47,7 +47,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             stop_strings: args.sampling.stop.clone(),
             stop_at_eos: !args.sampling.ignore_eos,
         };
-        let output = match engine.generate(&request, |event| {
+        let output = match generate(&mut engine.model, Some(tokenizer), &request, |event| {
             if let Event::Token { text, .. } = event {
                 let _ = write!(stdout, "{text}");
                 let _ = stdout.flush();

@@ -10,7 +10,7 @@ use crate::args::EvalArgs;
 use crate::load;
 
 /// Per-position logits over the text, in context-sized windows (each window starts fresh).
-fn logits_over(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+fn logits_over(model: &mut Model, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     let window = model.spec().max_position_embeddings.min(512);
     let mut all = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(window) {
@@ -42,8 +42,8 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let loaded = load::engine(&args.model, true)?;
-    let model = &loaded.engine.model;
+    let mut loaded = load::engine(&args.model, true)?;
+    let model = &mut loaded.engine.model;
     let tokenizer = loaded.engine.tokenizer.as_ref().context("eval needs tokenizer.json in the model folder")?;
     let text = std::fs::read_to_string(&args.text).with_context(|| format!("--text {}", args.text.display()))?;
     let mut ids = tokenizer.encode(&text, true)?;
@@ -70,7 +70,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             options: exact,
             lut_cache: 0,
         };
-        logits_over(&load::engine_from(&source, false, |_| {})?.engine.model, &ids)?
+        logits_over(&mut load::engine_from(&source, false, |_| {})?.engine.model, &ids)?
     };
     let before = model.experts().stats();
     let mode = logits_over(model, &ids)?;

@@ -10,8 +10,8 @@ use crate::args::GenerateArgs;
 use crate::load;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let loaded = load::engine(&args.model, args.prompt.is_some())?;
-    let engine = &loaded.engine;
+    let mut loaded = load::engine(&args.model, args.prompt.is_some())?;
+    let engine = &mut loaded.engine;
     let prompt_ids = match (&args.prompt, &args.ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {

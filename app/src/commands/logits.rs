@@ -17,8 +17,8 @@ struct LogitsReport {
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    let loaded = load::engine(&args.model, false)?;
-    let model = &loaded.engine.model;
+    let mut loaded = load::engine(&args.model, false)?;
+    let model = &mut loaded.engine.model;
     let mut cache = model.new_cache(args.ids.len())?;
     let which = if args.all_positions { LogitsFor::All } else { LogitsFor::Last };
     let output = model.forward(&args.ids, &mut cache, which)?;

@@ -8,7 +8,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use ferry_runtime::chat::Message;
-use ferry_runtime::engine::{Engine, Event, GenerateRequest, GenerateStats, StepStats};
+use ferry_runtime::engine::{Engine, Event, GenerateRequest, GenerateStats, Generation, StepStats};
 use ferry_runtime::experts::Residency;
 use ferry_runtime::graph::ExpertOptions;
 use ferry_runtime::sampling::SamplingConfig;
@@ -149,8 +149,8 @@ fn run(inbox: &mpsc::Receiver<Command>, out: &Outbox, cancel: &AtomicBool) {
                     Err(err) => out.send(Update::LoadFailed(format!("{}: {err:#}", source.folder.display()))),
                 }
             }
-            Command::Configure(options) => out.send(Update::Configured(configure(engine.as_ref(), options))),
-            Command::Generate(reply) => match &engine {
+            Command::Configure(options) => out.send(Update::Configured(configure(engine.as_mut(), options))),
+            Command::Generate(reply) => match &mut engine {
                 Some(engine) => {
                     if let Err(err) = generate(engine, &reply, inbox, &mut pending, out, cancel) {
                         out.send(Update::Failed(format!("{err:#}")));
@@ -180,7 +180,7 @@ fn describe(source: &Source, loaded: &load::Loaded) -> ModelInfo {
     }
 }
 
-fn configure(engine: Option<&Engine>, options: ExpertOptions) -> Result<String, String> {
+fn configure(engine: Option<&mut Engine>, options: ExpertOptions) -> Result<String, String> {
     let engine = engine.ok_or("no model is loaded")?;
     engine.model.set_expert_options(options).map_err(|e| e.to_string())?;
     let experts = engine.model.experts();
@@ -193,8 +193,10 @@ fn recall_totals(engine: &Engine) -> (u64, u64) {
     engine.model.experts().recall().iter().fold((0, 0), |(p, a), r| (p + r.predicted, a + r.actual))
 }
 
+/// Steps the reply's generation itself: between two forward passes it sends the step's
+/// residency, applies settings that arrived and honours the stop button.
 fn generate(
-    engine: &Engine,
+    engine: &mut Engine,
     reply: &Reply,
     inbox: &mpsc::Receiver<Command>,
     pending: &mut VecDeque<Command>,
@@ -218,23 +220,33 @@ fn generate(
         stop_at_eos: true,
     };
     let mut recall_before = recall_totals(engine);
-    engine.generate_cancellable(&request, cancel, |event| match event {
-        Event::Token { text, .. } => out.send(Update::Token(text.clone())),
-        Event::Step(stats) => {
-            let residency = engine.model.experts().residency();
-            let recall_now = recall_totals(engine);
-            let recall = (recall_now.0 - recall_before.0, recall_now.1 - recall_before.1);
-            recall_before = recall_now;
-            out.send(Update::Step(Box::new(StepUpdate { stats: stats.clone(), residency, recall })));
-            // Between forward passes the cache is free: settings changed mid-reply apply now.
-            while let Ok(command) = inbox.try_recv() {
-                match command {
-                    Command::Configure(options) => out.send(Update::Configured(configure(Some(engine), options))),
-                    other => pending.push_back(other),
+    let mut generation = Generation::new(&engine.model, request)?;
+    while !generation.is_finished() {
+        let events = if generation.started() && cancel.load(Ordering::Relaxed) {
+            generation.cancel(&engine.model)
+        } else {
+            generation.step(&mut engine.model, engine.tokenizer.as_ref())?
+        };
+        for event in events {
+            match event {
+                Event::Token { text, .. } => out.send(Update::Token(text)),
+                Event::Step(stats) => {
+                    let residency = engine.model.experts_mut().residency();
+                    let recall_now = recall_totals(engine);
+                    let recall = (recall_now.0 - recall_before.0, recall_now.1 - recall_before.1);
+                    recall_before = recall_now;
+                    out.send(Update::Step(Box::new(StepUpdate { stats, residency, recall })));
                 }
+                Event::Finished(stats) => out.send(Update::Finished(Box::new(stats))),
             }
         }
-        Event::Finished(stats) => out.send(Update::Finished(Box::new(stats.clone()))),
-    })?;
+        // Between forward passes the cache is free: settings changed mid-reply apply now.
+        while let Ok(command) = inbox.try_recv() {
+            match command {
+                Command::Configure(options) => out.send(Update::Configured(configure(Some(engine), options))),
+                other => pending.push_back(other),
+            }
+        }
+    }
     Ok(())
 }

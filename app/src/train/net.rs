@@ -296,7 +296,7 @@ mod tests {
             let (logits, _) = forward(&params, &config, ids.iter().map(|&i| i64::from(i)).collect(), 1, &device);
             let trainer: Vec<f32> = logits.into_data().try_into_vec().unwrap();
 
-            let model = Model::load(opened.spec, &opened.weights, &gpu.device).unwrap();
+            let mut model = Model::load(opened.spec, &opened.weights, &gpu.device).unwrap();
             let mut cache = model.new_cache(ids.len()).unwrap();
             let ferry: Vec<f32> = model.forward(&ids, &mut cache, LogitsFor::All).unwrap().logits.concat();
             let scale = ferry.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -8,16 +8,15 @@ use std::time::Instant;
 use burn::tensor::Device;
 
 use super::budget::SlotPlan;
-use super::grouped::SlotPage;
 use super::policy::{EvictionPolicy, SlotUse};
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
-use super::select::{BigFallback, BigLittle, Importance, SelectionStats, Selector};
-use super::slots::{SlotPool, SlotRef};
+use super::select::{BigLittle, Importance, SelectionStats, Selector};
+use super::slots::{SlotPage, SlotPool, SlotRef};
 use super::stats::ExpertStats;
 use super::store::{ExpertStore, HostExpert};
 use super::transfer::{LinkModel, StagedExpert, UploadQueue};
 use crate::error::{FerryError, Result};
-use crate::routing::{TokenRoute, softmax};
+use crate::routing::TokenRoute;
 
 struct Slot {
     /// Index in the slot pool.
@@ -139,10 +138,9 @@ impl ExpertCache {
         self.selector.as_ref().is_some_and(|s| s.config.importance == Importance::Attention)
     }
 
-    /// Applies big-little selection to a layer's routes (no-op when off). `logits` are the
-    /// router's, row-major `[tokens, experts]`; `received` the attention each token received in
-    /// this layer's attention, required by `--importance attention`.
-    pub fn select_big_little(
+    /// Applies big-little selection to a layer's routes (no-op when off); see
+    /// `Selector::apply`.
+    pub(super) fn select_big_little(
         &mut self,
         layer: usize,
         routes: &mut [TokenRoute],
@@ -150,50 +148,15 @@ impl ExpertCache {
         num_experts: usize,
         received: Option<&[f32]>,
     ) -> Result<()> {
-        let Some(mut selector) = self.selector.take() else { return Ok(()) };
-        if selector.config.importance == Importance::Attention && received.is_none_or(|r| r.len() != routes.len()) {
-            self.selector = Some(selector);
-            return Err(FerryError::flag(
-                "--importance attention",
-                format!("layer {layer}: the attention received by each token was not computed"),
-            ));
-        }
-        let probs: Vec<Vec<f32>> = logits.chunks_exact(num_experts).map(softmax).collect();
-        let scores: Vec<f32> = routes
-            .iter()
-            .zip(&probs)
-            .enumerate()
-            .map(|(t, (r, p))| selector.score(p, r, received.map(|a| a[t])))
-            .collect();
-        let big = selector.decide(layer, &scores);
-        selector.score_expected(layer, &big);
-        for ((route, probs), big) in routes.iter_mut().zip(&probs).zip(big) {
-            if !big {
-                selector.stats.little += 1;
-                Selector::make_little(route);
-                continue;
-            }
-            selector.stats.big += 1;
-            let half = route.experts.len().div_ceil(2);
-            let resident = |e: usize| self.slots.contains_key(&(layer, e)) || self.in_flight.contains(&(layer, e));
-            if route.experts[half..].iter().any(|&e| !resident(e as usize)) {
-                selector.stats.fallbacks += 1;
-                if selector.config.fallback == BigFallback::Substitute {
-                    selector.substitute(route, probs, resident);
-                }
-            }
-        }
-        self.selector = Some(selector);
-        Ok(())
+        let (slots, in_flight) = (&self.slots, &self.in_flight);
+        let Some(selector) = self.selector.as_mut() else { return Ok(()) };
+        let resident = |e: usize| slots.contains_key(&(layer, e)) || in_flight.contains(&(layer, e));
+        selector.apply(layer, routes, logits, num_experts, received, resident)
     }
 
-    /// Big-little with a pre-gate: whether each token is expected to be big in `layer`, from the
-    /// pre-gate's predicted router logits `[tokens, experts]` and top-k routes, scored with the
-    /// same importance and held against the same threshold that layer will use, without adding
-    /// to its history. Attention importance cannot see the later layer's attention yet, so the
-    /// attention each token received in the predicting layer (`received`) stands in for it.
-    /// The expectation is recorded and scored when `layer` chooses. None when big-little is off.
-    pub fn expect_big(
+    /// Whether each token is expected to be big in a later `layer` (see `Selector::expect_big`);
+    /// None when big-little is off.
+    pub(super) fn expect_big(
         &mut self,
         layer: usize,
         logits: &[f32],
@@ -201,16 +164,7 @@ impl ExpertCache {
         routes: &[TokenRoute],
         received: Option<&[f32]>,
     ) -> Option<Vec<bool>> {
-        let selector = self.selector.as_mut()?;
-        let scores: Vec<f32> = logits
-            .chunks_exact(num_experts)
-            .zip(routes)
-            .enumerate()
-            .map(|(t, (row, r))| selector.score(&softmax(row), r, received.map(|a| a[t])))
-            .collect();
-        let big = selector.expect(layer, &scores);
-        selector.record_expected(layer, big.clone());
-        Some(big)
+        Some(self.selector.as_mut()?.expect_big(layer, logits, num_experts, routes, received))
     }
 
     /// Emulates a host-to-GPU link of this speed for every upload (None: as fast as it goes).
@@ -355,7 +309,12 @@ impl ExpertCache {
     /// Like `fetch`, but never evicts an expert in `keep` (those a queued batch still reads
     /// before its kernels are launched). None when only such experts could make room; nothing
     /// is counted then.
-    pub fn fetch_keeping(&mut self, layer: usize, expert: usize, keep: &HashSet<ExpertId>) -> Result<Option<SlotRef>> {
+    pub(super) fn fetch_keeping(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        keep: &HashSet<ExpertId>,
+    ) -> Result<Option<SlotRef>> {
         self.settle_orphans();
         let id = (layer, expert);
         if let Some(slot) = self.slots.get_mut(&id) {
@@ -417,7 +376,7 @@ impl ExpertCache {
     }
 
     /// The page of GPU memory a `SlotRef` points into.
-    pub fn page(&self, page: usize) -> Result<&SlotPage> {
+    pub(super) fn page(&self, page: usize) -> Result<&SlotPage> {
         self.pool.page(page)
     }
 
@@ -425,7 +384,7 @@ impl ExpertCache {
     /// never by evicting `protect` (the experts the current layer still needs) or each other.
     /// Experts already resident or under way are skipped; when no slot can be freed the rest
     /// of the prediction is dropped. Returns how many were requested.
-    pub fn prefetch(&mut self, layer: usize, experts: &[usize], protect: &[(usize, usize)]) -> usize {
+    pub(super) fn prefetch(&mut self, layer: usize, experts: &[usize], protect: &[(usize, usize)]) -> usize {
         self.settle_orphans();
         let mut keep: HashSet<ExpertId> = protect.iter().copied().collect();
         keep.extend(experts.iter().map(|&e| (layer, e)));
@@ -454,14 +413,14 @@ impl ExpertCache {
     }
 
     /// Records the experts predicted for each token of `layer` in this pass.
-    pub fn record_prediction(&mut self, layer: usize, per_token: Vec<Vec<u32>>) {
+    pub(super) fn record_prediction(&mut self, layer: usize, per_token: Vec<Vec<u32>>) {
         self.predictions.insert(layer, per_token);
     }
 
     /// Scores this pass's prediction for `layer` against the routing it really used, once the
     /// layer has fetched its experts. Predicted experts it did not use become ordinary slots
     /// (marked unused, so evicting them counts as wasted prefetch) as their staging completes.
-    pub fn score_prediction(&mut self, layer: usize, actual: &[Vec<u32>]) {
+    pub(super) fn score_prediction(&mut self, layer: usize, actual: &[Vec<u32>]) {
         let unused: Vec<ExpertId> = self.in_flight.iter().filter(|(l, _)| *l == layer).copied().collect();
         self.orphans.extend(unused);
         self.settle_orphans();

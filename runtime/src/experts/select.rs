@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::error::{FerryError, Result};
-use crate::routing::TokenRoute;
+use crate::routing::{TokenRoute, softmax};
 
 /// `--importance`: how a token's importance is scored from its router probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -156,7 +156,7 @@ impl Selector {
 
     /// The token's importance from its full router probabilities and its top-k route, or from
     /// the attention it received in the layer (`received`; callers of `Importance::Attention`
-    /// must supply it, see `ExpertCache::select_big_little`).
+    /// must supply it, see `Selector::apply`).
     pub fn score(&self, probs: &[f32], route: &TokenRoute, received: Option<f32>) -> f32 {
         match self.config.importance {
             Importance::Attention => received.unwrap_or(0.0),
@@ -233,6 +233,73 @@ impl Selector {
             self.stats.modes_predicted_right += u64::from(guess == big);
             self.stats.big_predicted_little += u64::from(big && !guess);
         }
+    }
+
+    /// Applies the selection to a layer's routes. `logits` are the router's, row-major
+    /// `[tokens, experts]`; `received` the attention each token received in this layer's
+    /// attention, required by `--importance attention`; `resident` says whether an expert of
+    /// the layer is in (or on its way to) a GPU slot, for the big tokens' fallback.
+    pub fn apply(
+        &mut self,
+        layer: usize,
+        routes: &mut [TokenRoute],
+        logits: &[f32],
+        num_experts: usize,
+        received: Option<&[f32]>,
+        resident: impl Fn(usize) -> bool,
+    ) -> Result<()> {
+        if self.config.importance == Importance::Attention && received.is_none_or(|r| r.len() != routes.len()) {
+            return Err(FerryError::flag(
+                "--importance attention",
+                format!("layer {layer}: the attention received by each token was not computed"),
+            ));
+        }
+        let probs: Vec<Vec<f32>> = logits.chunks_exact(num_experts).map(softmax).collect();
+        let scores: Vec<f32> =
+            routes.iter().zip(&probs).enumerate().map(|(t, (r, p))| self.score(p, r, received.map(|a| a[t]))).collect();
+        let big = self.decide(layer, &scores);
+        self.score_expected(layer, &big);
+        for ((route, probs), big) in routes.iter_mut().zip(&probs).zip(big) {
+            if !big {
+                self.stats.little += 1;
+                Self::make_little(route);
+                continue;
+            }
+            self.stats.big += 1;
+            let half = route.experts.len().div_ceil(2);
+            if route.experts[half..].iter().any(|&e| !resident(e as usize)) {
+                self.stats.fallbacks += 1;
+                if self.config.fallback == BigFallback::Substitute {
+                    self.substitute(route, probs, &resident);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With a pre-gate: whether each token is expected to be big in `layer`, from the
+    /// pre-gate's predicted router logits `[tokens, experts]` and top-k routes, scored with the
+    /// same importance and held against the same threshold that layer will use, without adding
+    /// to its history. Attention importance cannot see the later layer's attention yet, so the
+    /// attention each token received in the predicting layer (`received`) stands in for it.
+    /// The expectation is recorded and scored when `layer` chooses.
+    pub fn expect_big(
+        &mut self,
+        layer: usize,
+        logits: &[f32],
+        num_experts: usize,
+        routes: &[TokenRoute],
+        received: Option<&[f32]>,
+    ) -> Vec<bool> {
+        let scores: Vec<f32> = logits
+            .chunks_exact(num_experts)
+            .zip(routes)
+            .enumerate()
+            .map(|(t, (row, r))| self.score(&softmax(row), r, received.map(|a| a[t])))
+            .collect();
+        let big = self.expect(layer, &scores);
+        self.record_expected(layer, big.clone());
+        big
     }
 
     /// Rewrites a little token's route to its first k/2 experts, rescaling their weights to the

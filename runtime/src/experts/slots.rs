@@ -8,7 +8,10 @@ use std::collections::BTreeSet;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::grouped::{SlotPage, float};
+use burn_cubecl::tensor::CubeTensor;
+use ferry_shaders::cube_float as float;
+use ferry_shaders::expert::{ExpertExtras, FloatPage, PackedPage, PageWork};
+
 use super::quant::ExpertDtype;
 use super::store::HostExpert;
 use crate::error::{FerryError, Result};
@@ -18,6 +21,50 @@ use crate::error::{FerryError, Result};
 pub struct SlotRef {
     pub page: usize,
     pub slot: usize,
+}
+
+/// A block of expert slots: f32 or f16 in three GPU buffers (gate, up, down), or quantised.
+pub enum SlotPage {
+    F32(Box<FloatPage>),
+    Quant(Box<PackedPage>),
+}
+
+impl SlotPage {
+    /// Allocates a page of `slots` experts stored as `dtype` on `like`'s device, uninitialised.
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
+        match dtype.bits() {
+            Some(bits) => Self::Quant(Box::new(PackedPage::new(like, slots, hidden, inter, bits, dtype.fp4()))),
+            None => Self::F32(Box::new(FloatPage::new(like, slots, hidden, inter, dtype == ExpertDtype::F16))),
+        }
+    }
+
+    /// Uploads an expert and queues its copy into `slot`. Kernels queued earlier that read the
+    /// slot's previous expert run first: the copy is ordered behind them on the same stream.
+    pub fn store(&self, slot: usize, host: HostExpert, device: &Device) -> Result<()> {
+        match (self, host) {
+            (Self::F32(page), HostExpert::F32(weights)) => Ok(page.store(slot, weights, device)?),
+            (Self::Quant(page), HostExpert::Quant(e)) => Ok(page.store(slot, [&e.gate, &e.up, &e.down], device)?),
+            _ => Err(FerryError::Gpu("an expert's format does not match its slot page's".into())),
+        }
+    }
+
+    /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
+    /// writes `act` rows and the weighted expert outputs into `y` rows.
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
+    pub fn swiglu(
+        &self,
+        x: &CubeTensor,
+        work: &PageWork,
+        extras: &ExpertExtras,
+        act: &CubeTensor,
+        y: &CubeTensor,
+        device: &Device,
+    ) -> Result<()> {
+        match self {
+            Self::F32(page) => Ok(page.swiglu(x, work, extras, act, y, device)?),
+            Self::Quant(page) => Ok(page.swiglu(x, work, extras, act, y, device)?),
+        }
+    }
 }
 
 /// Largest page Ferry allocates even where the adapter allows more, in bytes (keeps 32-bit

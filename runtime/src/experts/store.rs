@@ -8,7 +8,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, code_rows, e2m1_twice, pow2};
+use ferry_shaders::format::{GROUP, QuantMatrix, code_rows, e2m1_twice, pow2};
+
+use super::quant::{ExpertDtype, QuantExpert};
 use crate::error::{FerryError, Result};
 use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
 use crate::weights::SourceDtype::{F32, U8, U32};
@@ -320,7 +322,7 @@ fn repack(blocks: &[u8], scales: &[u8], rows: impl Iterator<Item = usize> + Clon
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experts::quant::dequantize;
+    use ferry_shaders::format::dequantize;
 
     /// Repacking an MXFP4 block row into slot words decodes to the same values as dequantising
     /// the row directly.

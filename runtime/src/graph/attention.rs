@@ -3,13 +3,13 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use super::decode_attention::decode_attention;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Loader};
-use super::norm::rms_norm;
 use super::rope;
 use crate::error::Result;
 use crate::spec::{AttentionSpec, ModelSpec, QkNorm};
+use ferry_shaders::attention::decode_attention;
+use ferry_shaders::norm::rms_norm;
 
 pub struct Attention {
     spec: AttentionSpec,

@@ -2,10 +2,10 @@
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
-use super::matvec::{MAX_ROWS, matvec};
 use crate::error::{FerryError, Result};
-use crate::experts::{from_cube, try_cube_float};
 use crate::weights::WeightStore;
+use ferry_shaders::matvec::{MAX_ROWS, matvec};
+use ferry_shaders::{from_cube, try_cube_float};
 
 /// How projection matrices (attention, dense and shared FFNs, routers, the LM head) are stored on
 /// the GPU (`--dense-dtype`). Products always sum in f32; f16 halves the bytes each decode step

@@ -18,13 +18,13 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::attention::{KeySpan, attention_probs};
-use super::decode_attention::decode_attention;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Loader};
-use super::norm::rms_norm;
 use super::rope;
 use crate::error::Result;
 use crate::spec::{MlaSpec, ModelSpec};
+use ferry_shaders::attention::decode_attention;
+use ferry_shaders::norm::rms_norm;
 
 /// transformers builds `q_a_layernorm` and `kv_a_layernorm` without passing `rms_norm_eps`.
 const LATENT_NORM_EPS: f32 = 1e-6;

@@ -4,18 +4,14 @@
 //! attention and feed-forward (dense, mixture of experts or mixture of lookup experts) with residuals, and projects to logits.
 
 mod attention;
-mod cube_reduce;
-mod decode_attention;
 mod ffn;
 mod kv_cache;
 mod linear;
-mod matvec;
 mod mla;
 mod model;
 mod moe;
 mod mole;
 mod mole_table;
-mod norm;
 mod rope;
 mod vocab;
 

@@ -1,6 +1,6 @@
 //! The whole model: load every resident tensor, then run tokens through it.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor};
 
@@ -12,7 +12,6 @@ use super::mla::MlaAttention;
 use super::moe::{MoeBlock, PreGate};
 use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
-use super::norm::{add_rms_norm, rms_norm};
 use super::rope::Rope;
 use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
@@ -20,6 +19,7 @@ use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertDtype, Expert
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
+use ferry_shaders::norm::{add_rms_norm, rms_norm};
 
 /// Whether the next layer's experts are predicted and fetched ahead (`--prefetch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -150,12 +150,12 @@ pub struct Model {
     /// `[vocab, hidden]` in blocks that fit a binding (the embedding's values when tied).
     lm_head: LmHead,
     rope: Rope,
-    /// Routed experts: host store plus GPU slot cache. Locked per forward pass.
-    experts: Mutex<ExpertCache>,
+    /// Routed experts: host store plus GPU slot cache.
+    experts: ExpertCache,
     /// Experts predicted per token for the next layer; None when not prefetching.
-    prefetch_k: Mutex<Option<usize>>,
+    prefetch_k: Option<usize>,
     /// MoLE in table mode: the memory-mapped lookup table (`mole_lut.bin` in the model folder).
-    lookup: Option<Mutex<LookupTable>>,
+    lookup: Option<LookupTable>,
     /// How the projection matrices were stored at load.
     dense_dtype: DenseDtype,
 }
@@ -189,7 +189,7 @@ impl Model {
         // A MoLE folder with a lookup table runs from the table; without one, from the FFNs.
         let lookup = if spec.layers.contains(&FfnKind::Mole) && store.folder().join(LUT_FILE).exists() {
             let expected = lookup_header(&spec, LutDtype::F32)?;
-            Some(Mutex::new(LookupTable::open(&store.folder().join(LUT_FILE), &expected)?))
+            Some(LookupTable::open(&store.folder().join(LUT_FILE), &expected)?)
         } else {
             None
         };
@@ -244,8 +244,8 @@ impl Model {
             final_norm,
             lm_head,
             rope,
-            experts: Mutex::new(experts),
-            prefetch_k: Mutex::new(prefetch_k),
+            experts,
+            prefetch_k,
             lookup,
             dense_dtype: options.dense_dtype,
         })
@@ -258,23 +258,19 @@ impl Model {
 
     /// The lookup table's header when this MoLE model runs from one.
     pub fn lookup_table(&self) -> Option<LutHeader> {
-        self.lookup.as_ref().map(|t| *self.lock_lookup(t).header())
+        self.lookup.as_ref().map(|t| *t.header())
     }
 
     /// Lookup-table traffic so far (zero without a table).
     pub fn lookup_stats(&self) -> LookupStats {
-        self.lookup.as_ref().map(|t| self.lock_lookup(t).stats()).unwrap_or_default()
+        self.lookup.as_ref().map(LookupTable::stats).unwrap_or_default()
     }
 
     /// Sizes the host row cache of the lookup table (`--lut-cache`), in bytes of f32 rows.
-    pub fn set_lookup_cache(&self, bytes: u64) {
-        if let Some(t) = &self.lookup {
-            self.lock_lookup(t).set_cache_bytes(bytes);
+    pub fn set_lookup_cache(&mut self, bytes: u64) {
+        if let Some(t) = &mut self.lookup {
+            t.set_cache_bytes(bytes);
         }
-    }
-
-    fn lock_lookup<'a>(&self, table: &'a Mutex<LookupTable>) -> MutexGuard<'a, LookupTable> {
-        table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether layer `layer` predicts its successor with a trained pre-gate (else plug-and-play).
@@ -285,16 +281,20 @@ impl Model {
         }
     }
 
-    /// The expert cache, for statistics and reconfiguration between forward passes.
-    pub fn experts(&self) -> MutexGuard<'_, ExpertCache> {
-        // A panic mid-forward leaves the cache consistent (slots are inserted whole).
-        self.experts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The expert cache, for statistics between forward passes.
+    pub fn experts(&self) -> &ExpertCache {
+        &self.experts
+    }
+
+    /// The expert cache, to clear, pin or inspect between forward passes.
+    pub fn experts_mut(&mut self) -> &mut ExpertCache {
+        &mut self.experts
     }
 
     /// Changes the VRAM budget and policy without reloading; all-resident budgets preload.
-    pub fn set_expert_options(&self, options: ExpertOptions) -> Result<()> {
+    pub fn set_expert_options(&mut self, options: ExpertOptions) -> Result<()> {
         let kv_tokens = options.kv_tokens.unwrap_or(self.spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
-        let mut experts = self.experts();
+        let experts = &mut self.experts;
         if options.expert_dtype != experts.dtype() {
             return Err(FerryError::flag(
                 "--expert-dtype",
@@ -318,7 +318,7 @@ impl Model {
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
         experts.set_big_little(options.big_little);
-        *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner()) = prefetch_k(&self.spec, &options);
+        self.prefetch_k = prefetch_k(&self.spec, &options);
         experts.preload()
     }
 
@@ -348,7 +348,7 @@ impl Model {
     }
 
     /// Runs `ids` at the positions after what `cache` holds, appending their keys and values.
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, logits_for: LogitsFor) -> Result<ForwardOutput> {
+    pub fn forward(&mut self, ids: &[u32], cache: &mut KvCache, logits_for: LogitsFor) -> Result<ForwardOutput> {
         let tokens = ids.len();
         if tokens == 0 {
             return Err(FerryError::Empty("no tokens to run".into()));
@@ -369,15 +369,15 @@ impl Model {
         let embedded = x.clone();
         // MoLE: each token's whole row (all layers and experts) is read and uploaded once,
         // before layer 0, since the token id is all it depends on.
-        let rows = match &self.lookup {
-            Some(t) => Some(upload_rows(self.lock_lookup(t).rows(ids)?, tokens, device)),
+        let rows = match &mut self.lookup {
+            Some(t) => Some(upload_rows(t.rows(ids)?, tokens, device)),
             None => None,
         };
         let mut mole_layer = 0;
         let rope_tables = self.rope.tables(cache.len(), tokens, device);
         let mut routing = Vec::with_capacity(self.layers.len());
-        let prefetch_k = *self.prefetch_k.lock().unwrap_or_else(|p| p.into_inner());
-        let mut experts = self.experts();
+        let prefetch_k = self.prefetch_k;
+        let experts = &mut self.experts;
         // Big-little's attention importance: what each token receives, for the MoE layers only.
         let attention_importance = experts.wants_received_attention();
         // Each block's output joins the residual stream in the same launch that normalises the
@@ -396,7 +396,7 @@ impl Model {
                     (mlp.forward(h_ffn), 1)
                 }
                 Ffn::Moe(block) => {
-                    let (y, parts, routes) = block.forward(h_ffn, &mut experts, prefetch_k, received, device)?;
+                    let (y, parts, routes) = block.forward(h_ffn, experts, prefetch_k, received, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     (y, parts)
                 }
@@ -417,7 +417,6 @@ impl Model {
             (x, h) = add_rms_norm(x, y, parts, norm_after(l), eps);
         }
         experts.end_forward();
-        drop(experts);
         cache.advance(tokens);
 
         // `h` is the final norm of every position.
@@ -432,14 +431,14 @@ impl Model {
 
 /// Whether the adapter computes with half precision (`shader-f16`).
 fn supports_f16(device: &Device) -> Result<bool> {
-    let probe = crate::experts::cube_float(Tensor::<1>::zeros([1], device))?;
+    let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
     Ok(probe.client.properties().supports_type(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F16)))
 }
 
 /// The largest GPU buffer a vocabulary block may take: what the adapter can bind, or the smaller
 /// `page_bytes` asked for (tests split the head that way).
 fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Result<u64> {
-    let probe = crate::experts::cube_float(Tensor::<1>::zeros([1], device))?;
+    let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
     let adapter = probe.client.properties().memory.max_page_size;
     Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))
 }

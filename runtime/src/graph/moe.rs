@@ -1,19 +1,18 @@
 //! The mixture-of-experts block: router on the GPU, routing decision on the host, then the
-//! grouped expert kernel runs every chosen expert over the tokens routed to it, reading the
-//! experts from their slots in the expert cache.
-
-use std::collections::{BTreeMap, HashSet};
+//! expert manager runs every chosen expert over the tokens routed to it
+//! (`ExpertCache::run_layer`), plus the shared expert where the family has one.
 
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor};
-use burn_cubecl::tensor::CubeTensor;
 
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
 use crate::error::{FerryError, Result};
-use crate::experts::{ExpertCache, ExpertExtras, PageWork, SlotRef, cube_float, from_cube};
+use ferry_shaders::expert::ExpertExtras;
+
+use crate::experts::{ExpertCache, LayerOutput, LayerRequest, Prediction};
 use crate::routing::{TokenRoute, route};
-use crate::spec::{ModelSpec, RouterKind};
+use crate::spec::{ExpertActivation, ModelSpec, RouterKind};
 
 struct SharedExpert {
     mlp: SwiGlu,
@@ -51,10 +50,6 @@ pub struct MoeBlock {
     kind: RouterKind,
 }
 
-/// What one expert serves: (token row in the batch, output row, routing weight). The output
-/// row is `token * top_k + rank`, so each (token, expert) pair has a row of its own.
-type Served = Vec<(usize, usize, f32)>;
-
 impl MoeBlock {
     pub fn load(loader: &Loader, spec: &ModelSpec, layer: usize) -> Result<Self> {
         let names = &spec.names;
@@ -85,7 +80,11 @@ impl MoeBlock {
             }
         };
         let bias = if moe.expert_bias { Some(expert_biases(loader, spec, layer)?) } else { None };
-        let extras = ExpertExtras::new(bias, moe.activation, loader.device)?;
+        let clamp = match moe.activation {
+            ExpertActivation::Silu => None,
+            ExpertActivation::ClampedSwiglu { limit, alpha } => Some((limit, alpha)),
+        };
+        let extras = ExpertExtras::new(bias, clamp, loader.device)?;
         Ok(Self {
             layer,
             router,
@@ -121,15 +120,10 @@ impl MoeBlock {
     /// token to be summed in order (`[tokens * parts, hidden]`: the weighted expert output of each
     /// rank, or one row when a shared expert is added here), and each token's route.
     ///
-    /// Experts already resident run first, then the misses (each uploaded once, even when the
-    /// cache has fewer slots than this layer needs); their outputs are summed in expert order
-    /// whatever the residency, so offloaded output equals all-resident output bit for bit.
-    ///
-    /// With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for the next MoE layer are
-    /// requested before this layer's experts run, so their staging overlaps this layer's compute;
-    /// under big-little, a token expected to be little there gets only its first half staged.
-    /// `received` `[tokens, 1]` is the attention each token received in this layer (computed
-    /// only for `--importance attention`).
+    /// The router runs here and the routing rule on the host; the expert manager does the rest
+    /// (`ExpertCache::run_layer`). With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for
+    /// the next MoE layer go with it. `received` `[tokens, 1]` is the attention each token
+    /// received in this layer (computed only for `--importance attention`).
     pub fn forward(
         &self,
         x: Tensor<2>,
@@ -158,64 +152,32 @@ impl MoeBlock {
         let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
         let received: Option<Vec<f32>> =
             has_received.then(|| logits.chunks_exact(width).map(|row| row[width - 1]).collect());
-        let mut routes = route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind);
-        experts.select_big_little(self.layer, &mut routes, &own, self.num_experts, received.as_deref())?;
-
+        let routes = route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind);
+        let predicted: Vec<f32> = logits
+            .chunks_exact(width)
+            .flat_map(|row| &row[self.num_experts..self.num_experts + targets])
+            .copied()
+            .collect();
+        // The target's routing rule (all MoE layers of a model share the router kind).
+        let prediction = pregate.zip(prefetch_k).map(|(p, predict_k)| Prediction {
+            target: p.target,
+            logits: &predicted,
+            routes: route(&predicted, p.score_bias.as_deref(), targets, predict_k.min(targets), self.kind),
+            predict_k,
+            top_k: self.top_k,
+        });
+        let request = LayerRequest {
+            layer: self.layer,
+            x: x.clone(),
+            routes,
+            logits: &own,
+            received: received.as_deref(),
+            top_k: self.top_k,
+            extras: &self.extras,
+            prediction,
+        };
+        let LayerOutput { rows, routes } = experts.run_layer(request, device)?;
         let k = self.top_k;
-        let mut served: Vec<Served> = vec![Vec::new(); self.num_experts];
-        for (t, r) in routes.iter().enumerate() {
-            for (rank, (&e, &w)) in r.experts.iter().zip(&r.weights).enumerate() {
-                served[e as usize].push((t, t * k + rank, w));
-            }
-        }
-        let needed: Vec<usize> = (0..self.num_experts).filter(|&e| !served[e].is_empty()).collect();
-        if let (Some(p), Some(predict_k)) = (pregate, prefetch_k) {
-            let predicted: Vec<f32> = logits
-                .chunks_exact(width)
-                .flat_map(|row| &row[self.num_experts..self.num_experts + targets])
-                .copied()
-                .collect();
-            let per_token = self.staged_per_token(experts, p, &predicted, targets, predict_k, received.as_deref());
-            let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
-            unique.sort_unstable();
-            unique.dedup();
-            let protect: Vec<(usize, usize)> = needed.iter().map(|&e| (self.layer, e)).collect();
-            experts.prefetch(p.target, &unique, &protect);
-            experts.record_prediction(p.target, per_token);
-        }
-        let (hits, misses): (Vec<usize>, Vec<usize>) =
-            needed.iter().partition(|&&e| experts.is_resident(self.layer, e));
-
-        // A little token's unused ranks must add nothing when the rows are summed per token, so
-        // their rows start at zero; when every token takes all k experts, each row is written.
-        let inter = experts.dims().0;
-        let xc = cube_float(x.clone())?;
-        let act = cube_float(Tensor::<2>::empty([tokens * k, inter], device))?;
-        let rows = [tokens * k, hidden];
-        let every_rank = routes.iter().all(|r| r.experts.len() == k);
-        let y =
-            cube_float(if every_rank { Tensor::<2>::empty(rows, device) } else { Tensor::<2>::zeros(rows, device) })?;
-        // Experts are fetched into a batch until the cache cannot make room without evicting one
-        // of the batch; then the batch's kernels are queued and its slots become evictable.
-        let mut batch: Vec<(usize, SlotRef)> = Vec::new();
-        let mut keep: HashSet<(usize, usize)> = HashSet::new();
-        for e in hits.into_iter().chain(misses) {
-            let at = match experts.fetch_keeping(self.layer, e, &keep)? {
-                Some(at) => at,
-                None => {
-                    self.launch(experts, &batch, &served, &xc, &act, &y, device)?;
-                    batch.clear();
-                    keep.clear();
-                    experts.fetch(self.layer, e)?
-                }
-            };
-            keep.insert((self.layer, e));
-            batch.push((e, at));
-        }
-        self.launch(experts, &batch, &served, &xc, &act, &y, device)?;
-        let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
-        experts.score_prediction(self.layer, &chosen);
-        let rows = from_cube::<2>(y);
         let Some(shared) = &self.shared else { return Ok((rows, k, routes)) };
         let mut y = shared.mlp.forward(x.clone());
         if let Some(gate) = &shared.gate {
@@ -223,66 +185,6 @@ impl MoeBlock {
         }
         let out = rows.reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]) + y;
         Ok((out, 1, routes))
-    }
-
-    /// The experts to stage for each token of the pre-gate's target layer: its predicted
-    /// top-`predict_k`, or, when big-little expects the token to be little there, the first
-    /// top-k/2 of them (plus the same `--prefetch-extra` margin).
-    fn staged_per_token(
-        &self,
-        experts: &mut ExpertCache,
-        pregate: &PreGate,
-        predicted: &[f32],
-        targets: usize,
-        predict_k: usize,
-        received: Option<&[f32]>,
-    ) -> Vec<Vec<u32>> {
-        // The target's routing rule (all MoE layers of a model share the router kind).
-        let target = pregate.target;
-        let routes = route(predicted, pregate.score_bias.as_deref(), targets, predict_k.min(targets), self.kind);
-        let top_k: Vec<TokenRoute> = routes
-            .iter()
-            .map(|r| {
-                let k = self.top_k.min(r.experts.len());
-                TokenRoute { experts: r.experts[..k].to_vec(), weights: r.weights[..k].to_vec() }
-            })
-            .collect();
-        let expected = experts.expect_big(target, predicted, targets, &top_k, received);
-        let little = self.top_k.div_ceil(2) + predict_k.saturating_sub(self.top_k);
-        routes
-            .into_iter()
-            .enumerate()
-            .map(|(t, r)| {
-                let mut staged = r.experts;
-                if expected.as_ref().is_some_and(|big| !big[t]) {
-                    staged.truncate(little);
-                }
-                staged
-            })
-            .collect()
-    }
-
-    /// Queues the grouped expert kernel for a batch of fetched experts, one launch pair per
-    /// slot page the batch touches.
-    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
-    fn launch(
-        &self,
-        experts: &ExpertCache,
-        batch: &[(usize, SlotRef)],
-        served: &[Served],
-        x: &CubeTensor,
-        act: &CubeTensor,
-        y: &CubeTensor,
-        device: &Device,
-    ) -> Result<()> {
-        let mut pages: BTreeMap<usize, PageWork> = BTreeMap::new();
-        for &(e, at) in batch {
-            pages.entry(at.page).or_default().push(at.slot, e, served[e].iter().copied());
-        }
-        for (page, work) in pages {
-            experts.page(page)?.swiglu(x, &work, &self.extras, act, y, device)?;
-        }
-        Ok(())
     }
 }
 

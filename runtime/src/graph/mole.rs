@@ -12,9 +12,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
-use super::norm::rms_norm;
 use crate::error::{FerryError, Result};
 use crate::spec::{ModelSpec, MoleSpec};
+use ferry_shaders::norm::rms_norm;
 
 /// One layer's lookup experts as FFNs on the normed embedding (training-time form).
 pub struct LookupFfns {

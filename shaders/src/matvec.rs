@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeCount, CubeDim};
 
-use crate::experts::{from_cube, try_cube_float};
+use crate::bridge::{from_cube, try_cube_float};
 
 /// Units per cube along the outputs.
 const UNITS: u32 = 64;
@@ -61,7 +61,7 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Optio
 mod kernel {
     use cubecl::prelude::*;
 
-    use crate::experts::load_vec;
+    use crate::lanes::load_vec;
 
     /// `y[r, c..c+N] = sum_j x[r, j] * wt[j, c..c+N] (+ bias)`: one unit per `N` adjacent
     /// outputs, one cube row per input row; each lane sums in index order.
@@ -96,26 +96,32 @@ mod kernel {
     }
 }
 
+/// `x W (+ bias)` on the host: `x` `[rows, in]`, `wt` `[in, out]`, each output summed in index
+/// order as the kernel does.
+pub fn reference(x: &[f32], wt: &[f32], bias: Option<&[f32]>, inputs: usize, outputs: usize) -> Vec<f32> {
+    x.chunks_exact(inputs)
+        .flat_map(|row| {
+            (0..outputs).map(move |c| {
+                let dot: f32 = (0..inputs).map(|j| row[j] * wt[j * outputs + c]).sum();
+                dot + bias.map_or(0.0, |b| b[c])
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::{Tensor, TensorData};
-    use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    use crate::device::{AdapterChoice, Gpu};
-    use crate::experts::cube_float;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
+    use crate::bridge::cube_float;
+    use crate::testing::{device, random};
 
     /// Outputs divisible by four and not, with and without a bias, a strided (sliced) input row,
-    /// two rows, and f16 weights: the kernel equals a plain-Rust product in index order (on the
-    /// weights rounded to f16 for f16) up to rounding.
+    /// two rows, and f16 weights: the kernel equals `reference` (on the weights rounded to f16
+    /// for f16) up to rounding.
     #[test]
-    fn matvec_matches_a_cpu_product() {
-        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
-        let device = &gpu.device;
+    fn matvec_matches_the_cpu_reference() {
+        let device = &device();
         let cases = [
             (1, 64, 96, false, false),
             (1, 40, 30, true, false),
@@ -125,13 +131,13 @@ mod tests {
             (1, 9, 7, false, true),
         ];
         for (rows, inputs, outputs, bias, f16) in cases {
-            let mut wt = random(inputs * outputs, 1);
+            let mut wt = random(inputs * outputs, 1, 1.0);
             if f16 {
                 wt.iter_mut().for_each(|w| *w = half::f16::from_f32(*w).to_f32());
             }
-            let b = random(outputs, 2);
+            let b = random(outputs, 2, 1.0);
             // The rows are every other column block of a wider tensor: strides to follow.
-            let wide = random(rows * 2 * inputs, 3);
+            let wide = random(rows * 2 * inputs, 3, 1.0);
             let x = Tensor::<2>::from_data(TensorData::new(wide.clone(), [rows, 2 * inputs]), device)
                 .slice([0..rows, inputs..2 * inputs]);
             let wt_tensor = Tensor::<2>::from_data(TensorData::new(wt.clone(), [inputs, outputs]), device);
@@ -142,16 +148,10 @@ mod tests {
             let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu)).expect("CubeCL backend");
             assert_eq!(got.dims(), [rows, outputs]);
             let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
-            for r in 0..rows {
-                for c in 0..outputs {
-                    let dot: f32 = (0..inputs).map(|j| wide[r * 2 * inputs + inputs + j] * wt[j * outputs + c]).sum();
-                    let want = dot + if bias { b[c] } else { 0.0 };
-                    let g = got[r * outputs + c];
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{rows}x{inputs}x{outputs} f16 {f16}: {g} vs {want}"
-                    );
-                }
+            let xs: Vec<f32> = (0..rows).flat_map(|r| wide[r * 2 * inputs + inputs..][..inputs].to_vec()).collect();
+            let want = super::reference(&xs, &wt, bias.then_some(&b[..]), inputs, outputs);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{rows}x{inputs}x{outputs} f16 {f16}: {g} vs {w}");
             }
         }
     }

@@ -8,11 +8,11 @@ use burn::tensor::Tensor;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeCount, CubeDim};
 
-use crate::experts::{from_cube, try_cube_float};
+use crate::bridge::{from_cube, try_cube_float};
 
 /// Units per row; each sums every `NORM_UNITS`-th square, then `cube_reduce` adds the partials,
 /// so a row's result does not depend on the other rows of the launch.
-const NORM_UNITS: usize = super::cube_reduce::UNITS;
+const NORM_UNITS: usize = crate::reduce::UNITS;
 
 /// `x * rsqrt(mean(x^2) + eps) * weight`, over the last dimension.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
@@ -22,8 +22,8 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> T
     let rows_x = x.reshape([rows, width]);
     let (xc, wc) = match (try_cube_float(rows_x), try_cube_float(weight.clone())) {
         (Ok(xc), Ok(wc)) => (xc, wc),
-        (Ok(xc), Err(_)) => return reference(from_cube::<2>(xc), weight, eps).reshape(dims),
-        (Err(rows_x), _) => return reference(*rows_x, weight, eps).reshape(dims),
+        (Ok(xc), Err(_)) => return with_burn_ops(from_cube::<2>(xc), weight, eps).reshape(dims),
+        (Err(rows_x), _) => return with_burn_ops(*rows_x, weight, eps).reshape(dims),
     };
     let out = empty_like(&xc, rows, width);
     let (count, dim, dtype) = launch_shape(&xc, rows);
@@ -55,7 +55,7 @@ pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, parts: usize, weight: &Tensor<1>
             let back = |t: std::result::Result<CubeTensor, Box<Tensor<2>>>| t.map_or_else(|b| *b, from_cube::<2>);
             let y = back(y).reshape([rows, parts, width]).sum_dim(1).reshape([rows, width]);
             let sum = back(x) + y;
-            return (sum.clone(), reference(sum, weight, eps));
+            return (sum.clone(), with_burn_ops(sum, weight, eps));
         }
     };
     let sum = empty_like(&xc, rows, width);
@@ -94,11 +94,42 @@ fn launch_shape(like: &CubeTensor, rows: usize) -> (CubeCount, CubeDim, cubecl::
     (count, CubeDim::new_1d(NORM_UNITS as u32), dtype_to_storage_type(like.dtype))
 }
 
-/// The same norm as burn ops (the fallback for another backend, and the tests' reference).
-fn reference<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
+/// The same norm as burn ops (the fallback for another backend).
+fn with_burn_ops<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> Tensor<D> {
     let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
     let normed = x * (variance + eps).sqrt().recip();
     normed * weight.clone().unsqueeze::<D>()
+}
+
+/// The norm on the host, over rows of `width` values, as the kernel computes it (the sum of
+/// squares in f32).
+pub fn rms_norm_reference(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let width = weight.len();
+    x.chunks_exact(width)
+        .flat_map(|row| {
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            row.iter().zip(weight).map(move |(v, w)| v * scale * w)
+        })
+        .collect()
+}
+
+/// `add_rms_norm` on the host: `y` holds `parts` rows per row of `x`, added in order, then to
+/// `x`. Returns the sum and its norm.
+pub fn add_rms_norm_reference(x: &[f32], y: &[f32], parts: usize, weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let width = weight.len();
+    let sum: Vec<f32> = x
+        .chunks_exact(width)
+        .enumerate()
+        .flat_map(|(r, row)| {
+            (0..width).map(move |j| {
+                let part = |p: usize| y[(r * parts + p) * width + j];
+                row[j] + (1..parts).fold(part(0), |s, p| s + part(p))
+            })
+        })
+        .collect();
+    let normed = rms_norm_reference(&sum, weight, eps);
+    (sum, normed)
 }
 
 /// The kernel, apart so that its `Tensor` is CubeCL's.
@@ -106,7 +137,7 @@ mod kernel {
     use cubecl::prelude::*;
 
     use super::NORM_UNITS;
-    use crate::graph::cube_reduce::cube_reduce;
+    use crate::reduce::cube_reduce;
 
     /// One cube per row of `x` `[rows, width]` (any strides); `out` is contiguous.
     #[cube(launch)]
@@ -200,76 +231,70 @@ mod kernel {
 #[cfg(test)]
 mod tests {
     use burn::tensor::{Tensor, TensorData};
-    use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    use crate::device::{AdapterChoice, Gpu};
+    use crate::testing::{device, max_diff, random};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect()
-    }
-
-    /// The fused kernel equals burn's ops up to summation order: widths below, at and above the
-    /// cube's units, a strided (sliced) input, and more rows than one launch dimension holds.
+    /// The fused kernel equals the host reference up to summation order: widths below, at and
+    /// above the cube's units, a strided (sliced) input, and more rows than one launch
+    /// dimension holds.
     #[test]
-    fn fused_norm_matches_burn_ops() {
-        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
-        let device = &gpu.device;
+    fn fused_norm_matches_the_cpu_reference() {
+        let device = &device();
         for (rows, width) in [(3, 5), (2, 64), (4, 200), (70_000, 3)] {
-            let x = Tensor::<2>::from_data(TensorData::new(random(rows * width, 1), [rows, width]), device);
-            let w = Tensor::<1>::from_data(TensorData::new(random(width, 2), [width]), device);
-            let got: Vec<f32> = super::rms_norm(x.clone(), &w, 1e-6).into_data().try_to_vec().unwrap();
-            let want: Vec<f32> = super::reference(x, &w, 1e-6).into_data().try_to_vec().unwrap();
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let xs = random(rows * width, 1, 3.0);
+            let ws = random(width, 2, 3.0);
+            let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [rows, width]), device);
+            let w = Tensor::<1>::from_data(TensorData::new(ws.clone(), [width]), device);
+            let got: Vec<f32> = super::rms_norm(x, &w, 1e-6).into_data().try_to_vec().unwrap();
+            let diff = max_diff(&got, &super::rms_norm_reference(&xs, &ws, 1e-6));
             assert!(diff < 1e-5, "rows {rows} width {width}: max diff {diff}");
         }
         // A view of every other column block: strides the kernel must follow.
-        let x = Tensor::<3>::from_data(TensorData::new(random(2 * 3 * 40, 3), [2, 3, 40]), device);
+        let xs = random(2 * 3 * 40, 3, 3.0);
+        let x = Tensor::<3>::from_data(TensorData::new(xs.clone(), [2, 3, 40]), device);
         let view = x.slice([0..2, 0..3, 8..40]);
-        let w = Tensor::<1>::from_data(TensorData::new(random(32, 4), [32]), device);
-        let got: Vec<f32> = super::rms_norm(view.clone(), &w, 1e-5).into_data().try_to_vec().unwrap();
-        let want: Vec<f32> = super::reference(view, &w, 1e-5).into_data().try_to_vec().unwrap();
-        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let ws = random(32, 4, 3.0);
+        let w = Tensor::<1>::from_data(TensorData::new(ws.clone(), [32]), device);
+        let got: Vec<f32> = super::rms_norm(view, &w, 1e-5).into_data().try_to_vec().unwrap();
+        let viewed: Vec<f32> = xs.chunks_exact(40).flat_map(|row| row[8..].to_vec()).collect();
+        let diff = max_diff(&got, &super::rms_norm_reference(&viewed, &ws, 1e-5));
         assert!(diff < 1e-5, "sliced input: max diff {diff}");
     }
 
     /// The fused residual add returns exactly burn's sum and its norm, also for a strided
-    /// residual and more rows than the cube has units.
+    /// residual and more rows than the cube has units; several parts per row are added in
+    /// order, then to the residual, exactly as the reference adds them.
     #[test]
-    fn fused_add_and_norm_match_burn_ops() {
-        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
-        let device = &gpu.device;
+    fn fused_add_and_norm_match_burn_sums_and_the_cpu_reference() {
+        let device = &device();
         for (rows, width) in [(1, 5), (3, 200), (70, 64)] {
-            let x = Tensor::<2>::from_data(TensorData::new(random(rows * 2 * width, 5), [rows, 2 * width]), device)
+            let wide = random(rows * 2 * width, 5, 3.0);
+            let x = Tensor::<2>::from_data(TensorData::new(wide.clone(), [rows, 2 * width]), device)
                 .slice([0..rows, width..2 * width]);
-            let y = Tensor::<2>::from_data(TensorData::new(random(rows * width, 6), [rows, width]), device);
-            let w = Tensor::<1>::from_data(TensorData::new(random(width, 7), [width]), device);
+            let ys = random(rows * width, 6, 3.0);
+            let y = Tensor::<2>::from_data(TensorData::new(ys.clone(), [rows, width]), device);
+            let ws = random(width, 7, 3.0);
+            let w = Tensor::<1>::from_data(TensorData::new(ws.clone(), [width]), device);
             let (sum, normed) = super::add_rms_norm(x.clone(), y.clone(), 1, &w, 1e-6);
-            let want_sum = x + y;
             let got: Vec<f32> = sum.into_data().try_to_vec().unwrap();
-            let want: Vec<f32> = want_sum.clone().into_data().try_to_vec().unwrap();
+            let want: Vec<f32> = (x + y).into_data().try_to_vec().unwrap();
             assert_eq!(got, want, "rows {rows} width {width}: the sum differs from burn's");
+            let xs: Vec<f32> = wide.chunks_exact(2 * width).flat_map(|row| row[width..].to_vec()).collect();
+            let (want_sum, want_normed) = super::add_rms_norm_reference(&xs, &ys, 1, &ws, 1e-6);
+            assert_eq!(got, want_sum, "rows {rows} width {width}: the sum differs from the reference");
             let got: Vec<f32> = normed.into_data().try_to_vec().unwrap();
-            let want: Vec<f32> = super::reference(want_sum, &w, 1e-6).into_data().try_to_vec().unwrap();
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let diff = max_diff(&got, &want_normed);
             assert!(diff < 1e-5, "rows {rows} width {width}: max diff {diff}");
         }
-        // Three parts per row (a MoE block's ranks): added in order, then to the residual.
         let (rows, parts, width) = (2, 3, 70);
-        let xs = random(rows * width, 8);
-        let ys = random(rows * parts * width, 9);
+        let xs = random(rows * width, 8, 3.0);
+        let ys = random(rows * parts * width, 9, 3.0);
+        let ws = random(width, 10, 3.0);
         let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [rows, width]), device);
         let y = Tensor::<2>::from_data(TensorData::new(ys.clone(), [rows * parts, width]), device);
-        let w = Tensor::<1>::from_data(TensorData::new(random(width, 10), [width]), device);
+        let w = Tensor::<1>::from_data(TensorData::new(ws.clone(), [width]), device);
         let (sum, _) = super::add_rms_norm(x, y, parts, &w, 1e-6);
         let got: Vec<f32> = sum.into_data().try_to_vec().unwrap();
-        let want: Vec<f32> = (0..rows * width)
-            .map(|i| {
-                let (r, j) = (i / width, i % width);
-                let part = |p: usize| ys[(r * parts + p) * width + j];
-                xs[i] + (part(0) + part(1) + part(2))
-            })
-            .collect();
-        assert_eq!(got, want, "parts are added in order, then to the residual");
+        assert_eq!(got, super::add_rms_norm_reference(&xs, &ys, parts, &ws, 1e-6).0, "parts added in order");
     }
 }

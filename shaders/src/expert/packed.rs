@@ -3,7 +3,7 @@
 //! sizes do not divide by four, and group of assignments), reading packed codes one vector of
 //! u32 words at a time and applying each group's scale once per `GROUP` products.
 //!
-//! Slot layout (see `quant.rs`): gate and up codes `[slots, code_rows(hidden), intermediate]`
+//! Slot layout (see `format.rs`): gate and up codes `[slots, code_rows(hidden), intermediate]`
 //! with scales `[slots, hidden / GROUP, intermediate]`; down codes
 //! `[slots, code_rows(intermediate), hidden]` with scales `[slots, intermediate / GROUP, hidden]`.
 //! Neighbouring units read neighbouring words. As in the f32 kernels, every sum runs in a fixed
@@ -15,9 +15,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::grouped::{Launch, ROWS_PER_CUBE, activate, float, group_at, load_vec, vector_size};
-use super::quant::{ExpertDtype, GROUP, QuantExpert, QuantMatrix, code_rows};
-use crate::error::Result;
+use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
+use crate::bridge::{ShaderError, cube_float};
+use crate::format::{GROUP, QuantMatrix, code_rows};
+use crate::lanes::load_vec;
 
 /// The dot products of `N` adjacent packed columns with `v[v_base + v_stride * j]` over a whole
 /// reduction dimension: one vector load of the `N` columns' words per code word, codes unpacked
@@ -81,7 +82,7 @@ fn packed_dot<F: Float, N: Size>(
     total
 }
 
-/// Twice an e2m1 code's value (see `quant::e2m1_twice`) on every lane, without branches: `((2 + m) << e) >> 1` is `(2 + m) << (e - 1)`
+/// Twice an e2m1 code's value (see `format::e2m1_twice`) on every lane, without branches: `((2 + m) << e) >> 1` is `(2 + m) << (e - 1)`
 /// for `e > 0`; for `e = 0` it is 1, so `1 - m` is taken off there; bit 3 is the sign.
 #[cube]
 fn e2m1_twice<F: Float, N: Size>(code: Vector<u32, N>) -> Vector<F, N> {
@@ -219,7 +220,7 @@ impl Packed {
         }
     }
 
-    fn store(&self, slot: usize, m: &QuantMatrix, device: &Device) -> Result<()> {
+    fn store(&self, slot: usize, m: &QuantMatrix, device: &Device) -> Result<(), ShaderError> {
         let client = self.codes.client.clone();
         let handle = client.create_from_slice(bytemuck::cast_slice(&m.words));
         let codes = CubeTensor::new_contiguous(
@@ -229,7 +230,8 @@ impl Packed {
             handle,
             DType::U32,
         );
-        let scales = float(BurnTensor::<1>::from_data(TensorData::new(m.scales.clone(), [m.scales.len()]), device))?;
+        let scales =
+            cube_float(BurnTensor::<1>::from_data(TensorData::new(m.scales.clone(), [m.scales.len()]), device))?;
         let launch = |elems: usize| {
             let dim = CubeDim::new(&client, elems);
             (calculate_cube_count_elemwise(&client, elems, dim), dim)
@@ -259,7 +261,7 @@ impl Packed {
 }
 
 /// A page of quantised expert slots: packed codes and scales per projection.
-pub struct QuantPage {
+pub struct PackedPage {
     bits: u32,
     fp4: bool,
     gate: Packed,
@@ -267,26 +269,41 @@ pub struct QuantPage {
     down: Packed,
 }
 
-impl QuantPage {
-    /// A page of `slots` experts in `dtype`, a quantised format.
-    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
-        let bits = dtype.bits().unwrap_or(8);
+impl PackedPage {
+    /// A page of `slots` experts of `bits`-bit codes, e2m1 (MXFP4) with `fp4`, else integers.
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, bits: u32, fp4: bool) -> Self {
         Self {
             bits,
-            fp4: dtype.fp4(),
+            fp4,
             gate: Packed::new(like, slots, hidden, inter, bits),
             up: Packed::new(like, slots, hidden, inter, bits),
             down: Packed::new(like, slots, inter, hidden, bits),
         }
     }
 
-    pub fn store(&self, slot: usize, expert: &QuantExpert, device: &Device) -> Result<()> {
-        self.gate.store(slot, &expert.gate, device)?;
-        self.up.store(slot, &expert.up, device)?;
-        self.down.store(slot, &expert.down, device)
+    /// Queues the copy of an expert's packed gate, up and down into `slot`.
+    pub fn store(&self, slot: usize, [gate, up, down]: [&QuantMatrix; 3], device: &Device) -> Result<(), ShaderError> {
+        self.gate.store(slot, gate, device)?;
+        self.up.store(slot, up, device)?;
+        self.down.store(slot, down, device)
     }
 
-    pub(super) fn swiglu(&self, x: &CubeTensor, launch: &Launch, act: &CubeTensor, y: &CubeTensor) {
+    /// Queues the grouped SwiGLU of `work` over this page, as `FloatPage::swiglu`.
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
+    pub fn swiglu(
+        &self,
+        x: &CubeTensor,
+        work: &PageWork,
+        extras: &ExpertExtras,
+        act: &CubeTensor,
+        y: &CubeTensor,
+        device: &Device,
+    ) -> Result<(), ShaderError> {
+        if work.is_empty() {
+            return Ok(());
+        }
+        let launch = Launch::new(work, extras, device)?;
+        let launch = &launch;
         let client = x.client.clone();
         let inter = self.gate.codes.meta.shape()[2];
         let hidden = self.down.codes.meta.shape()[2];
@@ -333,5 +350,6 @@ impl QuantPage {
             has_bias,
             dtypes,
         );
+        Ok(())
     }
 }

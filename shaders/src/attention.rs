@@ -9,11 +9,11 @@ use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Tensor;
 use cubecl::{CubeCount, CubeDim};
 
-use crate::experts::{from_cube, try_cube_float};
+use crate::bridge::{from_cube, try_cube_float};
 
 /// Units per head: keys are split among them for the scores and the softmax, value lanes for
 /// the weighted sum; `cube_reduce` combines their partials.
-const UNITS: usize = super::cube_reduce::UNITS;
+const UNITS: usize = crate::reduce::UNITS;
 
 /// `[heads, dv]` attention output of one query per head, or None where the backend is not
 /// CubeCL (the caller then runs its burn ops).
@@ -63,12 +63,39 @@ pub fn decode_attention(
     Some(from_cube(out))
 }
 
+/// One decode step's attention on the host: `q` `[heads, dk]`, `keys` `[kv_heads, n, dk]`,
+/// `values` `[kv_heads, n, dv]` (contiguous), `sinks` `[heads]`; returns `[heads, dv]`.
+pub fn reference(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    sinks: Option<&[f32]>,
+    [heads, kv_heads, n, dk, dv]: [usize; 5],
+    scale: f32,
+) -> Vec<f32> {
+    let group = heads / kv_heads;
+    let mut out = Vec::with_capacity(heads * dv);
+    for h in 0..heads {
+        let kv = h / group;
+        let scores: Vec<f32> =
+            (0..n).map(|j| (0..dk).map(|i| q[h * dk + i] * keys[(kv * n + j) * dk + i]).sum::<f32>() * scale).collect();
+        let sink = sinks.map(|s| s[h]);
+        let top = scores.iter().copied().chain(sink).fold(f32::MIN, f32::max);
+        let exps: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
+        let total = exps.iter().sum::<f32>() + sink.map_or(0.0, |s| (s - top).exp());
+        for i in 0..dv {
+            out.push((0..n).map(|j| exps[j] / total * values[(kv * n + j) * dv + i]).sum());
+        }
+    }
+    out
+}
+
 /// The kernel, apart so that its `Tensor` is CubeCL's.
 mod kernel {
     use cubecl::prelude::*;
 
     use super::UNITS;
-    use crate::graph::cube_reduce::cube_reduce;
+    use crate::reduce::cube_reduce;
 
     /// One cube per head.
     #[cube(launch)]
@@ -144,44 +171,42 @@ mod kernel {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::activation::softmax;
     use burn::tensor::{Tensor, TensorData};
-    use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    use crate::device::{AdapterChoice, Gpu};
-
-    fn random(shape: [usize; 3], seed: u64, device: &burn::tensor::Device) -> Tensor<3> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let n = shape.iter().product();
-        Tensor::from_data(TensorData::new((0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect(), shape), device)
-    }
+    use crate::testing::{device, max_diff, random};
 
     /// Grouped heads, a strided cache view, more keys than units and fewer, and a sink column:
-    /// the kernel equals softmax(q k^T * scale) v computed with burn's ops.
+    /// the kernel equals the host reference of softmax(q k^T * scale) v.
     #[test]
-    fn fused_decode_attention_matches_burn_ops() {
-        let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
-        let device = &gpu.device;
-        for (n, sinks) in [(3, false), (150, false), (70, true)] {
+    fn fused_decode_attention_matches_the_cpu_reference() {
+        let device = &device();
+        for (n, sinks) in [(3, false), (150, false), (70, true), (1, true)] {
             let (heads, kv_heads, dk, dv, capacity) = (6, 2, 16, 8, 200);
-            let q = random([heads, 1, dk], 1, device);
+            let qs = random(heads * dk, 1, 2.0);
+            let (ks, vs) = (random(kv_heads * capacity * dk, 2, 2.0), random(kv_heads * capacity * dv, 3, 2.0));
+            let ss = random(heads, 4, 2.0);
+            let q = Tensor::<3>::from_data(TensorData::new(qs.clone(), [heads, 1, dk]), device);
             // The cache holds `capacity` positions; the step attends over the first `n`.
-            let keys = random([kv_heads, capacity, dk], 2, device).slice([0..kv_heads, 0..n, 0..dk]);
-            let values = random([kv_heads, capacity, dv], 3, device).slice([0..kv_heads, 0..n, 0..dv]);
-            let sink = sinks.then(|| random([heads, 1, 1], 4, device));
+            let keys = Tensor::<3>::from_data(TensorData::new(ks.clone(), [kv_heads, capacity, dk]), device).slice([
+                0..kv_heads,
+                0..n,
+                0..dk,
+            ]);
+            let values = Tensor::<3>::from_data(TensorData::new(vs.clone(), [kv_heads, capacity, dv]), device).slice([
+                0..kv_heads,
+                0..n,
+                0..dv,
+            ]);
+            let sink = sinks.then(|| Tensor::<3>::from_data(TensorData::new(ss.clone(), [heads, 1, 1]), device));
             let scale = 0.25;
             let got = super::decode_attention(&q, &keys, &values, sink.as_ref(), scale).expect("CubeCL backend");
             let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
-
-            let group = heads / kv_heads;
-            let expand = |t: Tensor<3>, d: usize| t.unsqueeze_dim::<4>(1).repeat_dim(1, group).reshape([heads, n, d]);
-            let scores = q.matmul(expand(keys, dk).swap_dims(1, 2)).mul_scalar(scale);
-            let probs = match &sink {
-                None => softmax(scores, 2),
-                Some(s) => softmax(Tensor::cat(vec![scores, s.clone()], 2), 2).slice([0..heads, 0..1, 0..n]),
+            let first = |v: &[f32], d: usize| -> Vec<f32> {
+                v.chunks_exact(capacity * d).flat_map(|head| head[..n * d].to_vec()).collect()
             };
-            let want: Vec<f32> = probs.matmul(expand(values, dv)).into_data().try_to_vec().unwrap();
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let shape = [heads, kv_heads, n, dk, dv];
+            let want = super::reference(&qs, &first(&ks, dk), &first(&vs, dv), sinks.then_some(&ss[..]), shape, scale);
+            let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "{n} keys, sinks {sinks}: max diff {diff}");
         }
     }

@@ -1,0 +1,179 @@
+//! A MoE layer's expert work behind one call: the MoE block hands over its tokens and their
+//! routes, and the expert manager applies big-little, starts the pre-gate's prefetch, brings
+//! the experts into slots (hits first, then misses, in batches the cache can hold) and queues
+//! the grouped kernels per slot page.
+
+use std::collections::{BTreeMap, HashSet};
+
+use burn::tensor::{Device, Tensor};
+use ferry_shaders::expert::{ExpertExtras, PageWork};
+use ferry_shaders::{cube_float, from_cube};
+
+use super::cache::ExpertCache;
+use super::slots::SlotRef;
+use crate::error::Result;
+use crate::routing::TokenRoute;
+
+/// One MoE layer's tokens and routing, handed to `ExpertCache::run_layer`.
+pub struct LayerRequest<'a> {
+    pub layer: usize,
+    /// The normed tokens `[tokens, hidden]`.
+    pub x: Tensor<2>,
+    /// The router's choice per token, in rank order.
+    pub routes: Vec<TokenRoute>,
+    /// The router's logits `[tokens, experts]`, row-major (big-little scores them).
+    pub logits: &'a [f32],
+    /// The attention each token received in this layer (`--importance attention` only).
+    pub received: Option<&'a [f32]>,
+    pub top_k: usize,
+    /// Routed experts' biases and activation.
+    pub extras: &'a ExpertExtras,
+    /// The pre-gate's guess for a later layer, when prefetching.
+    pub prediction: Option<Prediction<'a>>,
+}
+
+/// A pre-gate's guess for the next MoE layer: its router logits and routes per token.
+pub struct Prediction<'a> {
+    /// The MoE layer predicted.
+    pub target: usize,
+    /// Predicted router logits `[tokens, experts]` of the target layer.
+    pub logits: &'a [f32],
+    /// Per token, the predicted top-`predict_k` experts in rank order.
+    pub routes: Vec<TokenRoute>,
+    /// Experts predicted per token (the target's top-k plus `--prefetch-extra`).
+    pub predict_k: usize,
+    /// The target layer's top-k.
+    pub top_k: usize,
+}
+
+/// What a layer's experts produced.
+pub struct LayerOutput {
+    /// `[tokens * top_k, hidden]`: row `token * top_k + rank` holds that rank's weighted expert
+    /// output (zero for the ranks a little token does not use).
+    pub rows: Tensor<2>,
+    /// The routes used (after big-little).
+    pub routes: Vec<TokenRoute>,
+}
+
+/// What one expert serves: (token row in the batch, output row, routing weight). The output
+/// row is `token * top_k + rank`, so each (token, expert) pair has a row of its own.
+type Served = Vec<(usize, usize, f32)>;
+
+impl ExpertCache {
+    /// Runs every routed expert of one layer over the tokens routed to it.
+    ///
+    /// Experts already resident run first, then the misses (each uploaded once, even when the
+    /// cache has fewer slots than this layer needs); every (token, expert) pair writes its own
+    /// row whatever the residency, so offloaded output equals all-resident output bit for bit.
+    /// A prediction's experts are requested before this layer's run, so their staging overlaps
+    /// its compute; under big-little, a token expected to be little there gets only its first
+    /// half staged.
+    pub fn run_layer(&mut self, request: LayerRequest<'_>, device: &Device) -> Result<LayerOutput> {
+        let LayerRequest { layer, x, mut routes, logits, received, top_k: k, extras, prediction } = request;
+        let [tokens, hidden] = x.dims();
+        let num_experts = logits.len() / tokens.max(1);
+        self.select_big_little(layer, &mut routes, logits, num_experts, received)?;
+
+        let mut served: Vec<Served> = vec![Vec::new(); num_experts];
+        for (t, r) in routes.iter().enumerate() {
+            for (rank, (&e, &w)) in r.experts.iter().zip(&r.weights).enumerate() {
+                served[e as usize].push((t, t * k + rank, w));
+            }
+        }
+        let needed: Vec<usize> = (0..num_experts).filter(|&e| !served[e].is_empty()).collect();
+        if let Some(prediction) = prediction {
+            let target = prediction.target;
+            let per_token = self.staged_per_token(prediction, received);
+            let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
+            unique.sort_unstable();
+            unique.dedup();
+            let protect: Vec<(usize, usize)> = needed.iter().map(|&e| (layer, e)).collect();
+            self.prefetch(target, &unique, &protect);
+            self.record_prediction(target, per_token);
+        }
+        let (hits, misses): (Vec<usize>, Vec<usize>) = needed.iter().partition(|&&e| self.is_resident(layer, e));
+
+        // A little token's unused ranks must add nothing when the rows are summed per token, so
+        // their rows start at zero; when every token takes all k experts, each row is written.
+        let inter = self.dims().0;
+        let xc = cube_float(x)?;
+        let act = cube_float(Tensor::<2>::empty([tokens * k, inter], device))?;
+        let shape = [tokens * k, hidden];
+        let every_rank = routes.iter().all(|r| r.experts.len() == k);
+        let y =
+            cube_float(if every_rank { Tensor::<2>::empty(shape, device) } else { Tensor::<2>::zeros(shape, device) })?;
+        let buffers = Buffers { x: &xc, act: &act, y: &y, extras, device };
+        // Experts are fetched into a batch until the cache cannot make room without evicting one
+        // of the batch; then the batch's kernels are queued and its slots become evictable.
+        let mut batch: Vec<(usize, SlotRef)> = Vec::new();
+        let mut keep: HashSet<(usize, usize)> = HashSet::new();
+        for e in hits.into_iter().chain(misses) {
+            let at = match self.fetch_keeping(layer, e, &keep)? {
+                Some(at) => at,
+                None => {
+                    self.launch(&batch, &served, &buffers)?;
+                    batch.clear();
+                    keep.clear();
+                    self.fetch(layer, e)?
+                }
+            };
+            keep.insert((layer, e));
+            batch.push((e, at));
+        }
+        self.launch(&batch, &served, &buffers)?;
+        let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
+        self.score_prediction(layer, &chosen);
+        Ok(LayerOutput { rows: from_cube::<2>(y), routes })
+    }
+
+    /// The experts to stage for each token of the prediction's target layer: its predicted
+    /// top-`predict_k`, or, when big-little expects the token to be little there, the first
+    /// top-k/2 of them (plus the same `--prefetch-extra` margin).
+    fn staged_per_token(&mut self, prediction: Prediction<'_>, received: Option<&[f32]>) -> Vec<Vec<u32>> {
+        let Prediction { target, logits, routes, predict_k, top_k } = prediction;
+        let tokens = routes.len().max(1);
+        let targets = logits.len() / tokens;
+        let top: Vec<TokenRoute> = routes
+            .iter()
+            .map(|r| {
+                let k = top_k.min(r.experts.len());
+                TokenRoute { experts: r.experts[..k].to_vec(), weights: r.weights[..k].to_vec() }
+            })
+            .collect();
+        let expected = self.expect_big(target, logits, targets, &top, received);
+        let little = top_k.div_ceil(2) + predict_k.saturating_sub(top_k);
+        routes
+            .into_iter()
+            .enumerate()
+            .map(|(t, r)| {
+                let mut staged = r.experts;
+                if expected.as_ref().is_some_and(|big| !big[t]) {
+                    staged.truncate(little);
+                }
+                staged
+            })
+            .collect()
+    }
+
+    /// Queues the grouped expert kernel for a batch of fetched experts, one launch pair per
+    /// slot page the batch touches.
+    fn launch(&self, batch: &[(usize, SlotRef)], served: &[Served], b: &Buffers<'_>) -> Result<()> {
+        let mut pages: BTreeMap<usize, PageWork> = BTreeMap::new();
+        for &(e, at) in batch {
+            pages.entry(at.page).or_default().push(at.slot, e, served[e].iter().copied());
+        }
+        for (page, work) in pages {
+            self.page(page)?.swiglu(b.x, &work, b.extras, b.act, b.y, b.device)?;
+        }
+        Ok(())
+    }
+}
+
+/// The tensors a layer's launches read and write.
+struct Buffers<'a> {
+    x: &'a burn_cubecl::tensor::CubeTensor,
+    act: &'a burn_cubecl::tensor::CubeTensor,
+    y: &'a burn_cubecl::tensor::CubeTensor,
+    extras: &'a ExpertExtras,
+    device: &'a Device,
+}

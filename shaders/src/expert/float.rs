@@ -1,0 +1,253 @@
+//! The grouped expert FFN over f32 or f16 slots: gate/up, then down, one unit per four
+//! adjacent output rows (or one, where the sizes do not divide by four) and group of
+//! assignments; the slot element type is a kernel generic, so f16 slots load half precision and
+//! sum in f32.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::{DType, Device, Tensor as BurnTensor, TensorData};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::{CubeDim, calculate_cube_count_elemwise};
+
+use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
+use crate::bridge::{ShaderError, cube_float};
+use crate::lanes::load_vec;
+
+/// `act[o, i] = act(gate_i · x_t, up_i · x_t)` for every assignment `(t, o)` of every group;
+/// one unit per `N` adjacent intermediate rows `i` and group, one vector load per weight row.
+/// Each lane's dot product runs in index order, whatever `N`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
+    x: &Tensor<F>,                  // [tokens, hidden]
+    gate: &Tensor<Vector<W, N>>,    // [slots, hidden, intermediate] (f32 or f16; sums in F)
+    up: &Tensor<Vector<W, N>>,      // [slots, hidden, intermediate]
+    groups: &Tensor<I>,             // [groups * 4]: slot, first assignment, end, expert
+    assign: &Tensor<I>,             // [assignments * 2]: token, output row
+    act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
+    bias: &Tensor<F>,               // [experts, 2 * intermediate]: gate then up biases (when has_bias)
+    params: &Tensor<F>,             // [limit, alpha] (when clamped)
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+    #[define(F, W, I)] _dtypes: [ElemType; 3],
+) {
+    let lanes = gate.vector_size();
+    let hidden = gate.shape(1);
+    let row = gate.shape(2) / lanes;
+    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if i >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * hidden * row + i;
+    let xs0 = x.stride(0);
+    let xs1 = x.stride(1);
+    let inter = row * lanes;
+    for a in group.start..group.end {
+        let t = usize::cast_from(assign[a * 2]);
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let mut gs = Vector::<F, N>::new(F::new(0.0));
+        let mut us = Vector::<F, N>::new(F::new(0.0));
+        for j in 0..hidden {
+            let xv = Vector::<F, N>::new(x[t * xs0 + j * xs1]);
+            gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
+            us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
+        }
+        let at = group.expert * 2 * inter + i * lanes;
+        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+    }
+}
+
+/// `y[o, h] = w_a * (down_h · act[o] + b_h)` for every assignment (the bias when `has_bias`);
+/// one unit per `N` adjacent hidden rows and group.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
+    act: &Tensor<F>,              // [rows, intermediate]
+    down: &Tensor<Vector<W, N>>,  // [slots, intermediate, hidden]
+    groups: &Tensor<I>,           // [groups * 4]
+    assign: &Tensor<I>,           // [assignments * 2]
+    weights: &Tensor<F>,          // [assignments]
+    y: &mut Tensor<Vector<F, N>>, // [rows, hidden]
+    bias: &Tensor<F>,             // [experts, hidden] (when has_bias)
+    #[comptime] has_bias: bool,
+    #[define(F, W, I)] _dtypes: [ElemType; 3],
+) {
+    let lanes = down.vector_size();
+    let inter = down.shape(1);
+    let row = down.shape(2) / lanes;
+    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if h >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * inter * row + h;
+    for a in group.start..group.end {
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let mut s = Vector::<F, N>::new(F::new(0.0));
+        for i in 0..inter {
+            s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
+        }
+        if has_bias {
+            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+        }
+        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
+    }
+}
+
+/// Writes one expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
+/// `[hidden, intermediate]`) into slot `slot` of a page, transposing on the way.
+#[cube(launch)]
+fn store_slot_kernel<F: Float, W: Float>(
+    gate_src: &Tensor<F>,
+    up_src: &Tensor<F>,
+    down_src: &Tensor<F>,
+    gate: &mut Tensor<W>,
+    up: &mut Tensor<W>,
+    down: &mut Tensor<W>,
+    slot: u32,
+    #[define(F, W)] _dtypes: [ElemType; 2],
+) {
+    let pos = ABSOLUTE_POS;
+    if pos >= gate_src.len() {
+        terminate!();
+    }
+    let hidden = gate.shape(1);
+    let inter = gate.shape(2);
+    let base = slot as usize * hidden * inter;
+    let r = pos / hidden;
+    let c = pos % hidden;
+    gate[base + c * inter + r] = W::cast_from(gate_src[pos]);
+    up[base + c * inter + r] = W::cast_from(up_src[pos]);
+    let hr = pos / inter;
+    let ic = pos % inter;
+    down[base + ic * hidden + hr] = W::cast_from(down_src[pos]);
+}
+
+/// A page of f32 or f16 expert slots: one buffer per projection.
+pub struct FloatPage {
+    gate: CubeTensor,
+    up: CubeTensor,
+    down: CubeTensor,
+}
+
+impl FloatPage {
+    /// Allocates `slots` experts on `like`'s device, uninitialised: f16 with `half`, else in
+    /// `like`'s float type.
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, half: bool) -> Self {
+        let element = if half { DType::F16 } else { like.dtype };
+        let make = |shape: [usize; 3]| {
+            burn_cubecl::ops::numeric::empty_device_dtype(
+                like.client.clone(),
+                like.device.clone(),
+                shape.into(),
+                element,
+            )
+        };
+        Self {
+            gate: make([slots, hidden, inter]),
+            up: make([slots, hidden, inter]),
+            down: make([slots, inter, hidden]),
+        }
+    }
+
+    /// Uploads an expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
+    /// `[hidden, intermediate]`) and queues its copy into `slot`. Kernels queued earlier that
+    /// read the slot's previous expert run first: the copy is ordered behind them on the same
+    /// stream.
+    pub fn store(&self, slot: usize, [g, u, d]: [Vec<f32>; 3], device: &Device) -> Result<(), ShaderError> {
+        let (gate, up, down) = (&self.gate, &self.up, &self.down);
+        let (hidden, inter) = (gate.meta.shape()[1], gate.meta.shape()[2]);
+        // f16 slots take f16 bytes over the link, converted on the host.
+        let upload = |v: Vec<f32>, shape: [usize; 2]| -> Result<CubeTensor, ShaderError> {
+            if gate.dtype != DType::F16 {
+                return cube_float(BurnTensor::<2>::from_data(TensorData::new(v, shape), device));
+            }
+            let halves: Vec<half::f16> = v.into_iter().map(half::f16::from_f32).collect();
+            let handle = gate.client.create_from_slice(bytemuck::cast_slice(&halves));
+            Ok(CubeTensor::new_contiguous(gate.client.clone(), gate.device.clone(), shape.into(), handle, DType::F16))
+        };
+        let (g, u, d) = (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [hidden, inter])?);
+        let client = g.client.clone();
+        let elems = g.meta.shape().num_elements();
+        let cube_dim = CubeDim::new(&client, elems);
+        let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
+        let dtypes = [dtype_to_storage_type(g.dtype), dtype_to_storage_type(gate.dtype)];
+        store_slot_kernel::launch(
+            &client,
+            count,
+            cube_dim,
+            g.into_tensor_arg(),
+            u.into_tensor_arg(),
+            d.into_tensor_arg(),
+            gate.clone().into_tensor_arg(),
+            up.clone().into_tensor_arg(),
+            down.clone().into_tensor_arg(),
+            slot as u32,
+            dtypes,
+        );
+        Ok(())
+    }
+
+    /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
+    /// writes `act` rows and the weighted expert outputs into `y` rows.
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
+    pub fn swiglu(
+        &self,
+        x: &CubeTensor,
+        work: &PageWork,
+        extras: &ExpertExtras,
+        act: &CubeTensor,
+        y: &CubeTensor,
+        device: &Device,
+    ) -> Result<(), ShaderError> {
+        if work.is_empty() {
+            return Ok(());
+        }
+        let launch = Launch::new(work, extras, device)?;
+        let client = x.client.clone();
+        let dims = self.gate.meta.shape();
+        let (hidden, inter) = (dims[1], dims[2]);
+        let dtypes = [
+            dtype_to_storage_type(x.dtype),
+            dtype_to_storage_type(self.gate.dtype),
+            dtype_to_storage_type(launch.groups.dtype),
+        ];
+        let (bias_gate_up, bias_down) = launch.extras.bias_args();
+        let has_bias = launch.extras.bias.is_some();
+        let lanes = vector_size(hidden, inter);
+        gate_up_kernel::launch(
+            &client,
+            launch.cubes(inter / lanes),
+            CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
+            x.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            self.up.clone().into_tensor_arg(),
+            launch.groups.clone().into_tensor_arg(),
+            launch.assign.clone().into_tensor_arg(),
+            act.clone().into_tensor_arg(),
+            bias_gate_up.into_tensor_arg(),
+            launch.extras.params.clone().into_tensor_arg(),
+            has_bias,
+            launch.extras.clamped,
+            dtypes,
+        );
+        down_kernel::launch(
+            &client,
+            launch.cubes(hidden / lanes),
+            CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
+            act.clone().into_tensor_arg(),
+            self.down.clone().into_tensor_arg(),
+            launch.groups.clone().into_tensor_arg(),
+            launch.assign.clone().into_tensor_arg(),
+            launch.weights.clone().into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            bias_down.into_tensor_arg(),
+            has_bias,
+            dtypes,
+        );
+        Ok(())
+    }
+}
