@@ -2,8 +2,9 @@
 //! top-k, counted and switchable; with every token big the output is exactly full mode's.
 
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{BigFallback, BigLittle, Importance, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};
+use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
+use ferry_runtime::options::{BigFallback, BigLittle, Importance, VramBudget};
+use ferry_runtime::options::{ExpertOptions, PrefetchMode};
 use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
 
 const IMPORTANCES: [Importance; 3] = [Importance::DroppedMass, Importance::Entropy, Importance::Attention];

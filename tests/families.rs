@@ -3,8 +3,9 @@
 //! window's bounded cache, and grouped routing under big-little.
 
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{BigFallback, BigLittle, ExpertDtype, Importance, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
+use ferry_runtime::options::ExpertOptions;
+use ferry_runtime::options::{BigFallback, BigLittle, ExpertDtype, Importance, VramBudget};
 use ferry_runtime::spec::ExpertLayout;
 use ferry_tests::{fixture, gpu, greedy, max_abs_diff, reference};
 

@@ -4,8 +4,10 @@
 use std::collections::HashSet;
 
 use ferry_runtime::engine::{Engine, GenerateRequest};
-use ferry_runtime::experts::{EvictionPolicy, ExpertStats, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_runtime::experts::ExpertStats;
+use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
+use ferry_runtime::options::ExpertOptions;
+use ferry_runtime::options::{EvictionPolicy, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
 

@@ -2,8 +2,9 @@
 //! resident, never the output; its recall is scored against the routing actually used.
 
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{LinkModel, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model, PrefetchMode};
+use ferry_runtime::graph::{LogitsFor, Model};
+use ferry_runtime::options::{ExpertOptions, PrefetchMode};
+use ferry_runtime::options::{LinkModel, VramBudget};
 use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {

@@ -4,8 +4,9 @@
 //! (`--dense-dtype f16`): near transformers, offloading exact, half the resident bytes.
 
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{ExpertDtype, VramBudget};
-use ferry_runtime::graph::{DenseDtype, ExpertOptions, ForwardOutput, LogitsFor, Model};
+use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
+use ferry_runtime::options::{DenseDtype, ExpertOptions};
+use ferry_runtime::options::{ExpertDtype, VramBudget};
 use ferry_runtime::spec::ExpertLayout;
 use ferry_tests::{FAMILIES, fixture, gpu, greedy, max_abs_diff, reference};
 

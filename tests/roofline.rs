@@ -2,8 +2,8 @@
 //! every expert computed and no KV cache, a step reads every tensor once except the embedding,
 //! of which it reads one row.
 
-use ferry_runtime::experts::ExpertDtype;
-use ferry_runtime::graph::DenseDtype;
+use ferry_runtime::options::DenseDtype;
+use ferry_runtime::options::ExpertDtype;
 use ferry_runtime::roofline::DecodeBytes;
 use ferry_tests::{FAMILIES, fixture};
 

@@ -1,8 +1,80 @@
 //! Command-line arguments.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_runtime::lut::LutDtype;
+use ferry_runtime::options::{
+    AdapterChoice, BigFallback, ByteSize, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode, Importance, LinkModel,
+    OptionError, PrefetchMode, VramBudget,
+};
+use strum::VariantNames;
+
+/// A flag whose values are one of the runtime's option enums: the accepted values (in help
+/// and errors) are the enum's own list.
+fn choice<T>() -> impl TypedValueParser<Value = T>
+where
+    T: FromStr + VariantNames + Clone + Send + Sync + 'static,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(T::VARIANTS).try_map(|s| s.parse::<T>())
+}
+
+/// A flag parsed by the runtime's `FromStr` (sizes, budgets, adapters); clap names the flag, so
+/// the error says only what is wrong.
+fn parsed<T: FromStr<Err = OptionError>>(text: &str) -> Result<T, String> {
+    text.parse().map_err(|e: OptionError| e.message)
+}
+
+/// `--expert-dtype`: a format, or `auto` (the format the folder stores, else f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertDtypeChoice {
+    Auto,
+    Fixed(ExpertDtype),
+}
+
+fn expert_dtype_choice() -> impl TypedValueParser<Value = ExpertDtypeChoice> {
+    let names = std::iter::once("auto").chain(ExpertDtype::VARIANTS.iter().copied());
+    PossibleValuesParser::new(names).try_map(|s| match s.as_str() {
+        "auto" => Ok(ExpertDtypeChoice::Auto),
+        other => other.parse().map(ExpertDtypeChoice::Fixed),
+    })
+}
+
+/// A `--link-gbps` entry of `ferry bench`: `none` (the adapter's own speed) or GB/s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkChoice(pub Option<LinkModel>);
+
+fn link_choice(text: &str) -> Result<LinkChoice, String> {
+    if text == "none" {
+        return Ok(LinkChoice(None));
+    }
+    let gbps: f64 = text.parse().map_err(|_| "use none or a number of GB/s".to_string())?;
+    LinkModel::checked(gbps).map(|l| LinkChoice(Some(l))).map_err(|e| e.message)
+}
+
+/// `ferry train --arch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainArch {
+    /// A one-expert Mixtral.
+    Dense,
+    /// Mixtral, top-k.
+    Moe,
+    /// FerryMoleForCausalLM.
+    Mole,
+}
+
+/// `ferry train --device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainDevice {
+    /// The default wgpu adapter (lavapipe on a machine without a GPU).
+    Wgpu,
+    /// burn's ndarray backend on the CPU (a build with `--features cpu-train`).
+    #[value(alias = "cpu")]
+    Ndarray,
+}
 
 #[derive(Parser)]
 #[command(name = "ferry", version, about = "Run Mixture-of-Experts language models on laptop GPUs through wgpu")]
@@ -68,9 +140,9 @@ pub struct GuiArgs {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// dense (a one-expert Mixtral), moe (Mixtral, top-k) or mole (FerryMoleForCausalLM).
-    #[arg(long)]
-    pub arch: String,
+    /// The architecture to train.
+    #[arg(long, value_enum)]
+    pub arch: TrainArch,
     /// Text files to train on (the last 5% of tokens are held out for validation).
     #[arg(long, required = true, num_args = 1..)]
     pub corpus: Vec<PathBuf>,
@@ -110,10 +182,9 @@ pub struct TrainArgs {
     /// Validate and checkpoint every this many steps.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
-    /// wgpu (the default adapter; lavapipe on a machine without a GPU) or ndarray (the CPU;
-    /// only in a build with `--features cpu-train`).
-    #[arg(long, default_value = "wgpu")]
-    pub device: String,
+    /// Where to train.
+    #[arg(long, value_enum, default_value_t = TrainDevice::Wgpu)]
+    pub device: TrainDevice,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write model.safetensors in bf16 (half the bytes; the f32 master weights stay in
@@ -140,10 +211,9 @@ pub struct QuantizeArgs {
     /// Output folder (created; must not hold a model).
     #[arg(long)]
     pub out: PathBuf,
-    /// Expert format: int8, int4, int3, int2 or mxfp4 (an MXFP4 checkpoint converted to mxfp4 stays
-    /// exact).
-    #[arg(long)]
-    pub dtype: String,
+    /// Expert format, a quantised one (an MXFP4 checkpoint converted to mxfp4 stays exact).
+    #[arg(long, value_parser = choice::<ExpertDtype>())]
+    pub dtype: ExpertDtype,
 }
 
 #[derive(Args)]
@@ -155,11 +225,12 @@ pub struct MoleToLutArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Stored element type of the table: f32 (exact) or f16 (half the bytes, rounded).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// GPU adapter that evaluates the experts.
-    #[arg(long, default_value = "default")]
-    pub adapter: String,
+    #[arg(long, default_value_t = LutDtype::F32, value_parser = choice::<LutDtype>())]
+    pub dtype: LutDtype,
+    /// GPU adapter that evaluates the experts: default, cpu, discrete[:N], integrated[:N] or
+    /// virtual[:N].
+    #[arg(long, default_value = "default", value_parser = parsed::<AdapterChoice>)]
+    pub adapter: AdapterChoice,
 }
 
 #[derive(Args, Clone)]
@@ -169,23 +240,23 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].
-    #[arg(long, default_value = "default")]
-    pub adapter: String,
+    #[arg(long, default_value = "default", value_parser = parsed::<AdapterChoice>)]
+    pub adapter: AdapterChoice,
     /// GPU memory for the model: a size (1.5GiB, 300MiB) for everything, or a share of the
     /// routed experts' bytes (25%). Experts that do not fit stay in host RAM and are uploaded
     /// on demand. Default: all experts resident.
-    #[arg(long, default_value = "all")]
-    pub vram_budget: String,
-    /// Which resident expert makes room for a missing one: lru, lfu or lfu-pinned.
-    #[arg(long, default_value = "lru")]
-    pub expert_policy: String,
+    #[arg(long, default_value = "all", value_parser = parsed::<VramBudget>)]
+    pub vram_budget: VramBudget,
+    /// Which resident expert makes room for a missing one.
+    #[arg(long, default_value_t = EvictionPolicy::Lru, value_parser = choice::<EvictionPolicy>())]
+    pub expert_policy: EvictionPolicy,
     /// Expert usage profile (JSON from --save-expert-profile) that lfu-pinned pins from.
     #[arg(long)]
     pub expert_profile: Option<PathBuf>,
-    /// Fetch the next layer's predicted experts while this layer computes: none or pregate
-    /// (exact: the real routing still decides; mispredictions are fetched on demand).
-    #[arg(long, default_value = "none")]
-    pub prefetch: String,
+    /// Fetch the next layer's predicted experts while this layer computes (pregate; exact: the
+    /// real routing still decides, mispredictions are fetched on demand).
+    #[arg(long, default_value_t = PrefetchMode::None, value_parser = choice::<PrefetchMode>())]
+    pub prefetch: PrefetchMode,
     /// Predict this many experts beyond top-k for prefetching.
     #[arg(long, default_value_t = 0)]
     pub prefetch_extra: usize,
@@ -197,36 +268,36 @@ pub struct ModelArgs {
     pub big_little: BigLittleArgs,
     /// MoLE lookup tables: host RAM for decoded rows (e.g. 64MiB); 0 reads every row from the
     /// memory-mapped table (the OS page cache).
-    #[arg(long, default_value = "0")]
-    pub lut_cache: String,
+    #[arg(long, default_value = "0", value_parser = |s: &str| s.parse::<ByteSize>().map_err(|e| e.message))]
+    pub lut_cache: ByteSize,
     /// How routed experts are stored in host RAM and GPU slots: f32 (exact), f16 (half the
     /// bytes; exact for BF16/F16 checkpoints within f16's range; needs shader-f16), group-wise
     /// int8 / int4 / int3 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
     /// except mxfp4 on an MXFP4 checkpoint); auto: mxfp4 for MXFP4 checkpoints, else f32.
-    #[arg(long, default_value = "auto")]
-    pub expert_dtype: String,
+    #[arg(long, default_value = "auto", value_parser = expert_dtype_choice())]
+    pub expert_dtype: ExpertDtypeChoice,
     /// How projection matrices (attention, dense and shared FFNs, routers, LM head) are stored
     /// on the GPU: f32 (exact), or f16 (half their bytes and memory, products summed in f32;
     /// approximate; needs shader-f16).
-    #[arg(long, default_value = "f32")]
-    pub dense_dtype: String,
+    #[arg(long, default_value_t = DenseDtype::F32, value_parser = choice::<DenseDtype>())]
+    pub dense_dtype: DenseDtype,
 }
 
 #[derive(Args, Clone)]
 pub struct BigLittleArgs {
     /// full (exact), or big-little: unimportant tokens use half the top-k experts (approximate).
-    #[arg(long, default_value = "full")]
-    pub experts: String,
+    #[arg(long, default_value_t = ExpertsMode::Full, value_parser = choice::<ExpertsMode>())]
+    pub experts: ExpertsMode,
     /// Token importance score for big-little: dropped-mass (router mass the little half drops),
     /// entropy (of the router), or attention (attention the token receives in the layer).
-    #[arg(long, default_value = "dropped-mass")]
-    pub importance: String,
+    #[arg(long, default_value_t = Importance::DroppedMass, value_parser = choice::<Importance>())]
+    pub importance: Importance,
     /// Share of tokens kept big (full top-k).
     #[arg(long, default_value_t = 0.3)]
     pub big_fraction: f32,
     /// When a big token's expert is not resident: fetch (exact) or substitute a resident one.
-    #[arg(long, default_value = "fetch")]
-    pub big_fallback: String,
+    #[arg(long, default_value_t = BigFallback::Fetch, value_parser = choice::<BigFallback>())]
+    pub big_fallback: BigFallback,
 }
 
 #[derive(Args, Clone)]
@@ -334,47 +405,45 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].
-    #[arg(long, default_value = "default")]
-    pub adapter: String,
+    #[arg(long, default_value = "default", value_parser = parsed::<AdapterChoice>)]
+    pub adapter: AdapterChoice,
     /// Offloaded budgets to measure next to all-resident (repeatable; see generate --help);
     /// default 50%, or 25% with --compare.
-    #[arg(long = "vram-budget")]
-    pub vram_budgets: Vec<String>,
+    #[arg(long = "vram-budget", value_parser = parsed::<VramBudget>)]
+    pub vram_budgets: Vec<VramBudget>,
     /// Every technique in one run: at each budget, offload with and without pre-gating, full and
     /// big-little experts, each with f32, f16, int8 and int4 experts (a MoLE model: its table).
     #[arg(long)]
     pub compare: bool,
-    /// Expert formats to measure (repeatable or comma-separated: f32, f16, int8, int4, int3, int2, mxfp4); each quantised
-    /// format loads its own copy of the model. All-resident f32 is always the baseline.
-    #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
-    pub expert_dtypes: Vec<String>,
-    /// Projection formats to measure (comma-separated: f32, f16); each format other than f32
-    /// repeats every expert format on its own copy of the model.
-    #[arg(long = "dense-dtype", value_delimiter = ',', default_values_t = ["f32".to_string()])]
-    pub dense_dtypes: Vec<String>,
+    /// Expert formats to measure (repeatable or comma-separated); each quantised format loads its
+    /// own copy of the model. All-resident f32 is always the baseline.
+    #[arg(long = "expert-dtype", value_delimiter = ',', default_values_t = [ExpertDtype::F32], value_parser = choice::<ExpertDtype>())]
+    pub expert_dtypes: Vec<ExpertDtype>,
+    /// Projection formats to measure (comma-separated); each format other than f32 repeats every
+    /// expert format on its own copy of the model.
+    #[arg(long = "dense-dtype", value_delimiter = ',', default_values_t = [DenseDtype::F32], value_parser = choice::<DenseDtype>())]
+    pub dense_dtypes: Vec<DenseDtype>,
     /// Eviction policies to measure at each budget (repeatable).
-    #[arg(long = "expert-policy", default_values_t = ["lru".to_string()])]
-    pub expert_policies: Vec<String>,
-    /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated: none,
-    /// pregate).
-    #[arg(long = "prefetch", value_delimiter = ',', default_values_t = ["none".to_string()])]
-    pub prefetch: Vec<String>,
+    #[arg(long = "expert-policy", default_values_t = [EvictionPolicy::Lru], value_parser = choice::<EvictionPolicy>())]
+    pub expert_policies: Vec<EvictionPolicy>,
+    /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated).
+    #[arg(long = "prefetch", value_delimiter = ',', default_values_t = [PrefetchMode::None], value_parser = choice::<PrefetchMode>())]
+    pub prefetch: Vec<PrefetchMode>,
     /// Predict this many experts beyond top-k when prefetching.
     #[arg(long, default_value_t = 0)]
     pub prefetch_extra: usize,
     /// Emulate a host-to-GPU link of this many GB/s for the offloaded modes (reported as
     /// emulated); repeatable or comma-separated, `none` for the adapter's own speed, e.g.
     /// `none,16` measures every offloaded mode both ways.
-    #[arg(long, value_delimiter = ',')]
-    pub link_gbps: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_parser = link_choice)]
+    pub link_gbps: Vec<LinkChoice>,
     /// Expert modes to measure at each budget, policy and prefetch mode (repeatable or
-    /// comma-separated: full, big-little).
-    #[arg(long = "experts", value_delimiter = ',', default_values_t = ["full".to_string()])]
-    pub experts: Vec<String>,
-    /// Importance scores to measure for each big-little mode (repeatable or comma-separated:
-    /// dropped-mass, entropy, attention).
-    #[arg(long = "importance", value_delimiter = ',', default_values_t = ["dropped-mass".to_string()])]
-    pub importances: Vec<String>,
+    /// comma-separated).
+    #[arg(long = "experts", value_delimiter = ',', default_values_t = [ExpertsMode::Full], value_parser = choice::<ExpertsMode>())]
+    pub experts: Vec<ExpertsMode>,
+    /// Importance scores to measure for each big-little mode (repeatable or comma-separated).
+    #[arg(long = "importance", value_delimiter = ',', default_values_t = [Importance::DroppedMass], value_parser = choice::<Importance>())]
+    pub importances: Vec<Importance>,
     /// Share of tokens kept big in big-little modes.
     #[arg(long, default_value_t = 0.3)]
     pub big_fraction: f32,
@@ -401,7 +470,7 @@ pub struct RandomModelArgs {
     /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, mole (a small Mixture of Lookup Experts), or
     /// gpt-oss-20b (the released config, MXFP4 experts, 201088-entry vocabulary)
     /// (tokenizer: Ferry's 384-token one).
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = PossibleValuesParser::new(ferry_models::random_model::PRESETS))]
     pub preset: String,
     /// Number of layers (default: the preset's).
     #[arg(long)]

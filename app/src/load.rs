@@ -3,14 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use ferry_runtime::Gpu;
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
-use ferry_runtime::experts::{BigLittle, EvictionPolicy, ExpertDtype, LinkModel, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, Model, PrefetchMode};
+use ferry_runtime::graph::Model;
+use ferry_runtime::options::{AdapterChoice, BigLittle, ExpertDtype, ExpertOptions, LinkModel};
 use ferry_runtime::spec::ExpertLayout;
-use ferry_runtime::{AdapterChoice, Gpu};
 
-use crate::args::{BigLittleArgs, ModelArgs};
+use crate::args::{BigLittleArgs, ExpertDtypeChoice, ModelArgs};
 
 /// The model folder the user named, or the built-in default (generated on first use).
 pub fn model_folder(args: &ModelArgs) -> Result<PathBuf> {
@@ -30,9 +30,9 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
     let folder = model_folder(args)?;
     let source = Source {
         folder: folder.clone(),
-        adapter: args.adapter.clone(),
+        adapter: args.adapter,
         options: expert_options(args)?,
-        lut_cache: lut_cache_bytes(&args.lut_cache)?,
+        lut_cache: args.lut_cache.0,
     };
     let mut loaded = engine_from(&source, need_tokenizer, |_| {})?;
     if let Some(path) = &args.expert_profile {
@@ -49,7 +49,7 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
 pub struct Source {
     pub folder: PathBuf,
     /// `--adapter`.
-    pub adapter: String,
+    pub adapter: AdapterChoice,
     pub options: ExpertOptions,
     /// `--lut-cache` in bytes.
     pub lut_cache: u64,
@@ -61,8 +61,7 @@ pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(
     stage("reading config.json and mapping the safetensors");
     let opened = ferry_models::open(folder)?;
     stage("opening the GPU");
-    let choice: AdapterChoice = source.adapter.parse()?;
-    let gpu = Gpu::open(choice)?;
+    let gpu = Gpu::open(source.adapter)?;
     let tokenizer = if need_tokenizer || folder.join("tokenizer.json").exists() {
         stage("reading the tokenizer");
         Some(ChatTokenizer::open(folder)?)
@@ -76,38 +75,35 @@ pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })
 }
 
-/// `--vram-budget` and `--expert-policy` as the runtime takes them.
+/// The expert flags as the runtime takes them.
 pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
-    let budget: VramBudget = args.vram_budget.parse()?;
-    let policy: EvictionPolicy = args.expert_policy.parse()?;
-    let prefetch: PrefetchMode = args.prefetch.parse()?;
     Ok(ExpertOptions {
-        budget,
-        policy,
+        budget: args.vram_budget,
+        policy: args.expert_policy,
         kv_tokens: None,
-        prefetch,
+        prefetch: args.prefetch,
         prefetch_extra: args.prefetch_extra,
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
         expert_dtype: expert_dtype(args)?,
-        dense_dtype: args.dense_dtype.parse()?,
+        dense_dtype: args.dense_dtype,
     })
 }
 
 /// `--expert-dtype` for the folder the arguments name.
 fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
-    if args.expert_dtype != "auto" {
-        return Ok(args.expert_dtype.parse()?);
+    match args.expert_dtype {
+        ExpertDtypeChoice::Fixed(dtype) => Ok(dtype),
+        ExpertDtypeChoice::Auto => resolve_expert_dtype(args.expert_dtype, &model_folder(args)?),
     }
-    resolve_expert_dtype(&args.expert_dtype, &model_folder(args)?)
 }
 
 /// `--expert-dtype` for `folder`: `auto` keeps experts in the format the folder stores them in
 /// (MXFP4, or what `ferry convert quantize` wrote) and runs others in f32.
-pub fn resolve_expert_dtype(flag: &str, folder: &Path) -> Result<ExpertDtype> {
-    if flag != "auto" {
-        return Ok(flag.parse()?);
+pub fn resolve_expert_dtype(choice: ExpertDtypeChoice, folder: &Path) -> Result<ExpertDtype> {
+    if let ExpertDtypeChoice::Fixed(dtype) = choice {
+        return Ok(dtype);
     }
     let spec = ferry_models::read_spec(folder)?;
     Ok(match spec.moe.layout {
@@ -119,38 +115,12 @@ pub fn resolve_expert_dtype(flag: &str, folder: &Path) -> Result<ExpertDtype> {
 
 /// `--experts` and its settings; None for full (exact) mode.
 pub fn big_little(args: &BigLittleArgs) -> Result<Option<BigLittle>> {
-    match args.experts.as_str() {
-        "full" => Ok(None),
-        "big-little" => {
-            if !(0.0..=1.0).contains(&args.big_fraction) {
-                anyhow::bail!("--big-fraction must be in [0, 1], got {}", args.big_fraction);
-            }
-            Ok(Some(BigLittle {
-                importance: args.importance.parse()?,
-                big_fraction: args.big_fraction,
-                fallback: args.big_fallback.parse()?,
-            }))
-        }
-        other => anyhow::bail!("--experts {other:?}: use full or big-little"),
-    }
-}
-
-/// `--lut-cache` in bytes: a size such as 64MiB, or 0.
-pub fn lut_cache_bytes(text: &str) -> Result<u64> {
-    match text.parse::<VramBudget>() {
-        Ok(VramBudget::Bytes(b)) => Ok(b),
-        _ if text.trim() == "0" => Ok(0),
-        _ => anyhow::bail!("--lut-cache {text:?}: give a size such as 64MiB or 0"),
-    }
+    Ok(BigLittle::from_mode(args.experts, args.importance, args.big_fraction, args.big_fallback)?)
 }
 
 /// `--link-gbps` as a link model.
 pub fn link(gbps: Option<f64>) -> Result<Option<LinkModel>> {
-    match gbps {
-        None => Ok(None),
-        Some(g) if g > 0.0 && g.is_finite() => Ok(Some(LinkModel::from_gb_per_s(g))),
-        Some(g) => anyhow::bail!("--link-gbps must be a positive number of GB/s, got {g}"),
-    }
+    Ok(gbps.map(LinkModel::checked).transpose()?)
 }
 
 /// How often each expert was used, `usage[layer][expert]`; written by --save-expert-profile.

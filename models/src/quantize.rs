@@ -11,7 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ferry_runtime::error::{FerryError, Result};
-use ferry_runtime::experts::{ExpertDtype, ExpertStore, QUANT_GROUP, code_rows, prequantised_names};
+use ferry_runtime::experts::{ExpertStore, QUANT_GROUP, code_rows, prequantised_names};
+use ferry_runtime::options::ExpertDtype;
 use ferry_runtime::spec::{ExpertLayout, FfnKind, ModelSpec};
 use safetensors::tensor::TensorView;
 use serde_json::Value;

@@ -9,46 +9,7 @@ use burn::tensor::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::{Device, DeviceKind};
 
 use crate::error::{FerryError, Result};
-
-/// Which adapter to use, as a user names it (`--adapter`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AdapterChoice {
-    /// The best adapter wgpu finds (a discrete GPU before an integrated one before a CPU).
-    #[default]
-    Default,
-    Discrete(usize),
-    Integrated(usize),
-    Virtual(usize),
-    Cpu,
-}
-
-impl std::str::FromStr for AdapterChoice {
-    type Err = FerryError;
-
-    /// Parses `default`, `cpu`, `discrete[:N]`, `integrated[:N]`, `virtual[:N]`.
-    fn from_str(s: &str) -> Result<Self> {
-        let (kind, index) = match s.split_once(':') {
-            Some((k, i)) => {
-                let index = i
-                    .parse::<usize>()
-                    .map_err(|_| FerryError::flag("--adapter", format!("{i:?} is not an adapter index")))?;
-                (k, index)
-            }
-            None => (s, 0),
-        };
-        match kind {
-            "default" => Ok(Self::Default),
-            "discrete" => Ok(Self::Discrete(index)),
-            "integrated" => Ok(Self::Integrated(index)),
-            "virtual" => Ok(Self::Virtual(index)),
-            "cpu" => Ok(Self::Cpu),
-            other => Err(FerryError::flag(
-                "--adapter",
-                format!("unknown adapter {other:?}; use default, cpu, discrete[:N], integrated[:N] or virtual[:N]"),
-            )),
-        }
-    }
-}
+use crate::options::AdapterChoice;
 
 impl AdapterChoice {
     fn device_kind(self) -> DeviceKind {
@@ -159,20 +120,5 @@ impl Gpu {
     /// One line naming the adapter, for logs and reports.
     pub fn describe(&self) -> String {
         format!("{} ({}, {})", self.adapter.name, self.adapter.backend, self.adapter.device_type)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapter_choices_parse_and_bad_ones_name_the_flag() {
-        assert_eq!("default".parse::<AdapterChoice>().unwrap(), AdapterChoice::Default);
-        assert_eq!("discrete:1".parse::<AdapterChoice>().unwrap(), AdapterChoice::Discrete(1));
-        assert_eq!("cpu".parse::<AdapterChoice>().unwrap(), AdapterChoice::Cpu);
-        let err = "gpu".parse::<AdapterChoice>().unwrap_err().to_string();
-        assert!(err.contains("--adapter"), "{err}");
-        assert!("discrete:x".parse::<AdapterChoice>().is_err());
     }
 }

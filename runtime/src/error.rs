@@ -8,6 +8,12 @@ impl From<ferry_shaders::ShaderError> for FerryError {
     }
 }
 
+impl From<crate::options::OptionError> for FerryError {
+    fn from(e: crate::options::OptionError) -> Self {
+        Self::Flag { flag: e.flag, message: e.message }
+    }
+}
+
 /// Everything that can go wrong between a model folder and generated tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum FerryError {

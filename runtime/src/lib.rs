@@ -12,12 +12,14 @@ pub mod experts;
 pub mod graph;
 pub mod lut;
 pub mod memory;
+pub mod options;
 pub mod roofline;
 pub mod routing;
 pub mod sampling;
 pub mod spec;
 pub mod weights;
 
-pub use device::{AdapterChoice, Gpu};
+pub use device::Gpu;
 pub use error::{FerryError, Result};
+pub use options::AdapterChoice;
 pub use spec::ModelSpec;

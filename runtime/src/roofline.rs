@@ -8,8 +8,7 @@ use burn::tensor::Tensor;
 
 use crate::device::Gpu;
 use crate::error::{FerryError, Result};
-use crate::experts::ExpertDtype;
-use crate::graph::DenseDtype;
+use crate::options::{DenseDtype, ExpertDtype};
 use crate::spec::{FfnKind, ModelSpec};
 
 /// Ferry computes in f32: norms, biases and cached K/V values are 4 bytes (projections and

@@ -205,7 +205,7 @@ pub enum ExpertLayout {
     /// `[experts, code_rows(k, bits), n]`) and `.scales` (F32, `[experts, k / 32, n]`) in the slot layout
     /// of this format, so that loading copies them as they are. Other tensors (biases included)
     /// keep the source model's names.
-    Prequantised(crate::experts::ExpertDtype),
+    Prequantised(crate::options::ExpertDtype),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

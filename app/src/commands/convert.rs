@@ -2,9 +2,8 @@
 //! lookup table and writes a complete model folder that runs from it.
 
 use anyhow::{Context, Result};
-use ferry_runtime::experts::ExpertDtype;
-use ferry_runtime::lut::{LUT_FILE, LutDtype};
-use ferry_runtime::{AdapterChoice, Gpu};
+use ferry_runtime::Gpu;
+use ferry_runtime::lut::LUT_FILE;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{ConvertCommand, MoleToLutArgs, QuantizeArgs};
@@ -17,10 +16,10 @@ pub fn run(command: ConvertCommand) -> Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
-    let dtype: ExpertDtype = args
-        .dtype
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--dtype {:?}: use int8, int4, int3, int2 or mxfp4", args.dtype))?;
+    let dtype = args.dtype;
+    if dtype.bits().is_none() {
+        anyhow::bail!("--dtype {dtype}: use a quantised format (int8, int4, int3, int2 or mxfp4)");
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} experts ({eta})")
@@ -47,8 +46,8 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
 }
 
 fn mole_to_lut(args: MoleToLutArgs) -> Result<()> {
-    let dtype: LutDtype = args.dtype.parse()?;
-    let gpu = Gpu::open(args.adapter.parse::<AdapterChoice>()?)?;
+    let dtype = args.dtype;
+    let gpu = Gpu::open(args.adapter)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tokens ({eta})")

@@ -2,8 +2,9 @@
 //! text in one run: teacher-forced perplexity of each, and how often their argmax agrees.
 
 use anyhow::{Context, Result};
-use ferry_runtime::experts::ExpertDtype;
-use ferry_runtime::graph::{DenseDtype, ExpertOptions, LogitsFor, Model};
+use ferry_runtime::graph::{LogitsFor, Model};
+use ferry_runtime::options::ExpertDtype;
+use ferry_runtime::options::{DenseDtype, ExpertOptions};
 use ferry_runtime::routing::softmax;
 
 use crate::args::EvalArgs;
@@ -66,7 +67,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         let source = load::Source {
             folder: load::model_folder(&args.model)?,
-            adapter: args.model.adapter.clone(),
+            adapter: args.model.adapter,
             options: exact,
             lut_cache: 0,
         };

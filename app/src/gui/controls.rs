@@ -1,12 +1,11 @@
 //! The settings panel: expert management (applied to the running engine) and sampling (used by
 //! the next reply).
 
-use ferry_runtime::experts::{BigFallback, BigLittle, EvictionPolicy, VramBudget};
-use ferry_runtime::graph::{ExpertOptions, PrefetchMode};
+use ferry_runtime::options::{
+    BigFallback, BigLittle, EvictionPolicy, ExpertOptions, Importance, PrefetchMode, VramBudget,
+};
 use ferry_runtime::sampling::SamplingConfig;
-
-/// Importance scores offered for big-little (names as `--importance` takes them).
-const IMPORTANCES: &[&str] = &["dropped-mass", "entropy", "attention"];
+use strum::IntoEnumIterator;
 
 pub struct Controls {
     /// Every expert resident (else `budget_percent` of expert bytes).
@@ -16,7 +15,7 @@ pub struct Controls {
     pub pregate: bool,
     pub big_little: bool,
     pub big_fraction: f32,
-    pub importance: String,
+    pub importance: Importance,
     pub sampling: SamplingConfig,
     pub max_new_tokens: usize,
     /// Settings that have not been sent to the engine yet.
@@ -44,7 +43,7 @@ impl Controls {
             pregate: options.prefetch == PrefetchMode::Pregate,
             big_little: big.is_some(),
             big_fraction: big.map_or(0.3, |b| b.big_fraction),
-            importance: big.map_or_else(|| IMPORTANCES[0].to_string(), |b| importance_name(&b)),
+            importance: big.map_or(Importance::default(), |b| b.importance),
             sampling: SamplingConfig::greedy(),
             max_new_tokens,
             dirty: false,
@@ -55,7 +54,7 @@ impl Controls {
     }
 
     /// The format experts load in; set when a folder is opened (it needs a reload to change).
-    pub fn set_expert_dtype(&mut self, dtype: ferry_runtime::experts::ExpertDtype) {
+    pub fn set_expert_dtype(&mut self, dtype: ferry_runtime::options::ExpertDtype) {
         self.base.expert_dtype = dtype;
     }
 
@@ -68,7 +67,7 @@ impl Controls {
         };
         let big_little = if self.big_little {
             Some(BigLittle {
-                importance: self.importance.parse().map_err(|e| format!("{e}"))?,
+                importance: self.importance,
                 big_fraction: self.big_fraction,
                 fallback: self.base.big_little.map_or(BigFallback::Fetch, |b| b.fallback),
             })
@@ -100,7 +99,7 @@ impl Controls {
         }
         let mut changed = budget_changed;
         egui::ComboBox::from_label("eviction policy").selected_text(self.policy.to_string()).show_ui(ui, |ui| {
-            for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu, EvictionPolicy::LfuPinned] {
+            for policy in EvictionPolicy::iter() {
                 changed |= ui.selectable_value(&mut self.policy, policy, policy.to_string()).changed();
             }
         });
@@ -108,9 +107,9 @@ impl Controls {
         changed |= ui.checkbox(&mut self.big_little, "big-little experts (approximate)").changed();
         ui.add_enabled_ui(self.big_little, |ui| {
             changed |= ui.add(egui::Slider::new(&mut self.big_fraction, 0.0..=1.0).text("big fraction")).changed();
-            egui::ComboBox::from_label("importance").selected_text(self.importance.clone()).show_ui(ui, |ui| {
-                for name in IMPORTANCES {
-                    changed |= ui.selectable_value(&mut self.importance, name.to_string(), *name).changed();
+            egui::ComboBox::from_label("importance").selected_text(self.importance.to_string()).show_ui(ui, |ui| {
+                for importance in Importance::iter() {
+                    changed |= ui.selectable_value(&mut self.importance, importance, importance.to_string()).changed();
                 }
             });
         });
@@ -140,9 +139,4 @@ impl Controls {
         });
         apply
     }
-}
-
-fn importance_name(big: &BigLittle) -> String {
-    // The runtime's serde names are the flag's names.
-    serde_json::to_value(big.importance).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::args::GuiArgs;
+use crate::args::{ExpertDtypeChoice, GuiArgs};
 use crate::load::{self, Source};
 use chat::{Chat, ChatAction};
 use controls::Controls;
@@ -28,9 +28,9 @@ pub fn run(args: GuiArgs) -> Result<()> {
     let folder = load::model_folder(&args.model)?;
     let source = Source {
         folder,
-        adapter: args.model.adapter.clone(),
+        adapter: args.model.adapter,
         options: load::expert_options(&args.model)?,
-        lut_cache: load::lut_cache_bytes(&args.model.lut_cache)?,
+        lut_cache: args.model.lut_cache.0,
     };
     let script = args.script_prompt.clone().map(|prompt| {
         Script::new(prompt, args.screenshot.clone(), args.state_out.clone(), Duration::from_secs(args.script_timeout))
@@ -43,7 +43,7 @@ pub fn run(args: GuiArgs) -> Result<()> {
     };
     let system = args.system.clone();
     let max_new_tokens = args.max_new_tokens;
-    let dtype_flag = args.model.expert_dtype.clone();
+    let dtype_flag = args.model.expert_dtype;
     eframe::run_native(
         "Ferry",
         options,
@@ -75,7 +75,7 @@ struct FerryApp {
     updates: mpsc::Receiver<Update>,
     source: Source,
     /// `--expert-dtype` as given: `auto` is resolved again for each folder opened.
-    dtype_flag: String,
+    dtype_flag: ExpertDtypeChoice,
     folder_input: String,
     model: ModelState,
     chat: Chat,
@@ -98,7 +98,7 @@ impl FerryApp {
     fn new(
         ctx: &egui::Context,
         source: Source,
-        dtype_flag: String,
+        dtype_flag: ExpertDtypeChoice,
         system: Option<String>,
         max_new_tokens: usize,
         script: Option<Script>,
@@ -204,7 +204,7 @@ impl FerryApp {
     fn open_folder(&mut self) {
         let folder = PathBuf::from(self.folder_input.trim());
         // An MXFP4 or pre-quantised folder keeps its format under `--expert-dtype auto`.
-        let dtype = match load::resolve_expert_dtype(&self.dtype_flag, &folder) {
+        let dtype = match load::resolve_expert_dtype(self.dtype_flag, &folder) {
             Ok(dtype) => dtype,
             Err(error) => {
                 self.model = ModelState::Failed(format!("{error:#}"));

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use ferry_runtime::chat::Message;
 use ferry_runtime::engine::{Engine, Event, GenerateRequest, GenerateStats, Generation, StepStats};
 use ferry_runtime::experts::Residency;
-use ferry_runtime::graph::ExpertOptions;
+use ferry_runtime::options::ExpertOptions;
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::load::{self, Source};

@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use safetensors::tensor::TensorView;
 
-use crate::args::TrainArgs;
+use crate::args::{TrainArch, TrainArgs, TrainDevice};
 use data::{Corpus, EOS};
 use net::{Arch, NetConfig, Params};
 
@@ -42,26 +42,23 @@ struct TrainerState {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let arch = match args.arch.as_str() {
-        "dense" => Arch::Dense,
-        "moe" => Arch::Moe,
-        "mole" => Arch::Mole,
-        other => anyhow::bail!("--arch {other:?}: use dense, moe or mole"),
+    let arch = match args.arch {
+        TrainArch::Dense => Arch::Dense,
+        TrainArch::Moe => Arch::Moe,
+        TrainArch::Mole => Arch::Mole,
     };
-    let device = match args.device.as_str() {
+    let device = match args.device {
         // burn 0.22 deprecates ndarray in favour of its new `flex` backend; ndarray is the CPU
         // backend the project chose (well tested), until flex is measured here.
         #[cfg(feature = "cpu-train")]
         #[allow(deprecated)]
-        "ndarray" | "cpu" => Device::ndarray(),
+        TrainDevice::Ndarray => Device::ndarray(),
         #[cfg(not(feature = "cpu-train"))]
-        "ndarray" | "cpu" => anyhow::bail!(
-            "--device {}: this ferry was built without the CPU training backend; rebuild with \
-             `cargo build --release --features cpu-train`, or train with --device wgpu",
-            args.device
+        TrainDevice::Ndarray => anyhow::bail!(
+            "--device ndarray: this ferry was built without the CPU training backend; rebuild with \
+             `cargo build --release --features cpu-train`, or train with --device wgpu"
         ),
-        "wgpu" => ferry_runtime::Gpu::open(ferry_runtime::AdapterChoice::Default)?.device.clone(),
-        other => anyhow::bail!("--device {other:?}: use ndarray or wgpu"),
+        TrainDevice::Wgpu => ferry_runtime::Gpu::open(ferry_runtime::AdapterChoice::Default)?.device.clone(),
     };
     let device = device.autodiff();
     std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;

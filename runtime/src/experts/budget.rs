@@ -1,58 +1,8 @@
 //! `--vram-budget`: how many expert slots fit next to the resident weights and KV cache.
 
-use super::quant::ExpertDtype;
 use crate::error::{FerryError, Result};
-use crate::graph::DenseDtype;
+use crate::options::{DenseDtype, ExpertDtype, VramBudget};
 use crate::spec::ModelSpec;
-
-/// A GPU memory budget as the user gives it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum VramBudget {
-    /// Everything resident: every expert has a slot.
-    All,
-    /// Total bytes for everything on the GPU (resident weights, KV cache, expert slots).
-    Bytes(u64),
-    /// A fraction (0..=1) of all routed experts' bytes, for expert slots alone.
-    FractionOfExperts(f64),
-}
-
-impl std::str::FromStr for VramBudget {
-    type Err = FerryError;
-
-    /// Parses `all`, `25%`, `1.5GiB`, `300MiB`, `512KiB`, `2GB`, or plain bytes.
-    fn from_str(s: &str) -> Result<Self> {
-        let bad =
-            |why: &str| FerryError::flag("--vram-budget", format!("{s:?}: {why} (e.g. 1.5GiB, 300MiB, 25%, all)"));
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("all") {
-            return Ok(Self::All);
-        }
-        if let Some(p) = t.strip_suffix('%') {
-            let pct: f64 = p.trim().parse().map_err(|_| bad("not a percentage"))?;
-            if !(pct > 0.0 && pct <= 100.0) {
-                return Err(bad("a percentage must be in (0, 100]"));
-            }
-            return Ok(if pct == 100.0 { Self::All } else { Self::FractionOfExperts(pct / 100.0) });
-        }
-        let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-        let (number, unit) = t.split_at(split);
-        let value: f64 = number.trim().parse().map_err(|_| bad("not a size"))?;
-        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1.0,
-            "kib" => 1024.0,
-            "mib" => 1024.0 * 1024.0,
-            "gib" => 1024.0 * 1024.0 * 1024.0,
-            "kb" => 1e3,
-            "mb" => 1e6,
-            "gb" => 1e9,
-            _ => return Err(bad("unknown unit")),
-        };
-        if !(value > 0.0 && value.is_finite()) {
-            return Err(bad("must be positive"));
-        }
-        Ok(Self::Bytes((value * scale) as u64))
-    }
-}
 
 /// How GPU memory is split under a budget, in bytes and slots.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -133,24 +83,5 @@ impl VramBudget {
             ));
         }
         Ok(SlotPlan { slots, slot_bytes, resident_bytes, kv_bytes, total_experts, min_slots: minimum })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn budgets_parse_in_binary_and_decimal_units_and_percent() {
-        assert_eq!("1.5GiB".parse::<VramBudget>().unwrap(), VramBudget::Bytes(1536 * 1024 * 1024));
-        assert_eq!("300MiB".parse::<VramBudget>().unwrap(), VramBudget::Bytes(300 * 1024 * 1024));
-        assert_eq!("2GB".parse::<VramBudget>().unwrap(), VramBudget::Bytes(2_000_000_000));
-        assert_eq!("25%".parse::<VramBudget>().unwrap(), VramBudget::FractionOfExperts(0.25));
-        assert_eq!("100%".parse::<VramBudget>().unwrap(), VramBudget::All);
-        assert_eq!("all".parse::<VramBudget>().unwrap(), VramBudget::All);
-        for bad in ["", "-1MiB", "12 parsecs", "0%", "150%", "abc"] {
-            let err = bad.parse::<VramBudget>().unwrap_err().to_string();
-            assert!(err.contains("--vram-budget"), "{bad}: {err}");
-        }
     }
 }

@@ -8,14 +8,15 @@ use std::time::Instant;
 use burn::tensor::Device;
 
 use super::budget::SlotPlan;
-use super::policy::{EvictionPolicy, SlotUse};
+use super::policy::SlotUse;
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
-use super::select::{BigLittle, Importance, SelectionStats, Selector};
+use super::select::{SelectionStats, Selector};
 use super::slots::{SlotPage, SlotPool, SlotRef};
 use super::stats::ExpertStats;
 use super::store::{ExpertStore, HostExpert};
-use super::transfer::{LinkModel, StagedExpert, UploadQueue};
+use super::transfer::{StagedExpert, UploadQueue};
 use crate::error::{FerryError, Result};
+use crate::options::{BigLittle, EvictionPolicy, ExpertDtype, Importance, LinkModel};
 use crate::routing::TokenRoute;
 
 struct Slot {
@@ -188,7 +189,7 @@ impl ExpertCache {
     }
 
     /// How experts are stored in host RAM and GPU slots.
-    pub fn dtype(&self) -> super::quant::ExpertDtype {
+    pub fn dtype(&self) -> ExpertDtype {
         self.store.dtype()
     }
 

@@ -16,15 +16,13 @@ mod store;
 mod transfer;
 
 pub use bandwidth::{UploadMeasurement, measure_upload};
-pub use budget::{SlotPlan, VramBudget};
+pub use budget::SlotPlan;
 pub use cache::{ExpertCache, LayerRecall};
 pub use ferry_shaders::format::{GROUP as QUANT_GROUP, code_rows};
 pub use manager::{LayerOutput, LayerRequest, Prediction};
-pub use policy::EvictionPolicy;
-pub use quant::{ExpertDtype, QuantExpert};
+pub use quant::QuantExpert;
 pub use residency::{Access, ExpertCell, Residency, SlotState};
-pub use select::{BigFallback, BigLittle, Importance, SelectionStats, Selector};
+pub use select::{SelectionStats, Selector};
 pub use slots::{SlotPage, SlotRef};
 pub use stats::ExpertStats;
 pub use store::{ExpertStore, HostExpert, prequantised_names};
-pub use transfer::LinkModel;

@@ -14,81 +14,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::error::{FerryError, Result};
+use crate::options::{BigFallback, BigLittle, Importance};
 use crate::routing::{TokenRoute, softmax};
-
-/// `--importance`: how a token's importance is scored from its router probabilities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Importance {
-    /// Share of the top-k probability mass held by ranks k/2..k: what little mode would drop.
-    DroppedMass,
-    /// Entropy of the full router distribution: an unsure router marks an important token.
-    Entropy,
-    /// Attention the token receives in the same layer, relative to a uniform share
-    /// (`graph::attention::received_attention`): tokens the sequence keeps reading are important.
-    Attention,
-}
-
-impl std::str::FromStr for Importance {
-    type Err = FerryError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "dropped-mass" => Ok(Self::DroppedMass),
-            "entropy" => Ok(Self::Entropy),
-            "attention" => Ok(Self::Attention),
-            other => Err(FerryError::flag(
-                "--importance",
-                format!("unknown score {other:?}; use dropped-mass, entropy or attention"),
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Importance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::DroppedMass => "dropped-mass",
-            Self::Entropy => "entropy",
-            Self::Attention => "attention",
-        })
-    }
-}
-
-/// What a big token does when an expert of its second half is not resident.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BigFallback {
-    /// Fetch it (exact for big tokens).
-    #[default]
-    Fetch,
-    /// Approximate: use the best-ranked resident expert not already chosen instead (or drop it
-    /// when none is resident), and count the substitution.
-    Substitute,
-}
-
-impl std::str::FromStr for BigFallback {
-    type Err = FerryError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fetch" => Ok(Self::Fetch),
-            "substitute" => Ok(Self::Substitute),
-            other => {
-                Err(FerryError::flag("--big-fallback", format!("unknown fallback {other:?}; use fetch or substitute")))
-            }
-        }
-    }
-}
-
-/// Big-little settings.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct BigLittle {
-    pub importance: Importance,
-    /// Target share of big tokens (0..=1).
-    pub big_fraction: f32,
-    pub fallback: BigFallback,
-}
 
 /// Counters of the big/little choice, per (token, layer).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]

@@ -12,9 +12,9 @@ use burn_cubecl::tensor::CubeTensor;
 use ferry_shaders::cube_float as float;
 use ferry_shaders::expert::{ExpertExtras, FloatPage, PackedPage, PageWork};
 
-use super::quant::ExpertDtype;
 use super::store::HostExpert;
 use crate::error::{FerryError, Result};
+use crate::options::ExpertDtype;
 
 /// Where an expert sits on the GPU: its page, and its slot within the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,8 +10,9 @@ use std::sync::{Arc, OnceLock};
 
 use ferry_shaders::format::{GROUP, QuantMatrix, code_rows, e2m1_twice, pow2};
 
-use super::quant::{ExpertDtype, QuantExpert};
+use super::quant::QuantExpert;
 use crate::error::{FerryError, Result};
+use crate::options::ExpertDtype;
 use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
 use crate::weights::SourceDtype::{F32, U8, U32};
 use crate::weights::{TensorRef, WeightStore, to_f32};

@@ -6,30 +6,10 @@
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::store::{ExpertStore, HostExpert};
-
-/// A host-to-GPU link to emulate: uploads take at least `bytes / bytes_per_second`.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct LinkModel {
-    pub bytes_per_second: f64,
-}
-
-impl LinkModel {
-    /// From `--link-gbps`: gigabytes (1e9 bytes) per second.
-    pub fn from_gb_per_s(gb: f64) -> Self {
-        Self { bytes_per_second: gb * 1e9 }
-    }
-
-    /// Sleeps for whatever part of the link time `bytes` still needs after `elapsed`.
-    pub fn wait_out(&self, bytes: u64, elapsed: Duration) {
-        let needed = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second);
-        if let Some(rest) = needed.checked_sub(elapsed) {
-            std::thread::sleep(rest);
-        }
-    }
-}
+use crate::options::LinkModel;
 
 /// An expert's weights in host memory, converted (or quantised) and ready to upload.
 pub struct StagedExpert {

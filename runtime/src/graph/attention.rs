@@ -239,7 +239,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::received_attention;
-    use crate::device::{AdapterChoice, Gpu};
+    use crate::device::Gpu;
+    use crate::options::AdapterChoice;
 
     /// Plain-Rust reference: for key position `start + t`, the mean over heads and over the
     /// queries that see it of `a[h][i][start + t]` times the keys query `i` sees.

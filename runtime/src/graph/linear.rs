@@ -1,55 +1,12 @@
 //! Weights from the store to GPU tensors, and the linear projection that uses them.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-
-use crate::error::{FerryError, Result};
-use crate::weights::WeightStore;
 use ferry_shaders::matvec::{MAX_ROWS, matvec};
 use ferry_shaders::{from_cube, try_cube_float};
 
-/// How projection matrices (attention, dense and shared FFNs, routers, the LM head) are stored on
-/// the GPU (`--dense-dtype`). Products always sum in f32; f16 halves the bytes each decode step
-/// reads and the GPU memory they take, and rounds every weight to half precision (an
-/// approximation unless each value fits f16). Norms, biases and the KV cache stay f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DenseDtype {
-    #[default]
-    F32,
-    /// Needs `shader-f16`.
-    F16,
-}
-
-impl DenseDtype {
-    /// Bytes of one stored projection weight.
-    pub fn bytes(self) -> u64 {
-        match self {
-            Self::F32 => 4,
-            Self::F16 => 2,
-        }
-    }
-}
-
-impl std::str::FromStr for DenseDtype {
-    type Err = FerryError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            other => Err(FerryError::flag("--dense-dtype", format!("unknown format {other:?}; use f32 or f16"))),
-        }
-    }
-}
-
-impl std::fmt::Display for DenseDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-        })
-    }
-}
+use crate::error::Result;
+use crate::options::DenseDtype;
+use crate::weights::WeightStore;
 
 /// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul. Clones
 /// share the GPU tensors.

@@ -16,6 +16,5 @@ mod rope;
 mod vocab;
 
 pub use kv_cache::KvCache;
-pub use linear::DenseDtype;
-pub use model::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};
+pub use model::{ForwardOutput, LogitsFor, Model};
 pub use mole_table::{lookup_header, write_lookup_table};

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 use super::attention::Attention;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
-use super::linear::{DenseDtype, Loader};
+use super::linear::Loader;
 use super::mla::MlaAttention;
 use super::moe::{MoeBlock, PreGate};
 use super::mole::{MoleBlock, upload_rows};
@@ -15,77 +15,12 @@ use super::mole_table::lookup_header;
 use super::rope::Rope;
 use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
-use crate::experts::{BigLittle, EvictionPolicy, ExpertCache, ExpertDtype, ExpertStore, LinkModel, VramBudget};
+use crate::experts::{ExpertCache, ExpertStore};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
+use crate::options::{DenseDtype, ExpertOptions, PrefetchMode};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
 use ferry_shaders::norm::{add_rms_norm, rms_norm};
-
-/// Whether the next layer's experts are predicted and fetched ahead (`--prefetch`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PrefetchMode {
-    #[default]
-    None,
-    /// Pre-gating: layer N+1's router (or a trained pre-gate) applied to layer N's router input.
-    /// Exact: the real routing still decides, and mispredicted experts are fetched on demand.
-    Pregate,
-}
-
-impl std::str::FromStr for PrefetchMode {
-    type Err = FerryError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(Self::None),
-            "pregate" => Ok(Self::Pregate),
-            other => Err(FerryError::flag("--prefetch", format!("unknown mode {other:?}; use none or pregate"))),
-        }
-    }
-}
-
-/// How routed experts are kept on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ExpertOptions {
-    pub budget: VramBudget,
-    pub policy: EvictionPolicy,
-    /// Tokens of KV cache counted against the budget (the model's context, at most 4096).
-    pub kv_tokens: Option<usize>,
-    pub prefetch: PrefetchMode,
-    /// Experts predicted beyond top-k (`--prefetch-extra`).
-    pub prefetch_extra: usize,
-    /// Emulated host-to-GPU link (`--link-gbps`), for measuring what a discrete GPU would see.
-    pub link: Option<LinkModel>,
-    /// Big-little experts (`--experts big-little`): an approximation, off by default.
-    pub big_little: Option<BigLittle>,
-    /// Largest GPU buffer of expert slots and of LM-head blocks, in bytes (None: what the adapter
-    /// can bind). Smaller pages spread a layer's experts over more kernel launches and the head
-    /// over more blocks; set when the model is loaded.
-    pub page_bytes: Option<u64>,
-    /// How routed experts are stored in host RAM and GPU slots (`--expert-dtype`); quantised
-    /// formats are approximations. Set when the model is loaded.
-    pub expert_dtype: ExpertDtype,
-    /// How projection matrices are stored on the GPU (`--dense-dtype`); f16 is an
-    /// approximation. Set when the model is loaded.
-    pub dense_dtype: DenseDtype,
-}
-
-impl Default for ExpertOptions {
-    fn default() -> Self {
-        Self {
-            budget: VramBudget::All,
-            policy: EvictionPolicy::Lru,
-            kv_tokens: None,
-            prefetch: PrefetchMode::None,
-            prefetch_extra: 0,
-            link: None,
-            big_little: None,
-            page_bytes: None,
-            expert_dtype: ExpertDtype::F32,
-            dense_dtype: DenseDtype::F32,
-        }
-    }
-}
 
 /// The KV cache the budget counts: the model's context, at most this many tokens.
 const DEFAULT_KV_TOKENS: usize = 4096;

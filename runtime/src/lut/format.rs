@@ -35,9 +35,12 @@ pub const VERSION: u32 = 1;
 /// Bytes before the first row.
 pub const HEADER_BYTES: usize = 64;
 
-/// Element type of the stored rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// Element type of the stored rows (`convert mole-to-lut --dtype`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, strum::EnumString, strum::Display, strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum LutDtype {
     F32,
     F16,
@@ -72,18 +75,6 @@ impl LutDtype {
         match self {
             Self::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
             Self::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        }
-    }
-}
-
-impl std::str::FromStr for LutDtype {
-    type Err = FerryError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            other => Err(FerryError::flag("--dtype", format!("unknown table dtype {other:?}; use f32 or f16"))),
         }
     }
 }

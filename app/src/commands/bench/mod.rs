@@ -1,0 +1,103 @@
+//! `ferry bench`: all-resident and offloaded modes measured in one run on the same prompt, so
+//! their ratios are not spoiled by machine noise between runs. Three steps: `plan` (which
+//! modes), `measure` (interleaved rounds per format), `report` (median runs, roofline, tables).
+
+mod measure;
+mod plan;
+mod report;
+
+use anyhow::Result;
+use ferry_runtime::Gpu;
+use ferry_runtime::engine::{Engine, GenerateRequest};
+use ferry_runtime::experts::measure_upload;
+use ferry_runtime::graph::Model;
+use ferry_runtime::roofline::measure_memory_bandwidth;
+use ferry_runtime::sampling::SamplingConfig;
+use ferry_runtime::spec::FfnKind;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::args::BenchArgs;
+use report::{ModeReport, Summary};
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let folder = match &args.model {
+        Some(folder) => folder.clone(),
+        None => ferry_models::random_model::ensure()?,
+    };
+    let opened = ferry_models::open(&folder)?;
+    let spec = opened.spec.clone();
+    // Flags are checked before the model loads and warms up.
+    let plan = plan::plan(&args, &spec)?;
+    let links = plan.links.clone();
+    let gpu = Gpu::open(args.adapter)?;
+    let model = Model::load(opened.spec, &opened.weights, &gpu.device)?;
+    let mut engine = Engine::new(model, None);
+
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let prompt: Vec<u32> = (0..args.prompt_len.max(1))
+        .map(|_| {
+            loop {
+                let id = rng.random_range(0..spec.vocab_size as u32);
+                if !spec.eos_token_ids.contains(&id) {
+                    break id;
+                }
+            }
+        })
+        .collect();
+    let request = GenerateRequest {
+        prompt_ids: prompt.clone(),
+        max_new_tokens: args.gen_len.max(2),
+        sampling: SamplingConfig::greedy(),
+        stop_strings: Vec::new(),
+        stop_at_eos: false,
+    };
+    // Shader compilation and autotuning happen per shape on first use (attention's shapes change
+    // with every sequence length), so the whole request runs once before any mode is measured;
+    // otherwise the first mode measured pays for all of them.
+    engine.generate(&request, |_| {})?;
+
+    let measured = measure::measure(plan, &mut engine, &folder, &gpu, &request, args.rounds, args.prefetch_extra)?;
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l, FfnKind::Moe)).count().max(1);
+    let mut resident = None;
+    let mut reports: Vec<ModeReport> =
+        measured.into_iter().map(|m| ModeReport::new(m, &mut resident, moe_layers, &gpu)).collect();
+
+    // Host-to-GPU paths at one expert's size, and at 64 MiB for the link's peak.
+    let slot_bytes = engine.model.experts().plan().slot_bytes as usize;
+    let mut uploads = measure_upload(&gpu, slot_bytes, 7)?;
+    uploads.extend(measure_upload(&gpu, 64 << 20, 3)?);
+    // The roofline: memory bandwidth over the largest buffer one binding takes (at most 256 MiB),
+    // and the upload rate of the path the expert cache uses (burn's from_data).
+    let stream = gpu.adapter.max_storage_buffer_binding_size.min(256 << 20) as usize;
+    let memory = measure_memory_bandwidth(&gpu, stream, 5)?;
+    let upload_rate = uploads
+        .iter()
+        .filter(|u| u.method == "burn_from_data")
+        .map(|u| u.bytes_per_second)
+        .fold(f64::MIN_POSITIVE, f64::max);
+    let middle = prompt.len() + request.max_new_tokens / 2;
+    for r in &mut reports {
+        r.set_roofline(&spec, middle, &memory, upload_rate);
+    }
+    let summary = Summary {
+        folder: &folder,
+        spec: &spec,
+        gpu: &gpu,
+        prompt_len: prompt.len(),
+        gen_len: request.max_new_tokens,
+        links: &links,
+        checkpoint_bytes: opened.weights.total_bytes(),
+        lookup_table: engine.model.lookup_table(),
+        reports: &reports,
+        uploads: &uploads,
+        memory: &memory,
+        upload_rate,
+    };
+    if args.json {
+        println!("{}", summary.json());
+    } else {
+        summary.print();
+    }
+    Ok(())
+}
