@@ -4,7 +4,8 @@
 use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{BigFallback, BigLittle, Importance, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model, PrefetchMode};
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
 
 const IMPORTANCES: [Importance; 3] = [Importance::DroppedMass, Importance::Entropy, Importance::Attention];
 

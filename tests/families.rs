@@ -6,7 +6,8 @@ use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{BigFallback, BigLittle, ExpertDtype, Importance, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
 use ferry_runtime::spec::ExpertLayout;
-use ferry_tests::{fixture, gpu, greedy, max_abs_diff, reference};
+
+use crate::support::{fixture, gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str, options: ExpertOptions) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

@@ -7,7 +7,8 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::{EvictionPolicy, ExpertStats, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, ForwardOutput, LogitsFor, Model};
 use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

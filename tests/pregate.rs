@@ -4,7 +4,8 @@
 use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{LinkModel, VramBudget};
 use ferry_runtime::graph::{ExpertOptions, LogitsFor, Model, PrefetchMode};
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

@@ -7,7 +7,8 @@ use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::{ExpertDtype, VramBudget};
 use ferry_runtime::graph::{DenseDtype, ExpertOptions, ForwardOutput, LogitsFor, Model};
 use ferry_runtime::spec::ExpertLayout;
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, max_abs_diff, reference};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str, budget: VramBudget, expert_dtype: ExpertDtype) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
