@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{fixture, gpu};
+
+use crate::support::{fixture, gpu};
 
 /// A writable copy of a fixture folder.
 fn copy_fixture(family: &str) -> (tempfile::TempDir, PathBuf) {

@@ -3,9 +3,9 @@
 
 use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
-use ferry_runtime::options::{BigFallback, BigLittle, Importance, VramBudget};
-use ferry_runtime::options::{ExpertOptions, PrefetchMode};
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+use ferry_runtime::options::{BigFallback, BigLittle, ExpertOptions, Importance, PrefetchMode, VramBudget};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
 
 const IMPORTANCES: [Importance; 3] = [Importance::DroppedMass, Importance::Entropy, Importance::Attention];
 

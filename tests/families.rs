@@ -7,7 +7,8 @@ use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
 use ferry_runtime::options::{BigFallback, BigLittle, ExpertDtype, Importance, VramBudget};
 use ferry_runtime::spec::ExpertLayout;
-use ferry_tests::{fixture, gpu, greedy, max_abs_diff, reference};
+
+use crate::support::{fixture, gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str, options: ExpertOptions) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

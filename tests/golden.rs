@@ -11,10 +11,11 @@
 
 use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{LogitsFor, Model};
-use ferry_tests::{gpu, greedy, max_abs_diff, reference};
+
+use crate::support::{gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str) -> Model {
-    let opened = ferry_models::open(&ferry_tests::fixture(family)).expect("fixture opens");
+    let opened = ferry_models::open(&crate::support::fixture(family)).expect("fixture opens");
     Model::load(opened.spec, &opened.weights, &gpu().device).expect("fixture loads")
 }
 

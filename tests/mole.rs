@@ -13,7 +13,8 @@ use ferry_models::mole::{SMALL, convert_to_lut, write_random};
 use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::lut::{HEADER_BYTES, LUT_FILE, LutDtype};
-use ferry_tests::{gpu, greedy, max_abs_diff};
+
+use crate::support::{gpu, greedy, max_abs_diff};
 
 const PROMPT: [u32; 12] = [5, 17, 300, 42, 42, 7, 381, 0, 99, 17, 250, 5];
 

@@ -9,7 +9,8 @@ use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
 use ferry_runtime::options::{EvictionPolicy, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

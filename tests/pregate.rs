@@ -3,9 +3,9 @@
 
 use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{LogitsFor, Model};
-use ferry_runtime::options::{ExpertOptions, PrefetchMode};
-use ferry_runtime::options::{LinkModel, VramBudget};
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, reference};
+use ferry_runtime::options::{ExpertOptions, LinkModel, PrefetchMode, VramBudget};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

@@ -8,7 +8,8 @@ use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::{DenseDtype, ExpertOptions};
 use ferry_runtime::options::{ExpertDtype, VramBudget};
 use ferry_runtime::spec::ExpertLayout;
-use ferry_tests::{FAMILIES, fixture, gpu, greedy, max_abs_diff, reference};
+
+use crate::support::{FAMILIES, fixture, gpu, greedy, max_abs_diff, reference};
 
 fn load(family: &str, budget: VramBudget, expert_dtype: ExpertDtype) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();

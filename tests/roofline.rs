@@ -5,7 +5,8 @@
 use ferry_runtime::options::DenseDtype;
 use ferry_runtime::options::ExpertDtype;
 use ferry_runtime::roofline::DecodeBytes;
-use ferry_tests::{FAMILIES, fixture};
+
+use crate::support::{FAMILIES, fixture};
 
 #[test]
 fn decode_bytes_with_every_expert_equal_the_checkpoint_minus_all_but_one_embedding_row() {

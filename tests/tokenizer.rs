@@ -1,7 +1,8 @@
 //! Tokenization and chat templates against transformers' own output for the fixtures.
 
 use ferry_runtime::chat::ChatTokenizer;
-use ferry_tests::{FAMILIES, fixture, reference};
+
+use crate::support::{FAMILIES, fixture, reference};
 
 #[test]
 fn tokenizer_ids_match_transformers() {

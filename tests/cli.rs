@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn fixture(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(family)
-}
+use crate::support::fixture;
 
 fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().expect("ferry runs")

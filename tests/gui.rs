@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-fn fixture(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(family)
-}
+use crate::support::fixture;
 
 #[test]
 fn the_desktop_app_streams_a_reply_and_its_residency_map_changes_under_xvfb() {
