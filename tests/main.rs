@@ -4,6 +4,7 @@
 
 mod support;
 
+mod arrows;
 mod bad_input;
 mod big_little;
 mod cli;

@@ -2,9 +2,9 @@
 //! every expert computed and no KV cache, a step reads every tensor once except the embedding,
 //! of which it reads one row.
 
+use ferry_runtime::measure::roofline::DecodeBytes;
 use ferry_runtime::options::DenseDtype;
 use ferry_runtime::options::ExpertDtype;
-use ferry_runtime::roofline::DecodeBytes;
 
 use crate::support::{FAMILIES, fixture};
 

@@ -9,6 +9,7 @@ use burn::tensor::Device;
 
 use super::budget::SlotPlan;
 use super::policy::SlotUse;
+use super::prefetch::LayerRecall;
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
 use super::select::{SelectionStats, Selector};
 use super::slots::{SlotPage, SlotPool, SlotRef};
@@ -19,64 +20,49 @@ use crate::error::{FerryError, Result};
 use crate::options::{BigLittle, EvictionPolicy, ExpertDtype, Importance, LinkModel};
 use crate::routing::TokenRoute;
 
-struct Slot {
+pub(super) struct Slot {
     /// Index in the slot pool.
-    index: usize,
-    use_: SlotUse,
+    pub(super) index: usize,
+    pub(super) use_: SlotUse,
     /// Brought in by a prediction and not used yet.
-    unused_prefetch: bool,
+    pub(super) unused_prefetch: bool,
 }
 
-type ExpertId = (usize, usize);
-
-/// How well predictions for one layer matched the routing it then used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct LayerRecall {
-    /// Real (token, expert) choices that had been predicted.
-    pub predicted: u64,
-    /// All real (token, expert) choices scored.
-    pub actual: u64,
-}
-
-impl LayerRecall {
-    pub fn recall(&self) -> Option<f64> {
-        (self.actual > 0).then(|| self.predicted as f64 / self.actual as f64)
-    }
-}
+pub(super) type ExpertId = (usize, usize);
 
 /// The slot cache. `fetch` hands out an expert's slot, uploading it first on a miss;
 /// `prefetch` starts bringing in experts a later layer is expected to need.
 pub struct ExpertCache {
-    store: Arc<ExpertStore>,
-    pool: SlotPool,
-    policy: EvictionPolicy,
-    plan: SlotPlan,
-    slots: HashMap<ExpertId, Slot>,
-    pinned: HashSet<ExpertId>,
+    pub(super) store: Arc<ExpertStore>,
+    pub(super) pool: SlotPool,
+    pub(super) policy: EvictionPolicy,
+    pub(super) plan: SlotPlan,
+    pub(super) slots: HashMap<ExpertId, Slot>,
+    pub(super) pinned: HashSet<ExpertId>,
     /// How often each expert was used, `[layer][expert]`, since the cache was made.
-    usage: Vec<Vec<u64>>,
+    pub(super) usage: Vec<Vec<u64>>,
     /// `usage` when the configuration last changed: `lfu-pinned`'s warm-up pins from the uses
     /// since then, not from passes made under another policy or budget.
-    usage_at_reconfigure: Vec<Vec<u64>>,
-    clock: u64,
-    stats: ExpertStats,
-    link: Option<LinkModel>,
-    queue: Option<UploadQueue>,
+    pub(super) usage_at_reconfigure: Vec<Vec<u64>>,
+    pub(super) clock: u64,
+    pub(super) stats: ExpertStats,
+    pub(super) link: Option<LinkModel>,
+    pub(super) queue: Option<UploadQueue>,
     /// Prefetched experts whose host staging is under way; each holds a reserved slot.
-    in_flight: HashSet<ExpertId>,
+    pub(super) in_flight: HashSet<ExpertId>,
     /// Staged experts that arrived while waiting for another one.
-    staged: HashMap<ExpertId, StagedExpert>,
+    pub(super) staged: HashMap<ExpertId, StagedExpert>,
     /// In-flight experts whose layer has passed without using them.
-    orphans: HashSet<ExpertId>,
+    pub(super) orphans: HashSet<ExpertId>,
     /// Per layer: the experts predicted for each token of the current pass.
-    predictions: HashMap<usize, Vec<Vec<u32>>>,
-    recall: Vec<LayerRecall>,
+    pub(super) predictions: HashMap<usize, Vec<Vec<u32>>>,
+    pub(super) recall: Vec<LayerRecall>,
     /// Big-little selection, when on.
-    selector: Option<Selector>,
+    pub(super) selector: Option<Selector>,
     /// Counts of selectors since replaced or turned off, so that statistics stay cumulative.
-    retired: SelectionStats,
+    pub(super) retired: SelectionStats,
     /// Per-expert hits and misses and the events since the last `residency` picture.
-    log: AccessLog,
+    pub(super) log: AccessLog,
 }
 
 impl ExpertCache {
@@ -166,22 +152,6 @@ impl ExpertCache {
         received: Option<&[f32]>,
     ) -> Option<Vec<bool>> {
         Some(self.selector.as_mut()?.expect_big(layer, logits, num_experts, routes, received))
-    }
-
-    /// Emulates a host-to-GPU link of this speed for every upload (None: as fast as it goes).
-    pub fn set_link(&mut self, link: Option<LinkModel>) {
-        self.drain_in_flight();
-        self.link = link;
-        self.queue = None;
-    }
-
-    pub fn link(&self) -> Option<LinkModel> {
-        self.link
-    }
-
-    /// Prediction recall per layer since the cache was made (None where nothing was scored).
-    pub fn recall(&self) -> &[LayerRecall] {
-        &self.recall
     }
 
     pub fn plan(&self) -> &SlotPlan {
@@ -381,109 +351,8 @@ impl ExpertCache {
         self.pool.page(page)
     }
 
-    /// Starts bringing in `experts` of `layer` (a prediction), in slots freed by the policy but
-    /// never by evicting `protect` (the experts the current layer still needs) or each other.
-    /// Experts already resident or under way are skipped; when no slot can be freed the rest
-    /// of the prediction is dropped. Returns how many were requested.
-    pub(super) fn prefetch(&mut self, layer: usize, experts: &[usize], protect: &[(usize, usize)]) -> usize {
-        self.settle_orphans();
-        let mut keep: HashSet<ExpertId> = protect.iter().copied().collect();
-        keep.extend(experts.iter().map(|&e| (layer, e)));
-        let mut requested = 0;
-        for &expert in experts {
-            let id = (layer, expert);
-            if self.slots.contains_key(&id) || self.in_flight.contains(&id) {
-                continue;
-            }
-            while self.occupied() >= self.plan.slots {
-                if !self.evict_one(&keep) {
-                    return requested;
-                }
-            }
-            if self.queue.is_none() {
-                self.queue = Some(UploadQueue::start(Arc::clone(&self.store), self.link, self.plan.slot_bytes));
-            }
-            if self.queue.as_ref().is_some_and(|q| q.request(layer, expert)) {
-                self.in_flight.insert(id);
-                self.stats.prefetched += 1;
-                self.stats.bytes_uploaded += self.plan.slot_bytes;
-                requested += 1;
-            }
-        }
-        requested
-    }
-
-    /// Records the experts predicted for each token of `layer` in this pass.
-    pub(super) fn record_prediction(&mut self, layer: usize, per_token: Vec<Vec<u32>>) {
-        self.predictions.insert(layer, per_token);
-    }
-
-    /// Scores this pass's prediction for `layer` against the routing it really used, once the
-    /// layer has fetched its experts. Predicted experts it did not use become ordinary slots
-    /// (marked unused, so evicting them counts as wasted prefetch) as their staging completes.
-    pub(super) fn score_prediction(&mut self, layer: usize, actual: &[Vec<u32>]) {
-        let unused: Vec<ExpertId> = self.in_flight.iter().filter(|(l, _)| *l == layer).copied().collect();
-        self.orphans.extend(unused);
-        self.settle_orphans();
-        let Some(predicted) = self.predictions.remove(&layer) else { return };
-        let entry = &mut self.recall[layer];
-        for (real, guess) in actual.iter().zip(&predicted) {
-            entry.actual += real.len() as u64;
-            entry.predicted += real.iter().filter(|e| guess.contains(e)).count() as u64;
-        }
-    }
-
-    /// Collects what the stager has finished without waiting, and makes finished orphans
-    /// resident.
-    fn settle_orphans(&mut self) {
-        if let Some(queue) = &self.queue {
-            while let Some(staged) = queue.try_next() {
-                self.staged.insert((staged.layer, staged.expert), staged);
-            }
-        }
-        let ready: Vec<ExpertId> = self.orphans.iter().filter(|id| self.staged.contains_key(id)).copied().collect();
-        for id in ready {
-            self.orphans.remove(&id);
-            self.in_flight.remove(&id);
-            if let Some(staged) = self.staged.remove(&id) {
-                // A slot was reserved for it; a failed copy only loses the prefetch.
-                let _ = self.occupy(id, staged.weights, self.clock, true);
-            }
-        }
-    }
-
-    fn occupied(&self) -> usize {
+    pub(super) fn occupied(&self) -> usize {
         self.slots.len() + self.in_flight.len()
-    }
-
-    /// Waits for the stager to deliver `id`, keeping what arrives for others.
-    fn wait_staged(&mut self, id: ExpertId) -> Option<StagedExpert> {
-        self.in_flight.remove(&id);
-        self.orphans.remove(&id);
-        if let Some(staged) = self.staged.remove(&id) {
-            return Some(staged);
-        }
-        let queue = self.queue.as_ref()?;
-        while let Some(staged) = queue.next() {
-            let got = (staged.layer, staged.expert);
-            if got == id {
-                return Some(staged);
-            }
-            self.staged.insert(got, staged);
-        }
-        None
-    }
-
-    /// Turns every prefetch still under way into a resident slot (before reconfiguring).
-    fn drain_in_flight(&mut self) {
-        let ids: Vec<ExpertId> = self.in_flight.iter().copied().collect();
-        for id in ids {
-            if let Some(staged) = self.wait_staged(id) {
-                let _ = self.occupy(id, staged.weights, self.clock, true);
-            }
-        }
-        self.staged.clear();
-        self.orphans.clear();
     }
 
     /// Called after each forward pass. Under `lfu-pinned`, the first pass (the prompt) after
@@ -527,7 +396,7 @@ impl ExpertCache {
 
     /// Evicts one slot by policy, never one in `keep`; pinned slots only when nothing else is
     /// left. Returns false when nothing could be evicted.
-    fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
+    pub(super) fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
         let policy = self.policy;
         let victim = self
             .slots
@@ -555,7 +424,7 @@ impl ExpertCache {
     }
 
     /// An on-demand upload's host part: conversion, and the emulated link if any.
-    fn upload_host(&mut self, layer: usize, expert: usize) -> HostExpert {
+    pub(super) fn upload_host(&mut self, layer: usize, expert: usize) -> HostExpert {
         let start = Instant::now();
         let host = self.stage(layer, expert);
         if let Some(link) = self.link {
@@ -565,12 +434,18 @@ impl ExpertCache {
         host
     }
 
-    fn stage(&self, layer: usize, expert: usize) -> HostExpert {
+    pub(super) fn stage(&self, layer: usize, expert: usize) -> HostExpert {
         self.store.host(layer, expert)
     }
 
     /// Copies a staged expert into a free slot and makes it resident.
-    fn occupy(&mut self, id: ExpertId, host: HostExpert, last_use: u64, prefetched: bool) -> Result<SlotRef> {
+    pub(super) fn occupy(
+        &mut self,
+        id: ExpertId,
+        host: HostExpert,
+        last_use: u64,
+        prefetched: bool,
+    ) -> Result<SlotRef> {
         let index = self.pool.take().ok_or_else(|| FerryError::Gpu("no free expert slot".into()))?;
         let at = match self.pool.store(index, host) {
             Ok(at) => at,

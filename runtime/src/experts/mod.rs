@@ -2,11 +2,11 @@
 //! cache of expert slots on the GPU holds as many as the VRAM budget allows. A miss uploads the
 //! expert into a free or evicted slot before its layer computes.
 
-mod bandwidth;
 mod budget;
 mod cache;
 mod manager;
 mod policy;
+mod prefetch;
 mod quant;
 mod residency;
 mod select;
@@ -15,11 +15,11 @@ mod stats;
 mod store;
 mod transfer;
 
-pub use bandwidth::{UploadMeasurement, measure_upload};
 pub use budget::SlotPlan;
-pub use cache::{ExpertCache, LayerRecall};
+pub use cache::ExpertCache;
 pub use ferry_shaders::format::{GROUP as QUANT_GROUP, code_rows};
 pub use manager::{LayerOutput, LayerRequest, Prediction};
+pub use prefetch::LayerRecall;
 pub use quant::QuantExpert;
 pub use residency::{Access, ExpertCell, Residency, SlotState};
 pub use select::{SelectionStats, Selector};

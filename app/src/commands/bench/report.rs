@@ -3,12 +3,12 @@
 
 use ferry_runtime::Gpu;
 use ferry_runtime::engine::GenerateStats;
-use ferry_runtime::experts::UploadMeasurement;
 use ferry_runtime::lut::LutHeader;
+use ferry_runtime::measure::UploadMeasurement;
+use ferry_runtime::measure::roofline::{DecodeBytes, MemoryBandwidth, ceiling_tokens_per_second};
 use ferry_runtime::options::{
     DenseDtype, EvictionPolicy, ExpertDtype, Importance, LinkModel, PrefetchMode, VramBudget,
 };
-use ferry_runtime::roofline::{DecodeBytes, MemoryBandwidth, ceiling_tokens_per_second};
 use ferry_runtime::spec::ModelSpec;
 
 use super::measure::{Measured, Run};
@@ -208,7 +208,7 @@ impl Summary<'_> {
             "greedy_tokens_identical_across_exact_modes": exact_modes_agree(self.reports),
             "checkpoint_bytes": self.checkpoint_bytes,
             "lookup_table": self.lookup_table,
-            "peak_rss_bytes": ferry_runtime::memory::peak_rss_bytes(),
+            "peak_rss_bytes": ferry_runtime::measure::memory::peak_rss_bytes(),
             "modes": self.reports,
             "uploads": self.uploads,
             "memory_bandwidth": self.memory,
@@ -316,7 +316,7 @@ impl Summary<'_> {
                 u.uploads
             );
         }
-        if let Some(rss) = ferry_runtime::memory::peak_rss_bytes() {
+        if let Some(rss) = ferry_runtime::measure::memory::peak_rss_bytes() {
             println!(
                 "peak host RSS {:.1} MiB; checkpoint {:.1} MiB",
                 rss as f64 / 1048576.0,
