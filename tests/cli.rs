@@ -172,6 +172,43 @@ fn info_reports_mla_kv_bytes_and_the_expert_format() {
     }
 }
 
+/// `--expert-dtype auto` (the default) keeps a BF16 checkpoint's experts at their stored width:
+/// the logits equal f32 experts' bit for bit, and each miss moves half of f32's bytes.
+#[test]
+fn auto_runs_bf16_experts_at_their_stored_width_with_f32_logits() {
+    let model = fixture("mixtral");
+    let ids = ids_arg(&[3, 14, 15, 92, 65, 35]);
+    let logits = |extra: &[&str]| {
+        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", &ids, "--all-positions"];
+        args.extend_from_slice(extra);
+        json_of(&ferry(&args))["logits"].clone()
+    };
+    assert_eq!(logits(&[]), logits(&["--expert-dtype", "f32"]), "auto (bf16) against f32 experts");
+    let stats_of = |dtype: &str| {
+        let out = json_of(&ferry(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "2",
+            "--greedy",
+            "--vram-budget",
+            "25%",
+            "--expert-dtype",
+            dtype,
+            "--json",
+        ]));
+        let s = &out["stats"];
+        let total = |k: &str| s["prefill_experts"][k].as_u64().unwrap() + s["decode_experts"][k].as_u64().unwrap();
+        (total("misses"), total("bytes_uploaded"))
+    };
+    let ((misses, bytes), (misses_f32, bytes_f32)) = (stats_of("auto"), stats_of("f32"));
+    assert!(misses > 0 && misses == misses_f32);
+    assert_eq!(bytes * 2, bytes_f32, "a bf16 miss moves half of f32's bytes");
+}
+
 #[test]
 fn devices_lists_at_least_one_adapter() {
     let out = json_of(&ferry(&["devices", "--json"]));

@@ -28,6 +28,7 @@ fn offloaded_quantised_experts_equal_all_resident_quantised_experts_bit_for_bit(
         let ids = reference(family).input_ids;
         for dtype in [
             ExpertDtype::F16,
+            ExpertDtype::Bf16,
             ExpertDtype::Int8,
             ExpertDtype::Int4,
             ExpertDtype::Int3,
@@ -44,8 +45,28 @@ fn offloaded_quantised_experts_equal_all_resident_quantised_experts_bit_for_bit(
             let size = dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
             assert!(stats.misses > 0, "{family} {dtype}");
             assert_eq!(stats.bytes_uploaded, stats.misses * size, "{family} {dtype}: bytes per upload");
-            let factor = if dtype == ExpertDtype::F16 { 2 } else { 3 };
+            let factor = if matches!(dtype, ExpertDtype::F16 | ExpertDtype::Bf16) { 2 } else { 3 };
             assert!(size * factor <= dtype_f32_size(spec), "{family} {dtype}: the slot is not smaller");
+        }
+    }
+}
+
+/// A BF16 checkpoint's experts in bf16 slots are the f32 path's values summed in the same order:
+/// logits and routing equal f32 experts' bit for bit, resident and offloaded, and every miss moves
+/// half of f32's bytes.
+#[test]
+fn bf16_experts_equal_f32_experts_bit_for_bit_on_bf16_checkpoints() {
+    for family in ["mixtral", "deepseek_v2", "deepseek_v3"] {
+        let ids = reference(family).input_ids;
+        let expected = prompt_forward(&mut load(family, VramBudget::All, ExpertDtype::F32), &ids);
+        for budget in [VramBudget::All, VramBudget::FractionOfExperts(0.25)] {
+            let mut model = load(family, budget, ExpertDtype::Bf16);
+            let out = prompt_forward(&mut model, &ids);
+            assert_eq!(out.logits, expected.logits, "{family} {budget:?}: bf16 experts differ from f32");
+            assert_eq!(out.routing, expected.routing, "{family} {budget:?}");
+            let stats = model.experts().stats();
+            let spec = model.spec();
+            assert_eq!(stats.bytes_uploaded, stats.misses * dtype_f32_size(spec) / 2, "{family}: bytes per upload");
         }
     }
 }

@@ -271,9 +271,11 @@ pub struct ModelArgs {
     #[arg(long, default_value = "0", value_parser = |s: &str| s.parse::<ByteSize>().map_err(|e| e.message))]
     pub lut_cache: ByteSize,
     /// How routed experts are stored in host RAM and GPU slots: f32 (exact), f16 (half the
-    /// bytes; exact for BF16/F16 checkpoints within f16's range; needs shader-f16), group-wise
-    /// int8 / int4 / int3 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel (approximate,
-    /// except mxfp4 on an MXFP4 checkpoint); auto: mxfp4 for MXFP4 checkpoints, else f32.
+    /// bytes; exact for F16 checkpoints and BF16 ones within f16's range; needs shader-f16), bf16
+    /// (half the bytes; exact for BF16 checkpoints, uploaded as stored), group-wise int8 / int4 /
+    /// int3 / int2 (32 weights per scale) or mxfp4, dequantised inside the expert kernel
+    /// (approximate, except mxfp4 on an MXFP4 checkpoint); auto: the checkpoint's own width (bf16
+    /// for BF16, mxfp4 for MXFP4, a converted folder's format), else f32.
     #[arg(long, default_value = "auto", value_parser = expert_dtype_choice())]
     pub expert_dtype: ExpertDtypeChoice,
     /// How projection matrices (attention, dense and shared FFNs, routers, LM head) are stored

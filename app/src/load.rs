@@ -6,9 +6,9 @@ use anyhow::{Context, Result};
 use ferry_runtime::Gpu;
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
+use ferry_runtime::experts::stored_expert_dtype;
 use ferry_runtime::graph::Model;
 use ferry_runtime::options::{AdapterChoice, BigLittle, ExpertDtype, ExpertOptions, LinkModel};
-use ferry_runtime::spec::ExpertLayout;
 
 use crate::args::{BigLittleArgs, ExpertDtypeChoice, ModelArgs};
 
@@ -99,18 +99,14 @@ fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
     }
 }
 
-/// `--expert-dtype` for `folder`: `auto` keeps experts in the format the folder stores them in
-/// (MXFP4, or what `ferry convert quantize` wrote) and runs others in f32.
+/// `--expert-dtype` for `folder`: `auto` keeps experts at the width the folder stores them in
+/// (BF16, MXFP4, or what `ferry convert quantize` wrote) and runs F32 and F16 experts in f32.
 pub fn resolve_expert_dtype(choice: ExpertDtypeChoice, folder: &Path) -> Result<ExpertDtype> {
     if let ExpertDtypeChoice::Fixed(dtype) = choice {
         return Ok(dtype);
     }
-    let spec = ferry_models::read_spec(folder)?;
-    Ok(match spec.moe.layout {
-        ExpertLayout::Mxfp4 => ExpertDtype::Mxfp4,
-        ExpertLayout::Prequantised(dtype) => dtype,
-        ExpertLayout::PerExpert | ExpertLayout::Fused => ExpertDtype::F32,
-    })
+    let opened = ferry_models::open(folder)?;
+    Ok(stored_expert_dtype(&opened.weights, &opened.spec)?.unwrap_or_default())
 }
 
 /// `--experts` and its settings; None for full (exact) mode.

@@ -58,6 +58,9 @@ pub enum ExpertDtype {
     F32,
     /// Half precision in the slots (loads in f16, sums in f32); needs `shader-f16`.
     F16,
+    /// bfloat16 in the slots, two weights per 32-bit word widened by a shift in the kernel:
+    /// exact for BF16 checkpoints (their bytes are uploaded as they are), needs no shader feature.
+    Bf16,
     Int8,
     Int4,
     /// Symmetric 3-bit codes (-3..=3 times the group's scale), stored in bit planes.
@@ -73,7 +76,7 @@ impl ExpertDtype {
     /// Bits per quantised weight; None for the float formats (f32, f16).
     pub fn bits(self) -> Option<u32> {
         match self {
-            Self::F32 | Self::F16 => None,
+            Self::F32 | Self::F16 | Self::Bf16 => None,
             Self::Int8 => Some(8),
             Self::Int4 | Self::Mxfp4 => Some(4),
             Self::Int3 => Some(3),
@@ -85,7 +88,7 @@ impl ExpertDtype {
     pub fn weight_bits(self) -> u32 {
         match self {
             Self::F32 => 32,
-            Self::F16 => 16,
+            Self::F16 | Self::Bf16 => 16,
             other => other.bits().unwrap_or(32),
         }
     }
@@ -104,8 +107,15 @@ impl ExpertDtype {
         }
     }
 
-    /// Quantised formats need both expert dimensions to be whole groups.
+    /// Quantised formats need both expert dimensions to be whole groups; bf16 pairs weights along
+    /// both, so needs them even.
     pub fn check(self, hidden: usize, inter: usize) -> Result<(), OptionError> {
+        if self == Self::Bf16 && (!hidden.is_multiple_of(2) || !inter.is_multiple_of(2)) {
+            return Err(OptionError::new(
+                "--expert-dtype",
+                format!("bf16 needs even hidden ({hidden}) and expert intermediate ({inter}) sizes"),
+            ));
+        }
         if self.bits().is_some() && (!hidden.is_multiple_of(QUANT_GROUP) || !inter.is_multiple_of(QUANT_GROUP)) {
             return Err(OptionError::new(
                 "--expert-dtype",
@@ -521,7 +531,7 @@ mod tests {
         for &name in ExpertDtype::VARIANTS {
             assert_eq!(name.parse::<ExpertDtype>().unwrap().to_string(), name);
         }
-        assert_eq!(ExpertDtype::VARIANTS, ["f32", "f16", "int8", "int4", "int3", "int2", "mxfp4"]);
+        assert_eq!(ExpertDtype::VARIANTS, ["f32", "f16", "bf16", "int8", "int4", "int3", "int2", "mxfp4"]);
         assert_eq!(EvictionPolicy::VARIANTS, ["lru", "lfu", "lfu-pinned"]);
         assert_eq!("lfu-pinned".parse::<EvictionPolicy>().unwrap(), EvictionPolicy::LfuPinned);
         assert_eq!(Importance::DroppedMass.to_string(), "dropped-mass");
@@ -572,5 +582,8 @@ mod tests {
         let err = ExpertDtype::Int8.check(48, 40).unwrap_err().to_string();
         assert!(err.contains("--expert-dtype"), "{err}");
         assert!(ExpertDtype::F32.check(48, 40).is_ok());
+        assert_eq!(ExpertDtype::Bf16.expert_bytes(64, 32), 3 * 64 * 32 * 2);
+        assert!(ExpertDtype::Bf16.check(48, 40).is_ok());
+        assert!(ExpertDtype::Bf16.check(48, 41).unwrap_err().to_string().contains("even"));
     }
 }

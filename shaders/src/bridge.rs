@@ -11,6 +11,9 @@ pub enum ShaderError {
     /// The tensors are on a backend other than burn's CubeCL one (the kernel names itself).
     #[error("{0} needs burn's CubeCL (wgpu) backend")]
     NotCubeBackend(&'static str),
+    /// Data whose size does not fit the buffer it is copied into.
+    #[error("{0}")]
+    Shape(String),
 }
 
 /// The CubeCL tensor under a burn float tensor.

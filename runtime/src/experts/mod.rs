@@ -25,4 +25,4 @@ pub use residency::{Access, ExpertCell, Residency, SlotState};
 pub use select::{SelectionStats, Selector};
 pub use slots::{SlotPage, SlotRef};
 pub use stats::ExpertStats;
-pub use store::{ExpertStore, HostExpert, prequantised_names};
+pub use store::{ExpertStore, HostExpert, prequantised_names, stored_expert_dtype};

@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use burn_cubecl::tensor::CubeTensor;
 use ferry_shaders::cube_float as float;
-use ferry_shaders::expert::{ExpertExtras, FloatPage, PackedPage, PageWork};
+use ferry_shaders::expert::{Bf16Page, ExpertExtras, FloatPage, PackedPage, PageWork};
 
 use super::store::HostExpert;
 use crate::error::{FerryError, Result};
@@ -23,9 +23,11 @@ pub struct SlotRef {
     pub slot: usize,
 }
 
-/// A block of expert slots: f32 or f16 in three GPU buffers (gate, up, down), or quantised.
+/// A block of expert slots: f32 or f16 in three GPU buffers (gate, up, down), bf16 words, or
+/// quantised.
 pub enum SlotPage {
     F32(Box<FloatPage>),
+    Bf16(Box<Bf16Page>),
     Quant(Box<PackedPage>),
 }
 
@@ -34,6 +36,7 @@ impl SlotPage {
     pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
         match dtype.bits() {
             Some(bits) => Self::Quant(Box::new(PackedPage::new(like, slots, hidden, inter, bits, dtype.fp4()))),
+            None if dtype == ExpertDtype::Bf16 => Self::Bf16(Box::new(Bf16Page::new(like, slots, hidden, inter))),
             None => Self::F32(Box::new(FloatPage::new(like, slots, hidden, inter, dtype == ExpertDtype::F16))),
         }
     }
@@ -43,6 +46,7 @@ impl SlotPage {
     pub fn store(&self, slot: usize, host: HostExpert, device: &Device) -> Result<()> {
         match (self, host) {
             (Self::F32(page), HostExpert::F32(weights)) => Ok(page.store(slot, weights, device)?),
+            (Self::Bf16(page), HostExpert::Bf16(words)) => Ok(page.store(slot, words.each_ref().map(Vec::as_slice))?),
             (Self::Quant(page), HostExpert::Quant(e)) => Ok(page.store(slot, [&e.gate, &e.up, &e.down], device)?),
             _ => Err(FerryError::Gpu("an expert's format does not match its slot page's".into())),
         }
@@ -62,6 +66,7 @@ impl SlotPage {
     ) -> Result<()> {
         match self {
             Self::F32(page) => Ok(page.swiglu(x, work, extras, act, y, device)?),
+            Self::Bf16(page) => Ok(page.swiglu(x, work, extras, act, y, device)?),
             Self::Quant(page) => Ok(page.swiglu(x, work, extras, act, y, device)?),
         }
     }

@@ -8,20 +8,22 @@
 
 use std::sync::{Arc, OnceLock};
 
+use ferry_shaders::expert::pack_bf16;
 use ferry_shaders::format::{GROUP, QuantMatrix, code_rows, e2m1_twice, pow2};
 
 use super::quant::QuantExpert;
 use crate::error::{FerryError, Result};
 use crate::options::ExpertDtype;
 use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
-use crate::weights::SourceDtype::{F32, U8, U32};
+use crate::weights::SourceDtype::{BF16, F32, U8, U32};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
-/// An expert in host memory, ready to upload: f32 in checkpoint layout, or quantised in slot
-/// layout.
+/// An expert in host memory, ready to upload: f32 in checkpoint layout, bf16 words in
+/// checkpoint layout (each row's neighbours paired), or quantised in slot layout.
 #[derive(Debug, Clone)]
 pub enum HostExpert {
     F32([Vec<f32>; 3]),
+    Bf16([Vec<u32>; 3]),
     Quant(Arc<QuantExpert>),
 }
 
@@ -93,6 +95,9 @@ impl ExpertStore {
     /// The expert as it is uploaded: f32 converted from the checkpoint, or quantised (once, then
     /// kept in host RAM).
     pub fn host(&self, layer: usize, expert: usize) -> HostExpert {
+        if self.dtype == ExpertDtype::Bf16 {
+            return HostExpert::Bf16(self.host_bf16(layer, expert));
+        }
         if self.dtype.bits().is_none() {
             return HostExpert::F32(self.host_f32(layer, expert));
         }
@@ -160,6 +165,17 @@ impl ExpertStore {
         }
     }
 
+    /// The expert's gate, up and down as bf16 words in checkpoint layout: a BF16 checkpoint's
+    /// mapped bytes as they are (no conversion), anything else rounded from f32.
+    pub fn host_bf16(&self, layer: usize, expert: usize) -> [Vec<u32>; 3] {
+        if let Some(LayerSource::PerExpert(experts)) = &self.layers[layer]
+            && experts[expert].iter().all(|t| t.dtype == BF16)
+        {
+            return experts[expert].each_ref().map(|t| words(self.weights.bytes(t)));
+        }
+        self.host_f32(layer, expert).map(|w| pack_bf16(&w))
+    }
+
     /// A pre-quantised expert read from the mapping.
     fn stored(
         &self,
@@ -169,11 +185,7 @@ impl ExpertStore {
         expert: usize,
     ) -> QuantExpert {
         let matrix = |k: usize| QuantMatrix {
-            words: self
-                .slice(&codes[k], expert)
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            words: words(self.slice(&codes[k], expert)),
             scales: to_f32(self.slice(&scales[k], expert), scales[k].dtype),
         };
         QuantExpert { dtype, gate: matrix(0), up: matrix(1), down: matrix(2) }
@@ -211,6 +223,23 @@ impl ExpertStore {
             down: repack(d_blocks, d_scales, 0..h, i),
         }
     }
+}
+
+/// The format a checkpoint stores its routed experts in, as the slot format that keeps them
+/// exactly at their stored width (`--expert-dtype auto`): BF16 -> bf16, MXFP4 -> mxfp4, a
+/// `convert quantize` folder -> its format; F32 and F16 -> f32 (f16 slots need `shader-f16`,
+/// which not every adapter has; `--expert-dtype f16` is exact for F16 checkpoints). None for a
+/// model without routed experts.
+pub fn stored_expert_dtype(weights: &WeightStore, spec: &ModelSpec) -> Result<Option<ExpertDtype>> {
+    let Some(layer) = spec.layers.iter().position(|k| *k == FfnKind::Moe) else { return Ok(None) };
+    let dtype = match layer_source(weights, spec, layer)? {
+        LayerSource::PerExpert(experts) if experts.iter().flatten().all(|t| t.dtype == BF16) => ExpertDtype::Bf16,
+        LayerSource::Fused { gate_up, down } if gate_up.dtype == BF16 && down.dtype == BF16 => ExpertDtype::Bf16,
+        LayerSource::Mxfp4 { .. } => ExpertDtype::Mxfp4,
+        LayerSource::Prequantised { dtype, .. } => dtype,
+        LayerSource::PerExpert(_) | LayerSource::Fused { .. } => ExpertDtype::F32,
+    };
+    Ok(Some(dtype))
 }
 
 fn layer_source(weights: &WeightStore, spec: &ModelSpec, layer: usize) -> Result<LayerSource> {
@@ -318,6 +347,11 @@ fn repack(blocks: &[u8], scales: &[u8], rows: impl Iterator<Item = usize> + Clon
         }
     }
     QuantMatrix { words, scales: slot_scales }
+}
+
+/// Little-endian bytes as u32 words (mapped bytes need not be 4-byte aligned).
+fn words(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 #[cfg(test)]

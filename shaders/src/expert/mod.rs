@@ -7,10 +7,12 @@
 //! sit in, nor on which other tokens share the launch. Offloaded output therefore equals
 //! all-resident output bit for bit.
 
+mod bf16;
 mod common;
 mod float;
 mod packed;
 
+pub use bf16::{Bf16Page, pack_bf16, unpack_bf16};
 pub use common::{ExpertExtras, PageWork};
 pub use float::FloatPage;
 pub use packed::PackedPage;
@@ -41,7 +43,7 @@ pub fn reference([gate, up, down]: [&[f32]; 3], x: &[f32], extras: Option<(&[f32
 mod tests {
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{ExpertExtras, FloatPage, PackedPage, PageWork};
+    use super::{Bf16Page, ExpertExtras, FloatPage, PackedPage, PageWork, pack_bf16, unpack_bf16};
     use crate::bridge::{cube_float, from_cube};
     use crate::format::{QuantMatrix, dequantize, quantize, quantize_mxfp4};
     use crate::testing::{device, random};
@@ -50,6 +52,7 @@ mod tests {
     #[derive(Debug, Clone, Copy)]
     enum Format {
         Float { half: bool },
+        Bf16,
         Packed { bits: u32, fp4: bool },
     }
 
@@ -60,6 +63,7 @@ mod tests {
     const MXFP4: Format = Format::Packed { bits: 4, fp4: true };
     const F32: Format = Format::Float { half: false };
     const F16: Format = Format::Float { half: true };
+    const BF16: Format = Format::Bf16;
 
     /// GPT-OSS's extras for the reference: gate then up biases, down biases, clamp limit.
     struct Extras {
@@ -75,9 +79,11 @@ mod tests {
     fn grouped_swiglu_matches_a_cpu_reference_across_pages_and_odd_routing() {
         check_against_reference(F32, 24, 40, false);
         check_against_reference(F16, 24, 40, false);
+        check_against_reference(BF16, 24, 40, false);
         // Sizes that do not divide by four: one row per unit instead of four.
         check_against_reference(F32, 26, 42, false);
         check_against_reference(F32, 26, 42, true);
+        check_against_reference(BF16, 26, 42, true);
     }
 
     /// The same routing over int8, int4, int3, int2 and MXFP4 slots: the kernel equals a CPU reference run
@@ -94,7 +100,7 @@ mod tests {
     /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
     #[test]
     fn biased_clamped_experts_match_a_cpu_reference_in_every_format() {
-        for format in [F32, F16, INT8, INT4, INT3, INT2, MXFP4] {
+        for format in [F32, F16, BF16, INT8, INT4, INT3, INT2, MXFP4] {
             check_against_reference(format, 64, 32, true);
         }
     }
@@ -102,6 +108,7 @@ mod tests {
     /// A page of either kind.
     enum Page {
         Float(Box<FloatPage>),
+        Bf16(Box<Bf16Page>),
         Packed(Box<PackedPage>),
     }
 
@@ -123,7 +130,7 @@ mod tests {
             match format {
                 Format::Packed { fp4: true, .. } => quantize_mxfp4(w, n, kk),
                 Format::Packed { bits, .. } => quantize(w, n, kk, bits),
-                Format::Float { .. } => unreachable!("float formats are not packed"),
+                Format::Float { .. } | Format::Bf16 => unreachable!("float formats are not packed"),
             }
         };
         let experts: Vec<Stored> = weights
@@ -134,6 +141,8 @@ mod tests {
                     (w.clone().map(|v| v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect()), None)
                 }
                 Format::Float { half: false } => (w.clone(), None),
+                // bf16 slots hold the weights rounded to bf16.
+                Format::Bf16 => (w.clone().map(|v| unpack_bf16(&pack_bf16(&v))), None),
                 Format::Packed { bits, fp4 } => {
                     let q = [packed(&w[0], inter, hidden), packed(&w[1], inter, hidden), packed(&w[2], hidden, inter)];
                     let back = [
@@ -151,6 +160,7 @@ mod tests {
             .into_iter()
             .map(|slots| match format {
                 Format::Float { half } => Page::Float(Box::new(FloatPage::new(&like, slots, hidden, inter, half))),
+                Format::Bf16 => Page::Bf16(Box::new(Bf16Page::new(&like, slots, hidden, inter))),
                 Format::Packed { bits, fp4 } => {
                     Page::Packed(Box::new(PackedPage::new(&like, slots, hidden, inter, bits, fp4)))
                 }
@@ -159,6 +169,10 @@ mod tests {
         for (e, (w, (_, q))) in weights.iter().zip(&experts).enumerate() {
             match (&pages[e / 2], q) {
                 (Page::Float(p), _) => p.store(e % 2, w.clone(), device).unwrap(),
+                (Page::Bf16(p), _) => {
+                    let [g, u, d] = w.each_ref().map(|v| pack_bf16(v));
+                    p.store(e % 2, [&g, &u, &d]).unwrap()
+                }
                 (Page::Packed(p), Some([g, u, d])) => p.store(e % 2, [g, u, d], device).unwrap(),
                 (Page::Packed(_), None) => unreachable!("packed formats carry codes"),
             }
@@ -192,6 +206,7 @@ mod tests {
             }
             match page {
                 Page::Float(page) => page.swiglu(&xc, &work, &extras, &act, &y, device).unwrap(),
+                Page::Bf16(page) => page.swiglu(&xc, &work, &extras, &act, &y, device).unwrap(),
                 Page::Packed(page) => page.swiglu(&xc, &work, &extras, &act, &y, device).unwrap(),
             }
         }

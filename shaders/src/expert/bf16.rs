@@ -1,0 +1,264 @@
+//! The grouped expert FFN over BF16 slots, at the checkpoint's own width: wgpu has no bf16 type,
+//! so two weights travel in one u32 word and the kernel widens each by a shift, which is exact
+//! (a bf16 is the high half of the f32 with the same value).
+//!
+//! A word pairs two neighbours along the reduction (weights `j` and `j + 1` of one output row,
+//! the first in the low half), which is how a BF16 checkpoint's rows already lie in memory read
+//! as little-endian u32 words: an upload copies the mapped bytes and the store kernel only
+//! transposes words. Slot layout: gate and up `[slots, hidden / 2, intermediate]`, down
+//! `[slots, intermediate / 2, hidden]` words. Each lane adds `w_j x_j`, then `w_(j+1) x_(j+1)`, in
+//! index order as the f32 kernels do, so a BF16 checkpoint gives the f32 path's output bit for bit.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::{DType, Device};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::{CubeDim, calculate_cube_count_elemwise};
+
+use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
+use crate::bridge::ShaderError;
+use crate::lanes::load_vec;
+
+/// The two weights of `N` adjacent output rows held in one vector of words: the low halves
+/// (weight `j`) and the high halves (weight `j + 1`), widened to f32.
+#[cube]
+fn widen<F: Float, N: Size>(words: Vector<u32, N>) -> (Vector<F, N>, Vector<F, N>) {
+    let low = Vector::<f32, N>::reinterpret(words << Vector::new(16u32));
+    let high = Vector::<f32, N>::reinterpret(words & Vector::new(0xFFFF_0000u32));
+    (Vector::<F, N>::cast_from(low), Vector::<F, N>::cast_from(high))
+}
+
+/// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over BF16 slots; one unit per `N` adjacent
+/// intermediate rows and group.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
+    x: &Tensor<F>,                  // [tokens, hidden]
+    gate: &Tensor<Vector<u32, N>>,  // [slots, hidden / 2, intermediate] words
+    up: &Tensor<Vector<u32, N>>,    // [slots, hidden / 2, intermediate] words
+    groups: &Tensor<I>,             // [groups * 4]
+    assign: &Tensor<I>,             // [assignments * 2]
+    act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
+    bias: &Tensor<F>,
+    params: &Tensor<F>,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let lanes = gate.vector_size();
+    let pairs = gate.shape(1);
+    let row = gate.shape(2) / lanes;
+    let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if i >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * pairs * row + i;
+    let xs0 = x.stride(0);
+    let xs1 = x.stride(1);
+    let inter = row * lanes;
+    for a in group.start..group.end {
+        let t = usize::cast_from(assign[a * 2]);
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let mut gs = Vector::<F, N>::new(F::new(0.0));
+        let mut us = Vector::<F, N>::new(F::new(0.0));
+        for p in 0..pairs {
+            let x0 = Vector::<F, N>::new(x[t * xs0 + 2 * p * xs1]);
+            let x1 = Vector::<F, N>::new(x[t * xs0 + (2 * p + 1) * xs1]);
+            let (g0, g1) = widen::<F, N>(gate[base + p * row]);
+            let (u0, u1) = widen::<F, N>(up[base + p * row]);
+            gs += g0 * x0;
+            us += u0 * x0;
+            gs += g1 * x1;
+            us += u1 * x1;
+        }
+        let at = group.expert * 2 * inter + i * lanes;
+        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+    }
+}
+
+/// `y[o, h] = w_a * (down_h · act[o] + b_h)` over BF16 slots; one unit per `N` adjacent hidden
+/// rows and group.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
+    act: &Tensor<F>,               // [rows, intermediate]
+    down: &Tensor<Vector<u32, N>>, // [slots, intermediate / 2, hidden] words
+    groups: &Tensor<I>,
+    assign: &Tensor<I>,
+    weights: &Tensor<F>,
+    y: &mut Tensor<Vector<F, N>>, // [rows, hidden]
+    bias: &Tensor<F>,
+    #[comptime] has_bias: bool,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let lanes = down.vector_size();
+    let pairs = down.shape(1);
+    let row = down.shape(2) / lanes;
+    let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if h >= row {
+        terminate!();
+    }
+    let group = group_at::<I>(groups, CUBE_POS_Y as usize);
+    let base = group.slot * pairs * row + h;
+    let inter = 2 * pairs;
+    for a in group.start..group.end {
+        let o = usize::cast_from(assign[a * 2 + 1]);
+        let mut s = Vector::<F, N>::new(F::new(0.0));
+        for p in 0..pairs {
+            let (d0, d1) = widen::<F, N>(down[base + p * row]);
+            s += d0 * Vector::<F, N>::new(act[o * inter + 2 * p]);
+            s += d1 * Vector::<F, N>::new(act[o * inter + 2 * p + 1]);
+        }
+        if has_bias {
+            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+        }
+        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
+    }
+}
+
+/// Transposes `src` `[rows, cols]` words into `dst` at word `offset`, as `[cols, rows]`.
+#[cube(launch)]
+fn store_words_kernel(src: &Tensor<u32>, dst: &mut Tensor<u32>, rows: u32, cols: u32, offset: u32) {
+    let pos = ABSOLUTE_POS;
+    if pos >= src.len() {
+        terminate!();
+    }
+    let r = pos / cols as usize;
+    let c = pos % cols as usize;
+    dst[offset as usize + c * rows as usize + r] = src[pos];
+}
+
+/// Packs f32 weights (rows of `k`, `k` even) into bf16 words pairing neighbours along the row,
+/// rounding to nearest even: exact for values a BF16 checkpoint holds.
+pub fn pack_bf16(w: &[f32]) -> Vec<u32> {
+    let half = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+    w.chunks_exact(2).map(|p| half(p[0]) | (half(p[1]) << 16)).collect()
+}
+
+/// The f32 values of bf16 words (both halves, low first).
+pub fn unpack_bf16(words: &[u32]) -> Vec<f32> {
+    words.iter().flat_map(|w| [f32::from_bits(w << 16), f32::from_bits(w & 0xFFFF_0000)]).collect()
+}
+
+/// A page of BF16 expert slots: one buffer of words per projection.
+pub struct Bf16Page {
+    gate: CubeTensor,
+    up: CubeTensor,
+    down: CubeTensor,
+}
+
+impl Bf16Page {
+    /// Allocates `slots` experts on `like`'s device, uninitialised; both sizes must be even.
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize) -> Self {
+        let make = |shape: [usize; 3]| {
+            burn_cubecl::ops::numeric::empty_device_dtype(
+                like.client.clone(),
+                like.device.clone(),
+                shape.into(),
+                DType::U32,
+            )
+        };
+        Self {
+            gate: make([slots, hidden / 2, inter]),
+            up: make([slots, hidden / 2, inter]),
+            down: make([slots, inter / 2, hidden]),
+        }
+    }
+
+    /// Uploads an expert's words in checkpoint layout (gate, up `[intermediate, hidden / 2]`,
+    /// down `[hidden, intermediate / 2]`: each row's neighbours paired) and queues their
+    /// transposing copy into `slot`, ordered behind kernels that still read the slot.
+    pub fn store(&self, slot: usize, [g, u, d]: [&[u32]; 3]) -> Result<(), ShaderError> {
+        let (pairs, inter) = (self.gate.meta.shape()[1], self.gate.meta.shape()[2]);
+        let hidden = self.down.meta.shape()[2];
+        let expected = [inter * pairs, inter * pairs, hidden * (inter / 2)];
+        if [g.len(), u.len(), d.len()] != expected {
+            return Err(ShaderError::Shape(format!(
+                "bf16 expert of {} / {} / {} words for a slot of {expected:?}",
+                g.len(),
+                u.len(),
+                d.len()
+            )));
+        }
+        let client = self.gate.client.clone();
+        let copy = |src: &[u32], dst: &CubeTensor, rows: usize, cols: usize| {
+            let handle = client.create_from_slice(bytemuck::cast_slice(src));
+            let words =
+                CubeTensor::new_contiguous(client.clone(), dst.device.clone(), [src.len()].into(), handle, DType::U32);
+            let dim = CubeDim::new(&client, src.len());
+            let count = calculate_cube_count_elemwise(&client, src.len(), dim);
+            store_words_kernel::launch(
+                &client,
+                count,
+                dim,
+                words.into_tensor_arg(),
+                dst.clone().into_tensor_arg(),
+                rows as u32,
+                cols as u32,
+                (slot * src.len()) as u32,
+            );
+        };
+        copy(g, &self.gate, inter, pairs);
+        copy(u, &self.up, inter, pairs);
+        copy(d, &self.down, hidden, inter / 2);
+        Ok(())
+    }
+
+    /// Queues the grouped SwiGLU of `work` over this page, as `FloatPage::swiglu`.
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
+    pub fn swiglu(
+        &self,
+        x: &CubeTensor,
+        work: &PageWork,
+        extras: &ExpertExtras,
+        act: &CubeTensor,
+        y: &CubeTensor,
+        device: &Device,
+    ) -> Result<(), ShaderError> {
+        if work.is_empty() {
+            return Ok(());
+        }
+        let launch = Launch::new(work, extras, device)?;
+        let client = x.client.clone();
+        let inter = self.gate.meta.shape()[2];
+        let hidden = self.down.meta.shape()[2];
+        let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
+        let (bias_gate_up, bias_down) = launch.extras.bias_args();
+        let has_bias = launch.extras.bias.is_some();
+        let lanes = vector_size(hidden, inter);
+        gate_up_bf16_kernel::launch(
+            &client,
+            launch.cubes(inter / lanes),
+            CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
+            x.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            self.up.clone().into_tensor_arg(),
+            launch.groups.clone().into_tensor_arg(),
+            launch.assign.clone().into_tensor_arg(),
+            act.clone().into_tensor_arg(),
+            bias_gate_up.into_tensor_arg(),
+            launch.extras.params.clone().into_tensor_arg(),
+            has_bias,
+            launch.extras.clamped,
+            dtypes,
+        );
+        down_bf16_kernel::launch(
+            &client,
+            launch.cubes(hidden / lanes),
+            CubeDim::new_1d(ROWS_PER_CUBE),
+            lanes,
+            act.clone().into_tensor_arg(),
+            self.down.clone().into_tensor_arg(),
+            launch.groups.clone().into_tensor_arg(),
+            launch.assign.clone().into_tensor_arg(),
+            launch.weights.clone().into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            bias_down.into_tensor_arg(),
+            has_bias,
+            dtypes,
+        );
+        Ok(())
+    }
+}
