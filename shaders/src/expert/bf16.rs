@@ -117,16 +117,30 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
     }
 }
 
-/// Transposes `src` `[rows, cols]` words into `dst` at word `offset`, as `[cols, rows]`.
+/// Writes one expert into slot `slot`, transposing words: `src` holds gate and up
+/// `[inter, hidden / 2]` then down `[hidden, inter / 2]` (as many words each), one unit per word
+/// of a projection.
 #[cube(launch)]
-fn store_words_kernel(src: &Tensor<u32>, dst: &mut Tensor<u32>, rows: u32, cols: u32, offset: u32) {
+fn store_slot_words_kernel(
+    src: &Tensor<u32>,
+    gate: &mut Tensor<u32>,
+    up: &mut Tensor<u32>,
+    down: &mut Tensor<u32>,
+    slot: u32,
+) {
     let pos = ABSOLUTE_POS;
-    if pos >= src.len() {
+    let n = src.len() / 3;
+    if pos >= n {
         terminate!();
     }
-    let r = pos / cols as usize;
-    let c = pos % cols as usize;
-    dst[offset as usize + c * rows as usize + r] = src[pos];
+    let pairs = gate.shape(1);
+    let inter = gate.shape(2);
+    let half_inter = down.shape(1);
+    let hidden = down.shape(2);
+    let base = slot as usize * n;
+    gate[base + (pos % pairs) * inter + pos / pairs] = src[pos];
+    up[base + (pos % pairs) * inter + pos / pairs] = src[n + pos];
+    down[base + (pos % half_inter) * hidden + pos / half_inter] = src[2 * n + pos];
 }
 
 /// Packs f32 weights (rows of `k`, `k` even) into bf16 words pairing neighbours along the row,
@@ -181,27 +195,30 @@ impl Bf16Page {
                 d.len()
             )));
         }
+        // One upload and one launch per expert, as for f32 slots.
         let client = self.gate.client.clone();
-        let copy = |src: &[u32], dst: &CubeTensor, rows: usize, cols: usize| {
-            let handle = client.create_from_slice(bytemuck::cast_slice(src));
-            let words =
-                CubeTensor::new_contiguous(client.clone(), dst.device.clone(), [src.len()].into(), handle, DType::U32);
-            let dim = CubeDim::new(&client, src.len());
-            let count = calculate_cube_count_elemwise(&client, src.len(), dim);
-            store_words_kernel::launch(
-                &client,
-                count,
-                dim,
-                words.into_tensor_arg(),
-                dst.clone().into_tensor_arg(),
-                rows as u32,
-                cols as u32,
-                (slot * src.len()) as u32,
-            );
-        };
-        copy(g, &self.gate, inter, pairs);
-        copy(u, &self.up, inter, pairs);
-        copy(d, &self.down, hidden, inter / 2);
+        let all: Vec<u32> = [g, u, d].concat();
+        let handle = client.create_from_slice(bytemuck::cast_slice(&all));
+        let words = CubeTensor::new_contiguous(
+            client.clone(),
+            self.gate.device.clone(),
+            [all.len()].into(),
+            handle,
+            DType::U32,
+        );
+        let n = g.len();
+        let dim = CubeDim::new(&client, n);
+        let count = calculate_cube_count_elemwise(&client, n, dim);
+        store_slot_words_kernel::launch(
+            &client,
+            count,
+            dim,
+            words.into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            self.up.clone().into_tensor_arg(),
+            self.down.clone().into_tensor_arg(),
+            slot as u32,
+        );
         Ok(())
     }
 
