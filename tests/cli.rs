@@ -172,8 +172,9 @@ fn info_reports_mla_kv_bytes_and_the_expert_format() {
     }
 }
 
-/// `--expert-dtype auto` (the default) keeps a BF16 checkpoint's experts at their stored width:
-/// the logits equal f32 experts' bit for bit, and each miss moves half of f32's bytes.
+/// `--expert-dtype auto` and `--dense-dtype auto` (the defaults) keep a BF16 checkpoint's experts
+/// and projections at their stored width: the logits equal f32's bit for bit, and each miss moves
+/// half of f32's bytes.
 #[test]
 fn auto_runs_bf16_experts_at_their_stored_width_with_f32_logits() {
     let model = fixture("mixtral");
@@ -183,7 +184,9 @@ fn auto_runs_bf16_experts_at_their_stored_width_with_f32_logits() {
         args.extend_from_slice(extra);
         json_of(&ferry(&args))["logits"].clone()
     };
-    assert_eq!(logits(&[]), logits(&["--expert-dtype", "f32"]), "auto (bf16) against f32 experts");
+    let f32_logits = logits(&["--expert-dtype", "f32", "--dense-dtype", "f32"]);
+    assert_eq!(logits(&[]), f32_logits, "auto (bf16) against f32 experts and projections");
+    assert_eq!(logits(&["--dense-dtype", "bf16"]), f32_logits, "bf16 projections");
     let stats_of = |dtype: &str| {
         let out = json_of(&ferry(&[
             "generate",

@@ -71,6 +71,39 @@ fn bf16_experts_equal_f32_experts_bit_for_bit_on_bf16_checkpoints() {
     }
 }
 
+/// BF16 projections as bf16 pairs are the f32 path's values summed in the same order: on BF16
+/// checkpoints the prefill (widened for the matmul) and every decode step (the pair kernel) give
+/// f32 projections' logits and tokens bit for bit, with the projections at two bytes in the plan.
+#[test]
+fn bf16_projections_equal_f32_projections_bit_for_bit_on_bf16_checkpoints() {
+    let load = |family: &str, dense_dtype: DenseDtype| {
+        let opened = ferry_models::open(&fixture(family)).unwrap();
+        let options = ExpertOptions { dense_dtype, ..Default::default() };
+        Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
+    };
+    for family in ["mixtral", "deepseek_v2", "deepseek_v3"] {
+        let reference = reference(family);
+        let mut f32_model = load(family, DenseDtype::F32);
+        let mut bf16_model = load(family, DenseDtype::Bf16);
+        assert_eq!(
+            ferry_runtime::graph::stored_dense_dtype(
+                &ferry_models::open(&fixture(family)).unwrap().weights,
+                f32_model.spec()
+            ),
+            DenseDtype::Bf16,
+            "{family}: auto picks bf16 for a BF16 checkpoint"
+        );
+        let expected = prompt_forward(&mut f32_model, &reference.input_ids);
+        let out = prompt_forward(&mut bf16_model, &reference.input_ids);
+        assert_eq!(out.logits, expected.logits, "{family}: bf16 projections differ from f32 in a prefill");
+        let smaller = bf16_model.experts().plan().resident_bytes;
+        assert!(smaller < f32_model.experts().plan().resident_bytes, "{family}: the plan counts two bytes");
+        let prompt = &reference.greedy.prompt_ids;
+        let (mut f32_engine, mut bf16_engine) = (Engine::new(f32_model, None), Engine::new(bf16_model, None));
+        assert_eq!(greedy(&mut bf16_engine, prompt, 8), greedy(&mut f32_engine, prompt, 8), "{family}: decode");
+    }
+}
+
 fn dtype_f32_size(spec: &ferry_runtime::ModelSpec) -> u64 {
     ExpertDtype::F32.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size)
 }

@@ -43,6 +43,21 @@ fn expert_dtype_choice() -> impl TypedValueParser<Value = ExpertDtypeChoice> {
     })
 }
 
+/// `--dense-dtype`: a format, or `auto` (the checkpoint's own width, else f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseDtypeChoice {
+    Auto,
+    Fixed(DenseDtype),
+}
+
+fn dense_dtype_choice() -> impl TypedValueParser<Value = DenseDtypeChoice> {
+    let names = std::iter::once("auto").chain(DenseDtype::VARIANTS.iter().copied());
+    PossibleValuesParser::new(names).try_map(|s| match s.as_str() {
+        "auto" => Ok(DenseDtypeChoice::Auto),
+        other => other.parse().map(DenseDtypeChoice::Fixed),
+    })
+}
+
 /// A `--link-gbps` entry of `ferry bench`: `none` (the adapter's own speed) or GB/s.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinkChoice(pub Option<LinkModel>);
@@ -279,10 +294,11 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", value_parser = expert_dtype_choice())]
     pub expert_dtype: ExpertDtypeChoice,
     /// How projection matrices (attention, dense and shared FFNs, routers, LM head) are stored
-    /// on the GPU: f32 (exact), or f16 (half their bytes and memory, products summed in f32;
-    /// approximate; needs shader-f16).
-    #[arg(long, default_value_t = DenseDtype::F32, value_parser = choice::<DenseDtype>())]
-    pub dense_dtype: DenseDtype,
+    /// on the GPU: f32 (exact), f16 (half their bytes and memory, products summed in f32;
+    /// approximate; needs shader-f16), bf16 (half the bytes; exact for BF16 checkpoints); auto:
+    /// the checkpoint's own width (bf16 for BF16), else f32.
+    #[arg(long, default_value = "auto", value_parser = dense_dtype_choice())]
+    pub dense_dtype: DenseDtypeChoice,
 }
 
 #[derive(Args, Clone)]

@@ -7,10 +7,10 @@ use ferry_runtime::Gpu;
 use ferry_runtime::chat::ChatTokenizer;
 use ferry_runtime::engine::Engine;
 use ferry_runtime::experts::stored_expert_dtype;
-use ferry_runtime::graph::Model;
-use ferry_runtime::options::{AdapterChoice, BigLittle, ExpertDtype, ExpertOptions, LinkModel};
+use ferry_runtime::graph::{Model, stored_dense_dtype};
+use ferry_runtime::options::{AdapterChoice, BigLittle, DenseDtype, ExpertDtype, ExpertOptions, LinkModel};
 
-use crate::args::{BigLittleArgs, ExpertDtypeChoice, ModelArgs};
+use crate::args::{BigLittleArgs, DenseDtypeChoice, ExpertDtypeChoice, ModelArgs};
 
 /// The model folder the user named, or the built-in default (generated on first use).
 pub fn model_folder(args: &ModelArgs) -> Result<PathBuf> {
@@ -87,7 +87,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
         expert_dtype: expert_dtype(args)?,
-        dense_dtype: args.dense_dtype,
+        dense_dtype: dense_dtype(args)?,
     })
 }
 
@@ -96,6 +96,18 @@ fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
     match args.expert_dtype {
         ExpertDtypeChoice::Fixed(dtype) => Ok(dtype),
         ExpertDtypeChoice::Auto => resolve_expert_dtype(args.expert_dtype, &model_folder(args)?),
+    }
+}
+
+/// `--dense-dtype` for the folder the arguments name: `auto` keeps a BF16 checkpoint's
+/// projections in bf16 and runs others in f32.
+fn dense_dtype(args: &ModelArgs) -> Result<DenseDtype> {
+    match args.dense_dtype {
+        DenseDtypeChoice::Fixed(dtype) => Ok(dtype),
+        DenseDtypeChoice::Auto => {
+            let opened = ferry_models::open(&model_folder(args)?)?;
+            Ok(stored_dense_dtype(&opened.weights, &opened.spec))
+        }
     }
 }
 

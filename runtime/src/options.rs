@@ -151,6 +151,9 @@ pub enum DenseDtype {
     F32,
     /// Needs `shader-f16`.
     F16,
+    /// bfloat16 pairs (two per 32-bit word, widened by a shift in the kernels): exact for BF16
+    /// checkpoints, needs no shader feature.
+    Bf16,
 }
 
 impl DenseDtype {
@@ -158,7 +161,7 @@ impl DenseDtype {
     pub fn bytes(self) -> u64 {
         match self {
             Self::F32 => 4,
-            Self::F16 => 2,
+            Self::F16 | Self::Bf16 => 2,
         }
     }
 }

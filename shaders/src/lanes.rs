@@ -13,3 +13,13 @@ pub fn load_vec<F: Float, N: Size>(t: &Tensor<F>, at: usize) -> Vector<F, N> {
     }
     v
 }
+
+/// The two bf16 weights of `N` adjacent outputs held in one vector of words (a pair along the
+/// reduction): the low halves (weight `j`) and the high halves (weight `j + 1`), widened to f32
+/// by a shift, which is exact.
+#[cube]
+pub fn widen<F: Float, N: Size>(words: Vector<u32, N>) -> (Vector<F, N>, Vector<F, N>) {
+    let low = Vector::<f32, N>::reinterpret(words << Vector::new(16u32));
+    let high = Vector::<f32, N>::reinterpret(words & Vector::new(0xFFFF_0000u32));
+    (Vector::<F, N>::cast_from(low), Vector::<F, N>::cast_from(high))
+}

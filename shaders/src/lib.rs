@@ -12,6 +12,7 @@ pub mod format;
 pub mod lanes;
 pub mod matvec;
 pub mod norm;
+pub mod pairs;
 pub mod reduce;
 pub mod rope;
 

@@ -57,11 +57,48 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Optio
     Some(from_cube(y))
 }
 
-/// The kernel, apart so that its `Tensor` is CubeCL's.
+/// `x W` for bf16 pairs `words` `[in / 2, out]` (see `pairs`), as `matvec`: each lane adds
+/// `w_j x_j` then `w_(j+1) x_(j+1)` in index order, so a BF16 checkpoint's projection gives
+/// the f32 kernel's output bit for bit.
+pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+    let [rows, inputs] = x.dims();
+    let (pairs, outputs) = (words.meta.shape()[0], words.meta.shape()[1]);
+    debug_assert_eq!(inputs, 2 * pairs, "matvec_bf16: x has {inputs} columns, the weight {pairs} pairs");
+    let xc = try_cube_float(x.clone()).ok()?;
+    let bc = match bias {
+        Some(b) => Some(try_cube_float(b.clone()).ok()?),
+        None => None,
+    };
+    let client = xc.client.clone();
+    let y = burn_cubecl::ops::numeric::empty_device_dtype(
+        client.clone(),
+        xc.device.clone(),
+        [rows, outputs].into(),
+        xc.dtype,
+    );
+    let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
+    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
+    let has_bias = bc.is_some();
+    kernel::matvec_bf16_kernel::launch(
+        &client,
+        count,
+        CubeDim::new_1d(UNITS),
+        lanes,
+        xc.clone().into_tensor_arg(),
+        words.clone().into_tensor_arg(),
+        bc.unwrap_or(xc.clone()).into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        has_bias,
+        dtype_to_storage_type(xc.dtype),
+    );
+    Some(from_cube(y))
+}
+
+/// The kernels, apart so that their `Tensor` is CubeCL's.
 mod kernel {
     use cubecl::prelude::*;
 
-    use crate::lanes::load_vec;
+    use crate::lanes::{load_vec, widen};
 
     /// `y[r, c..c+N] = sum_j x[r, j] * wt[j, c..c+N] (+ bias)`: one unit per `N` adjacent
     /// outputs, one cube row per input row; each lane sums in index order.
@@ -88,6 +125,39 @@ mod kernel {
         let mut s = Vector::<F, N>::new(F::new(0.0));
         for j in 0..inputs {
             s += Vector::<F, N>::cast_from(wt[j * cols + c]) * Vector::<F, N>::new(x[x_base + j * x_step]);
+        }
+        if has_bias {
+            s += load_vec::<F, N>(bias, c * lanes);
+        }
+        y[r * cols + c] = s;
+    }
+
+    /// `matvec_kernel` over bf16 pairs `[in / 2, out]`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
+    pub(super) fn matvec_bf16_kernel<F: Float, N: Size>(
+        x: &Tensor<F>,                  // [rows, in]
+        words: &Tensor<Vector<u32, N>>, // [in / 2, out]
+        bias: &Tensor<F>,               // [out] (when has_bias)
+        y: &mut Tensor<Vector<F, N>>,   // [rows, out]
+        #[comptime] has_bias: bool,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let lanes = words.vector_size();
+        let cols = words.shape(1) / lanes;
+        let c = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+        if c >= cols {
+            terminate!();
+        }
+        let r = CUBE_POS_Y as usize;
+        let pairs = words.shape(0);
+        let x_base = r * x.stride(0);
+        let x_step = x.stride(1);
+        let mut s = Vector::<F, N>::new(F::new(0.0));
+        for p in 0..pairs {
+            let (w0, w1) = widen::<F, N>(words[p * cols + c]);
+            s += w0 * Vector::<F, N>::new(x[x_base + 2 * p * x_step]);
+            s += w1 * Vector::<F, N>::new(x[x_base + (2 * p + 1) * x_step]);
         }
         if has_bias {
             s += load_vec::<F, N>(bias, c * lanes);
@@ -152,6 +222,17 @@ mod tests {
             let want = super::reference(&xs, &wt, bias.then_some(&b[..]), inputs, outputs);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{rows}x{inputs}x{outputs} f16 {f16}: {g} vs {w}");
+            }
+            // The same product over bf16 pairs of bf16 values equals the f32 kernel bit for bit.
+            if inputs.is_multiple_of(2) && !f16 {
+                let rounded: Vec<f32> = wt.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+                let wt_f32 = Tensor::<2>::from_data(TensorData::new(rounded, [inputs, outputs]), device);
+                let words = cube_float(crate::pairs::pack(wt_f32.clone()).unwrap()).unwrap();
+                let from_pairs = super::matvec_bf16(&x, &words, bias.then_some(&b_gpu)).expect("CubeCL backend");
+                let from_f32 = super::matvec(&x, &cube_float(wt_f32).unwrap(), bias.then_some(&b_gpu)).unwrap();
+                let (a, b): (Vec<f32>, Vec<f32>) =
+                    (from_pairs.into_data().try_to_vec().unwrap(), from_f32.into_data().try_to_vec().unwrap());
+                assert_eq!(a, b, "{rows}x{inputs}x{outputs}: bf16 pairs against f32");
             }
         }
     }

@@ -1,45 +1,87 @@
 //! Weights from the store to GPU tensors, and the linear projection that uses them.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use ferry_shaders::matvec::{MAX_ROWS, matvec};
-use ferry_shaders::{from_cube, try_cube_float};
+use ferry_shaders::matvec::{MAX_ROWS, matvec, matvec_bf16};
+use ferry_shaders::{from_cube, pairs, try_cube_float};
 
-use crate::error::Result;
+use crate::error::{FerryError, Result};
 use crate::options::DenseDtype;
 use crate::weights::WeightStore;
 
-/// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul. Clones
-/// share the GPU tensors.
+/// A projection matrix `W^T` `[in, out]` as stored on the device (`--dense-dtype`): f32 or f16
+/// values, or bf16 pairs along `in` (`ferry_shaders::pairs`: words in an f32 tensor
+/// `[in / 2, out]`). Clones share the GPU tensor.
 #[derive(Clone)]
-pub struct Linear {
-    weight_t: Tensor<2>,
-    bias: Option<Tensor<1>>,
+pub struct StoredMatrix {
+    t: Tensor<2>,
+    pairs: bool,
 }
 
-impl Linear {
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        if let Some(y) = decode_product(&x, &self.weight_t, self.bias.as_ref()) {
-            return y;
+impl StoredMatrix {
+    /// Output columns.
+    pub fn outputs(&self) -> usize {
+        self.t.dims()[1]
+    }
+
+    /// `x W (+ bias)`: the matrix-vector kernel reads the stored format as it is when `x` is
+    /// decode-shaped (at most `matvec::MAX_ROWS` rows); a prefill widens it for burn's matmul.
+    pub fn product(&self, x: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<2> {
+        if x.dims()[0] <= MAX_ROWS
+            && let Ok(w) = try_cube_float(self.t.clone())
+        {
+            let y = if self.pairs { matvec_bf16(x, &w, bias) } else { matvec(x, &w, bias) };
+            if let Some(y) = y {
+                return y;
+            }
         }
-        let y = x.matmul(as_f32(&self.weight_t));
-        match &self.bias {
+        let y = x.clone().matmul(self.as_f32());
+        match bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
     }
 
+    /// The values as burn's matmul takes them: f16 widened, bf16 pairs unpacked (a prefill's
+    /// cost; a decode step reads them as they are).
+    fn as_f32(&self) -> Tensor<2> {
+        match (self.pairs, try_cube_float(self.t.clone())) {
+            (true, Ok(words)) => pairs::unpack(&words),
+            _ => self.t.clone().cast(FloatDType::F32),
+        }
+    }
+
+    /// Matrices with the same inputs side by side (one stored format).
+    fn cat(parts: &[&StoredMatrix]) -> StoredMatrix {
+        let t = Tensor::cat(parts.iter().map(|p| p.t.clone()).collect(), 1);
+        StoredMatrix { t, pairs: parts.first().is_some_and(|p| p.pairs) }
+    }
+}
+
+/// `y = x W^T + b`, with `W^T` kept as `[in, out]` so the product is one plain matmul. Clones
+/// share the GPU tensors.
+#[derive(Clone)]
+pub struct Linear {
+    weight_t: StoredMatrix,
+    bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.weight_t.product(&x, self.bias.as_ref())
+    }
+
     /// Output columns.
     pub fn outputs(&self) -> usize {
-        self.weight_t.dims()[1]
+        self.weight_t.outputs()
     }
 
     /// One projection whose outputs are `parts`' outputs side by side (same inputs), so that a
     /// decode step runs one launch instead of one per part. A part without a bias gets zeros
     /// when another has one.
     pub fn concat(parts: &[&Linear]) -> Linear {
-        let weight_t = Tensor::cat(parts.iter().map(|p| p.weight_t.clone()).collect(), 1);
+        let weight_t = StoredMatrix::cat(&parts.iter().map(|p| &p.weight_t).collect::<Vec<_>>());
         let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
-            let device = weight_t.device();
+            let device = weight_t.t.device();
             Tensor::cat(
                 parts.iter().map(|p| p.bias.clone().unwrap_or_else(|| Tensor::zeros([p.outputs()], &device))).collect(),
                 0,
@@ -47,21 +89,6 @@ impl Linear {
         });
         Linear { weight_t, bias }
     }
-}
-
-/// `x wt (+ bias)` by the matrix-vector kernel when `x` is decode-shaped (at most
-/// `matvec::MAX_ROWS` rows) and the tensors are CubeCL's; None otherwise.
-pub fn decode_product(x: &Tensor<2>, wt: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
-    if x.dims()[0] > MAX_ROWS {
-        return None;
-    }
-    matvec(x, &try_cube_float(wt.clone()).ok()?, bias)
-}
-
-/// A stored projection as burn's matmul takes it: f16 weights are widened for the product (a
-/// prefill's cost; a decode step reads them as they are).
-pub fn as_f32(wt: &Tensor<2>) -> Tensor<2> {
-    wt.clone().cast(FloatDType::F32)
 }
 
 /// `t` transposed into a contiguous tensor, on the device (burn's matmul reads a transposed view
@@ -113,10 +140,10 @@ impl Loader<'_> {
         };
         let name = format!("{prefix}.weight");
         let weight = reorder(self.store.f32(&name, &[outputs, inputs])?, inputs);
-        let weight_t = self.stored(Tensor::from_data(
-            TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]),
-            self.device,
-        ));
+        let weight_t = self.stored(
+            Tensor::from_data(TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]), self.device),
+            &name,
+        )?;
         let bias = if bias {
             let values = reorder(self.store.f32(&format!("{prefix}.bias"), &[outputs])?, 1);
             Some(Tensor::from_data(TensorData::new(values, [outputs]), self.device))
@@ -126,12 +153,31 @@ impl Loader<'_> {
         Ok(Linear { weight_t, bias })
     }
 
-    /// A projection matrix in the stored format (`--dense-dtype`).
-    pub fn stored(&self, weight: Tensor<2>) -> Tensor<2> {
-        match self.dense {
-            DenseDtype::F32 => weight,
-            DenseDtype::F16 => weight.cast(FloatDType::F16),
-        }
+    /// A projection matrix `[in, out]` (f32, the tensor `name`'s values) in the stored format
+    /// (`--dense-dtype`).
+    pub fn stored(&self, weight: Tensor<2>, name: &str) -> Result<StoredMatrix> {
+        let (t, pairs) = match self.dense {
+            DenseDtype::F32 => (weight, false),
+            DenseDtype::F16 => (weight.cast(FloatDType::F16), false),
+            DenseDtype::Bf16 => {
+                let packed = pairs::pack(weight)
+                    .map_err(|e| FerryError::flag("--dense-dtype", format!("bf16 cannot store {name:?}: {e}")))?;
+                (packed, true)
+            }
+        };
+        Ok(StoredMatrix { t, pairs })
+    }
+}
+
+/// The width a checkpoint stores its projections in, as the format that keeps them exactly
+/// (`--dense-dtype auto`): bf16 when layer 0's attention output projection is BF16, else f32
+/// (f16 projections need `shader-f16`; `--dense-dtype f16` is exact for F16 checkpoints).
+pub fn stored_dense_dtype(store: &WeightStore, spec: &crate::spec::ModelSpec) -> DenseDtype {
+    let names = &spec.names;
+    let o_proj = names.layer(0, &format!("{}.o_proj.weight", names.attention));
+    match store.tensor(&o_proj) {
+        Some(t) if t.dtype == crate::weights::SourceDtype::BF16 => DenseDtype::Bf16,
+        _ => DenseDtype::F32,
     }
 }
 

@@ -16,5 +16,6 @@ mod rope;
 mod vocab;
 
 pub use kv_cache::KvCache;
+pub use linear::stored_dense_dtype;
 pub use model::{ForwardOutput, LogitsFor, Model};
 pub use mole_table::{lookup_header, write_lookup_table};

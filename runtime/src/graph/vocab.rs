@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::linear::{Loader, as_f32, decode_product, transposed};
+use super::linear::{Loader, StoredMatrix, transposed};
 use crate::error::{FerryError, Result};
 use crate::weights::{TensorRef, WeightStore, to_f32};
 
@@ -41,7 +41,7 @@ impl Embedding {
 /// `[vocab, hidden]` in row blocks of at most `max_bytes` each, each kept transposed
 /// (`[hidden, block rows]`) so that a decode step's product reads it in order.
 pub struct LmHead {
-    blocks: Vec<Tensor<2>>,
+    blocks: Vec<StoredMatrix>,
     vocab: usize,
 }
 
@@ -58,12 +58,11 @@ impl LmHead {
         let blocks = values
             .chunks(rows * hidden)
             .map(|chunk| {
-                loader.stored(transposed(Tensor::from_data(
-                    TensorData::new(chunk.to_vec(), [chunk.len() / hidden, hidden]),
-                    loader.device,
-                )))
+                let block =
+                    Tensor::from_data(TensorData::new(chunk.to_vec(), [chunk.len() / hidden, hidden]), loader.device);
+                loader.stored(transposed(block), name)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Self { blocks, vocab })
     }
 
@@ -78,7 +77,7 @@ impl LmHead {
         let mut logits = vec![Vec::with_capacity(self.vocab); rows];
         for block in &self.blocks {
             // [rows, hidden] x [hidden, block rows].
-            let part = decode_product(&x, block, None).unwrap_or_else(|| x.clone().matmul(as_f32(block)));
+            let part = block.product(&x, None);
             let width = part.dims()[1];
             let values: Vec<f32> =
                 part.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading logits: {e:?}")))?;

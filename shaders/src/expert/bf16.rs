@@ -17,16 +17,7 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
 use crate::bridge::ShaderError;
-use crate::lanes::load_vec;
-
-/// The two weights of `N` adjacent output rows held in one vector of words: the low halves
-/// (weight `j`) and the high halves (weight `j + 1`), widened to f32.
-#[cube]
-fn widen<F: Float, N: Size>(words: Vector<u32, N>) -> (Vector<F, N>, Vector<F, N>) {
-    let low = Vector::<f32, N>::reinterpret(words << Vector::new(16u32));
-    let high = Vector::<f32, N>::reinterpret(words & Vector::new(0xFFFF_0000u32));
-    (Vector::<F, N>::cast_from(low), Vector::<F, N>::cast_from(high))
-}
+use crate::lanes::{load_vec, widen};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over BF16 slots; one unit per `N` adjacent
 /// intermediate rows and group.
