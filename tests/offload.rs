@@ -209,5 +209,16 @@ fn generation_reports_expert_traffic_per_step() {
     for s in &steps[1..] {
         assert_eq!(s.experts.hits + s.experts.misses, 4);
         assert!(s.resident_per_layer.iter().sum::<usize>() <= 4);
+        // One read-back of router logits per MoE layer and one of the logits (one head block);
+        // the kernels launched are counted with the units they start and the weights they read.
+        let k = s.kernels;
+        assert_eq!(k.host_reads, 3, "{k:?}");
+        assert!(k.matrix_launches > 0 && k.launches > k.matrix_launches, "{k:?}");
+        assert!(k.matrix_units > 0 && k.units >= k.matrix_units && k.weight_bytes > 0, "{k:?}");
     }
+    let decode = steps[1..].iter().fold(ferry_runtime::engine::KernelStats::default(), |mut acc, s| {
+        acc += s.kernels;
+        acc
+    });
+    assert_eq!(decode, output.stats.decode_kernels, "the decode total is the steps' sum");
 }

@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use ferry_shaders::launches::{self, Launches};
+
 use crate::chat::ChatTokenizer;
 use crate::error::{FerryError, Result};
 use crate::experts::ExpertStats;
@@ -56,6 +58,49 @@ pub struct GenerateStats {
     pub prefill_lookup: LookupStats,
     /// MoLE lookup-table traffic of all decode steps.
     pub decode_lookup: LookupStats,
+    /// Ferry's kernel launches and host read-backs of all decode steps.
+    pub decode_kernels: KernelStats,
+}
+
+/// Launches of Ferry's own kernels (ferry-shaders; burn's element-wise ops and matmuls are not
+/// counted) and the parallelism they offered: figures that do not depend on the hardware.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct KernelStats {
+    pub launches: u64,
+    /// Units (invocations) those launches started.
+    pub units: u64,
+    /// Launches of the matrix kernels (matrix-vector products, grouped experts), their units,
+    /// and the weight bytes they read.
+    pub matrix_launches: u64,
+    pub matrix_units: u64,
+    pub weight_bytes: u64,
+    /// Times the host waited on a device read-back.
+    pub host_reads: u64,
+}
+
+impl KernelStats {
+    fn between(before: Launches, after: Launches, host_reads: usize) -> Self {
+        let d = after - before;
+        Self {
+            launches: d.launches,
+            units: d.units,
+            matrix_launches: d.matrix_launches,
+            matrix_units: d.matrix_units,
+            weight_bytes: d.weight_bytes,
+            host_reads: host_reads as u64,
+        }
+    }
+}
+
+impl std::ops::AddAssign for KernelStats {
+    fn add_assign(&mut self, o: Self) {
+        self.launches += o.launches;
+        self.units += o.units;
+        self.matrix_launches += o.matrix_launches;
+        self.matrix_units += o.matrix_units;
+        self.weight_bytes += o.weight_bytes;
+        self.host_reads += o.host_reads;
+    }
 }
 
 /// What one forward pass (the prompt, or one decoded token) did to the expert cache.
@@ -71,6 +116,8 @@ pub struct StepStats {
     pub lookup: LookupStats,
     /// Resident experts per layer after the pass.
     pub resident_per_layer: Vec<usize>,
+    /// Ferry's kernel launches and host read-backs in the pass.
+    pub kernels: KernelStats,
 }
 
 /// Streamed while generating.
@@ -148,6 +195,8 @@ pub struct Generation {
     /// Expert and lookup counters when generation started and after the prompt's pass.
     experts_at: [ExpertStats; 2],
     lookup_at: [LookupStats; 2],
+    /// Kernel launches and read-backs of the decode steps so far.
+    decode_kernels: KernelStats,
     stats: Option<GenerateStats>,
 }
 
@@ -178,6 +227,7 @@ impl Generation {
             first_token_at: None,
             experts_at: [experts; 2],
             lookup_at: [lookup; 2],
+            decode_kernels: KernelStats::default(),
             stats: None,
             request,
         })
@@ -203,14 +253,18 @@ impl Generation {
         let Some(logits) = &self.logits else {
             let prompt = self.request.prompt_ids.clone();
             self.start = Instant::now();
-            let logits = model.forward(&prompt, &mut self.cache, LogitsFor::Last)?.logits.remove(0);
+            let launched = launches::counted();
+            let out = model.forward(&prompt, &mut self.cache, LogitsFor::Last)?;
+            let kernels = KernelStats::between(launched, launches::counted(), out.host_reads);
+            let logits = last_logits(out.logits)?;
             self.prefill_seconds = self.start.elapsed().as_secs_f64();
             self.logits = Some(logits);
             self.experts_at[1] = model.experts().stats();
             self.lookup_at[1] = model.lookup_stats();
             let experts = self.experts_at[1] - self.experts_at[0];
             let lookup = self.lookup_at[1] - self.lookup_at[0];
-            return Ok(vec![Event::Step(step_stats(model, 0, prompt.len(), self.prefill_seconds, experts, lookup))]);
+            let stats = step_stats(model, 0, prompt.len(), self.prefill_seconds, experts, lookup, kernels);
+            return Ok(vec![Event::Step(stats)]);
         };
         let mut events = Vec::new();
         if self.generated.len() >= self.request.max_new_tokens {
@@ -240,11 +294,16 @@ impl Generation {
         let step_start = Instant::now();
         let experts_before = model.experts().stats();
         let lookup_before = model.lookup_stats();
-        self.logits = Some(model.forward(&[id], &mut self.cache, LogitsFor::Last)?.logits.remove(0));
+        let launched = launches::counted();
+        let out = model.forward(&[id], &mut self.cache, LogitsFor::Last)?;
+        let kernels = KernelStats::between(launched, launches::counted(), out.host_reads);
+        self.decode_kernels += kernels;
+        self.logits = Some(last_logits(out.logits)?);
         let experts = model.experts().stats() - experts_before;
         let lookup = model.lookup_stats() - lookup_before;
         let seconds = step_start.elapsed().as_secs_f64();
-        events.push(Event::Step(step_stats(model, self.generated.len(), 1, seconds, experts, lookup)));
+        let stats = step_stats(model, self.generated.len(), 1, seconds, experts, lookup, kernels);
+        events.push(Event::Step(stats));
         Ok(events)
     }
 
@@ -282,6 +341,7 @@ impl Generation {
             decode_experts: model.experts().stats() - self.experts_at[1],
             prefill_lookup: self.lookup_at[1] - self.lookup_at[0],
             decode_lookup: model.lookup_stats() - self.lookup_at[1],
+            decode_kernels: self.decode_kernels,
         };
         let tail = self.text.finish();
         if !tail.is_empty() {
@@ -293,6 +353,12 @@ impl Generation {
     }
 }
 
+/// The one row of logits a `LogitsFor::Last` pass returns.
+fn last_logits(rows: Vec<Vec<f32>>) -> Result<Vec<f32>> {
+    rows.into_iter().next().ok_or_else(|| FerryError::Gpu("the forward pass returned no logits".into()))
+}
+
+#[allow(clippy::too_many_arguments)] // the step's figures, gathered into one record
 fn step_stats(
     model: &Model,
     step: usize,
@@ -300,9 +366,10 @@ fn step_stats(
     seconds: f64,
     experts: ExpertStats,
     lookup: LookupStats,
+    kernels: KernelStats,
 ) -> StepStats {
     let resident_per_layer = model.experts().resident_per_layer();
-    StepStats { step, tokens, seconds, experts, lookup, resident_per_layer }
+    StepStats { step, tokens, seconds, experts, lookup, resident_per_layer, kernels }
 }
 
 /// Turns the full decoded text after each token into the newly printable part, holding back

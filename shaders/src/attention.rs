@@ -45,6 +45,7 @@ pub fn decode_attention(
     let out = empty([heads, dv]);
     let dtype = dtype_to_storage_type(qc.dtype);
     let has_sinks = sc.is_some();
+    crate::launches::record(&CubeCount::Static(heads as u32, 1, 1), &CubeDim::new_1d(UNITS as u32));
     kernel::decode_attention_kernel::launch(
         &client,
         CubeCount::Static(heads as u32, 1, 1),

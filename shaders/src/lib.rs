@@ -10,6 +10,7 @@ pub mod bridge;
 pub mod expert;
 pub mod format;
 pub mod lanes;
+pub mod launches;
 pub mod matvec;
 pub mod norm;
 pub mod pairs;

@@ -12,6 +12,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeCount, CubeDim};
 
 use crate::bridge::{from_cube, try_cube_float};
+use crate::launches;
 
 /// Units per cube along the outputs.
 const UNITS: u32 = 64;
@@ -42,6 +43,8 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Optio
     let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
     let has_bias = bc.is_some();
     let dtypes = [dtype_to_storage_type(xc.dtype), dtype_to_storage_type(wt.dtype)];
+    let bytes = (w_in * outputs * wt.dtype.size()) as u64;
+    launches::record_matrix(&count, &CubeDim::new_1d(UNITS), bytes);
     kernel::matvec_kernel::launch(
         &client,
         count,
@@ -79,6 +82,7 @@ pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>) 
     let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
     let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
     let has_bias = bc.is_some();
+    launches::record_matrix(&count, &CubeDim::new_1d(UNITS), (pairs * outputs * 4) as u64);
     kernel::matvec_bf16_kernel::launch(
         &client,
         count,

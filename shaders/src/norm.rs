@@ -27,6 +27,7 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f32) -> T
     };
     let out = empty_like(&xc, rows, width);
     let (count, dim, dtype) = launch_shape(&xc, rows);
+    crate::launches::record(&count, &dim);
     kernel::rms_norm_kernel::launch(
         &xc.client.clone(),
         count,
@@ -61,6 +62,7 @@ pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, parts: usize, weight: &Tensor<1>
     let sum = empty_like(&xc, rows, width);
     let out = empty_like(&xc, rows, width);
     let (count, dim, dtype) = launch_shape(&xc, rows);
+    crate::launches::record(&count, &dim);
     kernel::add_rms_norm_kernel::launch(
         &xc.client.clone(),
         count,

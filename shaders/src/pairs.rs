@@ -71,6 +71,7 @@ pub fn pack(w: Tensor<2>) -> Result<Tensor<2>, ShaderError> {
     let n = inputs / 2 * outputs;
     let dim = CubeDim::new(&client, n.max(1));
     let count = calculate_cube_count_elemwise(&client, n.max(1), dim);
+    crate::launches::record(&count, &dim);
     kernel::pack_kernel::launch(
         &client,
         count,
@@ -95,6 +96,7 @@ pub fn unpack(words: &CubeTensor) -> Tensor<2> {
     let n = pairs * outputs;
     let dim = CubeDim::new(&client, n.max(1));
     let count = calculate_cube_count_elemwise(&client, n.max(1), dim);
+    crate::launches::record(&count, &dim);
     kernel::unpack_kernel::launch(
         &client,
         count,

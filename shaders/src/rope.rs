@@ -22,6 +22,7 @@ pub fn apply(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<3> {
     let elems = dims.iter().product::<usize>();
     let dim = CubeDim::new(&client, elems);
     let count = calculate_cube_count_elemwise(&client, elems, dim);
+    crate::launches::record(&count, &dim);
     let dtype = dtype_to_storage_type(xc.dtype);
     kernel::rope_kernel::launch(
         &client,

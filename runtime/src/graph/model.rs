@@ -73,6 +73,9 @@ pub enum LogitsFor {
 pub struct ForwardOutput {
     pub logits: Vec<Vec<f32>>,
     pub routing: Vec<Vec<Vec<u32>>>,
+    /// Times the pass waited for the device to read a result back (each MoE layer's router
+    /// logits, each LM-head block's logits).
+    pub host_reads: usize,
 }
 
 pub struct Model {
@@ -311,6 +314,7 @@ impl Model {
         let mut mole_layer = 0;
         let rope_tables = self.rope.tables(cache.len(), tokens, device);
         let mut routing = Vec::with_capacity(self.layers.len());
+        let mut host_reads = 0;
         let prefetch_k = self.prefetch_k;
         let experts = &mut self.experts;
         // Big-little's attention importance: what each token receives, for the MoE layers only.
@@ -333,6 +337,7 @@ impl Model {
                 Ffn::Moe(block) => {
                     let (y, parts, routes) = block.forward(h_ffn, experts, prefetch_k, received, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
+                    host_reads += 1;
                     (y, parts)
                 }
                 Ffn::Mole(block) => {
@@ -360,7 +365,8 @@ impl Model {
             LogitsFor::Last => h.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
         };
         let logits = self.lm_head.logits(h)?;
-        Ok(ForwardOutput { logits, routing })
+        host_reads += self.lm_head.blocks();
+        Ok(ForwardOutput { logits, routing, host_reads })
     }
 }
 

@@ -200,6 +200,7 @@ impl Bf16Page {
         let n = g.len();
         let dim = CubeDim::new(&client, n);
         let count = calculate_cube_count_elemwise(&client, n, dim);
+        crate::launches::record(&count, &dim);
         store_slot_words_kernel::launch(
             &client,
             count,
@@ -235,6 +236,7 @@ impl Bf16Page {
         let (bias_gate_up, bias_down) = launch.extras.bias_args();
         let has_bias = launch.extras.bias.is_some();
         let lanes = vector_size(hidden, inter);
+        launch.record(inter / lanes, &[&self.gate, &self.up]);
         gate_up_bf16_kernel::launch(
             &client,
             launch.cubes(inter / lanes),
@@ -252,6 +254,7 @@ impl Bf16Page {
             launch.extras.clamped,
             dtypes,
         );
+        launch.record(hidden / lanes, &[&self.down]);
         down_bf16_kernel::launch(
             &client,
             launch.cubes(hidden / lanes),

@@ -8,8 +8,8 @@
 
 use burn::tensor::{Device, Int, Tensor as BurnTensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::CubeCount;
 use cubecl::prelude::*;
+use cubecl::{CubeCount, CubeDim};
 
 use crate::bridge::{ShaderError, cube_float, cube_int};
 use crate::lanes::load_vec;
@@ -165,6 +165,14 @@ impl Launch {
         CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), self.n_groups, 1)
     }
 
+    /// Counts a launch over `rows` output rows per group that reads, per group, one slot of
+    /// each of `projections`.
+    pub fn record(&self, rows: usize, projections: &[&CubeTensor]) {
+        let per_group: u64 = projections.iter().map(|t| slot_bytes(t)).sum();
+        let dim = CubeDim::new_1d(ROWS_PER_CUBE);
+        crate::launches::record_matrix(&self.cubes(rows), &dim, per_group * u64::from(self.n_groups));
+    }
+
     /// Uploads `work`'s tables.
     pub fn new(work: &PageWork, extras: &ExpertExtras, device: &Device) -> Result<Self, ShaderError> {
         let ints =
@@ -180,4 +188,10 @@ impl Launch {
             extras: extras.clone(),
         })
     }
+}
+
+/// Bytes of one slot of a page buffer `[slots, ...]`.
+fn slot_bytes(t: &CubeTensor) -> u64 {
+    let shape = t.meta.shape();
+    (shape.num_elements() / shape[0].max(1) * t.dtype.size()) as u64
 }

@@ -173,6 +173,7 @@ impl FloatPage {
         let cube_dim = CubeDim::new(&client, elems);
         let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
         let dtypes = [dtype_to_storage_type(g.dtype), dtype_to_storage_type(gate.dtype)];
+        crate::launches::record(&count, &cube_dim);
         store_slot_kernel::launch(
             &client,
             count,
@@ -216,6 +217,7 @@ impl FloatPage {
         let (bias_gate_up, bias_down) = launch.extras.bias_args();
         let has_bias = launch.extras.bias.is_some();
         let lanes = vector_size(hidden, inter);
+        launch.record(inter / lanes, &[&self.gate, &self.up]);
         gate_up_kernel::launch(
             &client,
             launch.cubes(inter / lanes),
@@ -233,6 +235,7 @@ impl FloatPage {
             launch.extras.clamped,
             dtypes,
         );
+        launch.record(hidden / lanes, &[&self.down]);
         down_kernel::launch(
             &client,
             launch.cubes(hidden / lanes),

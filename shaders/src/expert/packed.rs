@@ -237,6 +237,7 @@ impl Packed {
             (calculate_cube_count_elemwise(&client, elems, dim), dim)
         };
         let (count, dim) = launch(m.words.len());
+        crate::launches::record(&count, &dim);
         copy_codes_kernel::launch(
             &client,
             count,
@@ -247,6 +248,7 @@ impl Packed {
         );
         let (count, dim) = launch(m.scales.len());
         let dtype = dtype_to_storage_type(scales.dtype);
+        crate::launches::record(&count, &dim);
         copy_scales_kernel::launch(
             &client,
             count,
@@ -311,6 +313,7 @@ impl PackedPage {
         let (bias_gate_up, bias_down) = launch.extras.bias_args();
         let has_bias = launch.extras.bias.is_some();
         let lanes = vector_size(hidden, inter);
+        launch.record(inter / lanes, &[&self.gate.codes, &self.gate.scales, &self.up.codes, &self.up.scales]);
         gate_up_quant_kernel::launch(
             &client,
             launch.cubes(inter / lanes),
@@ -332,6 +335,7 @@ impl PackedPage {
             launch.extras.clamped,
             dtypes,
         );
+        launch.record(hidden / lanes, &[&self.down.codes, &self.down.scales]);
         down_quant_kernel::launch(
             &client,
             launch.cubes(hidden / lanes),

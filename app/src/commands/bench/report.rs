@@ -83,6 +83,17 @@ pub struct ModeReport {
     lookup_rows_per_token: f64,
     lookup_bytes_read_per_token: f64,
     lookup_bytes_uploaded_per_token: f64,
+    /// Per decode step: launches of Ferry's own kernels (ferry-shaders; burn's element-wise ops
+    /// and prefill matmuls are not counted) and host read-backs (router logits per MoE layer,
+    /// LM-head blocks).
+    launches_per_token: f64,
+    host_reads_per_token: f64,
+    /// Units (invocations) per launch of those kernels, and of the matrix kernels (matrix-vector,
+    /// grouped experts) alone, with the weight bytes each of their units reads: the parallelism
+    /// a GPU is offered, whatever the hardware.
+    units_per_launch: f64,
+    matrix_units_per_launch: f64,
+    weight_bytes_per_matrix_unit: f64,
     /// Bytes a decode step reads from GPU memory (weights, computed experts, KV cache at the
     /// middle of the generation), f32.
     decode_bytes_read_per_token: u64,
@@ -111,6 +122,7 @@ impl ModeReport {
         let Run { output, recall_per_layer, plan } = runs.swap_remove(runs.len() / 2);
         let Mode { kind, dtype, dense, budget, policy, prefetch, big_little, link } = mode;
         let s: &GenerateStats = &output.stats;
+        // Forward passes after the prompt's: every new token but the last is run once.
         let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
         let d = s.decode_experts;
         let resident = *resident.get_or_insert(s.decode_tokens_per_second);
@@ -149,6 +161,13 @@ impl ModeReport {
             lookup_rows_per_token: s.decode_lookup.rows_fetched as f64 / decode_tokens,
             lookup_bytes_read_per_token: s.decode_lookup.bytes_read as f64 / decode_tokens,
             lookup_bytes_uploaded_per_token: s.decode_lookup.bytes_uploaded as f64 / decode_tokens,
+            launches_per_token: s.decode_kernels.launches as f64 / decode_tokens,
+            host_reads_per_token: s.decode_kernels.host_reads as f64 / decode_tokens,
+            units_per_launch: s.decode_kernels.units as f64 / s.decode_kernels.launches.max(1) as f64,
+            matrix_units_per_launch: s.decode_kernels.matrix_units as f64
+                / s.decode_kernels.matrix_launches.max(1) as f64,
+            weight_bytes_per_matrix_unit: s.decode_kernels.weight_bytes as f64
+                / s.decode_kernels.matrix_units.max(1) as f64,
             decode_bytes_read_per_token: 0,
             roofline_tokens_per_second: 0.0,
             roofline_fraction: 0.0,
