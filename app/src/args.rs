@@ -485,9 +485,9 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct RandomModelArgs {
-    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, mole (a small Mixture of Lookup Experts), or
-    /// gpt-oss-20b (the released config, MXFP4 experts, 201088-entry vocabulary)
-    /// (tokenizer: Ferry's 384-token one).
+    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, qwen3-30b-a3b (the released config, BF16), mole
+    /// (a small Mixture of Lookup Experts), or gpt-oss-20b (the released config, MXFP4 experts,
+    /// 201088-entry vocabulary) (tokenizer: Ferry's 384-token one unless said).
     #[arg(long, default_value = "default", value_parser = PossibleValuesParser::new(ferry_models::random_model::PRESETS))]
     pub preset: String,
     /// Number of layers (default: the preset's).

@@ -1,8 +1,13 @@
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`): RMSNorm on q and k per head (over `head_dim`, which comes
 //! from the config and need not be hidden/heads), top-k renormalised when `norm_topk_prob`.
 
-use ferry_runtime::error::Result;
+use std::path::Path;
+
+use ferry_runtime::error::{FerryError, Result};
 use ferry_runtime::spec::{ModelSpec, MoeSpec, QkNorm, RouterKind};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::TensorView;
 
 use crate::common;
 use crate::config::HfConfig;
@@ -27,4 +32,77 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     };
     spec.layers = common::qwen_layer_kinds(cfg, spec.layers.len(), num_experts)?;
     Ok(spec)
+}
+/// `ferry random-model --preset qwen3-30b-a3b`: Qwen3-30B-A3B's released config (48 layers of 128
+/// experts of 768, top-8, 32 query and 4 key/value heads of 128, q/k norms) with `layers` layers,
+/// random BF16 weights and the embedded 384-token tokenizer's vocabulary.
+pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
+    const HIDDEN: usize = 2048;
+    const HEADS: usize = 32;
+    const KV_HEADS: usize = 4;
+    const HEAD_DIM: usize = 128;
+    const EXPERTS: usize = 128;
+    const INTER: usize = 768;
+    let layers = layers.max(1);
+    let (vocab, eos) = crate::random_model::vocab_and_eos()?;
+    let config = serde_json::json!({
+        "architectures": [ARCHITECTURE], "model_type": "qwen3_moe", "attention_bias": false,
+        "decoder_sparse_step": 1, "eos_token_id": eos, "head_dim": HEAD_DIM, "hidden_act": "silu",
+        "hidden_size": HIDDEN, "intermediate_size": 6144, "max_position_embeddings": 40960,
+        "mlp_only_layers": [], "moe_intermediate_size": INTER, "norm_topk_prob": true,
+        "num_attention_heads": HEADS, "num_experts": EXPERTS, "num_experts_per_tok": 8,
+        "num_hidden_layers": layers, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+        "use_sliding_window": false, "vocab_size": vocab
+    });
+    crate::random_model::write_folder_files(dir, &config, eos)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Norm gains near 1; weights uniform with standard deviation 1/sqrt(fan-in).
+    let mut tensor = |shape: &[usize]| -> Vec<u8> {
+        let scale = (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt();
+        let n: usize = shape.iter().product();
+        (0..n)
+            .flat_map(|_| {
+                let r = rng.random::<f32>() * 2.0 - 1.0;
+                let v = if shape.len() == 1 { 1.0 + 0.1 * r } else { r * scale };
+                half::bf16::from_f32(v).to_le_bytes()
+            })
+            .collect()
+    };
+    let ffn = |p: &str| {
+        let mut out = vec![
+            (format!("{p}.self_attn.q_norm.weight"), vec![HEAD_DIM]),
+            (format!("{p}.self_attn.k_norm.weight"), vec![HEAD_DIM]),
+            (format!("{p}.mlp.gate.weight"), vec![EXPERTS, HIDDEN]),
+        ];
+        for e in 0..EXPERTS {
+            let q = format!("{p}.mlp.experts.{e}");
+            out.push((format!("{q}.gate_proj.weight"), vec![INTER, HIDDEN]));
+            out.push((format!("{q}.up_proj.weight"), vec![INTER, HIDDEN]));
+            out.push((format!("{q}.down_proj.weight"), vec![HIDDEN, INTER]));
+        }
+        out
+    };
+    let mut tensors = Vec::new();
+    // Qwen3's attention is 32 heads of 128 over a 2048 hidden size: q/o are not hidden x hidden.
+    for (name, shape) in crate::common::decoder_tensors(vocab, HIDDEN, layers, [HEADS, KV_HEADS], ffn) {
+        let projection = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next());
+        let shape = match projection {
+            Some("q_proj") => vec![HEADS * HEAD_DIM, HIDDEN],
+            Some("k_proj" | "v_proj") => vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
+            _ => shape,
+        };
+        let bytes = tensor(&shape);
+        tensors.push((name, shape, bytes));
+    }
+    let path = dir.join("model.safetensors");
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| FerryError::io(&path, e))?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| FerryError::io(&path, e))
 }

@@ -55,8 +55,9 @@ pub const DEFAULT: Shape = Shape {
     bf16: false,
 };
 
-/// Every `ferry random-model --preset`: the shapes below, the MoLE family's and GPT-OSS-20B's.
-pub const PRESETS: [&str; 5] = ["default", "olmoe-1b-7b", "mixtral-8x7b", "mole", "gpt-oss-20b"];
+/// Every `ferry random-model --preset`: the shapes below, Qwen3-30B-A3B's, the MoLE family's and
+/// GPT-OSS-20B's.
+pub const PRESETS: [&str; 6] = ["default", "olmoe-1b-7b", "mixtral-8x7b", "qwen3-30b-a3b", "mole", "gpt-oss-20b"];
 
 /// Named shapes: `default`, and the attention and expert dimensions of real MoEs (vocabulary
 /// reduced to the embedded tokenizer's, layers as given).

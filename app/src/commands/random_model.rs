@@ -17,6 +17,13 @@ pub fn run(args: RandomModelArgs) -> Result<()> {
         eprintln!("wrote {} (MoLE: {} layers x {} lookup experts)", args.out.display(), shape.layers, shape.experts);
         return Ok(());
     }
+    if args.preset == "qwen3-30b-a3b" {
+        let layers = args.layers.unwrap_or(48);
+        ferry_models::qwen3_moe::write_random(&args.out, layers, args.seed)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+        eprintln!("wrote {} (Qwen3-30B-A3B shapes, {layers} layers, random BF16 weights)", args.out.display());
+        return Ok(());
+    }
     if args.preset == "gpt-oss-20b" {
         let layers = args.layers.unwrap_or(24);
         ferry_models::gpt_oss::write_random(&args.out, layers, args.seed)
