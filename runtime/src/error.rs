@@ -71,6 +71,10 @@ pub enum FerryError {
 
     #[error("empty input: {0}")]
     Empty(String),
+
+    /// NaN or Inf where numbers must be finite (logits before sampling).
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
 }
 
 pub type Result<T> = std::result::Result<T, FerryError>;
@@ -86,5 +90,37 @@ impl FerryError {
 
     pub fn flag(flag: impl Into<String>, message: impl Into<String>) -> Self {
         FerryError::Flag { flag: flag.into(), message: message.into() }
+    }
+
+    /// A failed GPU read-back of `what` (a lost device, a buffer too large to run), on one line:
+    /// burn's execution errors span several.
+    pub fn gpu_read(what: &str, err: impl std::fmt::Display) -> Self {
+        let reason = err.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        FerryError::Gpu(format!("reading {what}: {reason}"))
+    }
+}
+
+/// Checks that `path` is a regular file (following links) before it is opened: opening a FIFO
+/// blocks until a writer appears, and a folder or device fails later with an unhelpful message.
+pub fn regular_file(path: &std::path::Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| FerryError::io(path, e))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let kind = if meta.is_dir() { "a folder" } else { "not a regular file (a pipe, socket or device?)" };
+    Err(FerryError::io(path, format!("{kind}; expected a file")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FerryError;
+
+    #[test]
+    fn a_multi_line_gpu_error_becomes_one_line_naming_the_read_back() {
+        let err = FerryError::gpu_read("logits", "An error happened during execution\nCaused by:\n  binding too large");
+        assert_eq!(
+            err.to_string(),
+            "GPU: reading logits: An error happened during execution Caused by: binding too large"
+        );
     }
 }

@@ -51,13 +51,17 @@ impl WeightStore {
     /// present, else `model.safetensors`.
     pub fn open(folder: &Path) -> Result<Self> {
         let index_path = folder.join("model.safetensors.index.json");
+        let mut weight_map = None;
         let files: Vec<PathBuf> = if index_path.exists() {
+            crate::error::regular_file(&index_path)?;
             let text = std::fs::read_to_string(&index_path).map_err(|e| FerryError::io(&index_path, e))?;
             let index: ShardIndex = serde_json::from_str(&text)
                 .map_err(|e| FerryError::Json { path: index_path.clone(), message: e.to_string() })?;
-            let mut names: Vec<String> = index.weight_map.into_values().collect();
+            check_index(&index_path, &index.weight_map)?;
+            let mut names: Vec<String> = index.weight_map.values().cloned().collect();
             names.sort();
             names.dedup();
+            weight_map = Some(index.weight_map);
             names.into_iter().map(|n| folder.join(n)).collect()
         } else {
             let single = folder.join("model.safetensors");
@@ -71,8 +75,10 @@ impl WeightStore {
         };
 
         let mut shards = Vec::with_capacity(files.len());
-        let mut tensors = HashMap::new();
+        let mut tensors: HashMap<String, TensorRef> = HashMap::new();
         for (shard_idx, path) in files.into_iter().enumerate() {
+            // A FIFO or device would block or fail inside the mapping with an unhelpful message.
+            crate::error::regular_file(&path)?;
             let file = File::open(&path).map_err(|e| FerryError::io(&path, e))?;
             // SAFETY: the mapping is read-only; a checkpoint rewritten while Ferry runs is outside
             // what any loader can defend against (the same holds for transformers' safe_open).
@@ -87,6 +93,13 @@ impl WeightStore {
                     found: info.dtype.to_string(),
                 })?;
                 let (start, end) = info.data_offsets;
+                if let Some(first) = tensors.get(&name) {
+                    let first: &Shard = &shards[first.shard];
+                    return Err(FerryError::config(
+                        &path,
+                        format!("tensor {name:?} is also in {}; a tensor must be defined once", first.path.display()),
+                    ));
+                }
                 tensors.insert(
                     name,
                     TensorRef {
@@ -100,7 +113,26 @@ impl WeightStore {
             }
             shards.push(Shard { path, mmap, data_start });
         }
-        Ok(Self { folder: folder.to_path_buf(), shards, tensors })
+        let store = Self { folder: folder.to_path_buf(), shards, tensors };
+        if let Some(weight_map) = weight_map {
+            store.check_index_entries(&index_path, &weight_map)?;
+        }
+        Ok(store)
+    }
+
+    /// Every index entry's shard holds its tensor (else the index and the shards disagree, and
+    /// which copy a loader reads would be an accident).
+    fn check_index_entries(&self, index_path: &Path, weight_map: &BTreeMap<String, String>) -> Result<()> {
+        for (name, file) in weight_map {
+            let holds = self.tensors.get(name).is_some_and(|t| self.shards[t.shard].path == self.folder.join(file));
+            if !holds {
+                return Err(FerryError::config(
+                    index_path,
+                    format!("weight_map puts tensor {name:?} in {file}, which does not hold it"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn folder(&self) -> &Path {
@@ -146,10 +178,18 @@ impl WeightStore {
         &self.shards[tensor.shard].mmap[tensor.start..tensor.end]
     }
 
-    /// A tensor converted to f32, after checking its shape. Packed codes are not weights.
+    /// A tensor converted to f32, after checking its shape and that every value is finite (a
+    /// NaN or Inf weight would only show up as NaN logits). Packed codes are not weights.
     pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
         let tensor = self.float(name, expected_shape)?;
-        Ok(to_f32(self.bytes(tensor), tensor.dtype))
+        let values = to_f32(self.bytes(tensor), tensor.dtype);
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(FerryError::config(
+                &self.shards[tensor.shard].path,
+                format!("tensor {name:?} holds {} at element {at}; weights must be finite", values[at]),
+            ));
+        }
+        Ok(values)
     }
 
     /// A tensor of raw `dtype` (U8 MXFP4 blocks and scales, U32 packed codes), after checking its
@@ -190,4 +230,23 @@ impl WeightStore {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// An index must name at least one tensor, and only files inside the model folder (a path with
+/// `..`, a root or a prefix would read whatever file it names).
+fn check_index(index_path: &Path, weight_map: &BTreeMap<String, String>) -> Result<()> {
+    if weight_map.is_empty() {
+        return Err(FerryError::config(index_path, "weight_map is empty: the index names no tensors"));
+    }
+    for (name, file) in weight_map {
+        let inside =
+            !file.is_empty() && Path::new(file).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(FerryError::config(
+                index_path,
+                format!("weight_map puts tensor {name:?} in {file:?}, which is not a file inside the model folder"),
+            ));
+        }
+    }
+    Ok(())
 }
