@@ -18,12 +18,16 @@ pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<Model
         return Err(cfg_error(cfg, format!("hidden_act {act:?} is not supported (Ferry's experts are SwiGLU: silu)")));
     }
     let layers = cfg.usize("num_hidden_layers")?;
+    // Checked here, before the per-layer list is allocated.
+    if !(1..=MAX_LAYERS).contains(&layers) {
+        return Err(cfg_error(cfg, format!("num_hidden_layers must be in 1..={MAX_LAYERS}, found {layers}")));
+    }
     Ok(ModelSpec {
         family: family.into(),
         architecture: cfg.architecture()?,
         vocab_size: cfg.usize("vocab_size")?,
         hidden_size: hidden,
-        rms_norm_eps: cfg.f32_or("rms_norm_eps", 1e-6)?,
+        rms_norm_eps: cfg.f32_in("rms_norm_eps", 1e-6, [0.0, 0.1], true)?,
         max_position_embeddings: cfg.usize_or("max_position_embeddings", 4096)?,
         rope: cfg.rope(default_theta)?,
         attention: AttentionSpec {
@@ -54,8 +58,8 @@ pub fn decoder(cfg: &HfConfig, family: &str, default_theta: f32) -> Result<Model
         layers: vec![FfnKind::Moe; layers],
         tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
         names: TensorNames::hf_default(),
-        bos_token_id: cfg.token_ids("bos_token_id").first().copied(),
-        eos_token_ids: cfg.token_ids("eos_token_id"),
+        bos_token_id: cfg.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: cfg.token_ids("eos_token_id")?,
     })
 }
 
@@ -70,11 +74,53 @@ pub fn qwen_layer_kinds(cfg: &HfConfig, layers: usize, num_experts: usize) -> Re
         .collect())
 }
 
+/// Most layers a config may declare (released models have under 200).
+const MAX_LAYERS: usize = 4096;
+/// Largest width (hidden, intermediate, head, rank sizes) and head or expert count; far beyond
+/// released models, and small enough that the products below cannot overflow.
+const MAX_WIDTH: usize = 1 << 20;
+/// Largest vocabulary and context, in tokens.
+const MAX_TOKENS: usize = 1 << 24;
+
 /// Checks that hold for every family, once the spec is complete.
 pub fn validate(cfg: &HfConfig, spec: &ModelSpec) -> Result<()> {
     let a = &spec.attention;
     let m = &spec.moe;
     let check = |ok: bool, message: String| if ok { Ok(()) } else { Err(cfg_error(cfg, message)) };
+    let at_most = |what: &str, value: usize, max: usize| {
+        check(value <= max, format!("{what} must be at most {max}, found {value}"))
+    };
+    at_most("vocab_size", spec.vocab_size, MAX_TOKENS)?;
+    at_most("max_position_embeddings", spec.max_position_embeddings, MAX_TOKENS)?;
+    at_most("hidden_size", spec.hidden_size, MAX_WIDTH)?;
+    at_most("num_attention_heads", a.num_heads, MAX_WIDTH)?;
+    at_most("num_key_value_heads", a.num_kv_heads, MAX_WIDTH)?;
+    at_most("head_dim", a.head_dim, MAX_WIDTH)?;
+    at_most("the number of experts", m.num_experts, MAX_WIDTH)?;
+    at_most("the expert intermediate size", m.expert_intermediate_size, MAX_WIDTH)?;
+    for kind in &spec.layers {
+        if let FfnKind::Dense { intermediate_size } = kind {
+            at_most("intermediate_size", *intermediate_size, MAX_WIDTH)?;
+        }
+    }
+    if let Some(shared) = &m.shared_expert {
+        at_most("the shared expert's intermediate size", shared.intermediate_size, MAX_WIDTH)?;
+    }
+    if let Some(mla) = &a.mla {
+        for (key, value) in [
+            ("q_lora_rank", mla.q_lora_rank.unwrap_or(0)),
+            ("kv_lora_rank", mla.kv_lora_rank),
+            ("qk_nope_head_dim", mla.qk_nope_head_dim),
+            ("qk_rope_head_dim", mla.qk_rope_head_dim),
+            ("v_head_dim", mla.v_head_dim),
+        ] {
+            at_most(key, value, MAX_WIDTH)?;
+        }
+    }
+    check(a.sliding_window != Some(0), "sliding_window must be positive (or null for none)".into())?;
+    if let Some(clip) = a.clip_qkv {
+        check(clip > 0.0 && clip.is_finite(), format!("clip_qkv must be a positive number (or null), found {clip}"))?;
+    }
     check(spec.vocab_size > 0 && spec.hidden_size > 0, "vocab_size and hidden_size must be positive".into())?;
     check(
         a.num_heads > 0 && a.num_kv_heads > 0 && a.head_dim > 0,

@@ -15,9 +15,13 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn read(folder: &Path) -> Result<Self> {
         let path = folder.join("config.json");
-        if !folder.is_dir() {
+        if !folder.exists() {
             return Err(FerryError::io(folder, "model folder does not exist"));
         }
+        if !folder.is_dir() {
+            return Err(FerryError::io(folder, "not a folder; --model takes the model folder (with config.json)"));
+        }
+        ferry_runtime::error::regular_file(&path)?;
         let text = std::fs::read_to_string(&path).map_err(|e| FerryError::io(&path, e))?;
         let value =
             serde_json::from_str(&text).map_err(|e| FerryError::Json { path: path.clone(), message: e.to_string() })?;
@@ -46,13 +50,16 @@ impl HfConfig {
         self.opt_usize(key)?.ok_or_else(|| self.error(format!("missing {key:?}")))
     }
 
+    /// An integer up to u32::MAX: no model size is larger, and the product of two stays
+    /// within usize, so sizes computed from them cannot overflow before they are range-checked.
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
+                .filter(|&n| n <= u64::from(u32::MAX))
                 .map(|n| Some(n as usize))
-                .ok_or_else(|| self.error(format!("{key:?} must be a non-negative integer, found {v}"))),
+                .ok_or_else(|| self.error(format!("{key:?} must be an integer in 0..={}, found {v}", u32::MAX))),
         }
     }
 
@@ -63,10 +70,23 @@ impl HfConfig {
     pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => {
-                v.as_f64().map(|f| f as f32).ok_or_else(|| self.error(format!("{key:?} must be a number, found {v}")))
-            }
+            Some(v) => v
+                .as_f64()
+                .map(|f| f as f32)
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| self.error(format!("{key:?} must be a number within f32's range, found {v}"))),
         }
+    }
+
+    /// A number in `min..=max` (`min` itself excluded when `open_min`), `default` when absent.
+    pub fn f32_in(&self, key: &str, default: f32, [min, max]: [f32; 2], open_min: bool) -> Result<f32> {
+        let value = self.f32_or(key, default)?;
+        let above = if open_min { value > min } else { value >= min };
+        if above && value <= max {
+            return Ok(value);
+        }
+        let low = if open_min { "(" } else { "[" };
+        Err(self.error(format!("{key:?} must be in {low}{min}, {max}], found {value}")))
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -99,26 +119,41 @@ impl HfConfig {
 
     /// The first entry of `architectures`.
     pub fn architecture(&self) -> Result<String> {
-        self.get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(|a| a.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| self.error("missing \"architectures\" (which model family this is)"))
+        match self.get("architectures") {
+            None => Err(self.error("missing \"architectures\" (which model family this is)")),
+            Some(Value::Array(items)) => items.first().and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+                self.error("\"architectures\" must list the model class first, e.g. [\"MixtralForCausalLM\"]")
+            }),
+            Some(other) => {
+                Err(self
+                    .error(format!("\"architectures\" must be a list such as [\"MixtralForCausalLM\"], found {other}")))
+            }
+        }
     }
 
     /// Token ids given as one integer or a list (`eos_token_id`).
-    pub fn token_ids(&self, key: &str) -> Vec<u32> {
-        token_ids(self.get(key))
+    pub fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        token_ids(self.get(key)).map_err(|e| self.error(format!("{key:?}: {e}")))
     }
 
     /// RoPE settings from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters`
     /// (transformers 5).
     pub fn rope(&self, default_theta: f32) -> Result<RopeSpec> {
         let params = self.get("rope_parameters").or_else(|| self.get("rope_scaling"));
+        if let Some(p) = params
+            && !p.is_object()
+        {
+            return Err(self.error(format!(
+                "rope_scaling must be an object such as {{\"rope_type\": \"linear\", \"factor\": 2.0}}, found {p}"
+            )));
+        }
         let theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
             Some(t) => t as f32,
             None => self.f32_or("rope_theta", default_theta)?,
         };
+        if !(theta > 0.0 && theta.is_finite() && theta <= 1e12) {
+            return Err(self.error(format!("\"rope_theta\" must be in (0, 1e12], found {theta}")));
+        }
         let scaling = match params {
             None => RopeScaling::None,
             Some(p) => {
@@ -130,6 +165,11 @@ impl HfConfig {
                             .get("factor")
                             .and_then(Value::as_f64)
                             .ok_or_else(|| self.error("rope scaling \"linear\" needs a numeric \"factor\""))?;
+                        if !(factor > 0.0 && factor <= MAX_ROPE_FACTOR) {
+                            return Err(self.error(format!(
+                                "rope scaling \"linear\": \"factor\" must be in (0, {MAX_ROPE_FACTOR}], found {factor}"
+                            )));
+                        }
                         RopeScaling::Linear { factor: factor as f32 }
                     }
                     "yarn" => RopeScaling::Yarn(self.yarn(p)?),
@@ -158,8 +198,10 @@ impl HfConfig {
             }
         };
         let factor = number("factor")?.ok_or_else(|| self.error("rope scaling \"yarn\" needs a numeric \"factor\""))?;
-        if factor < 1.0 {
-            return Err(self.error(format!("rope scaling \"yarn\": \"factor\" must be at least 1, found {factor}")));
+        if !(1.0..=MAX_ROPE_FACTOR).contains(&factor) {
+            return Err(self.error(format!(
+                "rope scaling \"yarn\": \"factor\" must be in [1, {MAX_ROPE_FACTOR}], found {factor}"
+            )));
         }
         let context = self.usize_or("max_position_embeddings", 4096)?;
         let original = match number("original_max_position_embeddings")? {
@@ -206,11 +248,28 @@ impl HfConfig {
     }
 }
 
-pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
+/// Largest RoPE scaling factor accepted (released models use up to 40); beyond it positions
+/// collapse onto each other.
+const MAX_ROPE_FACTOR: f64 = 1e4;
+
+/// Token ids given as one integer or a list; an id beyond u32 would be truncated into another
+/// token.
+pub fn token_ids(value: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
+    let id = |v: &Value| -> std::result::Result<Option<u32>, String> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| format!("token id {n} is not in 0..={}", u32::MAX)),
+            other => Err(format!("token ids must be integers, found {other}")),
+        }
+    };
     match value {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
-        _ => Vec::new(),
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().filter_map(|v| id(v).transpose()).collect(),
+        Some(v) => Ok(id(v)?.into_iter().collect()),
     }
 }
 
@@ -223,6 +282,7 @@ pub fn generation_eos(folder: &Path) -> Result<Option<Vec<u32>>> {
     let text = std::fs::read_to_string(&path).map_err(|e| FerryError::io(&path, e))?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| FerryError::Json { path: path.clone(), message: e.to_string() })?;
-    let ids = token_ids(value.get("eos_token_id"));
+    let ids = token_ids(value.get("eos_token_id"))
+        .map_err(|e| FerryError::config(&path, format!("\"eos_token_id\": {e}")))?;
     Ok(if ids.is_empty() { None } else { Some(ids) })
 }

@@ -68,10 +68,23 @@ pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
             return Err(cfg_error(cfg, format!("quantization_config.quant_method {other:?} is not supported (mxfp4)")));
         }
     };
+    let intermediate = cfg.usize("intermediate_size")?;
+    // Checked here, so the error names the config rather than `--expert-dtype`, a flag the
+    // user may not have given (auto keeps MXFP4).
+    if layout == ExpertLayout::Mxfp4 && !(spec.hidden_size.is_multiple_of(32) && intermediate.is_multiple_of(32)) {
+        return Err(cfg_error(
+            cfg,
+            format!(
+                "quantization_config.quant_method \"mxfp4\" stores blocks of 32 weights: hidden_size ({}) and \
+                 intermediate_size ({intermediate}) must be multiples of 32",
+                spec.hidden_size
+            ),
+        ));
+    }
     spec.moe = MoeSpec {
         num_experts: cfg.usize("num_local_experts")?,
         top_k: cfg.usize_or("num_experts_per_tok", 4)?,
-        expert_intermediate_size: cfg.usize("intermediate_size")?,
+        expert_intermediate_size: intermediate,
         router: RouterKind::TopKSoftmax,
         shared_expert: None,
         router_bias: true,

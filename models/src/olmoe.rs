@@ -12,7 +12,8 @@ pub const ARCHITECTURE: &str = "OlmoeForCausalLM";
 pub fn spec(cfg: &HfConfig) -> Result<ModelSpec> {
     let mut spec = common::decoder(cfg, "olmoe", 10000.0)?;
     spec.attention.qk_norm = QkNorm::WholeProjection;
-    spec.attention.clip_qkv = cfg.get("clip_qkv").and_then(|v| v.as_f64()).map(|c| c as f32);
+    // null means no clipping; any other value must be a number (validated positive later).
+    spec.attention.clip_qkv = cfg.get("clip_qkv").map(|_| cfg.f32_or("clip_qkv", 0.0)).transpose()?;
     spec.moe = MoeSpec {
         num_experts: cfg.usize("num_experts")?,
         top_k: cfg.usize("num_experts_per_tok")?,
