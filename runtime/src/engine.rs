@@ -211,7 +211,9 @@ impl Generation {
         if prompt.len() >= context {
             return Err(FerryError::ContextExceeded { prompt: prompt.len(), new: request.max_new_tokens, context });
         }
-        let capacity = (prompt.len() + request.max_new_tokens).min(context);
+        // Saturating: `--max-new-tokens` may be any usize, and "until the context is full" is
+        // what a huge one asks for.
+        let capacity = prompt.len().saturating_add(request.max_new_tokens).min(context);
         let cache = model.new_cache(capacity)?;
         let experts = model.experts().stats();
         let lookup = model.lookup_stats();
@@ -256,7 +258,7 @@ impl Generation {
             let launched = launches::counted();
             let out = model.forward(&prompt, &mut self.cache, LogitsFor::Last)?;
             let kernels = KernelStats::between(launched, launches::counted(), out.host_reads);
-            let logits = last_logits(out.logits)?;
+            let logits = finite(last_logits(out.logits)?, 0)?;
             self.prefill_seconds = self.start.elapsed().as_secs_f64();
             self.logits = Some(logits);
             self.experts_at[1] = model.experts().stats();
@@ -298,7 +300,7 @@ impl Generation {
         let out = model.forward(&[id], &mut self.cache, LogitsFor::Last)?;
         let kernels = KernelStats::between(launched, launches::counted(), out.host_reads);
         self.decode_kernels += kernels;
-        self.logits = Some(last_logits(out.logits)?);
+        self.logits = Some(finite(last_logits(out.logits)?, self.generated.len())?);
         let experts = model.experts().stats() - experts_before;
         let lookup = model.lookup_stats() - lookup_before;
         let seconds = step_start.elapsed().as_secs_f64();
@@ -358,6 +360,20 @@ fn last_logits(rows: Vec<Vec<f32>>) -> Result<Vec<f32>> {
     rows.into_iter().next().ok_or_else(|| FerryError::Gpu("the forward pass returned no logits".into()))
 }
 
+/// The logits of forward pass `step` (0: the prompt), if every value is finite: a NaN or Inf
+/// (a weight that slipped past the load checks, an activation that overflowed) would make
+/// sampling pick tokens from garbage.
+fn finite(logits: Vec<f32>, step: usize) -> Result<Vec<f32>> {
+    match logits.iter().position(|v| !v.is_finite()) {
+        None => Ok(logits),
+        Some(token) => Err(FerryError::NonFinite(format!(
+            "step {step}: the logits hold {} (token {token}); a weight or activation overflowed, so nothing can be \
+             sampled",
+            logits[token]
+        ))),
+    }
+}
+
 #[allow(clippy::too_many_arguments)] // the step's figures, gathered into one record
 fn step_stats(
     model: &Model,
@@ -394,15 +410,14 @@ impl TextStream {
             self.text.truncate(cut);
             return (self.take(self.text.len()), true);
         }
-        let mut safe = self.text.len();
-        // A replacement char at the end is a multi-byte character still arriving.
-        if self.text.ends_with('\u{FFFD}') {
-            safe -= '\u{FFFD}'.len_utf8();
-        }
+        // Replacement chars at the end are a multi-byte character still arriving.
+        let arrived = self.text.trim_end_matches('\u{FFFD}').len();
+        let mut safe = arrived;
         for stop in &self.stops {
             for len in (1..stop.len()).rev() {
-                if stop.is_char_boundary(len) && self.text[..safe].ends_with(&stop[..len]) {
-                    safe = safe.min(self.text.len() - len);
+                // Measured from `arrived`, so the cut is a character boundary of the text too.
+                if stop.is_char_boundary(len) && self.text[..arrived].ends_with(&stop[..len]) {
+                    safe = safe.min(arrived - len);
                     break;
                 }
             }
@@ -410,8 +425,10 @@ impl TextStream {
         (self.take(safe), false)
     }
 
+    /// The text from what was emitted up to `end`. A decoded text that changed behind what was
+    /// already emitted (a tokenizer may merge bytes differently) emits nothing rather than panic.
     fn take(&mut self, end: usize) -> String {
-        if end <= self.emitted {
+        if end <= self.emitted || !self.text.is_char_boundary(end) || !self.text.is_char_boundary(self.emitted) {
             return String::new();
         }
         let delta = self.text[self.emitted..end].to_string();
@@ -445,6 +462,30 @@ mod tests {
         let mut s = TextStream::new(stops.to_vec());
         assert_eq!(s.update("a <e".into()), ("a ".into(), false));
         assert_eq!(s.update("a <ex".into()), ("<ex".into(), false));
+    }
+
+    /// A non-ASCII stop string whose first character matches while the next one is still
+    /// arriving (a replacement char at the end) holds back at a character boundary.
+    #[test]
+    fn a_non_ascii_stop_string_beside_a_partial_character_does_not_panic() {
+        let stops = ["é日本".to_string()];
+        let mut s = TextStream::new(stops.to_vec());
+        assert_eq!(s.update("xé\u{FFFD}".into()), ("x".into(), false));
+        assert_eq!(s.update("xé日\u{FFFD}".into()), ("".into(), false));
+        assert_eq!(s.update("xé日本 more".into()), ("".into(), true));
+        assert_eq!(s.text, "x");
+        let mut s = TextStream::new(vec!["日本".to_string()]);
+        assert_eq!(s.update("a日\u{FFFD}".into()), ("a".into(), false));
+        assert_eq!(s.update("a日x".into()), ("日x".into(), false));
+    }
+
+    #[test]
+    fn a_decoded_text_that_shrinks_behind_the_emitted_part_emits_nothing() {
+        let mut s = TextStream::new(Vec::new());
+        assert_eq!(s.update("日本".into()), ("日本".into(), false));
+        assert_eq!(s.update("日".into()), ("".into(), false));
+        assert_eq!(s.update("a".into()), ("".into(), false));
+        assert_eq!(s.finish(), "");
     }
 
     #[test]

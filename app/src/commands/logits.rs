@@ -22,6 +22,15 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     let mut cache = model.new_cache(args.ids.len())?;
     let which = if args.all_positions { LogitsFor::All } else { LogitsFor::Last };
     let output = model.forward(&args.ids, &mut cache, which)?;
+    // JSON would print NaN and Inf as null: say what happened instead.
+    for (position, row) in output.logits.iter().enumerate() {
+        if let Some(token) = row.iter().position(|v| !v.is_finite()) {
+            anyhow::bail!(
+                "the logits at position {position} hold {} (token {token}); a weight or activation overflowed",
+                row[token]
+            );
+        }
+    }
     let report = LogitsReport { logits: output.logits, routing: args.routing.then_some(output.routing) };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
