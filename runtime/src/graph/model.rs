@@ -276,6 +276,14 @@ impl Model {
             return Err(FerryError::ContextExceeded { prompt: capacity, new: 0, context });
         }
         let a = &self.spec.attention;
+        // One layer's cache is one buffer: refuse what the adapter cannot hold before allocating.
+        let width = a.mla.as_ref().map_or(a.num_kv_heads * a.head_dim, |m| m.kv_lora_rank + m.qk_rope_head_dim);
+        let held = (0..self.layers.len()).map(|l| a.window(l).map_or(capacity, |w| w.min(capacity))).max();
+        self.fits_one_buffer(
+            &format!("a KV cache layer for {capacity} tokens"),
+            [width, held.unwrap_or(0)],
+            "ask for fewer new tokens (--max-new-tokens) or a shorter prompt",
+        )?;
         if let Some(m) = &a.mla {
             let width = m.kv_lora_rank + m.qk_rope_head_dim;
             return Ok(KvCache::joint(self.layers.len(), [1, width], capacity, &self.device));
@@ -283,6 +291,21 @@ impl Model {
         let heads_dim = [a.num_kv_heads, a.head_dim];
         let windows = (0..self.layers.len()).map(|l| a.window(l)).collect();
         Ok(KvCache::new(windows, heads_dim, heads_dim, capacity, &self.device))
+    }
+
+    /// Checks that an f32 tensor of `dims` fits in one GPU buffer; otherwise the error names
+    /// `what`, the bytes needed and the adapter's limit (the launch would fail later, inside a
+    /// read-back).
+    fn fits_one_buffer(&self, what: &str, dims: impl AsRef<[usize]>, advice: &str) -> Result<()> {
+        let bytes = dims.as_ref().iter().try_fold(4u64, |acc, &d| acc.checked_mul(d as u64));
+        let limit = max_buffer_bytes(&self.device, None)?;
+        match bytes {
+            Some(bytes) if bytes <= limit => Ok(()),
+            _ => Err(FerryError::Gpu(format!(
+                "{what}: {} bytes in one buffer, more than this adapter's largest ({limit} bytes); {advice}",
+                bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string())
+            ))),
+        }
     }
 
     /// Runs `ids` at the positions after what `cache` holds, appending their keys and values.
@@ -300,6 +323,14 @@ impl Model {
                 new: 0,
                 context: cache.capacity(),
             });
+        }
+        if tokens > 1 {
+            // Attention scores `[heads, tokens, keys]`, the largest buffer of a long prefill.
+            self.fits_one_buffer(
+                &format!("attention scores for {tokens} tokens"),
+                [self.spec.attention.num_heads, tokens, cache.len() + tokens],
+                "use a shorter prompt",
+            )?;
         }
         let device = &self.device;
         let eps = self.spec.rms_norm_eps;

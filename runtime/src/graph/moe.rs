@@ -145,8 +145,11 @@ impl MoeBlock {
             Some(r) => Tensor::cat(vec![scores, r], 1),
             None => scores,
         };
-        let logits: Vec<f32> =
-            columns.into_data().try_into_vec().map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
+        let logits: Vec<f32> = columns
+            .try_into_data()
+            .map_err(|e| FerryError::gpu_read("router logits", e))?
+            .try_into_vec()
+            .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
         let width = logits.len() / tokens;
         let targets = width - self.num_experts - usize::from(has_received);
         let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
