@@ -20,6 +20,38 @@ impl Message {
     }
 }
 
+/// Template instructions one rendering may run: real chat templates take a few hundred per
+/// message.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+/// What a rendering may add to the messages' own text, in bytes.
+const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+fn content_bytes(messages: &[Message]) -> usize {
+    messages.iter().map(|m| m.role.len() + m.content.len()).sum()
+}
+
+/// Rendered text that refuses to grow past `limit` bytes.
+struct BoundedText {
+    bytes: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("rendered text too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A model folder's tokenizer and chat template.
 pub struct ChatTokenizer {
     tokenizer: tokenizers::Tokenizer,
@@ -117,15 +149,36 @@ impl ChatTokenizer {
         env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
+        // Templates are code from the model folder: bound their work and their output, so a
+        // loop that never ends or a string that fills memory is an error, not a hang or abort.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template("chat", template).map_err(|e| FerryError::Template(e.to_string()))?;
         let tmpl = env.get_template("chat").map_err(|e| FerryError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| FerryError::Template(e.to_string()))
+        let mut out =
+            BoundedText { bytes: Vec::new(), limit: MAX_RENDERED_BYTES + content_bytes(messages), exceeded: false };
+        let rendered = tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            },
+            &mut out,
+        );
+        if out.exceeded {
+            return Err(FerryError::Template(format!(
+                "the rendered conversation passed {} bytes (the messages hold {}); the template's output is bounded",
+                out.limit,
+                content_bytes(messages)
+            )));
+        }
+        rendered.map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => FerryError::Template(format!(
+                "rendering took more than {TEMPLATE_FUEL} steps (a loop that does not end?)"
+            )),
+            _ => FerryError::Template(e.to_string()),
+        })?;
+        String::from_utf8(out.bytes).map_err(|e| FerryError::Template(e.to_string()))
     }
 
     /// Renders and tokenizes a conversation (special tokens come from the template itself).
