@@ -28,6 +28,17 @@ fn parsed<T: FromStr<Err = OptionError>>(text: &str) -> Result<T, String> {
     text.parse().map_err(|e: OptionError| e.message)
 }
 
+/// A whole-number flag; the error states the accepted range (clap's own says "invalid digit").
+fn whole<T: FromStr>(max: u64) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |text: &str| text.trim().parse().map_err(|_| format!("must be a whole number from 0 to {max}"))
+}
+
+/// `--link-gbps`: checked by the runtime's link model, so the range is stated once.
+fn gbps(text: &str) -> Result<f64, String> {
+    let gbps: f64 = text.parse().map_err(|_| "must be a number of GB/s".to_string())?;
+    LinkModel::checked(gbps).map(|_| gbps).map_err(|e| e.message)
+}
+
 /// `--expert-dtype`: a format, or `auto` (the format the folder stores, else f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertDtypeChoice {
@@ -277,7 +288,7 @@ pub struct ModelArgs {
     pub prefetch_extra: usize,
     /// Emulate a host-to-GPU link of this many GB/s (1e9 bytes/s) for every expert upload,
     /// e.g. 16 or 32 for PCIe 4.0 x8/x16, to see what a discrete GPU would.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = gbps)]
     pub link_gbps: Option<f64>,
     #[command(flatten)]
     pub big_little: BigLittleArgs,
@@ -324,25 +335,25 @@ pub struct SamplingArgs {
     #[arg(long, conflicts_with = "temperature")]
     pub greedy: bool,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Keep only the K most likely tokens (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<usize>(usize::MAX as u64))]
     pub top_k: usize,
     /// Drop tokens less likely than MIN_P times the most likely one.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Penalise tokens already seen (1.0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<u64>(u64::MAX))]
     pub seed: u64,
-    /// Maximum number of tokens to generate.
-    #[arg(long, default_value_t = 64)]
+    /// Maximum number of tokens to generate (at most what the context has room for).
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = whole::<usize>(usize::MAX as u64))]
     pub max_new_tokens: usize,
     /// Stop when the text contains this string (repeatable).
     #[arg(long = "stop")]
@@ -360,10 +371,10 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
     pub prompt: Option<String>,
     /// The prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, value_parser = whole::<u32>(u32::MAX.into()))]
     pub ids: Option<Vec<u32>>,
     /// Wrap the prompt as a user message in the model's chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, requires = "prompt", conflicts_with = "ids")]
     pub chat: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -391,7 +402,7 @@ pub struct LogitsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Comma-separated token ids.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required = true, allow_hyphen_values = true, value_parser = whole::<u32>(u32::MAX.into()))]
     pub ids: Vec<u32>,
     /// Logits for every position, not only the last.
     #[arg(long)]

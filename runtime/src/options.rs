@@ -424,18 +424,20 @@ impl LinkModel {
         Self { bytes_per_second: gb * 1e9 }
     }
 
-    /// `--link-gbps`: a positive, finite number of GB/s.
+    /// `--link-gbps`: GB/s from 1e-6 (1 kB/s) to 1e6; beyond that range an upload would sleep
+    /// for ages or not at all.
     pub fn checked(gbps: f64) -> Result<Self, OptionError> {
-        if gbps > 0.0 && gbps.is_finite() {
+        if (1e-6..=1e6).contains(&gbps) {
             Ok(Self::from_gb_per_s(gbps))
         } else {
-            Err(OptionError::new("--link-gbps", format!("must be a positive number of GB/s, got {gbps}")))
+            Err(OptionError::new("--link-gbps", format!("must be a number of GB/s in [1e-6, 1e6], got {gbps}")))
         }
     }
 
     /// Sleeps for whatever part of the link time `bytes` still needs after `elapsed`.
     pub fn wait_out(&self, bytes: u64, elapsed: Duration) {
-        let needed = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second);
+        // A rate built without `checked` may ask for more seconds than a Duration holds.
+        let needed = Duration::try_from_secs_f64(bytes as f64 / self.bytes_per_second).unwrap_or(Duration::MAX);
         if let Some(rest) = needed.checked_sub(elapsed) {
             std::thread::sleep(rest);
         }
@@ -571,9 +573,16 @@ mod tests {
     #[test]
     fn links_must_be_positive_and_finite() {
         assert_eq!(LinkModel::checked(16.0).unwrap().bytes_per_second, 16e9);
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-30, 1e30] {
             assert!(LinkModel::checked(bad).unwrap_err().to_string().starts_with("--link-gbps"));
         }
+    }
+
+    /// A rate so slow that its link time overflows a Duration waits as long as one can hold
+    /// (here: nothing is left after `Duration::MAX` elapsed) instead of panicking.
+    #[test]
+    fn a_link_time_beyond_a_duration_does_not_panic() {
+        LinkModel { bytes_per_second: 1e-30 }.wait_out(1 << 40, Duration::MAX);
     }
 
     #[test]
