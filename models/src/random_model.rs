@@ -103,21 +103,40 @@ pub fn preset(name: &str, layers: Option<usize>) -> Result<Shape> {
 
 /// Ferry's cache folder: `$FERRY_CACHE`, else `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry`.
 pub fn cache_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("FERRY_CACHE") {
+    cache_dir_from(|name| std::env::var_os(name))
+}
+
+/// `cache_dir` with the environment given; an empty variable counts as unset (as XDG says), so
+/// `FERRY_CACHE=''` does not mean the working folder.
+pub fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
+    let var = |name: &str| var(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("FERRY_CACHE") {
         return Ok(PathBuf::from(dir));
     }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+    if let Some(dir) = var("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("ferry"));
     }
-    std::env::var_os("HOME")
+    var("HOME")
         .map(|home| PathBuf::from(home).join(".cache").join("ferry"))
         .ok_or_else(|| FerryError::flag("--model", "no cache folder for the default model: set FERRY_CACHE or HOME"))
 }
 
 /// The default model's folder, generated first if it is not there yet.
 pub fn ensure() -> Result<PathBuf> {
-    let dir = cache_dir()?.join(NAME);
-    if dir.join("model.safetensors").exists() {
+    ensure_in(&cache_dir()?)
+}
+
+/// A temp folder of an interrupted write is removed once it is this old (a concurrent run
+/// writes its 5 MB in far less).
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The default model's folder inside `cache`: reused when every file has the embedded size,
+/// else (missing, interrupted, truncated) written again. Temp folders left by killed runs are
+/// removed.
+pub fn ensure_in(cache: &Path) -> Result<PathBuf> {
+    let dir = cache.join(NAME);
+    remove_stale_temps(cache);
+    if intact(&dir) {
         return Ok(dir);
     }
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
@@ -126,15 +145,47 @@ pub fn ensure() -> Result<PathBuf> {
         let path = tmp.join(name);
         std::fs::write(&path, bytes).map_err(|e| FerryError::io(&path, e))?;
     }
+    // A damaged copy moves aside first: a folder cannot be renamed onto a non-empty one.
+    if dir.exists() {
+        let old = dir.with_extension(format!("old{}", std::process::id()));
+        if std::fs::rename(&dir, &old).is_ok() {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+    }
     // Renaming a complete folder into place keeps a concurrent or interrupted run from seeing
     // half a model.
-    match std::fs::rename(&tmp, &dir) {
+    let renamed = std::fs::rename(&tmp, &dir);
+    if renamed.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    match renamed {
         Ok(()) => Ok(dir),
-        Err(_) if dir.join("model.safetensors").exists() => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Ok(dir)
-        }
+        Err(_) if intact(&dir) => Ok(dir),
         Err(e) => Err(FerryError::io(&dir, e)),
+    }
+}
+
+/// Whether `dir` holds every default-model file at its embedded size.
+fn intact(dir: &Path) -> bool {
+    DEFAULT_FILES.iter().all(|(name, bytes)| {
+        std::fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64)
+    })
+}
+
+/// Removes `NAME.tmpN` / `NAME.oldN` folders older than `STALE_TEMP` (a run killed while
+/// writing); errors are ignored, the next run tries again.
+fn remove_stale_temps(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(NAME)) else { continue };
+        if !(rest.starts_with(".tmp") || rest.starts_with(".old")) {
+            continue;
+        }
+        let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|age| age >= STALE_TEMP) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
