@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_runtime::engine::{Engine, GenerateRequest};
+use ferry_runtime::engine::{Engine, GenerateRequest, Generation};
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::sampling::SamplingConfig;
 
@@ -237,4 +237,306 @@ fn mxfp4_blocks_and_scales_that_disagree_are_named() {
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
     assert_mentions(&load_error(&dir), &[bad, "gate_up_proj_blocks"]);
+}
+
+/// Rewrites the F32 tensors of a single-file fixture whose names pass `pick`.
+fn edit_tensors(dir: &Path, pick: impl Fn(&str) -> bool, edit: impl Fn(&mut [f32])) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let mut data = view.data().to_vec();
+            if pick(&name) {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+                let mut values: Vec<f32> =
+                    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                edit(&mut values);
+                data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views = owned.iter().map(|(name, shape, data)| {
+        (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+    });
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn absurd_layer_counts_and_widths_are_range_errors_not_aborts() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_config(&dir, |c| c["num_hidden_layers"] = serde_json::json!(1u64 << 40));
+    assert_mentions(&load_error(&dir), &["config.json", "num_hidden_layers", "4294967295"]);
+    edit_config(&dir, |c| c["num_hidden_layers"] = serde_json::json!(4_000_000_000u64));
+    assert_mentions(&load_error(&dir), &["config.json", "num_hidden_layers must be in 1..=4096"]);
+    edit_config(&dir, |c| {
+        c["num_hidden_layers"] = serde_json::json!(3);
+        c["hidden_size"] = serde_json::json!(u64::MAX);
+    });
+    assert_mentions(&load_error(&dir), &["config.json", "hidden_size", "4294967295"]);
+    edit_config(&dir, |c| c["hidden_size"] = serde_json::json!(1u64 << 31));
+    assert_mentions(&load_error(&dir), &["config.json", "hidden_size must be at most 1048576"]);
+}
+
+#[test]
+fn architectures_given_as_a_string_says_it_must_be_a_list() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_config(&dir, |c| c["architectures"] = serde_json::json!("Qwen3MoeForCausalLM"));
+    assert_mentions(&load_error(&dir), &["config.json", "\"architectures\" must be a list"]);
+}
+
+#[test]
+fn nonsense_config_values_name_the_key_and_the_range() {
+    let cases: [(&str, &str, serde_json::Value, &[&str]); 12] = [
+        ("qwen3_moe", "rms_norm_eps", serde_json::json!(-1.0), &["rms_norm_eps", "(0, 0.1]"]),
+        ("qwen3_moe", "rms_norm_eps", serde_json::json!(1e300), &["rms_norm_eps", "f32's range"]),
+        ("qwen3_moe", "rope_theta", serde_json::json!(0), &["rope_theta", "(0, 1e12]"]),
+        ("qwen3_moe", "rope_theta", serde_json::json!(-5.0), &["rope_theta", "(0, 1e12]"]),
+        ("qwen3_moe", "rope_scaling", serde_json::json!({"rope_type": "linear", "factor": 0}), &["linear", "factor"]),
+        ("qwen3_moe", "rope_scaling", serde_json::json!({"rope_type": "linear", "factor": 1e300}), &["factor"]),
+        ("qwen3_moe", "rope_scaling", serde_json::json!("yarn"), &["rope_scaling must be an object"]),
+        ("deepseek_v2", "rope_scaling", serde_json::json!(4), &["rope_scaling must be an object"]),
+        ("mixtral", "sliding_window", serde_json::json!(0), &["sliding_window must be positive"]),
+        ("olmoe", "clip_qkv", serde_json::json!(0), &["clip_qkv must be a positive number"]),
+        ("olmoe", "clip_qkv", serde_json::json!(-1.5), &["clip_qkv must be a positive number"]),
+        ("qwen3_moe", "eos_token_id", serde_json::json!((1u64 << 32) + 5), &["eos_token_id", "4294967301"]),
+    ];
+    for (family, key, value, parts) in cases {
+        let (_tmp, dir) = copy_fixture(family);
+        edit_config(&dir, |c| c[key] = value.clone());
+        let message = load_error(&dir);
+        assert_mentions(&message, &[&["config.json"], parts].concat());
+    }
+}
+
+#[test]
+fn a_gpt_oss_mxfp4_config_with_odd_sizes_blames_the_config_not_a_flag() {
+    let (_tmp, dir) = copy_fixture("gpt_oss");
+    edit_config(&dir, |c| c["intermediate_size"] = serde_json::json!(48));
+    let message = load_error(&dir);
+    assert_mentions(&message, &["config.json", "mxfp4", "intermediate_size (48)"]);
+    assert!(!message.contains("--expert-dtype"), "{message}");
+}
+
+#[test]
+fn a_model_path_that_is_a_file_says_it_is_not_a_folder() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    assert_mentions(&load_error(&dir.join("config.json")), &["config.json", "not a folder"]);
+    assert_mentions(&load_error(Path::new("/dev/null")), &["/dev/null", "not a folder"]);
+}
+
+#[test]
+fn a_weights_path_that_is_a_folder_says_so() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::create_dir(dir.join("model.safetensors")).unwrap();
+    assert_mentions(&load_error(&dir), &["model.safetensors", "a folder; expected a file"]);
+}
+
+/// Opening a FIFO blocks until a writer comes; the load must refuse it at once.
+#[test]
+fn a_weights_path_that_is_a_fifo_is_refused_without_blocking() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    let path = dir.join("model.safetensors");
+    std::fs::remove_file(&path).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&path).status().expect("mkfifo runs");
+    assert!(made.success());
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(ferry_models::open(&dir).err().map(|e| e.to_string()));
+    });
+    let message = receive.recv_timeout(std::time::Duration::from_secs(60)).expect("the load hung on a FIFO");
+    assert_mentions(&message.expect("a FIFO must not load"), &["model.safetensors", "not a regular file"]);
+}
+
+/// Rewrites the mixtral fixture's shard index.
+fn edit_index(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(index["weight_map"].as_object_mut().unwrap());
+    std::fs::write(&path, index.to_string()).unwrap();
+}
+
+#[test]
+fn an_empty_weight_map_is_named() {
+    let (_tmp, dir) = copy_fixture("mixtral");
+    edit_index(&dir, |map| map.clear());
+    assert_mentions(&load_error(&dir), &["model.safetensors.index.json", "weight_map is empty"]);
+}
+
+#[test]
+fn index_paths_that_leave_the_model_folder_are_refused() {
+    for outside in ["../model-00001-of-00003.safetensors", "/etc/passwd", "sub/../../x.safetensors"] {
+        let (_tmp, dir) = copy_fixture("mixtral");
+        edit_index(&dir, |map| {
+            map.insert("lm_head.weight".into(), serde_json::json!(outside));
+        });
+        assert_mentions(&load_error(&dir), &["model.safetensors.index.json", "lm_head.weight", "not a file inside"]);
+    }
+}
+
+#[test]
+fn an_index_entry_whose_shard_lacks_the_tensor_is_named() {
+    let (_tmp, dir) = copy_fixture("mixtral");
+    let mut moved = String::new();
+    edit_index(&dir, |map| {
+        let lm_head = map["lm_head.weight"].as_str().unwrap().to_string();
+        let other = map.values().map(|v| v.as_str().unwrap().to_string()).find(|f| *f != lm_head).unwrap();
+        moved = other.clone();
+        map.insert("lm_head.weight".into(), serde_json::json!(other));
+    });
+    assert_mentions(&load_error(&dir), &["model.safetensors.index.json", "lm_head.weight", &moved, "does not hold it"]);
+}
+
+#[test]
+fn a_tensor_defined_in_two_shards_is_named() {
+    let (_tmp, dir) = copy_fixture("mixtral");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let home = index["weight_map"]["lm_head.weight"].as_str().unwrap().to_string();
+    let other = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap().to_string())
+        .find(|f| *f != home)
+        .unwrap();
+    // Append a copy of lm_head.weight to another shard.
+    let extra = std::fs::read(dir.join(&home)).unwrap();
+    let extra = safetensors::SafeTensors::deserialize(&extra).unwrap();
+    let head = extra.tensor("lm_head.weight").unwrap();
+    let bytes = std::fs::read(dir.join(&other)).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views = tensors.tensors();
+    views.push(("lm_head.weight".to_string(), head));
+    safetensors::serialize_to_file(views, None, &dir.join(&other)).unwrap();
+    assert_mentions(&load_error(&dir), &["lm_head.weight", "is also in", "defined once"]);
+}
+
+#[test]
+fn non_finite_weights_name_the_tensor() {
+    for (name, value) in [("model.norm.weight", f32::NAN), ("lm_head.weight", f32::INFINITY)] {
+        let (_tmp, dir) = copy_fixture("qwen3_moe");
+        edit_tensors(&dir, |n| n == name, |values| values[3] = value);
+        assert_mentions(&load_error(&dir), &["model.safetensors", name, "element 3", "finite"]);
+    }
+}
+
+fn greedy_request(n: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids: vec![5, 6, 7],
+        max_new_tokens: n,
+        sampling: SamplingConfig::greedy(),
+        stop_strings: Vec::new(),
+        stop_at_eos: false,
+    }
+}
+
+/// Finite weights whose products overflow, and NaN experts (converted on first use, after the
+/// load's scan), stop generation with an error naming the step instead of sampling from NaN.
+#[test]
+fn non_finite_logits_stop_generation_with_an_error() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_tensors(&dir, |n| n == "model.norm.weight" || n == "lm_head.weight", |values| values.fill(3e38));
+    let err = fixture_engine(&dir).generate(&greedy_request(2), |_| {}).expect_err("must fail").to_string();
+    assert_mentions(&err, &["step 0", "logits"]);
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_tensors(&dir, |n| n.contains("mlp.experts.") && n.contains("gate_proj"), |values| values[0] = f32::NAN);
+    let err = fixture_engine(&dir).generate(&greedy_request(2), |_| {}).expect_err("must fail").to_string();
+    assert_mentions(&err, &["step 0", "logits"]);
+}
+
+/// A `--max-new-tokens` of usize::MAX means "until the context is full", not an overflow.
+#[test]
+fn the_largest_max_new_tokens_runs_to_the_context() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(8));
+    let output = fixture_engine(&dir).generate(&greedy_request(usize::MAX), |_| {}).unwrap();
+    assert_eq!(output.ids.len(), 5);
+    assert_eq!(output.stats.stop_reason, ferry_runtime::engine::StopReason::Context);
+}
+
+fn with_template(template: &str) -> (tempfile::TempDir, ferry_runtime::chat::ChatTokenizer) {
+    let (tmp, dir) = copy_fixture("olmoe");
+    let path = dir.join("tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["chat_template"] = serde_json::json!(template);
+    std::fs::write(&path, config.to_string()).unwrap();
+    (tmp, ferry_runtime::chat::ChatTokenizer::open(&dir).unwrap())
+}
+
+#[test]
+fn a_chat_template_that_loops_for_ever_runs_out_of_fuel() {
+    let (_tmp, tokenizer) =
+        with_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+    let messages = [ferry_runtime::chat::Message::new("user", "hi")];
+    let err = tokenizer.encode_chat(&messages).expect_err("must fail").to_string();
+    assert_mentions(&err, &["chat template", "steps"]);
+}
+
+#[test]
+fn a_chat_template_that_renders_a_huge_string_is_an_error() {
+    let (_tmp, tokenizer) = with_template("{% for i in range(200) %}{{ 'x' * 1000000 }}{% endfor %}");
+    let messages = [ferry_runtime::chat::Message::new("user", "hi")];
+    let err = tokenizer.encode_chat(&messages).expect_err("must fail").to_string();
+    assert_mentions(&err, &["chat template", "rendered conversation passed"]);
+}
+
+/// The built-in model's cache heals: a truncated or deleted file is written again, temp
+/// folders of killed runs go, and an empty FERRY_CACHE is no cache folder.
+#[test]
+fn the_default_model_cache_rewrites_damaged_copies_and_removes_stale_temps() {
+    use ferry_models::random_model::{cache_dir_from, ensure_in};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ensure_in(tmp.path()).unwrap();
+    let weights = dir.join("model.safetensors");
+    let size = std::fs::metadata(&weights).unwrap().len();
+    std::fs::write(&weights, b"truncated").unwrap();
+    assert_eq!(ensure_in(tmp.path()).unwrap(), dir);
+    assert_eq!(std::fs::metadata(&weights).unwrap().len(), size, "a truncated copy is rewritten");
+    std::fs::remove_file(&weights).unwrap();
+    ensure_in(tmp.path()).unwrap();
+    assert_eq!(std::fs::metadata(&weights).unwrap().len(), size, "a deleted file is rewritten");
+    let stale = dir.with_extension("tmp4242");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("config.json"), b"{").unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::open(&stale).unwrap().set_modified(old).unwrap();
+    ensure_in(tmp.path()).unwrap();
+    assert!(!stale.exists(), "a stale temp folder is removed");
+    let entries: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries, [dir.file_name().unwrap()], "nothing else is left in the cache");
+    ferry_models::open(&dir).expect("the healed copy loads");
+
+    let env = |empty: &'static str| {
+        move |name: &str| match name {
+            "FERRY_CACHE" => Some(empty.into()),
+            "HOME" => Some("/home/u".into()),
+            _ => None,
+        }
+    };
+    assert_eq!(cache_dir_from(env("")).unwrap(), Path::new("/home/u/.cache/ferry"));
+    assert_eq!(cache_dir_from(env("/c")).unwrap(), Path::new("/c"));
+}
+
+/// Buffers larger than the adapter can hold are refused before allocating, naming the bytes:
+/// a KV cache for a huge context, a prefill's attention scores for a long prompt.
+#[test]
+fn buffers_beyond_the_adapter_are_errors_stating_the_bytes() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(1 << 24));
+    let mut engine = fixture_engine(&dir);
+    // 4 GiB per layer: beyond lavapipe's 128 MiB buffers, not beyond a large GPU's.
+    if gpu().describe().contains("llvmpipe") {
+        let request = greedy_request(usize::MAX);
+        let err = Generation::new(&engine.model, request).err().expect("must fail").to_string();
+        assert_mentions(&err, &["KV cache layer for 16777216 tokens", "bytes in one buffer", "--max-new-tokens"]);
+    }
+    // 4 heads x 200000^2 f32 scores: 640 GB, beyond any adapter.
+    let request = GenerateRequest { prompt_ids: vec![5; 200_000], ..greedy_request(1) };
+    let err = engine.generate(&request, |_| {}).expect_err("must fail").to_string();
+    assert_mentions(&err, &["attention scores for 200000 tokens", "bytes in one buffer", "shorter prompt"]);
 }

@@ -415,3 +415,63 @@ fn convert_quantize_writes_a_folder_that_loads_its_stored_format() {
     assert!(bad.contains("--dtype") && bad.contains("int5"), "{bad}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Negative numbers reach the flag's own check, which names the flag and its range (clap alone
+/// says "unexpected argument '-1'").
+#[test]
+fn negative_numbers_name_the_flag_and_its_range() {
+    let model = fixture("olmoe");
+    let model = model.to_str().unwrap();
+    let cases: [(&str, &[&str], &str); 8] = [
+        ("--ids", &["generate", "--model", model, "--ids", "-1,2"], "0 to 4294967295"),
+        ("--ids", &["logits", "--model", model, "--ids", "-3"], "0 to 4294967295"),
+        ("--max-new-tokens", &["generate", "--model", model, "--ids", "1", "--max-new-tokens", "-1"], "0 to"),
+        ("--seed", &["generate", "--model", model, "--ids", "1", "--seed", "-7"], "0 to 18446744073709551615"),
+        ("--top-k", &["generate", "--model", model, "--ids", "1", "--top-k", "-2"], "0 to"),
+        ("--temperature", &["generate", "--model", model, "--ids", "1", "--temperature", "-0.5"], ">= 0"),
+        ("--top-p", &["generate", "--model", model, "--ids", "1", "--temperature", "1", "--top-p", "-0.5"], "(0, 1]"),
+        ("--link-gbps", &["generate", "--model", model, "--ids", "1", "--link-gbps", "-16"], "[1e-6, 1e6]"),
+    ];
+    for (flag, args, range) in cases {
+        let line = error_line(&ferry(args));
+        assert!(line.contains(flag) && line.contains(range), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn a_link_so_slow_its_wait_overflows_is_refused_by_the_flag() {
+    let model = fixture("olmoe");
+    let line =
+        error_line(&ferry(&["generate", "--model", model.to_str().unwrap(), "--ids", "1", "--link-gbps", "1e-30"]));
+    assert!(line.contains("--link-gbps") && line.contains("[1e-6, 1e6]"), "{line}");
+}
+
+/// `--max-new-tokens` of u64::MAX generates until the context is full.
+#[test]
+fn the_largest_max_new_tokens_is_not_an_overflow() {
+    let out = json_of(&ferry(&[
+        "generate",
+        "--model",
+        fixture("olmoe").to_str().unwrap(),
+        "--ids",
+        "5,6,7",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "18446744073709551615",
+        "--json",
+    ]));
+    assert_eq!(out["stats"]["stop_reason"], "context");
+}
+
+#[test]
+fn chat_with_ids_is_refused() {
+    let model = fixture("olmoe");
+    let line = error_line(&ferry(&["generate", "--model", model.to_str().unwrap(), "--ids", "1", "--chat"]));
+    assert!(line.contains("--chat") || line.contains("--prompt"), "{line}");
+}
+
+#[test]
+fn a_model_path_that_is_a_file_is_one_error_line() {
+    let line = error_line(&ferry(&["logits", "--model", "/dev/null", "--ids", "1"]));
+    assert!(line.contains("/dev/null") && line.contains("not a folder"), "{line}");
+}
