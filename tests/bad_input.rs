@@ -540,3 +540,15 @@ fn buffers_beyond_the_adapter_are_errors_stating_the_bytes() {
     let err = engine.generate(&request, |_| {}).expect_err("must fail").to_string();
     assert_mentions(&err, &["attention scores for 200000 tokens", "bytes in one buffer", "shorter prompt"]);
 }
+
+/// The embedding is read row by row, never scanned whole: a NaN row is named when a token
+/// uses it.
+#[test]
+fn a_non_finite_embedding_row_is_named_when_used() {
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    let hidden = ferry_models::read_spec(&dir).unwrap().hidden_size;
+    edit_tensors(&dir, |n| n == "model.embed_tokens.weight", |values| values[6 * hidden + 2] = f32::NAN);
+    let mut engine = fixture_engine(&dir);
+    let err = engine.generate(&greedy_request(1), |_| {}).expect_err("must fail").to_string();
+    assert_mentions(&err, &["model.embed_tokens.weight", "row 6", "NaN"]);
+}

@@ -334,7 +334,7 @@ impl Model {
         }
         let device = &self.device;
         let eps = self.spec.rms_norm_eps;
-        let mut x = self.embed.rows(ids, device);
+        let mut x = self.embed.rows(ids, device)?;
         let embedded = x.clone();
         // MoLE: each token's whole row (all layers and experts) is read and uploaded once,
         // before layer 0, since the token id is all it depends on.

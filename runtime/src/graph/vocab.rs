@@ -18,6 +18,7 @@ use crate::weights::{TensorRef, WeightStore, to_f32};
 /// Reads embedding rows from the checkpoint.
 pub struct Embedding {
     store: Arc<WeightStore>,
+    name: String,
     tensor: TensorRef,
     hidden: usize,
 }
@@ -25,16 +26,25 @@ pub struct Embedding {
 impl Embedding {
     pub fn open(store: &Arc<WeightStore>, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
         let tensor = store.float(name, &[vocab, hidden])?.clone();
-        Ok(Self { store: Arc::clone(store), tensor, hidden })
+        Ok(Self { store: Arc::clone(store), name: name.to_string(), tensor, hidden })
     }
 
-    /// `[tokens, hidden]` rows for `ids` (already checked against the vocabulary).
-    pub fn rows(&self, ids: &[u32], device: &Device) -> Tensor<2> {
+    /// `[tokens, hidden]` rows for `ids` (already checked against the vocabulary). Rows are
+    /// checked to be finite as they are read (the whole table is never scanned).
+    pub fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor<2>> {
         let bytes = self.store.bytes(&self.tensor);
         let row = self.hidden * self.tensor.dtype.size();
         let values: Vec<f32> =
             ids.iter().flat_map(|&id| to_f32(&bytes[id as usize * row..][..row], self.tensor.dtype)).collect();
-        Tensor::from_data(TensorData::new(values, [ids.len(), self.hidden]), device)
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(FerryError::NonFinite(format!(
+                "tensor {:?}, row {} (a token's embedding), holds {}; weights must be finite",
+                self.name,
+                ids[at / self.hidden],
+                values[at]
+            )));
+        }
+        Ok(Tensor::from_data(TensorData::new(values, [ids.len(), self.hidden]), device))
     }
 }
 
