@@ -475,3 +475,26 @@ fn a_model_path_that_is_a_file_is_one_error_line() {
     let line = error_line(&ferry(&["logits", "--model", "/dev/null", "--ids", "1"]));
     assert!(line.contains("/dev/null") && line.contains("not a folder"), "{line}");
 }
+
+/// A tokenizer far smaller than the model's vocabulary (another model's?) is reported.
+#[test]
+fn a_tokenizer_far_smaller_than_the_vocabulary_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("olmoe")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let tiny = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "[UNK]": 2}, "unk_token": "[UNK]"}
+    });
+    std::fs::write(tmp.path().join("tokenizer.json"), tiny.to_string()).unwrap();
+    let out = ferry(&["logits", "--model", tmp.path().to_str().unwrap(), "--ids", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("3 tokens") && stderr.contains("vocab_size is 384"),
+        "{stderr}"
+    );
+}

@@ -68,11 +68,29 @@ pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(
     } else {
         None
     };
+    if let Some(warning) =
+        tokenizer.as_ref().and_then(|t| vocab_mismatch(folder, t.vocab_size(), opened.spec.vocab_size))
+    {
+        eprintln!("warning: {warning}");
+    }
     stage("uploading weights");
     let mut model = Model::load_with(opened.spec, &opened.weights, &gpu.device, source.options)
         .with_context(|| format!("loading {}", folder.display()))?;
     model.set_lookup_cache(source.lut_cache);
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })
+}
+
+/// A tokenizer with less than half the model's vocabulary is most likely another model's: the
+/// model then samples ids that decode to nothing. Reported, not refused (random checkpoints
+/// with real vocabulary sizes pair them with the small built-in tokenizer on purpose).
+fn vocab_mismatch(folder: &Path, tokenizer: usize, model: usize) -> Option<String> {
+    (tokenizer.saturating_mul(2) < model).then(|| {
+        format!(
+            "{}: the tokenizer has {tokenizer} tokens but config.json's vocab_size is {model}; ids beyond the \
+             tokenizer's print as nothing (is it this model's tokenizer?)",
+            folder.join("tokenizer.json").display()
+        )
+    })
 }
 
 /// The expert flags as the runtime takes them.
