@@ -82,6 +82,34 @@ const MAX_WIDTH: usize = 1 << 20;
 /// Largest vocabulary and context, in tokens.
 const MAX_TOKENS: usize = 1 << 24;
 
+/// Most parameters a config may describe (4.4 trillion; DeepSeek-V3 has 0.67): below this,
+/// the spec's sizes in bytes are far from overflowing.
+const MAX_PARAMETERS: u128 = 1 << 42;
+
+/// Parameters the spec describes, in u128 so that no product of range-checked sizes overflows
+/// (an upper estimate: biases and norms left out, MLA's projections counted in full).
+fn parameters(spec: &ModelSpec) -> u128 {
+    let u = |x: usize| x as u128;
+    let (a, m, h) = (&spec.attention, &spec.moe, u(spec.hidden_size));
+    let (q, kv) = (u(a.num_heads) * u(a.head_dim), u(a.num_kv_heads) * u(a.head_dim));
+    let mut attention = h * (2 * q + 2 * kv);
+    if let Some(mla) = &a.mla {
+        let rank = u(mla.q_lora_rank.unwrap_or(0));
+        attention += h * rank + rank * q + h * u(mla.kv_lora_rank + mla.qk_rope_head_dim);
+        attention += u(mla.kv_lora_rank) * u(a.num_heads) * u(mla.qk_nope_head_dim + mla.v_head_dim);
+        attention += u(a.num_heads) * u(mla.v_head_dim) * h;
+    }
+    let shared = m.shared_expert.as_ref().map_or(0, |s| u(s.intermediate_size));
+    let ffn = |kind: &FfnKind| match kind {
+        FfnKind::Dense { intermediate_size } => 3 * h * u(*intermediate_size),
+        FfnKind::Moe => u(m.num_experts) * (3 * h * u(m.expert_intermediate_size) + h) + 3 * h * shared,
+        FfnKind::Mole => {
+            spec.mole.as_ref().map_or(0, |mole| h * u(mole.num_experts) + 3 * h * u(mole.shared_intermediate_size))
+        }
+    };
+    2 * u(spec.vocab_size) * h + spec.layers.iter().map(|kind| attention + ffn(kind)).sum::<u128>()
+}
+
 /// Checks that hold for every family, once the spec is complete.
 pub fn validate(cfg: &HfConfig, spec: &ModelSpec) -> Result<()> {
     let a = &spec.attention;
@@ -117,6 +145,17 @@ pub fn validate(cfg: &HfConfig, spec: &ModelSpec) -> Result<()> {
             at_most(key, value, MAX_WIDTH)?;
         }
     }
+    at_most("num_attention_heads x head_dim", a.num_heads * a.head_dim, MAX_WIDTH)?;
+    at_most("num_key_value_heads x head_dim", a.num_kv_heads * a.head_dim, MAX_WIDTH)?;
+    let params = parameters(spec);
+    check(
+        params <= MAX_PARAMETERS,
+        format!(
+            "the sizes describe {params} parameters ({} GiB in f32), more than Ferry handles ({MAX_PARAMETERS}); check \
+             hidden_size, intermediate sizes, vocab_size, num_hidden_layers and the expert count",
+            (params * 4) >> 30
+        ),
+    )?;
     check(a.sliding_window != Some(0), "sliding_window must be positive (or null for none)".into())?;
     if let Some(clip) = a.clip_qkv {
         check(clip > 0.0 && clip.is_finite(), format!("clip_qkv must be a positive number (or null), found {clip}"))?;
