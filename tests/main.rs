@@ -9,6 +9,7 @@ mod bad_input;
 mod big_little;
 mod cli;
 mod families;
+mod fuzz;
 mod golden;
 mod gui;
 mod mole;
