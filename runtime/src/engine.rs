@@ -488,6 +488,57 @@ mod tests {
         assert_eq!(s.finish(), "");
     }
 
+    /// Property, over seeded random texts of 1- to 4-byte characters arriving in random byte
+    /// chunks (so prefixes end in partial characters) and random stop strings cut from such
+    /// texts: streaming never panics, and the deltas add up to exactly the text before the
+    /// first stop string found, or the whole text.
+    #[test]
+    fn streamed_deltas_add_up_to_the_text_before_the_first_stop() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let alphabet: Vec<char> = "ab <>\u{e9}\u{df}\u{65e5}\u{672c}\u{1F600}".chars().collect();
+        let random_text = |rng: &mut StdRng, lengths: std::ops::Range<usize>| -> String {
+            let len = rng.random_range(lengths);
+            (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect()
+        };
+        for seed in 0..2000 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let text = random_text(&mut rng, 0..24);
+            let count = rng.random_range(0..3);
+            let stops: Vec<String> = (0..count).map(|_| random_text(&mut rng, 1..4)).collect();
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = (0..rng.random_range(0..8)).map(|_| rng.random_range(0..=bytes.len())).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            // The reference: the first decoded prefix that holds a stop string ends the text at
+            // that prefix's earliest stop.
+            let mut expected = text.clone();
+            let mut stream = TextStream::new(stops.clone());
+            let mut streamed = String::new();
+            let mut stopped = false;
+            for &cut in &cuts {
+                let decoded = String::from_utf8_lossy(&bytes[..cut]).into_owned();
+                if let Some(at) = stops.iter().filter_map(|s| decoded.find(s.as_str())).min() {
+                    expected = decoded[..at].to_string();
+                    let (delta, found) = stream.update(decoded);
+                    streamed += &delta;
+                    assert!(found, "seed {seed}");
+                    stopped = true;
+                    break;
+                }
+                let (delta, found) = stream.update(decoded);
+                assert!(!found, "seed {seed}");
+                streamed += &delta;
+            }
+            streamed += &stream.finish();
+            if !stopped {
+                assert_eq!(streamed, text, "seed {seed}: {text:?}, stops {stops:?}");
+            } else {
+                assert_eq!(streamed, expected, "seed {seed}: {text:?}, stops {stops:?}");
+            }
+        }
+    }
+
     #[test]
     fn incomplete_characters_wait_for_their_bytes() {
         let mut s = TextStream::new(Vec::new());
