@@ -259,6 +259,7 @@ fn edit_tensors(dir: &Path, pick: impl Fn(&str) -> bool, edit: impl Fn(&mut [f32
             (name, view.shape().to_vec(), data)
         })
         .collect();
+    assert!(owned.iter().any(|(name, _, _)| pick(name)), "no tensor of {} was picked", path.display());
     let views = owned.iter().map(|(name, shape, data)| {
         (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
     });
@@ -443,10 +444,32 @@ fn non_finite_logits_stop_generation_with_an_error() {
     edit_tensors(&dir, |n| n == "model.norm.weight" || n == "lm_head.weight", |values| values.fill(3e38));
     let err = fixture_engine(&dir).generate(&greedy_request(2), |_| {}).expect_err("must fail").to_string();
     assert_mentions(&err, &["step 0", "logits"]);
+}
+
+/// Routed experts are converted when first uploaded (all at load when every expert is
+/// resident, on a miss otherwise); a NaN there names the layer, expert and projection. (Layer 1
+/// of the fixture is dense.)
+#[test]
+fn a_non_finite_expert_is_named_when_first_uploaded() {
     let (_tmp, dir) = copy_fixture("qwen3_moe");
-    edit_tensors(&dir, |n| n.contains("mlp.experts.") && n.contains("gate_proj"), |values| values[0] = f32::NAN);
-    let err = fixture_engine(&dir).generate(&greedy_request(2), |_| {}).expect_err("must fail").to_string();
-    assert_mentions(&err, &["step 0", "logits"]);
+    edit_tensors(&dir, |n| n == "model.layers.2.mlp.experts.3.up_proj.weight", |values| values[5] = f32::NAN);
+    assert_mentions(&load_error(&dir), &["layer 2, routed expert 3", "up projection", "NaN at element 5"]);
+    // Offloaded: every expert of layer 2 is bad, so the first one a miss uploads is named.
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_tensors(
+        &dir,
+        |n| n.starts_with("model.layers.2.mlp.experts.") && n.ends_with("up_proj.weight"),
+        |values| values[5] = f32::INFINITY,
+    );
+    let opened = ferry_models::open(&dir).unwrap();
+    let options = ferry_runtime::options::ExpertOptions {
+        budget: ferry_runtime::options::VramBudget::FractionOfExperts(0.25),
+        ..Default::default()
+    };
+    let result = Model::load_with(opened.spec, &opened.weights, &gpu().device, options)
+        .and_then(|model| Engine::new(model, None).generate(&greedy_request(4), |_| {}));
+    let err = result.expect_err("the bad experts are used").to_string();
+    assert_mentions(&err, &["layer 2, routed expert", "up projection", "inf at element 5"]);
 }
 
 /// A `--max-new-tokens` of usize::MAX means "until the context is full", not an overflow.

@@ -446,6 +446,7 @@ impl ExpertCache {
         last_use: u64,
         prefetched: bool,
     ) -> Result<SlotRef> {
+        finite_expert(id, &host)?;
         let index = self.pool.take().ok_or_else(|| FerryError::Gpu("no free expert slot".into()))?;
         let at = match self.pool.store(index, host) {
             Ok(at) => at,
@@ -458,4 +459,28 @@ impl ExpertCache {
         self.slots.insert(id, Slot { index, use_, unused_prefetch: prefetched });
         Ok(at)
     }
+}
+
+/// Routed experts are converted on the host when first uploaded, not at load, so their values
+/// are checked here: a NaN or Inf weight (or quantised scale) is an error naming the expert,
+/// rather than NaN rows. Costs one pass over what the conversion just produced.
+fn finite_expert((layer, expert): ExpertId, host: &HostExpert) -> Result<()> {
+    const PARTS: [&str; 3] = ["gate", "up", "down"];
+    let parts: [&[f32]; 3] = if let HostExpert::F32(w) = host {
+        [&w[0], &w[1], &w[2]]
+    } else if let HostExpert::Quant(q) = host {
+        [&q.gate.scales, &q.up.scales, &q.down.scales]
+    } else {
+        return Ok(());
+    };
+    for (part, values) in PARTS.iter().zip(parts) {
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(FerryError::NonFinite(format!(
+                "layer {layer}, routed expert {expert}: its {part} projection holds {} at element {at} (scales for a \
+                 quantised format); weights must be finite",
+                values[at]
+            )));
+        }
+    }
+    Ok(())
 }
