@@ -575,3 +575,23 @@ fn a_non_finite_embedding_row_is_named_when_used() {
     let err = engine.generate(&greedy_request(1), |_| {}).expect_err("must fail").to_string();
     assert_mentions(&err, &["model.embed_tokens.weight", "row 6", "NaN"]);
 }
+
+/// The other files a folder names (tokenizer, its config, generation config) are refused as
+/// FIFOs too, without blocking.
+#[test]
+fn folder_files_that_are_fifos_are_refused_without_blocking() {
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let (_tmp, dir) = copy_fixture("olmoe");
+        let path = dir.join(name);
+        std::fs::remove_file(&path).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(&path).status().expect("mkfifo runs").success());
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let spec = ferry_models::read_spec(&dir).err().map(|e| e.to_string());
+            let tokenizer = ferry_runtime::chat::ChatTokenizer::open(&dir).err().map(|e| e.to_string());
+            let _ = send.send(spec.or(tokenizer));
+        });
+        let message = receive.recv_timeout(std::time::Duration::from_secs(60)).expect("hung on a FIFO");
+        assert_mentions(&message.expect("a FIFO must be refused"), &[name, "not a regular file"]);
+    }
+}

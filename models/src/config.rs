@@ -279,6 +279,7 @@ pub fn generation_eos(folder: &Path) -> Result<Option<Vec<u32>>> {
     if !path.exists() {
         return Ok(None);
     }
+    ferry_runtime::error::regular_file(&path)?;
     let text = std::fs::read_to_string(&path).map_err(|e| FerryError::io(&path, e))?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| FerryError::Json { path: path.clone(), message: e.to_string() })?;

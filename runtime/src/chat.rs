@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use minijinja::{Environment, ErrorKind, Value};
 
-use crate::error::{FerryError, Result};
+use crate::error::{FerryError, Result, regular_file};
 
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -77,11 +77,14 @@ impl ChatTokenizer {
         if !path.exists() {
             return Err(FerryError::Tokenizer { path, message: "missing".into() });
         }
+        // Every file the folder names is checked to be a regular one first: a FIFO would block.
+        regular_file(&path)?;
         let tokenizer = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| FerryError::Tokenizer { path: path.clone(), message: e.to_string() })?;
         let config_path = folder.join("tokenizer_config.json");
         let (mut template, mut bos_token, mut eos_token) = (None, None, None);
         if config_path.exists() {
+            regular_file(&config_path)?;
             let text = std::fs::read_to_string(&config_path).map_err(|e| FerryError::io(&config_path, e))?;
             let config: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| FerryError::Json { path: config_path.clone(), message: e.to_string() })?;
@@ -100,6 +103,7 @@ impl ChatTokenizer {
         // Newer folders keep the template in its own file.
         let jinja_path = folder.join("chat_template.jinja");
         if template.is_none() && jinja_path.exists() {
+            regular_file(&jinja_path)?;
             template = Some(std::fs::read_to_string(&jinja_path).map_err(|e| FerryError::io(&jinja_path, e))?);
         }
         Ok(Self { tokenizer, path, template, bos_token, eos_token })

@@ -96,6 +96,7 @@ impl LookupTable {
     /// Maps the table at `path` and checks its header against what the model's config implies
     /// (`expected`'s dtype is not checked: either is accepted).
     pub fn open(path: &Path, expected: &LutHeader) -> Result<Self> {
+        crate::error::regular_file(path)?;
         let file = File::open(path).map_err(|e| FerryError::io(path, e))?;
         // SAFETY: read-only mapping; a table rewritten while Ferry runs is outside what a loader
         // can defend against (as for the safetensors shards).
