@@ -1,5 +1,6 @@
 //! Bounded fuzzing of the parsers hostile input reaches first: safetensors headers, shard
-//! indexes, `config.json` into `ModelSpec`, and the option parsers. Each property runs a fixed
+//! indexes, `config.json` into `ModelSpec`, the option parsers, chat templates and tokenizers.
+//! Each property runs a fixed
 //! number of seeded cases (seconds in CI); a panic, or an error of more than one line, fails and
 //! names the seed and the input. Raise `FERRY_FUZZ_CASES` to search longer.
 
@@ -313,5 +314,35 @@ fn option_parsers_take_any_string() {
         no_panic(&what, || text.parse::<ByteSize>().map_err(|e| e.to_string()));
         no_panic(&what, || text.parse::<VramBudget>().map_err(|e| e.to_string()));
         no_panic(&what, || text.parse::<AdapterChoice>().map_err(|e| e.to_string()));
+    }
+}
+
+/// Random conversations through every fixture's chat template and tokenizer, and random ids
+/// (beyond the tokenizer's vocabulary too, as a model with a larger vocab_size samples them)
+/// through decoding.
+#[test]
+fn random_conversations_and_ids_through_templates_and_tokenizers() {
+    let pieces =
+        ["hi", " ", "\n", "{{ x }}", "{% if %}", "<|im_end|>", "\u{e9}", "\u{65e5}\u{672c}", "\u{1F600}", "\0"];
+    let roles = ["user", "assistant", "system", "tool", ""];
+    for family in FAMILIES {
+        let tokenizer = ferry_runtime::chat::ChatTokenizer::open(&fixture(family)).unwrap();
+        let vocab = tokenizer.vocab_size() as u32;
+        for seed in 0..cases(300) as u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let text = |rng: &mut StdRng| -> String {
+                (0..rng.random_range(0..8)).map(|_| pieces[rng.random_range(0..pieces.len())]).collect()
+            };
+            let messages: Vec<ferry_runtime::chat::Message> = (0..rng.random_range(0..4))
+                .map(|_| {
+                    let role = roles[rng.random_range(0..roles.len())];
+                    ferry_runtime::chat::Message::new(role, &text(&mut rng))
+                })
+                .collect();
+            let what = format!("{family} seed {seed}: {messages:?}");
+            no_panic(&what, || tokenizer.encode_chat(&messages));
+            let ids: Vec<u32> = (0..rng.random_range(0..16)).map(|_| rng.random_range(0..vocab * 2)).collect();
+            no_panic(&format!("{family} decoding {ids:?}"), || tokenizer.decode(&ids));
+        }
     }
 }
