@@ -1,8 +1,8 @@
 //! Bounded fuzzing of the parsers hostile input reaches first: safetensors headers, shard
 //! indexes, `config.json` into `ModelSpec`, the option parsers, chat templates and tokenizers.
-//! Each property runs a fixed
-//! number of seeded cases (seconds in CI); a panic, or an error of more than one line, fails and
-//! names the seed and the input. Raise `FERRY_FUZZ_CASES` to search longer.
+//! Each property runs a fixed number of seeded cases (seconds in CI); a panic, or an error of
+//! more than one line, fails and names the seed and the input. Raise `FERRY_FUZZ_CASES` to
+//! search longer.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
