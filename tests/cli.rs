@@ -422,7 +422,7 @@ fn convert_quantize_writes_a_folder_that_loads_its_stored_format() {
 fn negative_numbers_name_the_flag_and_its_range() {
     let model = fixture("olmoe");
     let model = model.to_str().unwrap();
-    let cases: [(&str, &[&str], &str); 8] = [
+    let cases: [(&str, &[&str], &str); 10] = [
         ("--ids", &["generate", "--model", model, "--ids", "-1,2"], "0 to 4294967295"),
         ("--ids", &["logits", "--model", model, "--ids", "-3"], "0 to 4294967295"),
         ("--max-new-tokens", &["generate", "--model", model, "--ids", "1", "--max-new-tokens", "-1"], "0 to"),
@@ -431,6 +431,12 @@ fn negative_numbers_name_the_flag_and_its_range() {
         ("--temperature", &["generate", "--model", model, "--ids", "1", "--temperature", "-0.5"], ">= 0"),
         ("--top-p", &["generate", "--model", model, "--ids", "1", "--temperature", "1", "--top-p", "-0.5"], "(0, 1]"),
         ("--link-gbps", &["generate", "--model", model, "--ids", "1", "--link-gbps", "-16"], "[1e-6, 1e6]"),
+        ("--link-gbps", &["bench", "--model", model, "--link-gbps", "none,-16"], "[1e-6, 1e6]"),
+        (
+            "--big-fraction",
+            &["generate", "--model", model, "--ids", "1", "--experts", "big-little", "--big-fraction", "-0.5"],
+            "[0, 1]",
+        ),
     ];
     for (flag, args, range) in cases {
         let line = error_line(&ferry(args));

@@ -322,7 +322,7 @@ pub struct BigLittleArgs {
     #[arg(long, default_value_t = Importance::DroppedMass, value_parser = choice::<Importance>())]
     pub importance: Importance,
     /// Share of tokens kept big (full top-k).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
     pub big_fraction: f32,
     /// When a big token's expert is not resident: fetch (exact) or substitute a resident one.
     #[arg(long, default_value_t = BigFallback::Fetch, value_parser = choice::<BigFallback>())]
@@ -464,7 +464,7 @@ pub struct BenchArgs {
     /// Emulate a host-to-GPU link of this many GB/s for the offloaded modes (reported as
     /// emulated); repeatable or comma-separated, `none` for the adapter's own speed, e.g.
     /// `none,16` measures every offloaded mode both ways.
-    #[arg(long, value_delimiter = ',', value_parser = link_choice)]
+    #[arg(long, value_delimiter = ',', value_parser = link_choice, allow_hyphen_values = true)]
     pub link_gbps: Vec<LinkChoice>,
     /// Expert modes to measure at each budget, policy and prefetch mode (repeatable or
     /// comma-separated).
@@ -474,7 +474,7 @@ pub struct BenchArgs {
     #[arg(long = "importance", value_delimiter = ',', default_values_t = [Importance::DroppedMass], value_parser = choice::<Importance>())]
     pub importances: Vec<Importance>,
     /// Share of tokens kept big in big-little modes.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
     pub big_fraction: f32,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 32)]
