@@ -470,6 +470,17 @@ fn a_non_finite_expert_is_named_when_first_uploaded() {
         .and_then(|model| Engine::new(model, None).generate(&greedy_request(4), |_| {}));
     let err = result.expect_err("the bad experts are used").to_string();
     assert_mentions(&err, &["layer 2, routed expert", "up projection", "inf at element 5"]);
+    // Kept at bf16 width, the check reads the packed words.
+    let opened = ferry_models::open(&dir).unwrap();
+    let options = ferry_runtime::options::ExpertOptions {
+        expert_dtype: ferry_runtime::options::ExpertDtype::Bf16,
+        ..Default::default()
+    };
+    let err = Model::load_with(opened.spec, &opened.weights, &gpu().device, options)
+        .err()
+        .map(|e| e.to_string())
+        .expect("bf16 experts with an Inf must not load");
+    assert_mentions(&err, &["layer 2, routed expert 0", "up projection", "inf at element 5"]);
 }
 
 /// A `--max-new-tokens` of usize::MAX means "until the context is full", not an overflow.

@@ -466,21 +466,29 @@ impl ExpertCache {
 /// rather than NaN rows. Costs one pass over what the conversion just produced.
 fn finite_expert((layer, expert): ExpertId, host: &HostExpert) -> Result<()> {
     const PARTS: [&str; 3] = ["gate", "up", "down"];
-    let parts: [&[f32]; 3] = if let HostExpert::F32(w) = host {
-        [&w[0], &w[1], &w[2]]
+    let first_bad: [Option<(usize, f32)>; 3] = if let HostExpert::F32(w) = host {
+        w.each_ref().map(|v| first_non_finite(v.iter().copied()))
+    } else if let HostExpert::Bf16(w) = host {
+        // Two bf16 values per word, the low half first.
+        w.each_ref().map(|words| {
+            first_non_finite(words.iter().flat_map(|w| [f32::from_bits(w << 16), f32::from_bits(w & 0xFFFF_0000)]))
+        })
     } else if let HostExpert::Quant(q) = host {
-        [&q.gate.scales, &q.up.scales, &q.down.scales]
+        [&q.gate, &q.up, &q.down].map(|m| first_non_finite(m.scales.iter().copied()))
     } else {
         return Ok(());
     };
-    for (part, values) in PARTS.iter().zip(parts) {
-        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+    for (part, bad) in PARTS.iter().zip(first_bad) {
+        if let Some((at, value)) = bad {
             return Err(FerryError::NonFinite(format!(
-                "layer {layer}, routed expert {expert}: its {part} projection holds {} at element {at} (scales for a \
-                 quantised format); weights must be finite",
-                values[at]
+                "layer {layer}, routed expert {expert}: its {part} projection holds {value} at element {at} (scales \
+                 for a quantised format); weights must be finite"
             )));
         }
     }
     Ok(())
+}
+
+fn first_non_finite(values: impl Iterator<Item = f32>) -> Option<(usize, f32)> {
+    values.enumerate().find(|(_, v)| !v.is_finite())
 }
