@@ -1,24 +1,12 @@
 //! Bad input gives a clear error naming the file, tensor or flag, never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferry_runtime::engine::{Engine, GenerateRequest, Generation};
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::sampling::SamplingConfig;
 
-use crate::support::{fixture, gpu};
-
-/// A writable copy of a fixture folder.
-fn copy_fixture(family: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(family);
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(family)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    (tmp, dir)
-}
+use crate::support::{copy_fixture, edit_tensors, fixture, gpu};
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
@@ -239,33 +227,6 @@ fn mxfp4_blocks_and_scales_that_disagree_are_named() {
     assert_mentions(&load_error(&dir), &[bad, "gate_up_proj_blocks"]);
 }
 
-/// Rewrites the F32 tensors of a single-file fixture whose names pass `pick`.
-fn edit_tensors(dir: &Path, pick: impl Fn(&str) -> bool, edit: impl Fn(&mut [f32])) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let mut data = view.data().to_vec();
-            if pick(&name) {
-                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-                let mut values: Vec<f32> =
-                    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                edit(&mut values);
-                data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            }
-            (name, view.shape().to_vec(), data)
-        })
-        .collect();
-    assert!(owned.iter().any(|(name, _, _)| pick(name)), "no tensor of {} was picked", path.display());
-    let views = owned.iter().map(|(name, shape, data)| {
-        (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
-    });
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-}
-
 #[test]
 fn absurd_layer_counts_and_widths_are_range_errors_not_aborts() {
     let (_tmp, dir) = copy_fixture("qwen3_moe");
@@ -481,6 +442,19 @@ fn a_non_finite_expert_is_named_when_first_uploaded() {
         .map(|e| e.to_string())
         .expect("bf16 experts with an Inf must not load");
     assert_mentions(&err, &["layer 2, routed expert 0", "up projection", "inf at element 5"]);
+    // Quantised, a NaN weight makes its group's scale NaN (it is not rounded to a plausible code).
+    let (_tmp, dir) = copy_fixture("qwen3_moe");
+    edit_tensors(&dir, |n| n == "model.layers.2.mlp.experts.3.up_proj.weight", |values| values[5] = f32::NAN);
+    let opened = ferry_models::open(&dir).unwrap();
+    let options = ferry_runtime::options::ExpertOptions {
+        expert_dtype: ferry_runtime::options::ExpertDtype::Int8,
+        ..Default::default()
+    };
+    let err = Model::load_with(opened.spec, &opened.weights, &gpu().device, options)
+        .err()
+        .map(|e| e.to_string())
+        .expect("int8 experts quantised from a NaN must not load");
+    assert_mentions(&err, &["layer 2, routed expert 3", "up projection"]);
 }
 
 /// A `--max-new-tokens` of usize::MAX means "until the context is full", not an overflow.

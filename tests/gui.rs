@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::support::fixture;
+use crate::support::{copy_fixture, edit_tensors, fixture};
 
 #[test]
 fn the_desktop_app_streams_a_reply_and_its_residency_map_changes_under_xvfb() {
@@ -45,4 +45,38 @@ fn the_desktop_app_streams_a_reply_and_its_residency_map_changes_under_xvfb() {
     let png = std::fs::read(&shot).expect("--screenshot written");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "not a real screenshot: {} bytes", png.len());
     eprintln!("screenshot: {}", shot.display());
+}
+
+/// A model that fails in the middle of a reply (an expert holding an Inf, found when a miss
+/// first uploads it): the app shows the error naming the expert, keeps the conversation, and a
+/// scripted run ends with that error instead of hanging or crashing.
+#[test]
+fn a_reply_that_fails_mid_generation_shows_the_error_and_keeps_the_conversation() {
+    let (_tmp, model) = copy_fixture("qwen3_moe");
+    edit_tensors(
+        &model,
+        |n| n.starts_with("model.layers.2.mlp.experts.") && n.ends_with("up_proj.weight"),
+        |values| values[5] = f32::INFINITY,
+    );
+    let state = model.join("state.json");
+    let output = Command::new("xvfb-run")
+        .args(["-a", "-s", "-screen 0 1280x800x24"])
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args(["gui", "--model"])
+        .arg(&model)
+        .args(["--vram-budget", "25%", "--max-new-tokens", "4", "--script-prompt", "Hello there"])
+        .arg("--state-out")
+        .arg(&state)
+        .args(["--script-timeout", "300"])
+        .output()
+        .expect("xvfb-run starts ferry gui");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a failed reply fails the scripted run: {stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("--state-out written")).unwrap();
+    assert_eq!(report["model_loaded"], true, "the model loads (its experts are offloaded): {report}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("routed expert") && error.contains("inf"), "{report}");
+    assert!(!error.contains('\n'), "one line: {error:?}");
+    assert!(report["conversation_turns"].as_u64().unwrap() >= 1, "the prompt stays in the chat: {report}");
 }

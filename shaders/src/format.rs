@@ -47,6 +47,12 @@ pub struct QuantMatrix {
     pub scales: Vec<f32>,
 }
 
+/// The largest magnitude of a group, NaN when any value is NaN (`f32::max` would skip it and
+/// quantise the NaN to a plausible code; a NaN scale is caught by the non-finite checks).
+fn absmax(group: &[f32]) -> f32 {
+    group.iter().fold(0f32, |m, v| if v.is_nan() || m.is_nan() { f32::NAN } else { m.max(v.abs()) })
+}
+
 /// Quantises `w`, given in checkpoint layout `[n, k]` (one row per output, over the reduction
 /// dimension), into slot layout.
 pub fn quantize(w: &[f32], n: usize, k: usize, bits: u32) -> QuantMatrix {
@@ -56,8 +62,8 @@ pub fn quantize(w: &[f32], n: usize, k: usize, bits: u32) -> QuantMatrix {
     let mut scales = vec![0f32; k / GROUP * n];
     for (column, row) in w.chunks_exact(k).enumerate().take(n) {
         for (g, group) in row.chunks_exact(GROUP).enumerate() {
-            let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / qmax } else { 1.0 };
+            let amax = absmax(group);
+            let scale = if amax.is_nan() || amax > 0.0 { amax / qmax } else { 1.0 };
             scales[g * n + column] = scale;
             for (offset, &v) in group.iter().enumerate() {
                 let r = g * GROUP + offset;
@@ -93,10 +99,10 @@ pub fn quantize_mxfp4(w: &[f32], n: usize, k: usize) -> QuantMatrix {
     let mut scales = vec![0f32; k / GROUP * n];
     for (column, row) in w.chunks_exact(k).enumerate().take(n) {
         for (g, group) in row.chunks_exact(GROUP).enumerate() {
-            let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let amax = absmax(group);
             let exponent = if amax > 0.0 { (amax / 6.0).log2().ceil() as i32 } else { 0 };
             // The slot scale holds half the block scale: codes decode to twice their value.
-            scales[g * n + column] = pow2(exponent - 1);
+            scales[g * n + column] = if amax.is_nan() { f32::NAN } else { pow2(exponent - 1) };
             for (offset, &v) in group.iter().enumerate() {
                 let r = g * GROUP + offset;
                 let target = v / pow2(exponent);
@@ -157,6 +163,17 @@ mod tests {
                 let scale = q.scales[(i % k) / GROUP * n + i / k];
                 assert!((a - b).abs() <= scale / 2.0 + 1e-6, "bits {bits} index {i}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn a_nan_weight_makes_its_groups_scale_nan_instead_of_a_plausible_code() {
+        let (n, k) = (1, 64);
+        let mut w = vec![0.5f32; k];
+        w[40] = f32::NAN;
+        for q in [quantize(&w, n, k, 4), quantize_mxfp4(&w, n, k)] {
+            assert!(q.scales[0].is_finite(), "the first group holds no NaN");
+            assert!(q.scales[1].is_nan(), "the NaN's group: {:?}", q.scales);
         }
     }
 

@@ -113,3 +113,42 @@ pub fn greedy(engine: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     };
     engine.generate(&request, |_| {}).expect("greedy generation").ids
 }
+
+/// A writable copy of a fixture folder.
+pub fn copy_fixture(family: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(family);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(family)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+/// Rewrites the F32 tensors of a single-file fixture whose names pass `pick`.
+pub fn edit_tensors(dir: &Path, pick: impl Fn(&str) -> bool, edit: impl Fn(&mut [f32])) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let mut data = view.data().to_vec();
+            if pick(&name) {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+                let mut values: Vec<f32> =
+                    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                edit(&mut values);
+                data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    assert!(owned.iter().any(|(name, _, _)| pick(name)), "no tensor of {} was picked", path.display());
+    let views = owned.iter().map(|(name, shape, data)| {
+        (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+    });
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}

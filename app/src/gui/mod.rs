@@ -247,6 +247,7 @@ impl FerryApp {
             frames: self.frames,
             screenshot: None,
             error: None,
+            conversation_turns: self.chat.messages().iter().filter(|m| m.role != "system").count(),
         }
     }
 

@@ -26,6 +26,8 @@ pub struct ScriptReport {
     pub frames: u64,
     pub screenshot: Option<PathBuf>,
     pub error: Option<String>,
+    /// Turns in the chat (the prompt and replies), so a failed reply can be seen to keep them.
+    pub conversation_turns: usize,
 }
 
 enum Phase {
