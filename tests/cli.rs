@@ -504,3 +504,17 @@ fn a_tokenizer_far_smaller_than_the_vocabulary_is_reported() {
         "{stderr}"
     );
 }
+
+/// A prompt far longer than the model's context is refused from its size, before the tokenizer
+/// spends memory on it: one error line naming the bytes, the tokens they must be and the context.
+#[test]
+fn a_prompt_far_beyond_the_context_is_refused_before_tokenizing() {
+    let model = fixture("mixtral");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let context = config["max_position_embeddings"].as_u64().unwrap() as usize;
+    // Far more bytes than any context of tokens could hold, whatever the tokens' lengths.
+    let prompt = "word ".repeat(context * 100);
+    let line = error_line(&ferry(&["generate", "--model", model.to_str().unwrap(), "--prompt", &prompt]));
+    assert!(line.contains("--prompt") && line.contains(&format!("context of {context} tokens")), "{line}");
+}

@@ -55,6 +55,10 @@ impl std::io::Write for BoundedText {
 /// A model folder's tokenizer and chat template.
 pub struct ChatTokenizer {
     tokenizer: tokenizers::Tokenizer,
+    /// Bytes of the vocabulary's longest token string: a text of `n` bytes is at least
+    /// `n / longest_token` tokens, which tells a prompt too long for the context before the
+    /// tokenizer spends memory on it.
+    longest_token: usize,
     path: PathBuf,
     template: Option<String>,
     bos_token: Option<String>,
@@ -106,7 +110,8 @@ impl ChatTokenizer {
             regular_file(&jinja_path)?;
             template = Some(std::fs::read_to_string(&jinja_path).map_err(|e| FerryError::io(&jinja_path, e))?);
         }
-        Ok(Self { tokenizer, path, template, bos_token, eos_token })
+        let longest_token = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        Ok(Self { tokenizer, longest_token, path, template, bos_token, eos_token })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -115,6 +120,30 @@ impl ChatTokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| FerryError::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `encode`, refusing before any work a text that cannot fit `context` tokens (at least
+    /// one token per `longest_token` bytes): a document far beyond the context is an error naming
+    /// its size, not a tokenizer that runs out of memory.
+    pub fn encode_within(&self, text: &str, add_special_tokens: bool, context: usize) -> Result<Vec<u32>> {
+        let at_least = text.len() / self.longest_token;
+        if at_least > context {
+            return Err(FerryError::flag(
+                "--prompt",
+                format!(
+                    "{} bytes are at least {at_least} tokens (no token is longer than {} bytes), more than the model's context of {context} tokens",
+                    text.len(),
+                    self.longest_token
+                ),
+            ));
+        }
+        self.encode(text, add_special_tokens)
+    }
+
+    /// `encode_chat` with `encode_within`'s bound on the rendered conversation.
+    pub fn encode_chat_within(&self, messages: &[Message], context: usize) -> Result<Vec<u32>> {
+        let text = self.render(messages, true)?;
+        self.encode_within(&text, false, context)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

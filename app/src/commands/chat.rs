@@ -41,7 +41,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         history.push(Message::new("user", line));
         let request = GenerateRequest {
-            prompt_ids: tokenizer.encode_chat(&history)?,
+            prompt_ids: tokenizer.encode_chat_within(&history, engine.model.spec().max_position_embeddings)?,
             max_new_tokens: args.sampling.max_new_tokens,
             sampling: sampling.clone(),
             stop_strings: args.sampling.stop.clone(),

@@ -12,14 +12,15 @@ use crate::load;
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut loaded = load::engine(&args.model, args.prompt.is_some())?;
     let engine = &mut loaded.engine;
+    let context = engine.model.spec().max_position_embeddings;
     let prompt_ids = match (&args.prompt, &args.ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
             let tokenizer = engine.tokenizer.as_ref().context("--prompt needs tokenizer.json in the model folder")?;
             if args.chat {
-                tokenizer.encode_chat(&[Message::new("user", text)])?
+                tokenizer.encode_chat_within(&[Message::new("user", text)], context)?
             } else {
-                tokenizer.encode(text, true)?
+                tokenizer.encode_within(text, true, context)?
             }
         }
         (None, None) => anyhow::bail!("give --prompt TEXT or --ids 1,2,3"),

@@ -205,12 +205,13 @@ fn generate(
 ) -> anyhow::Result<()> {
     let tokenizer =
         engine.tokenizer.as_ref().ok_or_else(|| anyhow::anyhow!("the model folder has no tokenizer.json"))?;
+    let context = engine.model.spec().max_position_embeddings;
     let prompt_ids = if tokenizer.has_chat_template() {
-        tokenizer.encode_chat(&reply.messages)?
+        tokenizer.encode_chat_within(&reply.messages, context)?
     } else {
         // Without a template the turns are plain text, one per line.
         let text: Vec<&str> = reply.messages.iter().map(|m| m.content.as_str()).collect();
-        tokenizer.encode(&text.join("\n"), true)?
+        tokenizer.encode_within(&text.join("\n"), true, context)?
     };
     let request = GenerateRequest {
         prompt_ids,
