@@ -140,6 +140,10 @@ fn info_reports_mla_kv_bytes_and_the_expert_format() {
     assert_eq!(out["kv_bytes_per_token_f32"], 480);
     assert_eq!(out["kv_bytes_per_token_f32_expanded"], 2304);
     assert_eq!(out["expert_format"], "BF16");
+    // auto runs a BF16 checkpoint at its width: experts and projections in bf16.
+    assert_eq!((out["expert_dtype"].as_str(), out["dense_dtype"].as_str()), (Some("bf16"), Some("bf16")));
+    assert_eq!(out["expert_bytes_each"].as_u64().unwrap() * 2, out["expert_bytes_each_f32"].as_u64().unwrap());
+    assert!(out["gpu_resident_bytes"].as_u64().unwrap() < out["gpu_resident_bytes_f32"].as_u64().unwrap());
     let out = json_of(&ferry(&["info", "--model", fixture("gpt_oss").to_str().unwrap(), "--json"]));
     assert!(out["expert_format"].as_str().unwrap().starts_with("MXFP4"), "{}", out["expert_format"]);
     let generated = json_of(&ferry(&[

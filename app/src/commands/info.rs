@@ -38,6 +38,13 @@ pub fn run(args: InfoArgs) -> Result<()> {
         ),
     };
     let expert_format = expert_format(&opened);
+    // What the flags (auto by default) run the model in: the stored width of experts and
+    // projections on the GPU.
+    let options = load::expert_options(&args.model)?;
+    let expert_bytes_each = options.expert_dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
+    let projections = spec.projection_params() as u64;
+    let gpu_resident =
+        projections * options.dense_dtype.bytes() + (spec.gpu_resident_params() as u64 - projections) * 4;
     // The graph computes in f32: 4 bytes per parameter on the GPU.
     let value = serde_json::json!({
         "folder": folder,
@@ -64,6 +71,10 @@ pub fn run(args: InfoArgs) -> Result<()> {
         "kv_bytes_per_token_f32": kv_bytes,
         "kv_bytes_per_token_f32_expanded": kv_expanded,
         "expert_format": expert_format,
+        "expert_dtype": options.expert_dtype,
+        "dense_dtype": options.dense_dtype,
+        "expert_bytes_each": expert_bytes_each,
+        "gpu_resident_bytes": gpu_resident,
         "spec": spec,
     });
     if args.json {
@@ -98,6 +109,13 @@ pub fn run(args: InfoArgs) -> Result<()> {
         mib(resident * 4),
         mib(experts * 4),
         mib(spec.expert_params() * 4)
+    );
+    println!(
+        "runs as       experts {} ({:.3} MiB each), projections {} ({:.2} MiB on the GPU with norms)",
+        options.expert_dtype,
+        expert_bytes_each as f64 / (1024.0 * 1024.0),
+        options.dense_dtype,
+        gpu_resident as f64 / (1024.0 * 1024.0)
     );
     println!("checkpoint    {:.2} MiB on disk", mib(opened.weights.total_bytes()));
     Ok(())
