@@ -522,3 +522,20 @@ fn a_prompt_far_beyond_the_context_is_refused_before_tokenizing() {
     let line = error_line(&ferry(&["generate", "--model", model.to_str().unwrap(), "--prompt", &prompt]));
     assert!(line.contains("--prompt") && line.contains(&format!("context of {context} tokens")), "{line}");
 }
+
+/// Without a desktop session (`XDG_RUNTIME_DIR` unset: ssh, CI, containers) a command prints
+/// nothing but its own output: Mesa's device-select Vulkan layer, which complained about the
+/// missing session on every Vulkan instance, is switched off there.
+#[test]
+fn commands_outside_a_desktop_session_print_no_session_warnings() {
+    let model = fixture("mixtral");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["logits", "--model", model.to_str().unwrap(), "--ids", "1,2"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .output()
+        .expect("ferry runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+}
