@@ -539,3 +539,40 @@ fn commands_outside_a_desktop_session_print_no_session_warnings() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
 }
+
+/// A hub name (`ORG/NAME[@REVISION]`) resolves from the local HuggingFace cache laid out as
+/// `huggingface_hub` writes it (refs naming a commit, a snapshot folder of files): the same
+/// logits as the folder itself; a name that is not cached is one error line saying where Ferry
+/// looked.
+#[test]
+fn hub_names_resolve_from_the_local_huggingface_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = cache.path().join("models--ferry-test--tiny-mixtral");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(fixture("mixtral")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    let logits = |model: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["logits", "--model", model, "--ids", "1,2,3"])
+            .env("HF_HUB_CACHE", cache.path())
+            .output()
+            .expect("ferry runs");
+        json_of(&out)["logits"].clone()
+    };
+    let folder = fixture("mixtral");
+    assert_eq!(logits("ferry-test/tiny-mixtral"), logits(folder.to_str().unwrap()));
+    assert_eq!(logits(&format!("ferry-test/tiny-mixtral@{commit}")), logits(folder.to_str().unwrap()));
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["logits", "--model", "ferry-test/absent", "--ids", "1"])
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .expect("ferry runs");
+    let line = error_line(&out);
+    assert!(line.contains("ferry-test/absent") && line.contains("not in the HuggingFace cache"), "{line}");
+}

@@ -261,8 +261,9 @@ pub struct MoleToLutArgs {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// HuggingFace model folder (config.json, *.safetensors, tokenizer.json). Default: Ferry's
-    /// built-in model, generated into the cache folder on first use.
+    /// HuggingFace model folder (config.json, *.safetensors, tokenizer.json), or a hub name
+    /// ORG/NAME[@REVISION] already in the local HuggingFace cache. Default: Ferry's built-in
+    /// model, generated into the cache folder on first use.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// GPU adapter: default, cpu, discrete[:N], integrated[:N] or virtual[:N].

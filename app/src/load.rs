@@ -12,10 +12,11 @@ use ferry_runtime::options::{AdapterChoice, BigLittle, DenseDtype, ExpertDtype, 
 
 use crate::args::{BigLittleArgs, DenseDtypeChoice, ExpertDtypeChoice, ModelArgs};
 
-/// The model folder the user named, or the built-in default (generated on first use).
+/// The model folder the user named (a folder, or a hub name `ORG/NAME[@REVISION]` found in the
+/// local HuggingFace cache), or the built-in default (generated on first use).
 pub fn model_folder(args: &ModelArgs) -> Result<PathBuf> {
     match &args.model {
-        Some(folder) => Ok(folder.clone()),
+        Some(folder) => Ok(ferry_models::hub::resolve(folder)?),
         None => Ok(ferry_models::random_model::ensure()?),
     }
 }

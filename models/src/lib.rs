@@ -5,6 +5,7 @@ mod common;
 pub mod config;
 pub mod deepseek;
 pub mod gpt_oss;
+pub mod hub;
 pub mod mixtral;
 pub mod mole;
 pub mod olmoe;

@@ -15,7 +15,8 @@ pub fn run(command: ConvertCommand) -> Result<()> {
     }
 }
 
-fn quantize(args: QuantizeArgs) -> Result<()> {
+fn quantize(mut args: QuantizeArgs) -> Result<()> {
+    args.model = ferry_models::hub::resolve(&args.model)?;
     let dtype = args.dtype;
     if dtype.bits().is_none() {
         anyhow::bail!("--dtype {dtype}: use a quantised format (int8, int4, int3, int2 or mxfp4)");
@@ -45,7 +46,8 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn mole_to_lut(args: MoleToLutArgs) -> Result<()> {
+fn mole_to_lut(mut args: MoleToLutArgs) -> Result<()> {
+    args.model = ferry_models::hub::resolve(&args.model)?;
     let dtype = args.dtype;
     let gpu = Gpu::open(args.adapter)?;
     let bar = ProgressBar::new(0);

@@ -22,7 +22,7 @@ use report::{ModeReport, Summary};
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let folder = match &args.model {
-        Some(folder) => folder.clone(),
+        Some(folder) => ferry_models::hub::resolve(folder)?,
         None => ferry_models::random_model::ensure()?,
     };
     let opened = ferry_models::open(&folder)?;
