@@ -21,38 +21,52 @@ const UNITS: u32 = 64;
 /// burn's matmul.
 pub const MAX_ROWS: usize = 1;
 
-/// `x W` for `x` `[rows, in]` (any strides) and `wt` `[in, out]` (contiguous), plus `bias`
-/// `[out]`; None where the tensors are not on a CubeCL backend (the caller then runs a matmul).
-pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
-    let [rows, inputs] = x.dims();
-    let (w_in, outputs) = (wt.meta.shape()[0], wt.meta.shape()[1]);
-    debug_assert_eq!(inputs, w_in, "matvec: x has {inputs} columns, the weight {w_in} rows");
+/// What both products launch with: `x` and `bias` as CubeCL tensors (None where the backend is
+/// another), the output `[rows, outputs]`, the vector size and the cube count.
+struct Prepared {
+    x: CubeTensor,
+    bias: Option<CubeTensor>,
+    y: CubeTensor,
+    lanes: usize,
+    count: CubeCount,
+}
+
+fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize) -> Option<Prepared> {
+    let rows = x.dims()[0];
     let xc = try_cube_float(x.clone()).ok()?;
-    let bc = match bias {
+    let bias = match bias {
         Some(b) => Some(try_cube_float(b.clone()).ok()?),
         None => None,
     };
-    let client = xc.client.clone();
     let y = burn_cubecl::ops::numeric::empty_device_dtype(
-        client.clone(),
+        xc.client.clone(),
         xc.device.clone(),
         [rows, outputs].into(),
         xc.dtype,
     );
     let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
     let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
-    let has_bias = bc.is_some();
+    Some(Prepared { x: xc, bias, y, lanes, count })
+}
+
+/// `x W` for `x` `[rows, in]` (any strides) and `wt` `[in, out]` (contiguous), plus `bias`
+/// `[out]`; None where the tensors are not on a CubeCL backend (the caller then runs a matmul).
+pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+    let (w_in, outputs) = (wt.meta.shape()[0], wt.meta.shape()[1]);
+    debug_assert_eq!(x.dims()[1], w_in, "matvec: x has {} columns, the weight {w_in} rows", x.dims()[1]);
+    let Prepared { x: xc, bias, y, lanes, count } = prepare(x, bias, outputs)?;
+    let has_bias = bias.is_some();
     let dtypes = [dtype_to_storage_type(xc.dtype), dtype_to_storage_type(wt.dtype)];
     let bytes = (w_in * outputs * wt.dtype.size()) as u64;
     launches::record_matrix(&count, &CubeDim::new_1d(UNITS), bytes);
     kernel::matvec_kernel::launch(
-        &client,
+        &xc.client.clone(),
         count,
         CubeDim::new_1d(UNITS),
         lanes,
         xc.clone().into_tensor_arg(),
         wt.clone().into_tensor_arg(),
-        bc.unwrap_or(xc).into_tensor_arg(),
+        bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
         has_bias,
         dtypes,
@@ -64,36 +78,23 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Optio
 /// `w_j x_j` then `w_(j+1) x_(j+1)` in index order, so a BF16 checkpoint's projection gives
 /// the f32 kernel's output bit for bit.
 pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
-    let [rows, inputs] = x.dims();
     let (pairs, outputs) = (words.meta.shape()[0], words.meta.shape()[1]);
-    debug_assert_eq!(inputs, 2 * pairs, "matvec_bf16: x has {inputs} columns, the weight {pairs} pairs");
-    let xc = try_cube_float(x.clone()).ok()?;
-    let bc = match bias {
-        Some(b) => Some(try_cube_float(b.clone()).ok()?),
-        None => None,
-    };
-    let client = xc.client.clone();
-    let y = burn_cubecl::ops::numeric::empty_device_dtype(
-        client.clone(),
-        xc.device.clone(),
-        [rows, outputs].into(),
-        xc.dtype,
-    );
-    let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
-    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
-    let has_bias = bc.is_some();
+    debug_assert_eq!(x.dims()[1], 2 * pairs, "matvec_bf16: x has {} columns, the weight {pairs} pairs", x.dims()[1]);
+    let Prepared { x: xc, bias, y, lanes, count } = prepare(x, bias, outputs)?;
+    let has_bias = bias.is_some();
+    let dtype = dtype_to_storage_type(xc.dtype);
     launches::record_matrix(&count, &CubeDim::new_1d(UNITS), (pairs * outputs * 4) as u64);
     kernel::matvec_bf16_kernel::launch(
-        &client,
+        &xc.client.clone(),
         count,
         CubeDim::new_1d(UNITS),
         lanes,
         xc.clone().into_tensor_arg(),
         words.clone().into_tensor_arg(),
-        bc.unwrap_or(xc.clone()).into_tensor_arg(),
+        bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
         has_bias,
-        dtype_to_storage_type(xc.dtype),
+        dtype,
     );
     Some(from_cube(y))
 }
