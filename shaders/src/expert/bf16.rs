@@ -15,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
+use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at};
 use crate::bridge::ShaderError;
 use crate::lanes::{load_vec, widen};
 
@@ -225,17 +225,11 @@ impl Bf16Page {
         y: &CubeTensor,
         device: &Device,
     ) -> Result<(), ShaderError> {
-        if work.is_empty() {
-            return Ok(());
-        }
-        let launch = Launch::new(work, extras, device)?;
+        let (inter, hidden) = (self.gate.meta.shape()[2], self.down.meta.shape()[2]);
+        let Some(launch) = Launch::new(work, extras, device, hidden, inter)? else { return Ok(()) };
         let client = x.client.clone();
-        let inter = self.gate.meta.shape()[2];
-        let hidden = self.down.meta.shape()[2];
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
-        let (bias_gate_up, bias_down) = launch.extras.bias_args();
-        let has_bias = launch.extras.bias.is_some();
-        let lanes = vector_size(hidden, inter);
+        let lanes = launch.lanes;
         launch.record(inter / lanes, &[&self.gate, &self.up]);
         gate_up_bf16_kernel::launch(
             &client,
@@ -248,9 +242,9 @@ impl Bf16Page {
             launch.groups.clone().into_tensor_arg(),
             launch.assign.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
-            bias_gate_up.into_tensor_arg(),
+            launch.bias_gate_up.clone().into_tensor_arg(),
             launch.extras.params.clone().into_tensor_arg(),
-            has_bias,
+            launch.has_bias,
             launch.extras.clamped,
             dtypes,
         );
@@ -266,8 +260,8 @@ impl Bf16Page {
             launch.assign.clone().into_tensor_arg(),
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
-            bias_down.into_tensor_arg(),
-            has_bias,
+            launch.bias_down.clone().into_tensor_arg(),
+            launch.has_bias,
             dtypes,
         );
         Ok(())

@@ -157,6 +157,12 @@ pub(crate) struct Launch {
     pub weights: CubeTensor,
     pub n_groups: u32,
     pub extras: ExpertExtras,
+    /// The biases the kernels bind (a stand-in when the layer has none), and whether they apply.
+    pub bias_gate_up: CubeTensor,
+    pub bias_down: CubeTensor,
+    pub has_bias: bool,
+    /// Adjacent output rows per unit (`vector_size`).
+    pub lanes: usize,
 }
 
 impl Launch {
@@ -173,11 +179,21 @@ impl Launch {
         crate::launches::record_matrix(&self.cubes(rows), &dim, per_group * u64::from(self.n_groups));
     }
 
-    /// Uploads `work`'s tables.
-    pub fn new(work: &PageWork, extras: &ExpertExtras, device: &Device) -> Result<Self, ShaderError> {
+    /// Uploads `work`'s tables for experts of `hidden` x `inter`; None when there is no work.
+    pub fn new(
+        work: &PageWork,
+        extras: &ExpertExtras,
+        device: &Device,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Option<Self>, ShaderError> {
+        if work.is_empty() {
+            return Ok(None);
+        }
         let ints =
             |v: &[u32]| cube_int(BurnTensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device));
-        Ok(Self {
+        let (bias_gate_up, bias_down) = extras.bias_args();
+        Ok(Some(Self {
             groups: ints(&work.groups)?,
             assign: ints(&work.assign)?,
             weights: cube_float(BurnTensor::<1>::from_data(
@@ -186,7 +202,11 @@ impl Launch {
             ))?,
             n_groups: (work.groups.len() / 4) as u32,
             extras: extras.clone(),
-        })
+            bias_gate_up,
+            bias_down,
+            has_bias: extras.bias.is_some(),
+            lanes: vector_size(hidden, inter),
+        }))
     }
 }
 

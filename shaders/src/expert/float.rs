@@ -9,7 +9,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
+use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::lanes::load_vec;
 
@@ -202,21 +202,16 @@ impl FloatPage {
         y: &CubeTensor,
         device: &Device,
     ) -> Result<(), ShaderError> {
-        if work.is_empty() {
-            return Ok(());
-        }
-        let launch = Launch::new(work, extras, device)?;
-        let client = x.client.clone();
         let dims = self.gate.meta.shape();
         let (hidden, inter) = (dims[1], dims[2]);
+        let Some(launch) = Launch::new(work, extras, device, hidden, inter)? else { return Ok(()) };
+        let client = x.client.clone();
         let dtypes = [
             dtype_to_storage_type(x.dtype),
             dtype_to_storage_type(self.gate.dtype),
             dtype_to_storage_type(launch.groups.dtype),
         ];
-        let (bias_gate_up, bias_down) = launch.extras.bias_args();
-        let has_bias = launch.extras.bias.is_some();
-        let lanes = vector_size(hidden, inter);
+        let lanes = launch.lanes;
         launch.record(inter / lanes, &[&self.gate, &self.up]);
         gate_up_kernel::launch(
             &client,
@@ -229,9 +224,9 @@ impl FloatPage {
             launch.groups.clone().into_tensor_arg(),
             launch.assign.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
-            bias_gate_up.into_tensor_arg(),
+            launch.bias_gate_up.clone().into_tensor_arg(),
             launch.extras.params.clone().into_tensor_arg(),
-            has_bias,
+            launch.has_bias,
             launch.extras.clamped,
             dtypes,
         );
@@ -247,8 +242,8 @@ impl FloatPage {
             launch.assign.clone().into_tensor_arg(),
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
-            bias_down.into_tensor_arg(),
-            has_bias,
+            launch.bias_down.clone().into_tensor_arg(),
+            launch.has_bias,
             dtypes,
         );
         Ok(())

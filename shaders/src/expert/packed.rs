@@ -15,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at, vector_size};
+use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::format::{GROUP, QuantMatrix, code_rows};
 use crate::lanes::load_vec;
@@ -301,18 +301,11 @@ impl PackedPage {
         y: &CubeTensor,
         device: &Device,
     ) -> Result<(), ShaderError> {
-        if work.is_empty() {
-            return Ok(());
-        }
-        let launch = Launch::new(work, extras, device)?;
-        let launch = &launch;
+        let (inter, hidden) = (self.gate.codes.meta.shape()[2], self.down.codes.meta.shape()[2]);
+        let Some(launch) = Launch::new(work, extras, device, hidden, inter)? else { return Ok(()) };
         let client = x.client.clone();
-        let inter = self.gate.codes.meta.shape()[2];
-        let hidden = self.down.codes.meta.shape()[2];
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
-        let (bias_gate_up, bias_down) = launch.extras.bias_args();
-        let has_bias = launch.extras.bias.is_some();
-        let lanes = vector_size(hidden, inter);
+        let lanes = launch.lanes;
         launch.record(inter / lanes, &[&self.gate.codes, &self.gate.scales, &self.up.codes, &self.up.scales]);
         gate_up_quant_kernel::launch(
             &client,
@@ -327,11 +320,11 @@ impl PackedPage {
             launch.groups.clone().into_tensor_arg(),
             launch.assign.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
-            bias_gate_up.into_tensor_arg(),
+            launch.bias_gate_up.clone().into_tensor_arg(),
             launch.extras.params.clone().into_tensor_arg(),
             self.bits,
             self.fp4,
-            has_bias,
+            launch.has_bias,
             launch.extras.clamped,
             dtypes,
         );
@@ -348,10 +341,10 @@ impl PackedPage {
             launch.assign.clone().into_tensor_arg(),
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
-            bias_down.into_tensor_arg(),
+            launch.bias_down.clone().into_tensor_arg(),
             self.bits,
             self.fp4,
-            has_bias,
+            launch.has_bias,
             dtypes,
         );
         Ok(())
