@@ -94,8 +94,21 @@ fn vocab_mismatch(folder: &Path, tokenizer: usize, model: usize) -> Option<Strin
     })
 }
 
-/// The expert flags as the runtime takes them.
+/// The expert flags as the runtime takes them. `auto` formats read the checkpoint's own widths
+/// from the folder, opened once for both.
 pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
+    let auto = args.expert_dtype == ExpertDtypeChoice::Auto || args.dense_dtype == DenseDtypeChoice::Auto;
+    let opened = if auto { Some(ferry_models::open(&model_folder(args)?)?) } else { None };
+    let expert_dtype = match (args.expert_dtype, &opened) {
+        (ExpertDtypeChoice::Fixed(dtype), _) => dtype,
+        (ExpertDtypeChoice::Auto, Some(o)) => stored_expert_dtype(&o.weights, &o.spec)?.unwrap_or_default(),
+        (ExpertDtypeChoice::Auto, None) => ExpertDtype::default(),
+    };
+    let dense_dtype = match (args.dense_dtype, &opened) {
+        (DenseDtypeChoice::Fixed(dtype), _) => dtype,
+        (DenseDtypeChoice::Auto, Some(o)) => stored_dense_dtype(&o.weights, &o.spec),
+        (DenseDtypeChoice::Auto, None) => DenseDtype::default(),
+    };
     Ok(ExpertOptions {
         budget: args.vram_budget,
         policy: args.expert_policy,
@@ -105,29 +118,9 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
-        expert_dtype: expert_dtype(args)?,
-        dense_dtype: dense_dtype(args)?,
+        expert_dtype,
+        dense_dtype,
     })
-}
-
-/// `--expert-dtype` for the folder the arguments name.
-fn expert_dtype(args: &ModelArgs) -> Result<ExpertDtype> {
-    match args.expert_dtype {
-        ExpertDtypeChoice::Fixed(dtype) => Ok(dtype),
-        ExpertDtypeChoice::Auto => resolve_expert_dtype(args.expert_dtype, &model_folder(args)?),
-    }
-}
-
-/// `--dense-dtype` for the folder the arguments name: `auto` keeps a BF16 checkpoint's
-/// projections in bf16 and runs others in f32.
-fn dense_dtype(args: &ModelArgs) -> Result<DenseDtype> {
-    match args.dense_dtype {
-        DenseDtypeChoice::Fixed(dtype) => Ok(dtype),
-        DenseDtypeChoice::Auto => {
-            let opened = ferry_models::open(&model_folder(args)?)?;
-            Ok(stored_dense_dtype(&opened.weights, &opened.spec))
-        }
-    }
 }
 
 /// `--expert-dtype` for `folder`: `auto` keeps experts at the width the folder stores them in
