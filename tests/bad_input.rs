@@ -4,6 +4,7 @@ use std::path::Path;
 
 use ferry_runtime::engine::{Engine, GenerateRequest, Generation};
 use ferry_runtime::graph::{LogitsFor, Model};
+use ferry_runtime::options::{BigFallback, BigLittle, ExpertOptions, Importance};
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::support::{copy_fixture, edit_tensors, fixture, gpu};
@@ -530,23 +531,38 @@ fn the_default_model_cache_rewrites_damaged_copies_and_removes_stale_temps() {
     assert_eq!(cache_dir_from(env("/c")).unwrap(), Path::new("/c"));
 }
 
-/// Buffers larger than the adapter can hold are refused before allocating, naming the bytes:
-/// a KV cache for a huge context, a prefill's attention scores for a long prompt.
+/// A context whose KV layer is larger than any binding is paged, not refused; a prompt beyond
+/// the context reserved in GPU memory is refused before any work, and so is `--importance
+/// attention` on a prompt whose probabilities could not be bound.
 #[test]
-fn buffers_beyond_the_adapter_are_errors_stating_the_bytes() {
+fn contexts_beyond_a_binding_are_paged_and_beyond_the_reservation_refused() {
     let (_tmp, dir) = copy_fixture("qwen3_moe");
     edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(1 << 24));
     let mut engine = fixture_engine(&dir);
-    // 4 GiB per layer: beyond lavapipe's 128 MiB buffers, not beyond a large GPU's.
-    if gpu().describe().contains("llvmpipe") {
-        let request = greedy_request(usize::MAX);
-        let err = Generation::new(&engine.model, request).err().expect("must fail").to_string();
-        assert_mentions(&err, &["KV cache layer for 16777216 tokens", "bytes in one buffer", "--max-new-tokens"]);
-    }
-    // 4 heads x 200000^2 f32 scores: 640 GB, beyond any adapter.
+    // 16M positions, 4 GiB per layer: pages, each within a binding, allocated as reached.
+    let generation = Generation::new(&engine.model, greedy_request(usize::MAX)).expect("a paged cache");
+    drop(generation);
+    let cache = engine.model.new_cache(1 << 24).unwrap();
+    assert_eq!(cache.bytes(), 0, "nothing is allocated before it is reached");
+    let a = &engine.model.spec().attention;
+    let page_bytes = (cache.page_positions() * a.num_kv_heads * a.head_dim * 4) as u64;
+    assert!(page_bytes <= gpu().adapter.max_storage_buffer_binding_size, "a page fits one binding");
+    // A context reserved for 4096 tokens refuses a longer prompt before any work, naming it.
+    let options = ExpertOptions { kv_tokens: Some(4096), ..Default::default() };
+    engine.model.set_expert_options(options).unwrap();
     let request = GenerateRequest { prompt_ids: vec![5; 200_000], ..greedy_request(1) };
     let err = engine.generate(&request, |_| {}).expect_err("must fail").to_string();
-    assert_mentions(&err, &["attention scores for 200000 tokens", "bytes in one buffer", "shorter prompt"]);
+    assert_mentions(&err, &["200000 tokens", "4096 tokens of KV cache", "--max-context", "--vram-budget"]);
+    // `--importance attention`'s probabilities grow with the context: refused before the pass.
+    let big_little = BigLittle { importance: Importance::Attention, big_fraction: 0.5, fallback: BigFallback::Fetch };
+    let options = ExpertOptions { big_little: Some(big_little), ..Default::default() };
+    engine.model.set_expert_options(options).unwrap();
+    // 4 heads x 512 queries x 10M keys in f32: 82 GB, beyond any adapter's binding.
+    let mut cache = engine.model.new_cache(10_000_000).unwrap();
+    let err =
+        engine.model.forward(&vec![5; 10_000_000], &mut cache, LogitsFor::Last).err().expect("must fail").to_string();
+    assert_mentions(&err, &["attention probabilities for 512 tokens over 10000000 positions", "bytes in one buffer"]);
+    assert_eq!(cache.len(), 0, "nothing ran");
 }
 
 /// The embedding is read row by row, never scanned whole: a NaN row is named when a token

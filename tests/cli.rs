@@ -6,17 +6,17 @@ use std::process::{Command, Output};
 
 use crate::support::fixture;
 
-fn ferry(args: &[&str]) -> Output {
+pub(crate) fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().expect("ferry runs")
 }
 
-fn json_of(output: &Output) -> serde_json::Value {
+pub(crate) fn json_of(output: &Output) -> serde_json::Value {
     assert!(output.status.success(), "ferry failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
 }
 
 /// The error line ferry printed (wgpu's GL probe may print unrelated lines first).
-fn error_line(output: &Output) -> String {
+pub(crate) fn error_line(output: &Output) -> String {
     assert!(!output.status.success(), "ferry should have failed");
     let stderr = String::from_utf8_lossy(&output.stderr);
     let lines: Vec<&str> =

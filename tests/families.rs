@@ -101,7 +101,9 @@ fn sliding_layers_keep_a_cache_bounded_by_the_window() {
         match spec.attention.window(layer) {
             Some(w) => {
                 sliding += 1;
-                assert_eq!(cache.held(layer), w - 1, "sliding layer {layer}");
+                // Pages of 64 positions: the window's and at most a page before it.
+                let held = cache.held(layer);
+                assert!(held >= w && held < w + 64, "sliding layer {layer} holds {held}");
             }
             None => assert_eq!(cache.held(layer), ids.len() + 4, "full layer {layer}"),
         }

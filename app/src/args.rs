@@ -7,8 +7,8 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_runtime::lut::LutDtype;
 use ferry_runtime::options::{
-    AdapterChoice, BigFallback, ByteSize, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode, Importance, LinkModel,
-    OptionError, PrefetchMode, VramBudget,
+    AdapterChoice, BigFallback, ByteSize, DEFAULT_PREFILL_CHUNK, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode,
+    Importance, LinkModel, OptionError, PrefetchMode, VramBudget,
 };
 use strum::VariantNames;
 
@@ -26,6 +26,27 @@ where
 /// the error says only what is wrong.
 fn parsed<T: FromStr<Err = OptionError>>(text: &str) -> Result<T, String> {
     text.parse().map_err(|e: OptionError| e.message)
+}
+
+/// A number of tokens, at least 1; `k` multiplies by 1024 (`32k`).
+fn token_count(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let (digits, scale) = match text.strip_suffix(['k', 'K']) {
+        Some(d) => (d, 1024),
+        None => (text, 1),
+    };
+    match digits.parse::<usize>().ok().and_then(|n| n.checked_mul(scale)) {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!("{text:?} is not a number of tokens (e.g. 1024 or 4k)")),
+    }
+}
+
+/// A count that must be at least 1.
+fn positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("must be a whole number of at least 1".to_string()),
+    }
 }
 
 /// A whole-number flag; the error states the accepted range (clap's own says "invalid digit").
@@ -311,6 +332,16 @@ pub struct ModelArgs {
     /// the checkpoint's own width (bf16 for BF16), else f32.
     #[arg(long, default_value = "auto", value_parser = dense_dtype_choice())]
     pub dense_dtype: DenseDtypeChoice,
+    /// Most prompt tokens per forward pass: a longer prompt runs in chunks of this many over the
+    /// growing KV cache, which bounds a prefill's activations and expert work by the chunk, not
+    /// the prompt (logits equal within float rounding).
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, allow_negative_numbers = true, value_parser = positive)]
+    pub prefill_chunk: usize,
+    /// Longest context (prompt and new tokens) to reserve KV cache for in GPU memory; a budget in
+    /// bytes counts it (default there: the model's context, at most 4096), and a longer prompt is
+    /// refused before any work. Default without a byte budget: the model's context.
+    #[arg(long, allow_negative_numbers = true, value_parser = positive)]
+    pub max_context: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -480,6 +511,13 @@ pub struct BenchArgs {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
+    /// Instead of the modes: prefill time, KV bytes, attention scratch and peak memory at each
+    /// of these prompt lengths (comma-separated; `4k` is 4096), all experts resident.
+    #[arg(long, value_delimiter = ',', value_parser = token_count)]
+    pub prefill_curve: Vec<usize>,
+    /// Most prompt tokens per forward pass (see generate --help).
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, allow_negative_numbers = true, value_parser = positive)]
+    pub prefill_chunk: usize,
     /// Tokens to generate per mode.
     #[arg(long, default_value_t = 32)]
     pub gen_len: usize,

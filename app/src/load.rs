@@ -112,12 +112,13 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
     Ok(ExpertOptions {
         budget: args.vram_budget,
         policy: args.expert_policy,
-        kv_tokens: None,
+        kv_tokens: args.max_context,
         prefetch: args.prefetch,
         prefetch_extra: args.prefetch_extra,
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
         page_bytes: None,
+        prefill_chunk: args.prefill_chunk,
         expert_dtype,
         dense_dtype,
     })

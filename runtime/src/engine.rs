@@ -1,4 +1,4 @@
-//! Generation: prefill the prompt in one pass, then decode one token at a time, sampling,
+//! Generation: prefill the prompt (in passes of `--prefill-chunk` tokens), then decode one token at a time, sampling,
 //! streaming text and stopping on EOS, stop strings or length. The caller owns the loop: it
 //! steps a [`Generation`] with `&mut Model`, and may change settings between steps.
 
@@ -211,9 +211,14 @@ impl Generation {
         if prompt.len() >= context {
             return Err(FerryError::ContextExceeded { prompt: prompt.len(), new: request.max_new_tokens, context });
         }
+        let limit = model.context_limit();
+        if prompt.len() >= limit {
+            let per_token = model.spec().attention.kv_elements(model.spec().num_layers(), 1) as u64 * 4;
+            return Err(FerryError::ContextBeyondReserve { prompt: prompt.len(), limit, per_token });
+        }
         // Saturating: `--max-new-tokens` may be any usize, and "until the context is full" is
         // what a huge one asks for.
-        let capacity = prompt.len().saturating_add(request.max_new_tokens).min(context);
+        let capacity = prompt.len().saturating_add(request.max_new_tokens).min(limit);
         let cache = model.new_cache(capacity)?;
         let experts = model.experts().stats();
         let lookup = model.lookup_stats();

@@ -59,6 +59,11 @@ pub enum FerryError {
     ContextExceeded { prompt: usize, new: usize, context: usize },
 
     #[error(
+        "prompt of {prompt} tokens exceeds the {limit} tokens of KV cache reserved in GPU memory ({per_token} bytes per token); raise --max-context (and --vram-budget, which counts it) or use a shorter prompt"
+    )]
+    ContextBeyondReserve { prompt: usize, limit: usize, per_token: u64 },
+
+    #[error(
         "no usable GPU adapter: {0}. On Debian without a GPU, install Mesa's software Vulkan driver: apt-get install mesa-vulkan-drivers"
     )]
     NoAdapter(String),

@@ -484,6 +484,10 @@ impl FromStr for AdapterChoice {
     }
 }
 
+/// `--prefill-chunk`'s default: as llama.cpp's micro-batch, large enough that a prefill's expert
+/// uploads serve many tokens, small enough that a chunk's activations stay far below a binding.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
 /// How routed experts are kept on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExpertOptions {
@@ -502,6 +506,10 @@ pub struct ExpertOptions {
     /// can bind). Smaller pages spread a layer's experts over more kernel launches and the head
     /// over more blocks; set when the model is loaded.
     pub page_bytes: Option<u64>,
+    /// Most tokens one forward pass runs (`--prefill-chunk`): a longer prompt runs as several
+    /// passes over the growing cache, so its activations and its attention stay within a size
+    /// that does not depend on its length.
+    pub prefill_chunk: usize,
     /// How routed experts are stored in host RAM and GPU slots (`--expert-dtype`); quantised
     /// formats are approximations. Set when the model is loaded.
     pub expert_dtype: ExpertDtype,
@@ -521,6 +529,7 @@ impl Default for ExpertOptions {
             link: None,
             big_little: None,
             page_bytes: None,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             expert_dtype: ExpertDtype::F32,
             dense_dtype: DenseDtype::F32,
         }

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod bridge;
 pub mod expert;
+pub mod flash;
 pub mod format;
 pub mod lanes;
 pub mod launches;

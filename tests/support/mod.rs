@@ -74,6 +74,22 @@ pub fn reference(family: &str) -> Reference {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// `long_reference.json` (tests/fixtures/long_context.py): one long prompt and the logits of
+/// some of its positions.
+#[derive(serde::Deserialize)]
+pub struct LongReference {
+    pub input_ids: Vec<u32>,
+    pub rows: Vec<usize>,
+    pub greedy_next: u32,
+    pub logits: Vec<Vec<f32>>,
+}
+
+pub fn long_reference(family: &str) -> LongReference {
+    let path = fixture(family).join("long_reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// The adapter tests run on (lavapipe on CI), opened once per test process and named in the
 /// output so a log says which one ran.
 pub fn gpu() -> Gpu {

@@ -1,7 +1,8 @@
 //! `ferry info`: what a model is and how its bytes split between resident weights and experts.
 
 use anyhow::Result;
-use ferry_runtime::spec::{ExpertLayout, FfnKind};
+use ferry_runtime::options::{ExpertOptions, VramBudget};
+use ferry_runtime::spec::{ExpertLayout, FfnKind, ModelSpec};
 
 use crate::args::InfoArgs;
 use crate::load;
@@ -45,6 +46,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     let projections = spec.projection_params() as u64;
     let gpu_resident =
         projections * options.dense_dtype.bytes() + (spec.gpu_resident_params() as u64 - projections) * 4;
+    let longest_context = longest_context(spec, &options, gpu_resident);
     // The graph computes in f32: 4 bytes per parameter on the GPU.
     let value = serde_json::json!({
         "folder": folder,
@@ -70,6 +72,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
         "checkpoint_bytes": opened.weights.total_bytes(),
         "kv_bytes_per_token_f32": kv_bytes,
         "kv_bytes_per_token_f32_expanded": kv_expanded,
+        // Under a --vram-budget in bytes: the longest context whose KV cache fits next to the
+        // resident weights and one layer's top-k expert slots (null for other budgets).
+        "longest_context_at_budget": longest_context,
         "expert_format": expert_format,
         "expert_dtype": options.expert_dtype,
         "dense_dtype": options.dense_dtype,
@@ -100,6 +105,12 @@ pub fn run(args: InfoArgs) -> Result<()> {
     } else {
         println!("KV cache      {kv_bytes} B/token (f32)");
     }
+    if let Some(tokens) = longest_context {
+        println!(
+            "at budget     KV cache for {tokens} tokens at most (next to the resident weights and top-{} slots)",
+            spec.moe.top_k
+        );
+    }
     println!("router        {:?}", spec.moe.router);
     println!("experts on disk  {expert_format}");
     println!("context       {} tokens", spec.max_position_embeddings);
@@ -119,6 +130,27 @@ pub fn run(args: InfoArgs) -> Result<()> {
     );
     println!("checkpoint    {:.2} MiB on disk", mib(opened.weights.total_bytes()));
     Ok(())
+}
+
+/// The longest context (at most the model's) whose f32 KV cache fits a `--vram-budget` in
+/// bytes next to the resident weights and the fewest expert slots that work (one layer's top-k);
+/// None for a budget that is not in bytes, Some(0) when not even those fit.
+fn longest_context(spec: &ModelSpec, options: &ExpertOptions, gpu_resident: u64) -> Option<usize> {
+    let VramBudget::Bytes(budget) = options.budget else { return None };
+    let slots = spec.moe.top_k.min(spec.moe.num_experts) as u64;
+    let slot_bytes = options.expert_dtype.expert_bytes(spec.hidden_size, spec.moe.expert_intermediate_size);
+    let room = budget.saturating_sub(gpu_resident + slots * slot_bytes);
+    let fits = |tokens: usize| spec.attention.kv_elements(spec.num_layers(), tokens) as u64 * 4 <= room;
+    // kv_elements grows with tokens (windowed layers stop growing): the last that fits.
+    let (mut lo, mut hi) = (0, spec.max_position_embeddings);
+    if fits(hi) {
+        return Some(hi);
+    }
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) { lo = mid } else { hi = mid }
+    }
+    Some(lo)
 }
 
 /// How the first MoE layer's routed experts are stored in the checkpoint (`BF16`, `MXFP4`, ...),

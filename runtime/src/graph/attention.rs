@@ -4,11 +4,13 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::kv_cache::KvCache;
+use super::kv_cache::PageView;
 use super::linear::{Linear, Loader};
 use super::rope;
 use crate::error::Result;
 use crate::spec::{AttentionSpec, ModelSpec, QkNorm};
 use ferry_shaders::attention::decode_attention;
+use ferry_shaders::flash::{Page, Visibility, flash_attention};
 use ferry_shaders::norm::rms_norm;
 
 pub struct Attention {
@@ -111,16 +113,45 @@ impl Attention {
         let v = v.reshape([tokens, nkv, hd]).swap_dims(0, 1);
 
         let start = cache.len();
-        // A windowed layer's cache returns only the keys its queries can still see.
-        let (keys, values, key_start) = cache.append(layer, k, v); // [kv_heads, keys, dim]
-        let span = KeySpan { start, tokens, key_start, keys: keys.dims()[1], window: self.window };
+        // Every page this pass can see, the new positions included.
+        let pages = cache.append(layer, k, v);
         let scale = (a.head_dim as f32).powf(-0.5);
-        if tokens == 1 && !want_received && !(0..span.keys).any(|j| span.hidden(0, j)) {
-            let fused = decode_attention(&q, &keys, &values, self.sinks.as_ref(), scale);
-            if let Some(out) = fused {
-                return (self.o.forward(out.reshape([1, a.num_heads * a.head_dim])), None);
+        let views: Vec<Page> = pages
+            .iter()
+            .map(|p| Page { keys: &p.keys, values: p.values.as_ref().expect("a k/v cache"), start: p.start })
+            .collect();
+        let visibility = Visibility { query_start: start, window: self.window };
+        match attend(&q, &views, self.sinks.as_ref(), scale, visibility) {
+            Some(out) => {
+                // The probabilities big-little reads come from burn's ops beside the kernels'
+                // output, so that the output is the same with and without them.
+                let received = want_received.then(|| self.burn_attention(q, &pages, start, scale, true, device).1);
+                (self.o.forward(out.reshape([tokens, a.num_heads * a.head_dim])), received.flatten())
+            }
+            None => {
+                let (out, received) = self.burn_attention(q, &pages, start, scale, want_received, device);
+                (self.o.forward(out), received)
             }
         }
+    }
+
+    /// Attention with burn's ops over the pages joined (a backend other than CubeCL, or the
+    /// probabilities wanted): `[tokens, heads * head_dim]` and, when `want_received`, the
+    /// attention each token received.
+    fn burn_attention(
+        &self,
+        q: Tensor<3>,
+        pages: &[PageView],
+        start: usize,
+        scale: f32,
+        want_received: bool,
+        device: &Device,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
+        let a = &self.spec;
+        let tokens = q.dims()[1];
+        let (keys, key_start) = joined(pages.iter().map(|p| p.keys.clone()).collect(), pages);
+        let (values, _) = joined(pages.iter().map(|p| p.values.clone().expect("a k/v cache")).collect(), pages);
+        let span = KeySpan { start, tokens, key_start, keys: keys.dims()[1], window: self.window };
         // Head h reads kv head h / group, as transformers' repeat_kv; instead of repeating the
         // keys and values `group` times, each kv head's queries are stacked into one matmul
         // (`[kv_heads, group * tokens, dim]`), so the cache is read once per layer, not `group`.
@@ -134,8 +165,44 @@ impl Attention {
         let out = per_head(stacked(probs, span.keys).matmul(values), a.head_dim)
             .swap_dims(0, 1)
             .reshape([tokens, a.num_heads * a.head_dim]);
-        (self.o.forward(out), received)
+        (out, received)
     }
+}
+
+/// `[tokens, heads, dv]` attention of `q` `[heads, tokens, dk]` over a paged cache with
+/// ferry-shaders' kernels, or None where the backend is not CubeCL. A decode step whose keys sit
+/// on one page, all visible, takes the one-launch decode kernel; every other pass the flash
+/// kernel, whose scratch does not grow with the context.
+pub fn attend(
+    q: &Tensor<3>,
+    pages: &[Page],
+    sinks: Option<&Tensor<3>>,
+    scale: f32,
+    visibility: Visibility,
+) -> Option<Tensor<3>> {
+    let [heads, tokens, _] = q.dims();
+    if let [page] = pages
+        && tokens == 1
+        && visibility.window.is_none_or(|w| page.start + w > visibility.query_start)
+    {
+        let dv = page.values.dims()[2];
+        return decode_attention(q, page.keys, page.values, sinks, scale).map(|out| out.reshape([1, heads, dv]));
+    }
+    flash_attention(q, pages, sinks, scale, visibility)
+}
+
+/// Attention's scratch beyond its output for a pass of `queries` queries over any context: the
+/// flash kernel's `BLOCK` scores per (head, query) cube in workgroup memory and its two floats
+/// of running state per (head, query). With `--prefill-chunk` queries at most, a constant.
+pub fn attention_scratch_bytes(heads: usize, queries: usize) -> u64 {
+    (heads * queries * (ferry_shaders::flash::BLOCK + 2) * 4) as u64
+}
+
+/// The pages' tensors `[heads, n_i, dim]` joined along positions, and the first position.
+pub fn joined(parts: Vec<Tensor<3>>, pages: &[PageView]) -> (Tensor<3>, usize) {
+    let start = pages.first().map_or(0, |p| p.start);
+    let joined = if parts.len() == 1 { parts.into_iter().next().expect("one page") } else { Tensor::cat(parts, 1) };
+    (joined, start)
 }
 
 /// Which keys a pass's queries attend over: queries at positions `start..start + tokens`, keys

@@ -2,13 +2,14 @@
 //! latent of `kv_lora_rank` (RMSNorm'd) expanded per head by `kv_b_proj`, plus one rope key
 //! shared by all heads. The cache keeps only the latent and the rope key.
 //!
-//! A prefill expands the cached latents into per-head keys and values, as transformers does. A
-//! decode step absorbs `kv_b_proj` instead (DeepSeek's own inference trick): with
+//! transformers expands the cached latents into per-head keys and values. Ferry absorbs
+//! `kv_b_proj` instead (DeepSeek's own inference trick), in prefill and decode alike: with
 //! `W_UK`/`W_UV` the key and value halves of `kv_b_proj` for a head, `q_nope · (W_UK c) =
 //! (q_nope W_UK) · c` and `Σ p (W_UV c) = W_UV (Σ p c)`, so attention runs over the latents
 //! themselves, one shared key/value head of `kv_lora_rank + qk_rope_head_dim`, and costs
-//! O(context x heads x kv_lora_rank) instead of expanding the whole context every step. Only the
-//! summation order differs from the expanded form.
+//! O(context x heads x kv_lora_rank) instead of expanding the whole context every pass, in memory
+//! that does not grow with it. Only the summation order differs from the expanded form, which
+//! remains for the pass that reports attention probabilities (`--importance attention`).
 //!
 //! DeepSeek's RoPE rotates adjacent lane pairs (2i, 2i+1). Loading reorders the rope rows of the
 //! query and `kv_a_proj_with_mqa` projections to (evens, odds), which turns that into the
@@ -17,13 +18,13 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::attention::{KeySpan, attention_probs};
-use super::kv_cache::KvCache;
+use super::attention::{KeySpan, attend, attention_probs, joined};
+use super::kv_cache::{KvCache, PageView};
 use super::linear::{Linear, Loader};
 use super::rope;
 use crate::error::Result;
 use crate::spec::{MlaSpec, ModelSpec};
-use ferry_shaders::attention::decode_attention;
+use ferry_shaders::flash::{Page, Visibility};
 use ferry_shaders::norm::rms_norm;
 
 /// transformers builds `q_a_layernorm` and `kv_a_layernorm` without passing `rms_norm_eps`.
@@ -118,16 +119,25 @@ impl MlaAttention {
         let k_pe = rope::apply(compressed.slice([0..tokens, r..r + rope_dim]).reshape([tokens, 1, rope_dim]), cos, sin);
         let start = cache.len();
         let total = start + tokens;
-        // [1, total, r + rope]: each position's latent, then its rope key.
-        let cached = cache.append_joint(layer, vec![latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1)]);
-
-        let span = KeySpan { start, tokens, key_start: 0, keys: total, window: None };
-        let (out, received) = if tokens == 1 {
-            self.absorbed(q, cached, &span, want_received, device)
-        } else {
-            let latents = cached.clone().slice([0..1, 0..total, 0..r]);
-            let k_pes = cached.slice([0..1, 0..total, r..r + rope_dim]);
-            self.expanded(q, latents, k_pes, &span, want_received, device)
+        // Pages of [1, positions, r + rope]: each position's latent, then its rope key.
+        let pages = cache.append_joint(layer, vec![latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1)]);
+        let kernels = self.absorbed_paged(&q, &pages, start);
+        // The burn path: a backend other than CubeCL, or the probabilities big-little reads
+        // (beside the kernels' output, so that the output is the same with and without them).
+        let burn = |q: Tensor<3>, want_received: bool| {
+            let (cached, _) = joined(pages.iter().map(|p| p.keys.clone()).collect(), &pages);
+            let span = KeySpan { start, tokens, key_start: 0, keys: total, window: None };
+            if tokens == 1 {
+                self.absorbed(q, cached, &span, want_received, device)
+            } else {
+                let latents = cached.clone().slice([0..1, 0..total, 0..r]);
+                let k_pes = cached.slice([0..1, 0..total, r..r + rope_dim]);
+                self.expanded(q, latents, k_pes, &span, want_received, device)
+            }
+        };
+        let (out, received) = match kernels {
+            Some(out) => (out, if want_received { burn(q, true).1 } else { None }),
+            None => burn(q, want_received),
         };
         (self.o.forward(out.reshape([tokens, heads * m.v_head_dim])), received)
     }
@@ -175,14 +185,6 @@ impl MlaAttention {
         // [heads, tokens, r + rope] against the one shared key [total, r + rope].
         let q_latent =
             Tensor::cat(vec![q_nope.matmul(self.w_uk.clone()), q_pe], 2).reshape([heads * tokens, r + rope_dim]);
-        // One step without probabilities to report: every head against the one latent "head".
-        if tokens == 1 && !want_received {
-            let q3 = q_latent.clone().reshape([heads, 1, r + rope_dim]);
-            let values = cached.clone().slice([0..1, 0..total, 0..r]);
-            if let Some(mixed) = decode_attention(&q3, &cached, &values, None, m.softmax_scale) {
-                return (mixed.reshape([heads, 1, r]).matmul(self.w_uv.clone()).swap_dims(0, 1), None);
-            }
-        }
         let keys = cached.reshape([total, r + rope_dim]);
         let latents = keys.clone().slice([0..total, 0..r]);
         let scores = q_latent.matmul(keys.transpose()).mul_scalar(m.softmax_scale).reshape([heads, tokens, total]);
@@ -190,6 +192,29 @@ impl MlaAttention {
         let received = want_received.then(|| span.received(probs.clone(), device));
         let mixed = probs.reshape([heads * tokens, total]).matmul(latents).reshape([heads, tokens, r]);
         (mixed.matmul(self.w_uv.clone()).swap_dims(0, 1), received)
+    }
+}
+
+impl MlaAttention {
+    /// The absorbed form over the paged cache with ferry-shaders' kernels (every head against
+    /// the one latent "head"; its first `r` lanes are the values), for any number of tokens: its
+    /// scratch does not grow with the context, unlike the expanded form's per-head keys. `q` is
+    /// `[heads, tokens, qk]`; returns `[tokens, heads, v]`, or None where the backend is not
+    /// CubeCL.
+    fn absorbed_paged(&self, q: &Tensor<3>, pages: &[PageView], start: usize) -> Option<Tensor<3>> {
+        let m = &self.spec;
+        let [heads, tokens, _] = q.dims();
+        let (nope, rope_dim, r) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
+        let q_nope = q.clone().slice([0..heads, 0..tokens, 0..nope]);
+        let q_pe = q.clone().slice([0..heads, 0..tokens, nope..nope + rope_dim]);
+        let q_latent = Tensor::cat(vec![q_nope.matmul(self.w_uk.clone()), q_pe], 2);
+        let values: Vec<Tensor<3>> =
+            pages.iter().map(|p| p.keys.clone().slice([0..1, 0..p.keys.dims()[1], 0..r])).collect();
+        let views: Vec<Page> =
+            pages.iter().zip(&values).map(|(p, v)| Page { keys: &p.keys, values: v, start: p.start }).collect();
+        let visibility = Visibility { query_start: start, window: None };
+        let mixed = attend(&q_latent, &views, None, m.softmax_scale, visibility)?; // [tokens, heads, r]
+        Some(mixed.swap_dims(0, 1).matmul(self.w_uv.clone()).swap_dims(0, 1))
     }
 }
 

@@ -15,6 +15,7 @@ mod mole_table;
 mod rope;
 mod vocab;
 
+pub use attention::attention_scratch_bytes;
 pub use kv_cache::KvCache;
 pub use linear::stored_dense_dtype;
 pub use model::{ForwardOutput, LogitsFor, Model};

@@ -17,9 +17,10 @@ use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
 use crate::experts::{ExpertCache, ExpertStore};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
-use crate::options::{DenseDtype, ExpertOptions, PrefetchMode};
+use crate::options::{DenseDtype, ExpertOptions, PrefetchMode, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
+use ferry_shaders::flash::BLOCK;
 use ferry_shaders::norm::{add_rms_norm, rms_norm};
 
 /// The KV cache the budget counts: the model's context, at most this many tokens.
@@ -96,6 +97,13 @@ pub struct Model {
     lookup: Option<LookupTable>,
     /// How the projection matrices were stored at load.
     dense_dtype: DenseDtype,
+    /// The largest GPU buffer asked for at load (`ExpertOptions::page_bytes`), for KV pages.
+    page_bytes: Option<u64>,
+    /// Most tokens per forward pass.
+    prefill_chunk: usize,
+    /// Positions of KV cache reserved in GPU memory: what the budget counted under a budget in
+    /// bytes or an explicit `--max-context`, else the model's context.
+    context_limit: usize,
 }
 
 impl Model {
@@ -174,6 +182,7 @@ impl Model {
         experts.set_big_little(options.big_little);
         experts.preload()?;
         let prefetch_k = prefetch_k(&spec, &options);
+        let context_limit = reserved_context(&spec, kv_tokens, &options);
         Ok(Self {
             spec,
             device: device.clone(),
@@ -186,6 +195,9 @@ impl Model {
             prefetch_k,
             lookup,
             dense_dtype: options.dense_dtype,
+            page_bytes: options.page_bytes,
+            prefill_chunk: options.prefill_chunk.max(1),
+            context_limit,
         })
     }
 
@@ -257,7 +269,19 @@ impl Model {
         experts.set_link(options.link);
         experts.set_big_little(options.big_little);
         self.prefetch_k = prefetch_k(&self.spec, &options);
+        self.context_limit = reserved_context(&self.spec, kv_tokens, &options);
         experts.preload()
+    }
+
+    /// The longest sequence (prompt and new tokens) a generation may hold: the KV cache reserved
+    /// in GPU memory (see `reserved_context`).
+    pub fn context_limit(&self) -> usize {
+        self.context_limit
+    }
+
+    /// Tokens per forward pass from now on (`--prefill-chunk`; at least 1).
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens.max(1);
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -275,22 +299,32 @@ impl Model {
         if capacity > context {
             return Err(FerryError::ContextExceeded { prompt: capacity, new: 0, context });
         }
-        let a = &self.spec.attention;
-        // One layer's cache is one buffer: refuse what the adapter cannot hold before allocating.
-        let width = a.mla.as_ref().map_or(a.num_kv_heads * a.head_dim, |m| m.kv_lora_rank + m.qk_rope_head_dim);
-        let held = (0..self.layers.len()).map(|l| a.window(l).map_or(capacity, |w| w.min(capacity))).max();
-        self.fits_one_buffer(
-            &format!("a KV cache layer for {capacity} tokens"),
-            [width, held.unwrap_or(0)],
-            "ask for fewer new tokens (--max-new-tokens) or a shorter prompt",
-        )?;
-        if let Some(m) = &a.mla {
-            let width = m.kv_lora_rank + m.qk_rope_head_dim;
-            return Ok(KvCache::joint(self.layers.len(), [1, width], capacity, &self.device));
+        if capacity > self.context_limit {
+            let per_token = self.spec.attention.kv_elements(self.spec.num_layers(), 1) as u64 * 4;
+            return Err(FerryError::ContextBeyondReserve { prompt: capacity, limit: self.context_limit, per_token });
         }
-        let heads_dim = [a.num_kv_heads, a.head_dim];
+        let a = &self.spec.attention;
+        // One page holds a whole number of attention blocks and fits one binding.
+        let [heads, width] = match &a.mla {
+            Some(m) => [1, m.kv_lora_rank + m.qk_rope_head_dim],
+            None => [a.num_kv_heads, a.head_dim],
+        };
+        let per_position = (heads * width * 4) as u64;
+        let adapter = max_buffer_bytes(&self.device, None)?;
+        if per_position * BLOCK as u64 > adapter {
+            return Err(FerryError::Gpu(format!(
+                "a KV cache page of {BLOCK} positions takes {} bytes, more than this adapter's largest buffer ({adapter} bytes)",
+                per_position * BLOCK as u64
+            )));
+        }
+        // A page size asked for (tests) still holds one block.
+        let limit = max_buffer_bytes(&self.device, self.page_bytes)?;
+        let page = ((limit / per_position.max(1)).min(usize::MAX as u64) as usize / BLOCK).max(1) * BLOCK;
+        if a.mla.is_some() {
+            return Ok(KvCache::joint(self.layers.len(), [heads, width], capacity, page, &self.device));
+        }
         let windows = (0..self.layers.len()).map(|l| a.window(l)).collect();
-        Ok(KvCache::new(windows, heads_dim, heads_dim, capacity, &self.device))
+        Ok(KvCache::new(windows, [heads, width], [heads, width], capacity, page, &self.device))
     }
 
     /// Checks that an f32 tensor of `dims` fits in one GPU buffer; otherwise the error names
@@ -324,14 +358,50 @@ impl Model {
                 context: cache.capacity(),
             });
         }
-        if tokens > 1 {
-            // Attention scores `[heads, tokens, keys]`, the largest buffer of a long prefill.
+        let start = cache.len();
+        if tokens > 1 && self.experts.wants_received_attention() {
+            // The probabilities `[heads, queries, keys]` that `--importance attention` reads are
+            // the one buffer of a pass that grows with the context: checked for the last pass
+            // before the first runs.
+            let queries = tokens.min(self.prefill_chunk);
             self.fits_one_buffer(
-                &format!("attention scores for {tokens} tokens"),
-                [self.spec.attention.num_heads, tokens, cache.len() + tokens],
-                "use a shorter prompt",
+                &format!("attention probabilities for {queries} tokens over {} positions", start + tokens),
+                [self.spec.attention.num_heads, queries, start + tokens],
+                "use a shorter prompt, a smaller --prefill-chunk, or another --importance",
             )?;
         }
+        let chunks = tokens.div_ceil(self.prefill_chunk);
+        let mut out = ForwardOutput { logits: Vec::new(), routing: vec![Vec::new(); self.layers.len()], host_reads: 0 };
+        for (i, chunk) in ids.chunks(self.prefill_chunk).enumerate() {
+            let wanted = match logits_for {
+                LogitsFor::All => Some(LogitsFor::All),
+                LogitsFor::Last => (i + 1 == chunks).then_some(LogitsFor::Last),
+            };
+            let part = match self.forward_chunk(chunk, cache, wanted) {
+                Ok(part) => part,
+                Err(e) => {
+                    // The cache holds what it held before the call, as after a failed pass.
+                    cache.rewind(start);
+                    return Err(e);
+                }
+            };
+            out.logits.extend(part.logits);
+            for (all, layer) in out.routing.iter_mut().zip(part.routing) {
+                all.extend(layer);
+            }
+            out.host_reads += part.host_reads;
+        }
+        Ok(out)
+    }
+
+    /// One pass of at most `prefill_chunk` tokens; logits for `logits_for`, none for None.
+    fn forward_chunk(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits_for: Option<LogitsFor>,
+    ) -> Result<ForwardOutput> {
+        let tokens = ids.len();
         let device = &self.device;
         let eps = self.spec.rms_norm_eps;
         let mut x = self.embed.rows(ids, device)?;
@@ -392,8 +462,9 @@ impl Model {
 
         // `h` is the final norm of every position.
         let h = match logits_for {
-            LogitsFor::All => h,
-            LogitsFor::Last => h.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
+            None => return Ok(ForwardOutput { logits: Vec::new(), routing, host_reads }),
+            Some(LogitsFor::All) => h,
+            Some(LogitsFor::Last) => h.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
         };
         let logits = self.lm_head.logits(h)?;
         host_reads += self.lm_head.blocks();
@@ -413,6 +484,15 @@ fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Result<u64> {
     let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
     let adapter = probe.client.properties().memory.max_page_size;
     Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))
+}
+
+/// Positions of KV cache a generation may fill: the `kv_tokens` the budget counted when the
+/// budget is in bytes (more would overrun it) or `--max-context` set them; otherwise the model's
+/// context, as far as the adapter's memory goes.
+fn reserved_context(spec: &ModelSpec, kv_tokens: usize, options: &ExpertOptions) -> usize {
+    let context = spec.max_position_embeddings;
+    let reserved = options.kv_tokens.is_some() || matches!(options.budget, VramBudget::Bytes(_));
+    if reserved { kv_tokens.min(context) } else { context }
 }
 
 fn prefetch_k(spec: &ModelSpec, options: &ExpertOptions) -> Option<usize> {

@@ -2,6 +2,7 @@
 //! their ratios are not spoiled by machine noise between runs. Three steps: `plan` (which
 //! modes), `measure` (interleaved rounds per format), `report` (median runs, roofline, tables).
 
+mod curve;
 mod measure;
 mod plan;
 mod report;
@@ -12,8 +13,9 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::graph::Model;
 use ferry_runtime::measure::measure_upload;
 use ferry_runtime::measure::roofline::measure_memory_bandwidth;
+use ferry_runtime::options::ExpertOptions;
 use ferry_runtime::sampling::SamplingConfig;
-use ferry_runtime::spec::FfnKind;
+use ferry_runtime::spec::{FfnKind, ModelSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -31,20 +33,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let plan = plan::plan(&args, &spec)?;
     let links = plan.links.clone();
     let gpu = Gpu::open(args.adapter)?;
+    if !args.prefill_curve.is_empty() {
+        let options = ExpertOptions { prefill_chunk: args.prefill_chunk, ..Default::default() };
+        let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?;
+        let mut engine = Engine::new(model, None);
+        let points = curve::measure(&mut engine, &spec, &args.prefill_curve, args.prefill_chunk, args.seed)?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "folder": folder, "adapter": gpu.describe(), "prefill_chunk": args.prefill_chunk, "prefill_curve": points })
+            );
+        } else {
+            curve::print(&points);
+        }
+        return Ok(());
+    }
     let model = Model::load(opened.spec, &opened.weights, &gpu.device)?;
     let mut engine = Engine::new(model, None);
 
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    let prompt: Vec<u32> = (0..args.prompt_len.max(1))
-        .map(|_| {
-            loop {
-                let id = rng.random_range(0..spec.vocab_size as u32);
-                if !spec.eos_token_ids.contains(&id) {
-                    break id;
-                }
-            }
-        })
-        .collect();
+    let prompt = random_prompt(&spec, args.prompt_len.max(1), args.seed);
     let request = GenerateRequest {
         prompt_ids: prompt.clone(),
         max_new_tokens: args.gen_len.max(2),
@@ -100,4 +107,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         summary.print();
     }
     Ok(())
+}
+
+/// `n` random token ids from `seed`, none of them an end-of-sequence token.
+fn random_prompt(spec: &ModelSpec, n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            loop {
+                let id = rng.random_range(0..spec.vocab_size as u32);
+                if !spec.eos_token_ids.contains(&id) {
+                    break id;
+                }
+            }
+        })
+        .collect()
 }
