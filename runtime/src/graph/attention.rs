@@ -3,6 +3,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+use super::blocked::{KEY_BLOCK, blocked_attention};
 use super::kv_cache::KvCache;
 use super::kv_cache::PageView;
 use super::linear::{Linear, Loader};
@@ -121,7 +122,7 @@ impl Attention {
             .map(|p| Page { keys: &p.keys, values: p.values.as_ref().expect("a k/v cache"), start: p.start })
             .collect();
         let visibility = Visibility { query_start: start, window: self.window };
-        match attend(&q, &views, self.sinks.as_ref(), scale, visibility) {
+        match attend(&q, &views, self.sinks.as_ref(), scale, visibility, device) {
             Some(out) => {
                 // The probabilities big-little reads come from burn's ops beside the kernels'
                 // output, so that the output is the same with and without them.
@@ -169,20 +170,23 @@ impl Attention {
     }
 }
 
-/// `[tokens, heads, dv]` attention of `q` `[heads, tokens, dk]` over a paged cache with
-/// ferry-shaders' kernels, or None where the backend is not CubeCL. A decode step whose keys sit
-/// on one page, all visible, takes the one-launch decode kernel; every other pass the flash
-/// kernel, whose scratch does not grow with the context.
+/// `[tokens, heads, dv]` attention of `q` `[heads, tokens, dk]` over a paged cache, in memory
+/// that does not grow with the context, or None where the backend is not CubeCL. A prefill runs
+/// in blocks of keys through burn's matmuls (`blocked`); a decode step whose keys sit on one
+/// page, all visible, takes the one-launch decode kernel, and one across pages the flash kernel.
 pub fn attend(
     q: &Tensor<3>,
     pages: &[Page],
     sinks: Option<&Tensor<3>>,
     scale: f32,
     visibility: Visibility,
+    device: &Device,
 ) -> Option<Tensor<3>> {
     let [heads, tokens, _] = q.dims();
+    if tokens > 1 {
+        return Some(blocked_attention(q, pages, sinks, scale, visibility, device));
+    }
     if let [page] = pages
-        && tokens == 1
         && visibility.window.is_none_or(|w| page.start + w > visibility.query_start)
     {
         let dv = page.values.dims()[2];
@@ -191,11 +195,15 @@ pub fn attend(
     flash_attention(q, pages, sinks, scale, visibility)
 }
 
-/// Attention's scratch beyond its output for a pass of `queries` queries over any context: the
-/// flash kernel's `BLOCK` scores per (head, query) cube in workgroup memory and its two floats
-/// of running state per (head, query). With `--prefill-chunk` queries at most, a constant.
+/// Attention's scratch beyond its output for a pass of `queries` queries over any context: a
+/// prefill's scores, probabilities and mask for one block of keys (`blocked`), and its running
+/// maximum and sum. With `--prefill-chunk` queries at most, a constant. (A decode step keeps at
+/// most one float per key and head of one page, within the page's binding.)
 pub fn attention_scratch_bytes(heads: usize, queries: usize) -> u64 {
-    (heads * queries * (ferry_shaders::flash::BLOCK + 2) * 4) as u64
+    if queries <= 1 {
+        return (heads * 2 * 4) as u64;
+    }
+    (heads * queries * (3 * KEY_BLOCK + 2) * 4) as u64
 }
 
 /// The pages' tensors `[heads, n_i, dim]` joined along positions, and the first position.

@@ -121,7 +121,7 @@ impl MlaAttention {
         let total = start + tokens;
         // Pages of [1, positions, r + rope]: each position's latent, then its rope key.
         let pages = cache.append_joint(layer, vec![latent.reshape([1, tokens, r]), k_pe.swap_dims(0, 1)]);
-        let kernels = self.absorbed_paged(&q, &pages, start);
+        let kernels = self.absorbed_paged(&q, &pages, start, device);
         // The burn path: a backend other than CubeCL, or the probabilities big-little reads
         // (beside the kernels' output, so that the output is the same with and without them).
         let burn = |q: Tensor<3>, want_received: bool| {
@@ -201,7 +201,7 @@ impl MlaAttention {
     /// scratch does not grow with the context, unlike the expanded form's per-head keys. `q` is
     /// `[heads, tokens, qk]`; returns `[tokens, heads, v]`, or None where the backend is not
     /// CubeCL.
-    fn absorbed_paged(&self, q: &Tensor<3>, pages: &[PageView], start: usize) -> Option<Tensor<3>> {
+    fn absorbed_paged(&self, q: &Tensor<3>, pages: &[PageView], start: usize, device: &Device) -> Option<Tensor<3>> {
         let m = &self.spec;
         let [heads, tokens, _] = q.dims();
         let (nope, rope_dim, r) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
@@ -213,7 +213,7 @@ impl MlaAttention {
         let views: Vec<Page> =
             pages.iter().zip(&values).map(|(p, v)| Page { keys: &p.keys, values: v, start: p.start }).collect();
         let visibility = Visibility { query_start: start, window: None };
-        let mixed = attend(&q_latent, &views, None, m.softmax_scale, visibility)?; // [tokens, heads, r]
+        let mixed = attend(&q_latent, &views, None, m.softmax_scale, visibility, device)?; // [tokens, heads, r]
         Some(mixed.swap_dims(0, 1).matmul(self.w_uv.clone()).swap_dims(0, 1))
     }
 }

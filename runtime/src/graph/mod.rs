@@ -4,6 +4,7 @@
 //! attention and feed-forward (dense, mixture of experts or mixture of lookup experts) with residuals, and projects to logits.
 
 mod attention;
+mod blocked;
 mod ffn;
 mod kv_cache;
 mod linear;

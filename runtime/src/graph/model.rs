@@ -370,9 +370,11 @@ impl Model {
                 "use a shorter prompt, a smaller --prefill-chunk, or another --importance",
             )?;
         }
-        let chunks = tokens.div_ceil(self.prefill_chunk);
+        let passes = passes(tokens, self.prefill_chunk);
+        let chunks = passes.len();
         let mut out = ForwardOutput { logits: Vec::new(), routing: vec![Vec::new(); self.layers.len()], host_reads: 0 };
-        for (i, chunk) in ids.chunks(self.prefill_chunk).enumerate() {
+        for (i, range) in passes.into_iter().enumerate() {
+            let chunk = &ids[range];
             let wanted = match logits_for {
                 LogitsFor::All => Some(LogitsFor::All),
                 LogitsFor::Last => (i + 1 == chunks).then_some(LogitsFor::Last),
@@ -472,6 +474,18 @@ impl Model {
     }
 }
 
+/// The passes a prompt of `tokens` runs in: `chunk` tokens each, the last shorter, except that a
+/// prompt is never left with a one-token pass (a decode step's kernels differ from a prefill's
+/// in summation order): the pass before it gives it one of its tokens.
+fn passes(tokens: usize, chunk: usize) -> Vec<std::ops::Range<usize>> {
+    let mut bounds: Vec<usize> = (0..tokens).step_by(chunk.max(1)).chain([tokens]).collect();
+    let n = bounds.len();
+    if n > 2 && bounds[n - 1] - bounds[n - 2] == 1 && bounds[n - 2] - bounds[n - 3] > 1 {
+        bounds[n - 2] -= 1;
+    }
+    bounds.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
 /// Whether the adapter computes with half precision (`shader-f16`).
 fn supports_f16(device: &Device) -> Result<bool> {
     let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
@@ -519,4 +533,19 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::passes;
+
+    #[test]
+    fn a_prompt_runs_in_chunks_and_never_ends_on_a_one_token_pass() {
+        assert_eq!(passes(10, 4), [0..4, 4..8, 8..10]);
+        assert_eq!(passes(9, 4), [0..4, 4..7, 7..9]);
+        assert_eq!(passes(8, 4), [0..4, 4..8]);
+        assert_eq!(passes(1, 4).len(), 1);
+        assert_eq!(passes(5, 1), [0..1, 1..2, 2..3, 3..4, 4..5]);
+        assert_eq!(passes(3, 2), [0..1, 1..3]);
+    }
 }

@@ -18,9 +18,8 @@ pub struct CurvePoint {
     pub prefill_tokens_per_second: f64,
     /// The KV cache the prompt fills (f32, all layers; windowed layers hold their window).
     pub kv_bytes: u64,
-    /// Attention's scratch beyond its output: `BLOCK` scores per (head, query) cube in workgroup
-    /// memory and two floats of running state per (head, query) of a pass, at most
-    /// `--prefill-chunk` queries: a bound that does not grow with the prompt.
+    /// Attention's scratch beyond its output (`attention_scratch_bytes`): one block of keys'
+    /// scores for at most `--prefill-chunk` queries, a bound that does not grow with the prompt.
     pub attention_scratch_bytes: u64,
     /// Peak resident set of this process during the prefill (Linux; None elsewhere).
     pub peak_rss_bytes: Option<u64>,
@@ -40,17 +39,14 @@ pub fn measure(
             "--prefill-curve: {too_long} tokens do not fit this model's context of {context} (one more token is generated)"
         );
     }
+    // Kernels compile (and matmuls autotune) per shape on first use: a prompt of two full passes
+    // and a short one first, so that the first length measured does not pay for them.
+    let warm = (2 * chunk + 3).min(lengths.iter().copied().min().unwrap_or(1)).max(1);
+    engine.generate(&request_for(spec, warm, seed), |_| {})?;
     let mut points = Vec::with_capacity(lengths.len());
     for &n in lengths {
-        let request = GenerateRequest {
-            prompt_ids: super::random_prompt(spec, n, seed),
-            max_new_tokens: 1,
-            sampling: SamplingConfig::greedy(),
-            stop_strings: Vec::new(),
-            stop_at_eos: false,
-        };
         reset_peak_rss();
-        let out = engine.generate(&request, |_| {})?;
+        let out = engine.generate(&request_for(spec, n, seed), |_| {})?;
         points.push(CurvePoint {
             prompt_len: n,
             prefill_seconds: out.stats.prefill_seconds,
@@ -61,6 +57,17 @@ pub fn measure(
         });
     }
     Ok(points)
+}
+
+/// A prompt of `n` random tokens and one token to generate.
+fn request_for(spec: &ModelSpec, n: usize, seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids: super::random_prompt(spec, n, seed),
+        max_new_tokens: 1,
+        sampling: SamplingConfig::greedy(),
+        stop_strings: Vec::new(),
+        stop_at_eos: false,
+    }
 }
 
 pub fn print(points: &[CurvePoint]) {
