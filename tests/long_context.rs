@@ -137,3 +137,26 @@ fn the_prefill_curve_and_the_longest_context_at_a_budget_are_reported() {
     assert_eq!(tight["longest_context_at_budget"], 100);
     assert!(info("all")["longest_context_at_budget"].is_null());
 }
+
+/// An 8192-token prompt (many blocks, many pages) through a fixture-sized model given a 32k
+/// context: it runs to the end with finite logits in pages that each fit a small binding.
+#[test]
+fn an_eight_thousand_token_prompt_runs_through_a_32k_context() {
+    let (_tmp, dir) = crate::support::copy_fixture("qwen3_moe");
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["max_position_embeddings"] = serde_json::json!(32768);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let opened = ferry_models::open(&dir).unwrap();
+    let options = ExpertOptions { page_bytes: Some(1 << 18), ..Default::default() };
+    let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+    let ids: Vec<u32> = (0..8192u32).map(|i| 3 + (i * 7919) % 380).collect();
+    let mut cache = model.new_cache(ids.len() + 2).unwrap();
+    let out = model.forward(&ids, &mut cache, LogitsFor::Last).unwrap();
+    assert!(out.logits[0].iter().all(|v| v.is_finite()));
+    let next = argmax(&out.logits[0]);
+    let step = model.forward(&[next], &mut cache, LogitsFor::Last).unwrap();
+    assert!(step.logits[0].iter().all(|v| v.is_finite()));
+    assert_eq!(cache.len(), 8193);
+    assert!(cache.page_positions() * 4 < 8193, "the cache spans several pages");
+}
