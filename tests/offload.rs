@@ -79,6 +79,41 @@ fn experts_spread_over_many_slot_pages_give_the_same_logits() {
     }
 }
 
+/// A page limit below one expert projection (as Mixtral-8x7B's 224 MiB f32 projections against
+/// a 128 MiB binding): f32 and f16 projections are split by output rows into 2 or 4 buffers, and
+/// logits and greedy tokens keep their bits, resident and offloaded. Packed formats, which are
+/// not split, say so.
+#[test]
+fn projections_larger_than_a_buffer_are_split_and_change_no_bit() {
+    for family in ["mixtral", "olmoe"] {
+        let reference = reference(family);
+        let opened = ferry_models::open(&fixture(family)).unwrap();
+        let projection = (opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4) as u64;
+        for budget in [VramBudget::All, TOP_K_SLOTS] {
+            let whole = ExpertOptions { budget, ..Default::default() };
+            let mut model = Model::load_with(opened.spec.clone(), &opened.weights, &gpu().device, whole).unwrap();
+            let expected = prompt_forward(&mut model, &reference.input_ids);
+            let expected_tokens = greedy(&mut Engine::new(model, None), &reference.greedy.prompt_ids, 6);
+            for parts in [2, 4] {
+                let options = ExpertOptions { page_bytes: Some(projection / parts), ..whole };
+                let mut model = Model::load_with(opened.spec.clone(), &opened.weights, &gpu().device, options).unwrap();
+                let out = prompt_forward(&mut model, &reference.input_ids);
+                assert!(out.logits == expected.logits, "{family} {budget:?}: {parts} parts changed the logits");
+                let tokens = greedy(&mut Engine::new(model, None), &reference.greedy.prompt_ids, 6);
+                assert_eq!(tokens, expected_tokens, "{family} {budget:?} {parts} parts");
+            }
+        }
+        let options = ExpertOptions {
+            page_bytes: Some(projection / 8),
+            expert_dtype: ferry_runtime::options::ExpertDtype::Int8,
+            ..Default::default()
+        };
+        let err =
+            Model::load_with(opened.spec.clone(), &opened.weights, &gpu().device, options).err().expect("refused");
+        assert!(err.to_string().contains("this format is not"), "{err}");
+    }
+}
+
 #[test]
 fn a_top_k_budget_evicts_in_every_moe_layer_and_counts_every_byte() {
     let reference = reference("mixtral");

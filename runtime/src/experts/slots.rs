@@ -32,12 +32,16 @@ pub enum SlotPage {
 }
 
 impl SlotPage {
-    /// Allocates a page of `slots` experts stored as `dtype` on `like`'s device, uninitialised.
-    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype) -> Self {
+    /// Allocates a page of `slots` experts stored as `dtype` on `like`'s device, uninitialised;
+    /// f32 and f16 projections in `parts` buffers each (see `SlotPool::new`).
+    pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, dtype: ExpertDtype, parts: usize) -> Self {
         match dtype.bits() {
             Some(bits) => Self::Quant(Box::new(PackedPage::new(like, slots, hidden, inter, bits, dtype.fp4()))),
             None if dtype == ExpertDtype::Bf16 => Self::Bf16(Box::new(Bf16Page::new(like, slots, hidden, inter))),
-            None => Self::F32(Box::new(FloatPage::new(like, slots, hidden, inter, dtype == ExpertDtype::F16))),
+            None => {
+                let half = dtype == ExpertDtype::F16;
+                Self::F32(Box::new(FloatPage::split(like, slots, hidden, inter, half, parts)))
+            }
         }
     }
 
@@ -85,12 +89,15 @@ pub struct SlotPool {
     hidden: usize,
     inter: usize,
     dtype: ExpertDtype,
+    /// Buffers each f32/f16 projection is split into by output rows (1: none).
+    parts: usize,
 }
 
 impl SlotPool {
     /// A pool of `total` slots for experts of `hidden` x `inter` projections stored as `dtype`,
-    /// in pages of at most `page_bytes` per projection. Fails when one projection is larger
-    /// than a page.
+    /// in pages of at most `page_bytes` per projection buffer. Fails when one projection is larger
+    /// than a page and cannot be split (a packed or bf16 format, or sizes without a divisor that
+    /// fits).
     pub fn new(
         device: &Device,
         total: usize,
@@ -110,18 +117,31 @@ impl SlotPool {
         }
         let adapter = probe.client.properties().memory.max_page_size.min(PAGE_BYTES_CAP);
         let limit = page_bytes.map_or(adapter, |p| p.min(adapter));
-        // The largest buffer of a page: f32 weights, or the packed codes.
+        // The largest buffer of a page: f32 weights, or the packed codes. An f32 or f16
+        // projection larger than a binding is split by output rows into the fewest parts that
+        // fit (dividing both sizes); a row's sum stays whole, so the results do not change.
         let projection = (hidden * inter) as u64 * u64::from(dtype.weight_bits()) / 8;
-        if projection > limit {
+        let splittable = matches!(dtype, ExpertDtype::F32 | ExpertDtype::F16);
+        let parts = if projection <= limit {
+            Some(1)
+        } else if splittable {
+            (2..=hidden.min(inter))
+                .find(|&p| hidden.is_multiple_of(p) && inter.is_multiple_of(p) && projection / p as u64 <= limit)
+        } else {
+            None
+        };
+        let Some(parts) = parts else {
             return Err(FerryError::Gpu(format!(
                 "one expert projection is {} KiB, more than the largest buffer for expert slots ({} KiB: \
-                 the adapter's binding limit, or the page size asked for)",
+                 the adapter's binding limit, or the page size asked for){}",
                 projection >> 10,
-                limit >> 10
+                limit >> 10,
+                if splittable { "" } else { "; f32 and f16 experts are split across buffers, this format is not" }
             )));
-        }
+        };
+        let part_bytes = projection / parts as u64;
         // A model without routed experts (MoLE) has zero-sized projections and no slots.
-        let per_page = (limit / projection.max(1)).max(1) as usize;
+        let per_page = (limit / part_bytes.max(1)).max(1) as usize;
         Ok(Self {
             device: device.clone(),
             pages: Vec::new(),
@@ -131,6 +151,7 @@ impl SlotPool {
             hidden,
             inter,
             dtype,
+            parts,
         })
     }
 
@@ -159,7 +180,7 @@ impl SlotPool {
         if self.pages[at.page].is_none() {
             let like = float(Tensor::<1>::from_data(TensorData::new(vec![0f32], [1]), &self.device))?;
             let slots = self.page_slots(at.page);
-            self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i, self.dtype));
+            self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i, self.dtype, self.parts));
         }
         self.page(at.page)?.store(at.slot, host, &self.device)?;
         Ok(at)

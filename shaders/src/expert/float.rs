@@ -27,6 +27,8 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
     bias: &Tensor<F>,               // [experts, 2 * intermediate]: gate then up biases (when has_bias)
     params: &Tensor<F>,             // [limit, alpha] (when clamped)
+    act_offset: u32,                // this part's first intermediate row, in vectors
+    act_row: u32,                   // the whole intermediate size, in vectors
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
     #[define(F, W, I)] _dtypes: [ElemType; 3],
@@ -42,7 +44,8 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     let base = group.slot * hidden * row + i;
     let xs0 = x.stride(0);
     let xs1 = x.stride(1);
-    let inter = row * lanes;
+    let inter = act_row as usize * lanes;
+    let out = act_offset as usize + i;
     for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
         let o = usize::cast_from(assign[a * 2 + 1]);
@@ -53,8 +56,8 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
             gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
             us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
         }
-        let at = group.expert * 2 * inter + i * lanes;
-        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        let at = group.expert * 2 * inter + out * lanes;
+        act[o * act_row as usize + out] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
     }
 }
 
@@ -70,6 +73,8 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     weights: &Tensor<F>,          // [assignments]
     y: &mut Tensor<Vector<F, N>>, // [rows, hidden]
     bias: &Tensor<F>,             // [experts, hidden] (when has_bias)
+    y_offset: u32,                // this part's first hidden row, in vectors
+    y_row: u32,                   // the whole hidden size, in vectors
     #[comptime] has_bias: bool,
     #[define(F, W, I)] _dtypes: [ElemType; 3],
 ) {
@@ -82,6 +87,7 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     }
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let base = group.slot * inter * row + h;
+    let out = y_offset as usize + h;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
@@ -89,14 +95,15 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
             s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
         }
         if has_bias {
-            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+            s += load_vec::<F, N>(bias, group.expert * y_row as usize * lanes + out * lanes);
         }
-        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
+        y[o * y_row as usize + out] = s * Vector::<F, N>::new(weights[a]);
     }
 }
 
 /// Writes one expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
-/// `[hidden, intermediate]`) into slot `slot` of a page, transposing on the way.
+/// `[hidden, intermediate]`), or one part of it (some of the gate/up rows and as many of the down
+/// rows), into slot `slot` of a page, transposing on the way.
 #[cube(launch)]
 fn store_slot_kernel<F: Float, W: Float>(
     gate_src: &Tensor<F>,
@@ -119,13 +126,27 @@ fn store_slot_kernel<F: Float, W: Float>(
     let c = pos % hidden;
     gate[base + c * inter + r] = W::cast_from(gate_src[pos]);
     up[base + c * inter + r] = W::cast_from(up_src[pos]);
-    let hr = pos / inter;
-    let ic = pos % inter;
-    down[base + ic * hidden + hr] = W::cast_from(down_src[pos]);
+    // A part of a split expert holds some of the down rows: its own shape, the same size.
+    let down_inter = down.shape(1);
+    let down_hidden = down.shape(2);
+    let hr = pos / down_inter;
+    let ic = pos % down_inter;
+    down[base + ic * down_hidden + hr] = W::cast_from(down_src[pos]);
 }
 
-/// A page of f32 or f16 expert slots: one buffer per projection.
+/// A page of f32 or f16 expert slots: one buffer per projection, or, where one projection is
+/// larger than a binding, `parts` buffers per projection, each holding the same share of every
+/// slot's output rows (gate/up: intermediate rows; down: hidden rows). A row's dot product stays
+/// whole in one part, so a split page computes the same bits as an unsplit one.
 pub struct FloatPage {
+    parts: Vec<Part>,
+    hidden: usize,
+    inter: usize,
+}
+
+/// One part's buffers: gate, up `[slots, hidden, inter / parts]`, down `[slots, inter, hidden /
+/// parts]`.
+struct Part {
     gate: CubeTensor,
     up: CubeTensor,
     down: CubeTensor,
@@ -135,6 +156,13 @@ impl FloatPage {
     /// Allocates `slots` experts on `like`'s device, uninitialised: f16 with `half`, else in
     /// `like`'s float type.
     pub fn new(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, half: bool) -> Self {
+        Self::split(like, slots, hidden, inter, half, 1)
+    }
+
+    /// As `new`, each projection in `parts` buffers of its output rows (`parts` divides both
+    /// `hidden` and `inter`).
+    pub fn split(like: &CubeTensor, slots: usize, hidden: usize, inter: usize, half: bool, parts: usize) -> Self {
+        assert!(hidden.is_multiple_of(parts) && inter.is_multiple_of(parts), "{parts} parts of {hidden} x {inter}");
         let element = if half { DType::F16 } else { like.dtype };
         let make = |shape: [usize; 3]| {
             burn_cubecl::ops::numeric::empty_device_dtype(
@@ -144,11 +172,14 @@ impl FloatPage {
                 element,
             )
         };
-        Self {
-            gate: make([slots, hidden, inter]),
-            up: make([slots, hidden, inter]),
-            down: make([slots, inter, hidden]),
-        }
+        let parts = (0..parts)
+            .map(|_| Part {
+                gate: make([slots, hidden, inter / parts]),
+                up: make([slots, hidden, inter / parts]),
+                down: make([slots, inter, hidden / parts]),
+            })
+            .collect();
+        Self { parts, hidden, inter }
     }
 
     /// Uploads an expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
@@ -156,8 +187,52 @@ impl FloatPage {
     /// read the slot's previous expert run first: the copy is ordered behind them on the same
     /// stream.
     pub fn store(&self, slot: usize, [g, u, d]: [Vec<f32>; 3], device: &Device) -> Result<(), ShaderError> {
+        let (hidden, inter, n) = (self.hidden, self.inter, self.parts.len());
+        // Part p: gate and up rows p * inter / n.., down rows p * hidden / n..; each a
+        // contiguous run of the checkpoint layout.
+        for (p, part) in self.parts.iter().enumerate() {
+            let rows = |v: &[f32], width: usize, count: usize| v[p * count * width..(p + 1) * count * width].to_vec();
+            let weights = [rows(&g, hidden, inter / n), rows(&u, hidden, inter / n), rows(&d, inter, hidden / n)];
+            part.store(slot, weights, device)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
+    /// writes `act` rows and the weighted expert outputs into `y` rows. Every part's gate/up
+    /// runs before any part's down, which reads whole `act` rows.
+    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
+    pub fn swiglu(
+        &self,
+        x: &CubeTensor,
+        work: &PageWork,
+        extras: &ExpertExtras,
+        act: &CubeTensor,
+        y: &CubeTensor,
+        device: &Device,
+    ) -> Result<(), ShaderError> {
+        let n = self.parts.len();
+        let (hidden, inter) = (self.hidden, self.inter);
+        let Some(launch) = Launch::new(work, extras, device, hidden / n, inter / n)? else { return Ok(()) };
+        for (p, part) in self.parts.iter().enumerate() {
+            part.gate_up(x, &launch, act, p * inter / n, inter);
+        }
+        for (p, part) in self.parts.iter().enumerate() {
+            part.down(act, &launch, y, p * hidden / n, hidden);
+        }
+        Ok(())
+    }
+}
+
+impl Part {
+    /// Uploads this part of an expert (gate, up `[inter / parts, hidden]`, down `[hidden /
+    /// parts, inter]`, rows of the checkpoint layout) and queues its copy into `slot`. Kernels
+    /// queued earlier that read the slot's previous expert run first: the copy is ordered behind
+    /// them on the same stream.
+    fn store(&self, slot: usize, [g, u, d]: [Vec<f32>; 3], device: &Device) -> Result<(), ShaderError> {
         let (gate, up, down) = (&self.gate, &self.up, &self.down);
         let (hidden, inter) = (gate.meta.shape()[1], gate.meta.shape()[2]);
+        let (down_inter, down_hidden) = (down.meta.shape()[1], down.meta.shape()[2]);
         // f16 slots take f16 bytes over the link, converted on the host.
         let upload = |v: Vec<f32>, shape: [usize; 2]| -> Result<CubeTensor, ShaderError> {
             if gate.dtype != DType::F16 {
@@ -167,7 +242,8 @@ impl FloatPage {
             let handle = gate.client.create_from_slice(bytemuck::cast_slice(&halves));
             Ok(CubeTensor::new_contiguous(gate.client.clone(), gate.device.clone(), shape.into(), handle, DType::F16))
         };
-        let (g, u, d) = (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [hidden, inter])?);
+        let (g, u, d) =
+            (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [down_hidden, down_inter])?);
         let client = g.client.clone();
         let elems = g.meta.shape().num_elements();
         let cube_dim = CubeDim::new(&client, elems);
@@ -190,32 +266,22 @@ impl FloatPage {
         Ok(())
     }
 
-    /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
-    /// writes `act` rows and the weighted expert outputs into `y` rows.
-    #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
-    pub fn swiglu(
-        &self,
-        x: &CubeTensor,
-        work: &PageWork,
-        extras: &ExpertExtras,
-        act: &CubeTensor,
-        y: &CubeTensor,
-        device: &Device,
-    ) -> Result<(), ShaderError> {
-        let dims = self.gate.meta.shape();
-        let (hidden, inter) = (dims[1], dims[2]);
-        let Some(launch) = Launch::new(work, extras, device, hidden, inter)? else { return Ok(()) };
-        let client = x.client.clone();
-        let dtypes = [
+    fn dtypes(&self, x: &CubeTensor, launch: &Launch) -> [ElemType; 3] {
+        [
             dtype_to_storage_type(x.dtype),
             dtype_to_storage_type(self.gate.dtype),
             dtype_to_storage_type(launch.groups.dtype),
-        ];
+        ]
+    }
+
+    /// Queues this part's gate/up: `act` columns `offset..` of rows `inter` wide.
+    fn gate_up(&self, x: &CubeTensor, launch: &Launch, act: &CubeTensor, offset: usize, inter: usize) {
+        let rows = self.gate.meta.shape()[2];
         let lanes = launch.lanes;
-        launch.record(inter / lanes, &[&self.gate, &self.up]);
+        launch.record(rows / lanes, &[&self.gate, &self.up]);
         gate_up_kernel::launch(
-            &client,
-            launch.cubes(inter / lanes),
+            &x.client,
+            launch.cubes(rows / lanes),
             CubeDim::new_1d(ROWS_PER_CUBE),
             lanes,
             x.clone().into_tensor_arg(),
@@ -226,14 +292,22 @@ impl FloatPage {
             act.clone().into_tensor_arg(),
             launch.bias_gate_up.clone().into_tensor_arg(),
             launch.extras.params.clone().into_tensor_arg(),
+            (offset / lanes) as u32,
+            (inter / lanes) as u32,
             launch.has_bias,
             launch.extras.clamped,
-            dtypes,
+            self.dtypes(x, launch),
         );
-        launch.record(hidden / lanes, &[&self.down]);
+    }
+
+    /// Queues this part's down: `y` columns `offset..` of rows `hidden` wide.
+    fn down(&self, act: &CubeTensor, launch: &Launch, y: &CubeTensor, offset: usize, hidden: usize) {
+        let rows = self.down.meta.shape()[2];
+        let lanes = launch.lanes;
+        launch.record(rows / lanes, &[&self.down]);
         down_kernel::launch(
-            &client,
-            launch.cubes(hidden / lanes),
+            &act.client,
+            launch.cubes(rows / lanes),
             CubeDim::new_1d(ROWS_PER_CUBE),
             lanes,
             act.clone().into_tensor_arg(),
@@ -243,9 +317,10 @@ impl FloatPage {
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
             launch.bias_down.clone().into_tensor_arg(),
+            (offset / lanes) as u32,
+            (hidden / lanes) as u32,
             launch.has_bias,
-            dtypes,
+            self.dtypes(act, launch),
         );
-        Ok(())
     }
 }

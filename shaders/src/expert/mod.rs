@@ -51,9 +51,19 @@ mod tests {
     /// A slot format under test: float (f16 or not), or packed codes of `bits` (e2m1 with fp4).
     #[derive(Debug, Clone, Copy)]
     enum Format {
-        Float { half: bool },
+        Float {
+            half: bool,
+        },
+        /// Float slots with each projection split by output rows into `parts` buffers.
+        Split {
+            half: bool,
+            parts: usize,
+        },
         Bf16,
-        Packed { bits: u32, fp4: bool },
+        Packed {
+            bits: u32,
+            fp4: bool,
+        },
     }
 
     const INT8: Format = Format::Packed { bits: 8, fp4: false };
@@ -97,6 +107,21 @@ mod tests {
         check_against_reference(INT3, 64, 96, false);
     }
 
+    /// Each projection split by output rows into 2 or 4 buffers (what an expert larger than a
+    /// binding gets): the same bits as one buffer, with and without GPT-OSS's biases and clamp.
+    #[test]
+    fn split_projections_compute_the_same_bits() {
+        for gpt_oss in [false, true] {
+            for half in [false, true] {
+                let whole = check_against_reference(Format::Float { half }, 24, 40, gpt_oss);
+                for parts in [2, 4] {
+                    let split = check_against_reference(Format::Split { half, parts }, 24, 40, gpt_oss);
+                    assert!(split == whole, "{parts} parts, half {half}, gpt-oss {gpt_oss}");
+                }
+            }
+        }
+    }
+
     /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
     #[test]
     fn biased_clamped_experts_match_a_cpu_reference_in_every_format() {
@@ -115,7 +140,9 @@ mod tests {
     /// An expert's f32 weights (what the reference runs on) and, packed, its codes.
     type Stored = ([Vec<f32>; 3], Option<[QuantMatrix; 3]>);
 
-    fn check_against_reference(format: Format, hidden: usize, inter: usize, gpt_oss: bool) {
+    /// Runs the routing below over `format` pages, checks every row against the reference, and
+    /// returns the rows.
+    fn check_against_reference(format: Format, hidden: usize, inter: usize, gpt_oss: bool) -> Vec<f32> {
         let device = &device();
         let (tokens, k) = (5, 2);
         let weights: Vec<[Vec<f32>; 3]> = (0..5u64)
@@ -130,17 +157,19 @@ mod tests {
             match format {
                 Format::Packed { fp4: true, .. } => quantize_mxfp4(w, n, kk),
                 Format::Packed { bits, .. } => quantize(w, n, kk, bits),
-                Format::Float { .. } | Format::Bf16 => unreachable!("float formats are not packed"),
+                Format::Float { .. } | Format::Split { .. } | Format::Bf16 => {
+                    unreachable!("float formats are not packed")
+                }
             }
         };
         let experts: Vec<Stored> = weights
             .iter()
             .map(|w| match format {
                 // f16 slots hold the weights rounded to half precision.
-                Format::Float { half: true } => {
+                Format::Float { half: true } | Format::Split { half: true, .. } => {
                     (w.clone().map(|v| v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect()), None)
                 }
-                Format::Float { half: false } => (w.clone(), None),
+                Format::Float { half: false } | Format::Split { half: false, .. } => (w.clone(), None),
                 // bf16 slots hold the weights rounded to bf16.
                 Format::Bf16 => (w.clone().map(|v| unpack_bf16(&pack_bf16(&v))), None),
                 Format::Packed { bits, fp4 } => {
@@ -160,6 +189,9 @@ mod tests {
             .into_iter()
             .map(|slots| match format {
                 Format::Float { half } => Page::Float(Box::new(FloatPage::new(&like, slots, hidden, inter, half))),
+                Format::Split { half, parts } => {
+                    Page::Float(Box::new(FloatPage::split(&like, slots, hidden, inter, half, parts)))
+                }
                 Format::Bf16 => Page::Bf16(Box::new(Bf16Page::new(&like, slots, hidden, inter))),
                 Format::Packed { bits, fp4 } => {
                     Page::Packed(Box::new(PackedPage::new(&like, slots, hidden, inter, bits, fp4)))
@@ -212,7 +244,8 @@ mod tests {
         }
         let got: Vec<f32> = from_cube::<2>(y).into_data().try_into_vec::<f32>().unwrap();
         // Quantised sums run group by group, so their rounding differs a little more.
-        let tolerance = if matches!(format, Format::Float { half: false }) { 1e-5 } else { 1e-4 };
+        let exact = matches!(format, Format::Float { half: false } | Format::Split { half: false, .. });
+        let tolerance = if exact { 1e-5 } else { 1e-4 };
         for t in 0..tokens {
             for rank in 0..k {
                 let row = &got[(t * k + rank) * hidden..][..hidden];
@@ -240,5 +273,6 @@ mod tests {
                 }
             }
         }
+        got
     }
 }
