@@ -62,7 +62,8 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
 #[test]
 fn experts_spread_over_many_slot_pages_give_the_same_logits() {
     // One slot per page: every layer's experts come from several buffers and launches; the LM
-    // head, split by the same buffer limit, reads back block by block.
+    // head, split by the same buffer limit, reads back block by block, and the attention
+    // projections run in blocks of output columns.
     for family in ["mixtral", "qwen3_moe"] {
         let reference = reference(family);
         let expected = prompt_forward(&mut load(family, VramBudget::All, EvictionPolicy::Lru), &reference.input_ids);

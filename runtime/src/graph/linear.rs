@@ -10,50 +10,83 @@ use crate::weights::WeightStore;
 
 /// A projection matrix `W^T` `[in, out]` as stored on the device (`--dense-dtype`): f32 or f16
 /// values, or bf16 pairs along `in` (`ferry_shaders::pairs`: words in an f32 tensor
-/// `[in / 2, out]`). Clones share the GPU tensor.
+/// `[in / 2, out]`); in blocks of output columns where the whole would not fit one binding (each
+/// output's dot product stays whole in one block, so the split changes no result). Clones share
+/// the GPU tensors.
 #[derive(Clone)]
 pub struct StoredMatrix {
-    t: Tensor<2>,
+    blocks: Vec<Tensor<2>>,
     pairs: bool,
+    /// The largest buffer a block may take, in bytes.
+    limit: u64,
 }
 
 impl StoredMatrix {
     /// Output columns.
     pub fn outputs(&self) -> usize {
-        self.t.dims()[1]
+        self.blocks.iter().map(|b| b.dims()[1]).sum()
     }
 
     /// `x W (+ bias)`: the matrix-vector kernel reads the stored format as it is when `x` is
     /// decode-shaped (at most `matvec::MAX_ROWS` rows); a prefill widens it for burn's matmul.
+    /// A split matrix runs block by block, its outputs joined.
     pub fn product(&self, x: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<2> {
+        if let [block] = &self.blocks[..] {
+            return self.block_product(block, x, bias);
+        }
+        let mut start = 0;
+        let parts = self
+            .blocks
+            .iter()
+            .map(|block| {
+                let width = block.dims()[1];
+                let b = bias.map(|b| b.clone().narrow(0, start, width));
+                start += width;
+                self.block_product(block, x, b.as_ref())
+            })
+            .collect();
+        Tensor::cat(parts, 1)
+    }
+
+    fn block_product(&self, block: &Tensor<2>, x: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<2> {
         if x.dims()[0] <= MAX_ROWS
-            && let Ok(w) = try_cube_float(self.t.clone())
+            && let Ok(w) = try_cube_float(block.clone())
         {
             let y = if self.pairs { matvec_bf16(x, &w, bias) } else { matvec(x, &w, bias) };
             if let Some(y) = y {
                 return y;
             }
         }
-        let y = x.clone().matmul(self.as_f32());
+        let y = x.clone().matmul(self.as_f32(block));
         match bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
     }
 
-    /// The values as burn's matmul takes them: f16 widened, bf16 pairs unpacked (a prefill's
-    /// cost; a decode step reads them as they are).
-    fn as_f32(&self) -> Tensor<2> {
-        match (self.pairs, try_cube_float(self.t.clone())) {
+    /// A block's values as burn's matmul takes them: f16 widened, bf16 pairs unpacked (a
+    /// prefill's cost; a decode step reads them as they are).
+    fn as_f32(&self, block: &Tensor<2>) -> Tensor<2> {
+        match (self.pairs, try_cube_float(block.clone())) {
             (true, Ok(words)) => pairs::unpack(&words),
-            _ => self.t.clone().cast(FloatDType::F32),
+            _ => block.clone().cast(FloatDType::F32),
         }
     }
 
-    /// Matrices with the same inputs side by side (one stored format).
+    /// Bytes of the stored matrix.
+    fn bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| (b.dims()[0] * b.dims()[1] * b.dtype().size()) as u64).sum()
+    }
+
+    /// Matrices with the same inputs side by side (one stored format): one block where they fit
+    /// one buffer together, else their blocks in order.
     fn cat(parts: &[&StoredMatrix]) -> StoredMatrix {
-        let t = Tensor::cat(parts.iter().map(|p| p.t.clone()).collect(), 1);
-        StoredMatrix { t, pairs: parts.first().is_some_and(|p| p.pairs) }
+        let limit = parts.iter().map(|p| p.limit).min().unwrap_or(u64::MAX);
+        let pairs = parts.first().is_some_and(|p| p.pairs);
+        let whole = parts.iter().map(|p| p.bytes()).sum::<u64>() <= limit;
+        let blocks: Vec<Tensor<2>> = parts.iter().flat_map(|p| p.blocks.iter().cloned()).collect();
+        let blocks = if whole && blocks.len() > 1 { vec![Tensor::cat(blocks, 1)] } else { blocks };
+        StoredMatrix { blocks, pairs, limit }
     }
 }
 
@@ -81,7 +114,7 @@ impl Linear {
     pub fn concat(parts: &[&Linear]) -> Linear {
         let weight_t = StoredMatrix::cat(&parts.iter().map(|p| &p.weight_t).collect::<Vec<_>>());
         let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
-            let device = weight_t.t.device();
+            let device = weight_t.blocks[0].device();
             Tensor::cat(
                 parts.iter().map(|p| p.bias.clone().unwrap_or_else(|| Tensor::zeros([p.outputs()], &device))).collect(),
                 0,
@@ -106,6 +139,9 @@ pub struct Loader<'a> {
     pub device: &'a Device,
     /// How projection matrices are stored.
     pub dense: DenseDtype,
+    /// The largest buffer one block of a projection may take (the adapter's binding limit, or
+    /// a smaller page size asked for).
+    pub limit: u64,
 }
 
 impl Loader<'_> {
@@ -140,10 +176,25 @@ impl Loader<'_> {
         };
         let name = format!("{prefix}.weight");
         let weight = reorder(self.store.f32(&name, &[outputs, inputs])?, inputs);
-        let weight_t = self.stored(
-            Tensor::from_data(TensorData::new(transpose(&weight, outputs, inputs), [inputs, outputs]), self.device),
-            &name,
-        )?;
+        // Blocks of output columns (rows of the checkpoint's `[out, in]`) that fit a buffer,
+        // an even count for bf16 pairs' sake.
+        let per_column = (inputs * self.dense.bytes() as usize).max(1) as u64;
+        let columns = ((self.limit / per_column) as usize).min(outputs);
+        if columns == 0 {
+            return Err(FerryError::Gpu(format!(
+                "{name}: one output column of {inputs} inputs takes {per_column} bytes, more than this adapter's largest buffer ({} bytes)",
+                self.limit
+            )));
+        }
+        let mut blocks = Vec::with_capacity(outputs.div_ceil(columns));
+        for first in (0..outputs).step_by(columns) {
+            let width = columns.min(outputs - first);
+            let rows = &weight[first * inputs..(first + width) * inputs];
+            let block =
+                Tensor::from_data(TensorData::new(transpose(rows, width, inputs), [inputs, width]), self.device);
+            blocks.push(self.stored(block, &name)?);
+        }
+        let weight_t = StoredMatrix::cat(&blocks.iter().collect::<Vec<_>>());
         let bias = if bias {
             let values = reorder(self.store.f32(&format!("{prefix}.bias"), &[outputs])?, 1);
             Some(Tensor::from_data(TensorData::new(values, [outputs]), self.device))
@@ -165,7 +216,7 @@ impl Loader<'_> {
                 (packed, true)
             }
         };
-        Ok(StoredMatrix { t, pairs })
+        Ok(StoredMatrix { blocks: vec![t], pairs, limit: self.limit })
     }
 }
 

@@ -128,7 +128,8 @@ impl Model {
                 "f16 projections need an adapter with shader-f16; this one has none (use f32)",
             ));
         }
-        let loader = Loader { store, device, dense: options.dense_dtype };
+        let loader =
+            Loader { store, device, dense: options.dense_dtype, limit: max_buffer_bytes(device, options.page_bytes)? };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let embed = Embedding::open(store, &names.embed, v, h)?;
@@ -492,9 +493,9 @@ fn supports_f16(device: &Device) -> Result<bool> {
     Ok(probe.client.properties().supports_type(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F16)))
 }
 
-/// The largest GPU buffer a vocabulary block may take: what the adapter can bind, or the smaller
-/// `page_bytes` asked for (tests split the head that way).
-fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Result<u64> {
+/// The largest GPU buffer a vocabulary or projection block may take: what the adapter can bind,
+/// or the smaller `page_bytes` asked for (tests split the head and projections that way).
+pub(crate) fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Result<u64> {
     let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
     let adapter = probe.client.properties().memory.max_page_size;
     Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))

@@ -42,7 +42,8 @@ pub fn write_lookup_table(
     let header = lookup_header(spec, dtype)?;
     let mole = mole_spec(spec)?;
     // The table is the experts' exact evaluation: f32 whatever the model later runs in.
-    let loader = Loader { store, device, dense: crate::options::DenseDtype::F32 };
+    let limit = super::model::max_buffer_bytes(device, None)?;
+    let loader = Loader { store, device, dense: crate::options::DenseDtype::F32, limit };
     let (v, h) = (spec.vocab_size, spec.hidden_size);
     let embed = loader.matrix(&spec.names.embed, v, h)?;
     let layers = (0..spec.num_layers())
