@@ -34,8 +34,9 @@ pub fn blocked_attention(
     let rows = group * tokens;
     let first = visibility.query_start;
     let end = first + tokens;
-    // Each kv head's queries stacked, `[kv_heads, group * tokens, dk]` (row g * tokens + t).
-    let stacked = q.clone().reshape([kv_heads, rows, dk]);
+    // Each kv head's queries stacked, `[kv_heads, group * tokens, dk]` (row g * tokens + t), and
+    // scaled once here rather than every block's scores.
+    let stacked = q.clone().reshape([kv_heads, rows, dk]).mul_scalar(scale);
     let (mut top, mut total) = match sinks {
         Some(s) => {
             let per_row = s.clone().reshape([kv_heads, group, 1]).expand([kv_heads, group, tokens]);
@@ -49,7 +50,7 @@ pub fn blocked_attention(
     while block < end {
         let keys = gather(pages, block, |p| p.keys, dk, device);
         let values = gather(pages, block, |p| p.values, dv, device);
-        let mut scores = stacked.clone().matmul(keys.swap_dims(1, 2)).mul_scalar(scale);
+        let mut scores = stacked.clone().matmul(keys.swap_dims(1, 2));
         if let Some(mask) = block_mask(block, tokens, visibility, end, device) {
             let mask = mask.reshape([1, 1, tokens, KEY_BLOCK]).expand([kv_heads, group, tokens, KEY_BLOCK]);
             scores = scores.mask_fill(mask.reshape([kv_heads, rows, KEY_BLOCK]), f32::NEG_INFINITY);

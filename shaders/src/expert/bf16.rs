@@ -108,19 +108,24 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
     }
 }
 
-/// Writes one expert into slot `slot`, transposing words: `src` holds gate and up
-/// `[inter, hidden / 2]` then down `[hidden, inter / 2]` (as many words each), one unit per word
-/// of a projection.
+/// Writes one expert into slot `slot`, transposing words: gate and up `[inter, hidden / 2]` and
+/// down `[hidden, inter / 2]` (as many words each) at `offsets` of their sources (one buffer
+/// passed three times, or three), one unit per word of a projection.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)] // the sources, their offsets and the slot's buffers
 fn store_slot_words_kernel(
-    src: &Tensor<u32>,
+    gate_src: &Tensor<u32>,
+    up_src: &Tensor<u32>,
+    down_src: &Tensor<u32>,
     gate: &mut Tensor<u32>,
     up: &mut Tensor<u32>,
     down: &mut Tensor<u32>,
     slot: u32,
+    words: u32,
+    #[comptime] offsets: [u32; 3],
 ) {
     let pos = ABSOLUTE_POS;
-    let n = src.len() / 3;
+    let n = words as usize;
     if pos >= n {
         terminate!();
     }
@@ -129,9 +134,9 @@ fn store_slot_words_kernel(
     let half_inter = down.shape(1);
     let hidden = down.shape(2);
     let base = slot as usize * n;
-    gate[base + (pos % pairs) * inter + pos / pairs] = src[pos];
-    up[base + (pos % pairs) * inter + pos / pairs] = src[n + pos];
-    down[base + (pos % half_inter) * hidden + pos / half_inter] = src[2 * n + pos];
+    gate[base + (pos % pairs) * inter + pos / pairs] = gate_src[offsets[0] as usize + pos];
+    up[base + (pos % pairs) * inter + pos / pairs] = up_src[offsets[1] as usize + pos];
+    down[base + (pos % half_inter) * hidden + pos / half_inter] = down_src[offsets[2] as usize + pos];
 }
 
 /// Packs f32 weights (rows of `k`, `k` even) into bf16 words pairing neighbours along the row,
@@ -186,30 +191,44 @@ impl Bf16Page {
                 d.len()
             )));
         }
-        // One upload and one launch per expert, as for f32 slots.
+        // One upload and one launch per expert; three uploads where the three projections
+        // together pass the largest buffer (Mixtral-8x7B's are 336 MiB).
         let client = self.gate.client.clone();
-        let all: Vec<u32> = [g, u, d].concat();
-        let handle = client.create_from_slice(bytemuck::cast_slice(&all));
-        let words = CubeTensor::new_contiguous(
-            client.clone(),
-            self.gate.device.clone(),
-            [all.len()].into(),
-            handle,
-            DType::U32,
-        );
+        let upload = |words: &[u32]| {
+            let handle = client.create_from_slice(bytemuck::cast_slice(words));
+            CubeTensor::new_contiguous(
+                client.clone(),
+                self.gate.device.clone(),
+                [words.len()].into(),
+                handle,
+                DType::U32,
+            )
+        };
         let n = g.len();
+        let together = (3 * n * 4) as u64 <= client.properties().memory.max_page_size;
+        let (sources, offsets) = if together {
+            let all = upload(&[g, u, d].concat());
+            ([all.clone(), all.clone(), all], [0, n as u32, 2 * n as u32])
+        } else {
+            ([upload(g), upload(u), upload(d)], [0, 0, 0])
+        };
         let dim = CubeDim::new(&client, n);
         let count = calculate_cube_count_elemwise(&client, n, dim);
         crate::launches::record(&count, &dim);
+        let [gs, us, ds] = sources;
         store_slot_words_kernel::launch(
             &client,
             count,
             dim,
-            words.into_tensor_arg(),
+            gs.into_tensor_arg(),
+            us.into_tensor_arg(),
+            ds.into_tensor_arg(),
             self.gate.clone().into_tensor_arg(),
             self.up.clone().into_tensor_arg(),
             self.down.clone().into_tensor_arg(),
             slot as u32,
+            n as u32,
+            offsets,
         );
         Ok(())
     }
