@@ -106,6 +106,20 @@ fn a_context_beyond_the_reservation_is_refused_before_any_work() {
     json_of(&ferry(&[&args[..], &["--max-context", "64", "--json"]].concat()));
     let line = error_line(&ferry(&[&args[..], &["--prefill-chunk", "0"]].concat()));
     assert!(line.contains("--prefill-chunk"), "{line}");
+    // A pass of 3M queries: 4 heads x 3M x 512 keys of scores, 25 GB, beyond any adapter's
+    // buffer: refused before the pass.
+    let (_tmp, dir) = crate::support::copy_fixture("qwen3_moe");
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["max_position_embeddings"] = serde_json::json!(1 << 23);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let opened = ferry_models::open(&dir).unwrap();
+    let options = ExpertOptions { prefill_chunk: 1 << 27, ..Default::default() };
+    let mut big = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+    let mut cache = big.new_cache(3_000_000).unwrap();
+    let err = big.forward(&vec![5; 3_000_000], &mut cache, LogitsFor::Last).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("a pass of 3000000 tokens") && err.contains("--prefill-chunk"), "{err}");
+    assert_eq!(cache.len(), 0, "nothing ran");
 }
 
 /// `bench --prefill-curve`: one point per length; attention's scratch stops growing at the

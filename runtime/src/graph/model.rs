@@ -5,6 +5,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, Tensor};
 
 use super::attention::Attention;
+use super::blocked::KEY_BLOCK;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
 use super::linear::Loader;
@@ -360,6 +361,15 @@ impl Model {
             });
         }
         let start = cache.len();
+        if tokens > 1 {
+            // A prefill's largest attention buffer: one block of keys' scores for a pass.
+            let queries = tokens.min(self.prefill_chunk);
+            self.fits_one_buffer(
+                &format!("attention scores for a pass of {queries} tokens over one block of {KEY_BLOCK} keys"),
+                [self.spec.attention.num_heads, queries, KEY_BLOCK],
+                "use a smaller --prefill-chunk",
+            )?;
+        }
         if tokens > 1 && self.experts.wants_received_attention() {
             // The probabilities `[heads, queries, keys]` that `--importance attention` reads are
             // the one buffer of a pass that grows with the context: checked for the last pass
