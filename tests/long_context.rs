@@ -103,7 +103,11 @@ fn a_context_beyond_the_reservation_is_refused_before_any_work() {
     let line = error_line(&ferry(&[&args[..], &["--max-context", "32"]].concat()));
     assert!(line.contains("40 tokens") && line.contains("32 tokens") && line.contains("--max-context"), "{line}");
     assert!(line.contains("--vram-budget"), "{line}");
-    json_of(&ferry(&[&args[..], &["--max-context", "64", "--json"]].concat()));
+    // Within the reservation it runs; its KV pages hold the 42 positions asked for.
+    let out = json_of(&ferry(&[&args[..], &["--max-context", "64", "--json"]].concat()));
+    let info = json_of(&ferry(&["info", "--model", model.to_str().unwrap(), "--json"]));
+    let per_token = info["kv_bytes_per_token_f32"].as_u64().unwrap();
+    assert_eq!(out["stats"]["kv_cache_bytes"].as_u64().unwrap(), 42 * per_token);
     let line = error_line(&ferry(&[&args[..], &["--prefill-chunk", "0"]].concat()));
     assert!(line.contains("--prefill-chunk"), "{line}");
     // A pass of 3M queries: 4 heads x 3M x 512 keys of scores, 25 GB, beyond any adapter's

@@ -60,6 +60,10 @@ pub struct GenerateStats {
     pub decode_lookup: LookupStats,
     /// Ferry's kernel launches and host read-backs of all decode steps.
     pub decode_kernels: KernelStats,
+    /// GPU bytes of the KV cache's pages at the end (f32; pages are allocated as reached).
+    pub kv_cache_bytes: u64,
+    /// Positions per KV cache page.
+    pub kv_page_positions: usize,
 }
 
 /// Launches of Ferry's own kernels (ferry-shaders; burn's element-wise ops and matmuls are not
@@ -349,6 +353,8 @@ impl Generation {
             prefill_lookup: self.lookup_at[1] - self.lookup_at[0],
             decode_lookup: model.lookup_stats() - self.lookup_at[1],
             decode_kernels: self.decode_kernels,
+            kv_cache_bytes: self.cache.bytes(),
+            kv_page_positions: self.cache.page_positions(),
         };
         let tail = self.text.finish();
         if !tail.is_empty() {
