@@ -7,14 +7,7 @@ use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::options::{BigFallback, BigLittle, ExpertOptions, Importance};
 use ferry_runtime::sampling::SamplingConfig;
 
-use crate::support::{copy_fixture, edit_tensors, fixture, gpu};
-
-fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(&path, config.to_string()).unwrap();
-}
+use crate::support::{copy_fixture, edit_config, edit_tensors, fixture, gpu};
 
 /// Opens and loads the folder, returning the error message it must produce.
 fn load_error(dir: &Path) -> String {

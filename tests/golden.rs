@@ -13,7 +13,7 @@ use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
 
-use crate::support::{gpu, greedy, long_reference, max_abs_diff, reference};
+use crate::support::{gpu, greedy, long_reference, max_abs_diff, reference, small_page_bytes};
 
 fn load(family: &str) -> Model {
     let opened = ferry_models::open(&crate::support::fixture(family)).expect("fixture opens");
@@ -62,10 +62,7 @@ fn long_prompt_matches(family: &str) {
     assert_eq!(argmax, reference.greedy_next, "{family}: next token after the long prompt");
 
     // Pages as small as the experts allow (at least one 64-position block of KV).
-    let a = &spec.attention;
-    let per_position = a.mla.as_ref().map_or(a.num_kv_heads * a.head_dim, |m| m.kv_lora_rank + m.qk_rope_head_dim) * 4;
-    let projection = spec.hidden_size * spec.moe.expert_intermediate_size * 4;
-    let page_bytes = (per_position * 64).max(projection) as u64;
+    let page_bytes = small_page_bytes(&spec);
     let options = ExpertOptions { page_bytes: Some(page_bytes), prefill_chunk: 50, ..Default::default() };
     let mut paged = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).expect("fixture loads");
     let mut cache = paged.new_cache(ids.len()).unwrap();

@@ -6,19 +6,11 @@ use ferry_runtime::options::{EvictionPolicy, ExpertOptions, VramBudget};
 use ferry_runtime::spec::FfnKind;
 
 use crate::cli::{error_line, ferry, json_of};
-use crate::support::{fixture, gpu, long_reference, max_abs_diff};
+use crate::support::{edit_config, fixture, gpu, long_reference, max_abs_diff, small_page_bytes};
 
 fn load(family: &str, options: ExpertOptions) -> Model {
     let opened = ferry_models::open(&fixture(family)).expect("fixture opens");
     Model::load_with(opened.spec, &opened.weights, &gpu().device, options).expect("fixture loads")
-}
-
-/// The smallest KV pages a fixture's experts allow (one 64-position block where they fit).
-fn small_pages(model: &Model) -> u64 {
-    let spec = model.spec();
-    let a = &spec.attention;
-    let per_position = a.mla.as_ref().map_or(a.num_kv_heads * a.head_dim, |m| m.kv_lora_rank + m.qk_rope_head_dim) * 4;
-    (per_position * 64).max(spec.hidden_size * spec.moe.expert_intermediate_size * 4) as u64
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -34,7 +26,7 @@ fn decode_across_kv_pages_agrees_with_one_page() {
     for family in ["gpt_oss", "deepseek_v2", "qwen3_moe"] {
         let ids = &long_reference(family).input_ids[..100];
         let mut whole = load(family, ExpertOptions::default());
-        let page_bytes = small_pages(&whole);
+        let page_bytes = small_page_bytes(whole.spec());
         let mut paged =
             load(family, ExpertOptions { page_bytes: Some(page_bytes), prefill_chunk: 30, ..Default::default() });
         let mut one_page = whole.new_cache(200).unwrap();
@@ -113,10 +105,7 @@ fn a_context_beyond_the_reservation_is_refused_before_any_work() {
     // A pass of 3M queries: 4 heads x 3M x 512 keys of scores, 25 GB, beyond any adapter's
     // buffer: refused before the pass.
     let (_tmp, dir) = crate::support::copy_fixture("qwen3_moe");
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["max_position_embeddings"] = serde_json::json!(1 << 23);
-    std::fs::write(&path, config.to_string()).unwrap();
+    edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(1 << 23));
     let opened = ferry_models::open(&dir).unwrap();
     let options = ExpertOptions { prefill_chunk: 1 << 27, ..Default::default() };
     let mut big = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
@@ -161,10 +150,7 @@ fn the_prefill_curve_and_the_longest_context_at_a_budget_are_reported() {
 #[test]
 fn an_eight_thousand_token_prompt_runs_through_a_32k_context() {
     let (_tmp, dir) = crate::support::copy_fixture("qwen3_moe");
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["max_position_embeddings"] = serde_json::json!(32768);
-    std::fs::write(&path, config.to_string()).unwrap();
+    edit_config(&dir, |c| c["max_position_embeddings"] = serde_json::json!(32768));
     let opened = ferry_models::open(&dir).unwrap();
     let options = ExpertOptions { page_bytes: Some(1 << 18), ..Default::default() };
     let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();

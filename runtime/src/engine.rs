@@ -217,8 +217,7 @@ impl Generation {
         }
         let limit = model.context_limit();
         if prompt.len() >= limit {
-            let per_token = model.spec().attention.kv_elements(model.spec().num_layers(), 1) as u64 * 4;
-            return Err(FerryError::ContextBeyondReserve { prompt: prompt.len(), limit, per_token });
+            return Err(model.beyond_reserve(prompt.len()));
         }
         // Saturating: `--max-new-tokens` may be any usize, and "until the context is full" is
         // what a huge one asks for.

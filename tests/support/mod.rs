@@ -130,6 +130,22 @@ pub fn greedy(engine: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     engine.generate(&request, |_| {}).expect("greedy generation").ids
 }
 
+/// Edits a folder's config.json in place.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+/// The smallest page size a fixture allows: one 64-position block of KV cache, or one expert
+/// projection where that is larger (a smaller page would split the projections too).
+pub fn small_page_bytes(spec: &ferry_runtime::spec::ModelSpec) -> u64 {
+    let a = &spec.attention;
+    let per_position = a.mla.as_ref().map_or(a.num_kv_heads * a.head_dim, |m| m.kv_lora_rank + m.qk_rope_head_dim) * 4;
+    (per_position * 64).max(spec.hidden_size * spec.moe.expert_intermediate_size * 4) as u64
+}
+
 /// A writable copy of a fixture folder.
 pub fn copy_fixture(family: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();

@@ -281,6 +281,12 @@ impl Model {
         self.context_limit
     }
 
+    /// The error for `tokens` positions beyond `context_limit`, with the KV bytes per token.
+    pub(crate) fn beyond_reserve(&self, tokens: usize) -> FerryError {
+        let per_token = self.spec.attention.kv_elements(self.spec.num_layers(), 1) as u64 * 4;
+        FerryError::ContextBeyondReserve { prompt: tokens, limit: self.context_limit, per_token }
+    }
+
     /// Tokens per forward pass from now on (`--prefill-chunk`; at least 1).
     pub fn set_prefill_chunk(&mut self, tokens: usize) {
         self.prefill_chunk = tokens.max(1);
@@ -302,8 +308,7 @@ impl Model {
             return Err(FerryError::ContextExceeded { prompt: capacity, new: 0, context });
         }
         if capacity > self.context_limit {
-            let per_token = self.spec.attention.kv_elements(self.spec.num_layers(), 1) as u64 * 4;
-            return Err(FerryError::ContextBeyondReserve { prompt: capacity, limit: self.context_limit, per_token });
+            return Err(self.beyond_reserve(capacity));
         }
         let a = &self.spec.attention;
         // One page holds a whole number of attention blocks and fits one binding.
