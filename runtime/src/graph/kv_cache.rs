@@ -30,7 +30,8 @@ pub struct KvCache {
     /// `[heads, dim]` of keys, and of values (None: a joint cache).
     key_shape: [usize; 2],
     value_shape: Option<[usize; 2]>,
-    /// Positions per page: a multiple of `BLOCK`, so that pages meet attention's blocks whole.
+    /// Positions per page: a multiple of `BLOCK` (64), so page starts stay on the block grid a
+    /// split-key decode kernel would use; attention's results do not depend on the page size.
     page: usize,
     capacity: usize,
     len: usize,
