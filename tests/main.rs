@@ -18,4 +18,5 @@ mod offload;
 mod pregate;
 mod quant;
 mod roofline;
+mod serve;
 mod tokenizer;

@@ -156,6 +156,40 @@ pub enum Command {
     Train(TrainArgs),
     /// The desktop app: chat with live expert residency and throughput (egui).
     Gui(GuiArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health, /metrics).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens it to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080, value_parser = whole::<u16>(u16::MAX.into()))]
+    pub port: u16,
+    /// The model's name in the API (`model` in requests, /v1/models). Default: the --model
+    /// value as given, or "ferry-default" for the built-in model.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Requests generated at the same time, one token each in turn (the rest wait in the queue).
+    #[arg(long, default_value_t = 4, value_parser = positive)]
+    pub parallel: usize,
+    /// Requests that may wait for a turn; beyond it a request is answered 503.
+    #[arg(long, default_value_t = 32, value_parser = whole::<usize>(1 << 20))]
+    pub max_queue: usize,
+    /// Open connections at most; beyond it a new connection is answered 503 and closed.
+    #[arg(long, default_value_t = 64, value_parser = positive)]
+    pub max_connections: usize,
+    /// Largest request body (e.g. 4MiB); a larger one is answered 413.
+    #[arg(long, default_value = "8MiB", value_parser = |s: &str| s.parse::<ByteSize>().map_err(|e| e.message))]
+    pub max_body: ByteSize,
+    /// Defaults for requests that leave a setting out (`max_tokens`, `temperature`, `seed`, ...).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(Args)]

@@ -4,6 +4,7 @@ mod args;
 mod commands;
 mod gui;
 mod load;
+mod serve;
 mod train;
 
 use clap::Parser;

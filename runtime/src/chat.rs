@@ -126,7 +126,7 @@ impl ChatTokenizer {
     /// one token per `longest_token` bytes): a document far beyond the context is an error naming
     /// its size, not a tokenizer that runs out of memory.
     pub fn encode_within(&self, text: &str, add_special_tokens: bool, context: usize) -> Result<Vec<u32>> {
-        let at_least = text.len() / self.longest_token;
+        let at_least = self.fewest_tokens(text);
         if at_least > context {
             return Err(FerryError::flag(
                 "--prompt",
@@ -138,6 +138,12 @@ impl ChatTokenizer {
             ));
         }
         self.encode(text, add_special_tokens)
+    }
+
+    /// The fewest tokens `text` can encode to (no token is longer than the longest in the
+    /// vocabulary): tells a text far beyond a context without tokenizing it.
+    pub fn fewest_tokens(&self, text: &str) -> usize {
+        text.len() / self.longest_token
     }
 
     /// `encode_chat` with `encode_within`'s bound on the rendered conversation.

@@ -28,11 +28,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => crate::train::run(args),
         Command::Gui(args) => crate::gui::run(args),
+        Command::Serve(args) => crate::serve::run(args),
     }
 }
 
 /// Sampling settings from the flags: greedy unless a temperature is given.
-fn sampling_config(args: &SamplingArgs) -> Result<SamplingConfig> {
+pub fn sampling_config(args: &SamplingArgs) -> Result<SamplingConfig> {
     let temperature = if args.greedy { 0.0 } else { args.temperature.unwrap_or(0.0) };
     if !(temperature >= 0.0 && temperature.is_finite()) {
         anyhow::bail!("--temperature must be a finite number >= 0, got {temperature}");
