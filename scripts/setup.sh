@@ -21,6 +21,8 @@ fi
 # The desktop app (`ferry gui`) loads the X11 client libraries at run time; its headless test
 # draws into Xvfb.
 command -v Xvfb >/dev/null 2>&1 || need+=(xvfb xauth)
+# The server test drives `ferry serve` with the official OpenAI Python client, in a venv.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
 for lib in libxkbcommon-x11.so.0:libxkbcommon-x11-0 libXcursor.so.1:libxcursor1 libXrandr.so.2:libxrandr2 \
            libXi.so.6:libxi6 libX11-xcb.so.1:libx11-xcb1; do
   ldconfig -p | grep -q "${lib%%:*}" || need+=("${lib##*:}")

@@ -40,3 +40,8 @@ if grep -E '^warning(:|\[)' "$build_log" >"$scratch/warnings"; then
   exit 1
 fi
 cargo test --workspace --locked
+# The official OpenAI Python client (pinned) streams a chat from `ferry serve` on the default model.
+client_env=target/openai-client
+[ -x "$client_env/bin/python" ] || python3 -m venv "$client_env"
+"$client_env/bin/pip" install -q --disable-pip-version-check -r tests/client/requirements.txt
+"$client_env/bin/python" tests/client/openai_stream.py target/debug/ferry
