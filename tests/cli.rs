@@ -542,8 +542,8 @@ fn commands_outside_a_desktop_session_print_no_session_warnings() {
 
 /// A hub name (`ORG/NAME[@REVISION]`) resolves from the local HuggingFace cache laid out as
 /// `huggingface_hub` writes it (refs naming a commit, a snapshot folder of files): the same
-/// logits as the folder itself; a name that is not cached is one error line saying where Ferry
-/// looked.
+/// logits as the folder itself; a name that is not cached, offline, is one error line saying
+/// where Ferry looked (downloads: tests/hub.rs).
 #[test]
 fn hub_names_resolve_from_the_local_huggingface_cache() {
     let cache = tempfile::tempdir().unwrap();
@@ -571,8 +571,10 @@ fn hub_names_resolve_from_the_local_huggingface_cache() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["logits", "--model", "ferry-test/absent", "--ids", "1"])
         .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("ferry runs");
     let line = error_line(&out);
     assert!(line.contains("ferry-test/absent") && line.contains("not in the HuggingFace cache"), "{line}");
+    assert!(line.contains("HF_HUB_OFFLINE"), "{line}");
 }

@@ -12,6 +12,7 @@ mod families;
 mod fuzz;
 mod golden;
 mod gui;
+mod hub;
 mod long_context;
 mod mole;
 mod offload;

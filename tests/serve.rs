@@ -424,3 +424,18 @@ fn serve_refuses_a_port_in_use_in_one_line() {
     let line = crate::cli::error_line(&out);
     assert!(line.contains("--port") && line.contains(&port), "{line}");
 }
+
+#[test]
+fn bench_streams_drives_the_server_scheduler_at_each_count() {
+    let out = json_of(&ferry(&["bench", "--streams", "1,2", "--prompt-len", "4", "--gen-len", "3", "--json"]));
+    assert_eq!(out["budget"], "25%");
+    let points = out["streams"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for (point, n) in points.iter().zip([1, 2]) {
+        assert_eq!(point["streams"], n);
+        assert_eq!(point["new_tokens"], 3 * n, "{point}");
+        // A quarter of the experts resident: some were uploaded.
+        assert!(point["bytes_uploaded_per_token"].as_f64().unwrap() > 0.0, "{point}");
+        assert!(point["aggregate_tokens_per_second"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -317,7 +317,8 @@ pub struct MoleToLutArgs {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// HuggingFace model folder (config.json, *.safetensors, tokenizer.json), or a hub name
-    /// ORG/NAME[@REVISION] already in the local HuggingFace cache. Default: Ferry's built-in
+    /// ORG/NAME[@REVISION] from the local HuggingFace cache, downloaded into it if missing
+    /// (HF_ENDPOINT, HF_TOKEN; HF_HUB_OFFLINE=1 never downloads). Default: Ferry's built-in
     /// model, generated into the cache folder on first use.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -552,6 +553,12 @@ pub struct BenchArgs {
     /// Most prompt tokens per forward pass (see generate --help).
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, allow_negative_numbers = true, value_parser = positive)]
     pub prefill_chunk: usize,
+    /// Instead of the modes: this many concurrent requests through `ferry serve`'s scheduler
+    /// (comma-separated, e.g. 1,2,4), each count on a fresh model at the first --vram-budget
+    /// (default 25%), --expert-policy and --link-gbps (default 16): aggregate tokens/s and bytes
+    /// uploaded per token.
+    #[arg(long, value_delimiter = ',', value_parser = positive, conflicts_with = "prefill_curve")]
+    pub streams: Vec<usize>,
     /// Tokens to generate per mode.
     #[arg(long, default_value_t = 32)]
     pub gen_len: usize,

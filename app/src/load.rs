@@ -35,7 +35,16 @@ pub fn engine(args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
         options: expert_options(args)?,
         lut_cache: args.lut_cache.0,
     };
-    let mut loaded = engine_from(&source, need_tokenizer, |_| {})?;
+    let bar = terminal_bar();
+    let mut loaded = engine_from(&source, need_tokenizer, |stage| {
+        if let (Some(bar), Stage::Bytes { read, total }) = (&bar, stage) {
+            bar.set_length(total);
+            bar.set_position(read.min(total));
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if let Some(path) = &args.expert_profile {
         let text = std::fs::read_to_string(path).with_context(|| format!("--expert-profile {}", path.display()))?;
         let profile: ExpertProfile = serde_json::from_str(&text)
@@ -56,15 +65,53 @@ pub struct Source {
     pub lut_cache: u64,
 }
 
-/// Loads `source`, telling `stage` what it is doing (for progress displays).
-pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(&str)) -> Result<Loaded> {
+/// What loading is doing, for progress displays.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage<'a> {
+    Step(&'a str),
+    /// Uploading: checkpoint bytes read (mapped, checked, converted) of the checkpoint's total;
+    /// offloaded experts are read later, so a budget ends the load before `total`.
+    Bytes {
+        read: u64,
+        total: u64,
+    },
+}
+
+impl std::fmt::Display for Stage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::Step(step) => f.write_str(step),
+            Stage::Bytes { read, total } => {
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                write!(f, "uploading weights: {:.1} of {:.1} MiB read and checked", mib(*read), mib(*total))
+            }
+        }
+    }
+}
+
+/// A bytes bar on stderr when it is a terminal (nothing in pipes, logs and tests).
+fn terminal_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+/// Loads `source`, telling `stage` what it is doing (for progress displays; called from a
+/// second thread while the weights upload).
+pub fn engine_from(source: &Source, need_tokenizer: bool, stage: impl Fn(Stage) + Sync) -> Result<Loaded> {
     let folder = &source.folder;
-    stage("reading config.json and mapping the safetensors");
+    stage(Stage::Step("reading config.json and mapping the safetensors"));
     let opened = ferry_models::open(folder)?;
-    stage("opening the GPU");
+    stage(Stage::Step("opening the GPU"));
     let gpu = Gpu::open(source.adapter)?;
     let tokenizer = if need_tokenizer || folder.join("tokenizer.json").exists() {
-        stage("reading the tokenizer");
+        stage(Stage::Step("reading the tokenizer"));
         Some(ChatTokenizer::open(folder)?)
     } else {
         None
@@ -74,9 +121,23 @@ pub fn engine_from(source: &Source, need_tokenizer: bool, mut stage: impl FnMut(
     {
         eprintln!("warning: {warning}");
     }
-    stage("uploading weights");
-    let mut model = Model::load_with(opened.spec, &opened.weights, &gpu.device, source.options)
-        .with_context(|| format!("loading {}", folder.display()))?;
+    let weights = &opened.weights;
+    let total = weights.total_bytes() as u64;
+    let start = weights.bytes_read();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let loaded = std::thread::scope(|scope| {
+        // Reports the bytes read while the upload runs on this thread.
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                stage(Stage::Bytes { read: weights.bytes_read() - start, total });
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        let loaded = Model::load_with(opened.spec, weights, &gpu.device, source.options);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        loaded
+    });
+    let mut model = loaded.with_context(|| format!("loading {}", folder.display()))?;
     model.set_lookup_cache(source.lut_cache);
     Ok(Loaded { engine: Engine::new(model, tokenizer), gpu })
 }

@@ -1,8 +1,8 @@
 //! Models named the way the HuggingFace hub names them (`ORG/NAME[@REVISION]`), found in the
 //! local hub cache that `transformers` and `huggingface-cli` fill: `models--ORG--NAME/` with
-//! `refs/<revision>` holding a commit hash and `snapshots/<commit>/` holding the files.
-//! Downloading a model that is not in the cache is not supported yet; the error says where
-//! Ferry looked.
+//! `refs/<revision>` holding a commit hash and `snapshots/<commit>/` holding the files. A model
+//! not in the cache is downloaded into it (the `hf-hub` crate: `HF_ENDPOINT`, `HF_TOKEN`, partial
+//! files resumed, a progress bar on a terminal), only the files Ferry reads.
 
 use std::path::{Path, PathBuf};
 
@@ -51,12 +51,7 @@ pub fn snapshot_in(cache: &Path, name: &HubName) -> Result<PathBuf> {
     let repo = cache.join(format!("models--{}--{}", name.org, name.name));
     let label = format!("{}/{}", name.org, name.name);
     if !repo.is_dir() {
-        return Err(FerryError::io(
-            &repo,
-            format!(
-                "{label} is not a model folder and not in the HuggingFace cache (downloading is not supported yet: fetch it with `huggingface-cli download {label}` or pass a folder)"
-            ),
-        ));
+        return Err(FerryError::io(&repo, format!("{label} is not a model folder and not in the HuggingFace cache")));
     }
     let revision = name.revision.as_deref().unwrap_or("main");
     let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
@@ -79,8 +74,8 @@ pub fn snapshot_in(cache: &Path, name: &HubName) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
-/// What `--model` names: an existing path as it is; otherwise a hub name resolved from the
-/// local cache; otherwise the path as given (opening it then says it does not exist).
+/// What `--model` names: an existing path as it is; otherwise a hub name from the local cache,
+/// or downloaded into it; otherwise the path as given (opening it then says it does not exist).
 pub fn resolve(model: &Path) -> Result<PathBuf> {
     if model.exists() {
         return Ok(model.to_path_buf());
@@ -89,7 +84,94 @@ pub fn resolve(model: &Path) -> Result<PathBuf> {
     let cache = cache_dir().ok_or_else(|| {
         FerryError::io(model, "not a model folder, and no HuggingFace cache to look in (HF_HOME and HOME unset)")
     })?;
-    snapshot_in(&cache, &name)
+    let missing = match snapshot_in(&cache, &name) {
+        Ok(snapshot) => return Ok(snapshot),
+        Err(missing) => missing,
+    };
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if var("HF_HUB_OFFLINE").is_some_and(|v| v != "0") {
+        return Err(FerryError::io(model, format!("{missing} (and HF_HUB_OFFLINE is set, so it is not downloaded)")));
+    }
+    let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    download(&cache, &name, endpoint.trim_end_matches('/')).map_err(|e| {
+        FerryError::io(
+            cache.join(format!("models--{}--{}", name.org, name.name)),
+            format!("{}/{} is not a model folder nor in the HuggingFace cache, and downloading it from {endpoint} failed: {e}", name.org, name.name),
+        )
+    })
+}
+
+const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// The files of a repository Ferry reads: configuration, tokenizer, safetensors weights (and
+/// their index). Other weight formats (`*.bin`, GGUF, `original/`) stay on the hub.
+pub fn wanted(file: &str) -> bool {
+    const NAMES: [&str; 6] = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ];
+    !file.contains('/')
+        && (NAMES.contains(&file) || file.ends_with(".safetensors") || file.ends_with(".safetensors.index.json"))
+}
+
+/// Downloads what Ferry reads of `name` into the hub cache `cache` and returns the snapshot.
+fn download(cache: &Path, name: &HubName, endpoint: &str) -> std::result::Result<PathBuf, String> {
+    use std::io::IsTerminal;
+
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| hf_hub::Cache::new(cache.to_path_buf()).token());
+    let api = ApiBuilder::new()
+        .with_cache_dir(cache.to_path_buf())
+        .with_endpoint(endpoint.to_string())
+        .with_token(token)
+        .with_progress(std::io::stderr().is_terminal())
+        // A dropped connection resumes from the bytes already on disk.
+        .with_retries(3)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let revision = name.revision.clone().unwrap_or_else(|| "main".into());
+    let repo = api.repo(Repo::with_revision(format!("{}/{}", name.org, name.name), RepoType::Model, revision));
+    let info = repo.info().map_err(|e| describe(&e))?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).filter(|f| wanted(f)).collect();
+    if !files.iter().any(|f| f == "config.json") {
+        return Err("the repository has no config.json".into());
+    }
+    if !files.iter().any(|f| f.ends_with(".safetensors")) {
+        return Err("the repository has no *.safetensors weights (Ferry reads safetensors checkpoints)".into());
+    }
+    let mut snapshot = None;
+    for file in &files {
+        let path = repo.get(file).map_err(|e| format!("{file}: {}", describe(&e)))?;
+        if file == "config.json" {
+            snapshot = path.parent().map(Path::to_path_buf);
+        }
+    }
+    snapshot.ok_or_else(|| "config.json was not written".into())
+}
+
+/// hf-hub's errors, in one line (an HTTP status says what it means for a hub).
+fn describe(err: &hf_hub::api::sync::ApiError) -> String {
+    use hf_hub::api::sync::ApiError;
+    if let ApiError::RequestError(request) = err
+        && let ureq::Error::Status(code, response) = request.as_ref()
+    {
+        let what = match code {
+            401 | 403 => "not authorised (a gated or private model needs HF_TOKEN)",
+            404 => "no such model or revision",
+            _ => "refused",
+        };
+        return format!("{} answered {code}: {what}", response.get_url());
+    }
+    err.to_string().replace('\n', " ")
 }
 
 #[cfg(test)]

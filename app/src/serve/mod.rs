@@ -6,7 +6,7 @@
 mod api;
 mod error;
 mod listener;
-mod worker;
+pub mod worker;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -73,7 +73,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let tokenizer = Arc::new(engine.tokenizer.take().context("ferry serve needs tokenizer.json in the model folder")?);
     let spec = engine.model.spec();
     let (context, vocab) = (spec.max_position_embeddings, spec.vocab_size);
-    let scheduler = Scheduler::start(engine.model, tokenizer.clone(), args.parallel, args.max_queue);
+    let scheduler = Scheduler::start(engine.model, Some(tokenizer.clone()), args.parallel, args.max_queue);
     let state = Arc::new(AppState {
         scheduler,
         tokenizer,

@@ -80,7 +80,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the worker thread with the model. `parallel` requests run at once and up to
     /// `max_queue` more wait.
-    pub fn start(model: Model, tokenizer: Arc<ChatTokenizer>, parallel: usize, max_queue: usize) -> Self {
+    pub fn start(model: Model, tokenizer: Option<Arc<ChatTokenizer>>, parallel: usize, max_queue: usize) -> Self {
         let (jobs, incoming) = mpsc::channel();
         let shared = Arc::new(Shared {
             in_system: AtomicUsize::new(0),
@@ -123,7 +123,8 @@ struct Running {
 
 struct Worker {
     model: Model,
-    tokenizer: Arc<ChatTokenizer>,
+    /// None: token ids only, no text (benchmarks on random checkpoints).
+    tokenizer: Option<Arc<ChatTokenizer>>,
     incoming: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
     parallel: usize,
@@ -175,7 +176,7 @@ impl Worker {
         }
         let started = Instant::now();
         let prompt_pass = !run.generation.started();
-        match run.generation.step(&mut self.model, Some(&self.tokenizer)) {
+        match run.generation.step(&mut self.model, self.tokenizer.as_deref()) {
             Err(err) => {
                 let _ = run.events.send(JobEvent::Failed(err));
                 self.done(1, |m| m.requests_failed += 1);

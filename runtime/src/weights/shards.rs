@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 
@@ -39,6 +40,9 @@ pub struct WeightStore {
     folder: PathBuf,
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorRef>,
+    /// Bytes handed out by `bytes` so far (loading, checking and uploading read every weight
+    /// through it): what a progress display counts.
+    read: AtomicU64,
 }
 
 #[derive(serde::Deserialize)]
@@ -113,7 +117,7 @@ impl WeightStore {
             }
             shards.push(Shard { path, mmap, data_start });
         }
-        let store = Self { folder: folder.to_path_buf(), shards, tensors };
+        let store = Self { folder: folder.to_path_buf(), shards, tensors, read: AtomicU64::new(0) };
         if let Some(weight_map) = weight_map {
             store.check_index_entries(&index_path, &weight_map)?;
         }
@@ -175,7 +179,13 @@ impl WeightStore {
 
     /// The raw little-endian bytes of a tensor, straight from the mapping.
     pub fn bytes(&self, tensor: &TensorRef) -> &[u8] {
+        self.read.fetch_add(tensor.byte_len() as u64, Ordering::Relaxed);
         &self.shards[tensor.shard].mmap[tensor.start..tensor.end]
+    }
+
+    /// Bytes of tensor data read so far (a tensor read twice counts twice).
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
     }
 
     /// A tensor converted to f32, after checking its shape and that every value is finite (a

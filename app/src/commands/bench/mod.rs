@@ -6,6 +6,7 @@ mod curve;
 mod measure;
 mod plan;
 mod report;
+mod streams;
 
 use anyhow::Result;
 use ferry_runtime::Gpu;
@@ -13,7 +14,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::graph::Model;
 use ferry_runtime::measure::measure_upload;
 use ferry_runtime::measure::roofline::measure_memory_bandwidth;
-use ferry_runtime::options::ExpertOptions;
+use ferry_runtime::options::{ExpertOptions, LinkModel, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_runtime::spec::{FfnKind, ModelSpec};
 use rand::rngs::StdRng;
@@ -45,6 +46,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         } else {
             curve::print(&points);
+        }
+        return Ok(());
+    }
+    if !args.streams.is_empty() {
+        // The first budget, policy and link asked for (default: 25% over an emulated 16 GB/s).
+        let options = ExpertOptions {
+            budget: args.vram_budgets.first().copied().unwrap_or(VramBudget::FractionOfExperts(0.25)),
+            policy: args.expert_policies.first().copied().unwrap_or_default(),
+            link: match args.link_gbps.first() {
+                Some(choice) => choice.0,
+                None => Some(LinkModel::checked(16.0)?),
+            },
+            prefill_chunk: args.prefill_chunk,
+            ..Default::default()
+        };
+        let shape = (args.prompt_len.max(1), args.gen_len.max(1), args.seed);
+        let budget = options.budget;
+        let link =
+            options.link.map_or("adapter's own".into(), |l| format!("{} GB/s (emulated)", l.bytes_per_second / 1e9));
+        if !args.json {
+            let counts = args.streams.iter().map(usize::to_string).collect::<Vec<_>>().join("/");
+            println!(
+                "{counts} requests of {} prompt + {} new tokens at once, budget {budget}, link {link}:",
+                shape.0, shape.1
+            );
+            streams::print_header();
+        }
+        let points = streams::measure(&spec, &opened.weights, &gpu, options, &args.streams, shape, |p| {
+            if !args.json {
+                streams::print(p);
+            }
+        })?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "folder": folder, "adapter": gpu.describe(), "budget": budget.to_string(),
+                    "policy": options.policy.to_string(), "link_gbps": options.link.map(|l| l.bytes_per_second / 1e9),
+                    "prompt_len": shape.0, "gen_len": shape.1, "streams": points })
+            );
         }
         return Ok(());
     }
