@@ -427,7 +427,19 @@ fn serve_refuses_a_port_in_use_in_one_line() {
 
 #[test]
 fn bench_streams_drives_the_server_scheduler_at_each_count() {
-    let out = json_of(&ferry(&["bench", "--streams", "1,2", "--prompt-len", "4", "--gen-len", "3", "--json"]));
+    // The largest seed: each stream's prompt seed wraps rather than overflowing.
+    let out = json_of(&ferry(&[
+        "bench",
+        "--streams",
+        "1,2",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "3",
+        "--seed",
+        "18446744073709551615",
+        "--json",
+    ]));
     assert_eq!(out["budget"], "25%");
     let points = out["streams"].as_array().unwrap();
     assert_eq!(points.len(), 2);

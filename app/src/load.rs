@@ -124,17 +124,19 @@ pub fn engine_from(source: &Source, need_tokenizer: bool, stage: impl Fn(Stage) 
     let weights = &opened.weights;
     let total = weights.total_bytes() as u64;
     let start = weights.bytes_read();
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let stage = &stage;
     let loaded = std::thread::scope(|scope| {
-        // Reports the bytes read while the upload runs on this thread.
-        scope.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        // Reports the bytes read every 200 ms while the upload runs on this thread; dropping
+        // `done` wakes it at once, so a load does not wait out a tick.
+        scope.spawn(move || {
+            let tick = std::time::Duration::from_millis(200);
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(tick) {
                 stage(Stage::Bytes { read: weights.bytes_read() - start, total });
-                std::thread::sleep(std::time::Duration::from_millis(200));
             }
         });
         let loaded = Model::load_with(opened.spec, weights, &gpu.device, source.options);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(done);
         loaded
     });
     let mut model = loaded.with_context(|| format!("loading {}", folder.display()))?;

@@ -73,7 +73,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let tokenizer = Arc::new(engine.tokenizer.take().context("ferry serve needs tokenizer.json in the model folder")?);
     let spec = engine.model.spec();
     let (context, vocab) = (spec.max_position_embeddings, spec.vocab_size);
-    let scheduler = Scheduler::start(engine.model, Some(tokenizer.clone()), args.parallel, args.max_queue);
+    let scheduler = Scheduler::start(engine.model, Some(tokenizer.clone()), args.parallel, args.max_queue)
+        .context("starting the model thread")?;
     let state = Arc::new(AppState {
         scheduler,
         tokenizer,
@@ -355,7 +356,7 @@ fn stream_response(shape: Shape, events: UnboundedReceiver<JobEvent>) -> Respons
     };
     let body = stream::unfold((Some(events), shape), |(events, shape)| async move {
         let mut events = events?;
-        let out = match events.recv().await {
+        let mut out = match events.recv().await {
             Some(JobEvent::Text(text)) => {
                 return Some((vec![sse(&shape.chunk(Some(&text), false, None))], (Some(events), shape)));
             }
@@ -372,7 +373,6 @@ fn stream_response(shape: Shape, events: UnboundedReceiver<JobEvent>) -> Respons
             Some(JobEvent::Failed(err)) => vec![sse(&ApiError::from_ferry(&err).body())],
             None => vec![sse(&worker_gone().body())],
         };
-        let mut out = out;
         out.push(SseEvent::default().data("[DONE]"));
         Some((out, (None, shape)))
     })

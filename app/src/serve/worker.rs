@@ -80,19 +80,21 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the worker thread with the model. `parallel` requests run at once and up to
     /// `max_queue` more wait.
-    pub fn start(model: Model, tokenizer: Option<Arc<ChatTokenizer>>, parallel: usize, max_queue: usize) -> Self {
+    pub fn start(
+        model: Model,
+        tokenizer: Option<Arc<ChatTokenizer>>,
+        parallel: usize,
+        max_queue: usize,
+    ) -> std::io::Result<Self> {
         let (jobs, incoming) = mpsc::channel();
         let shared = Arc::new(Shared {
             in_system: AtomicUsize::new(0),
-            capacity: parallel + max_queue,
+            capacity: parallel.saturating_add(max_queue),
             metrics: Mutex::new(Metrics::default()),
         });
         let worker = Worker { model, tokenizer, incoming, shared: shared.clone(), parallel };
-        std::thread::Builder::new()
-            .name("ferry-model".into())
-            .spawn(move || worker.run())
-            .expect("spawning the model thread");
-        Self { jobs, shared }
+        std::thread::Builder::new().name("ferry-model".into()).spawn(move || worker.run())?;
+        Ok(Self { jobs, shared })
     }
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
@@ -146,7 +148,8 @@ impl Worker {
             // A client that left while waiting never starts.
             let before = waiting.len();
             waiting.retain(|job| !job.events.is_closed());
-            self.done(before - waiting.len(), |m| m.requests_cancelled += (before - waiting.len()) as u64);
+            let left = before - waiting.len();
+            self.done(left, |m| m.requests_cancelled += left as u64);
             while running.len() < self.parallel {
                 let Some(job) = waiting.pop_front() else { break };
                 match Generation::new(&self.model, job.request) {

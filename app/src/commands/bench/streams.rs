@@ -46,9 +46,9 @@ pub fn measure(
     let mut points = Vec::new();
     for &n in counts {
         let model = Model::load_with(spec.clone(), weights, &gpu.device, options)?;
-        let scheduler = Scheduler::start(model, None, n, n);
+        let scheduler = Scheduler::start(model, None, n, n).context("starting the model thread")?;
         let request = |i: usize| GenerateRequest {
-            prompt_ids: super::random_prompt(spec, prompt_len, seed + i as u64),
+            prompt_ids: super::random_prompt(spec, prompt_len, seed.wrapping_add(i as u64)),
             max_new_tokens: gen_len,
             sampling: SamplingConfig::greedy(),
             stop_strings: Vec::new(),
