@@ -7,7 +7,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::ExpertStats;
 use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
-use ferry_runtime::options::{EvictionPolicy, VramBudget};
+use ferry_runtime::options::{DecodeSplit, EvictionPolicy, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
@@ -26,6 +26,12 @@ fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
 fn prompt_forward(model: &mut Model, ids: &[u32]) -> ForwardOutput {
     let mut cache = model.new_cache(ids.len()).unwrap();
     model.forward(ids, &mut cache, LogitsFor::All).unwrap()
+}
+
+/// The logits of `ids` fed one per forward pass.
+fn stepwise_logits(model: &mut Model, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    ids.iter().map(|&id| model.forward(&[id], &mut cache, LogitsFor::All).unwrap().logits.concat()).collect()
 }
 
 /// The smallest budget there is: one layer's top-k slots, so every layer evicts.
@@ -57,6 +63,39 @@ fn offloaded_logits_and_tokens_equal_all_resident_bit_for_bit() {
             }
         }
     }
+}
+
+/// Dot products split among units as on a GPU (`--decode-split 64`, forced on lavapipe, where
+/// `auto` keeps them whole): offloaded still equals resident bit for bit, and greedy decoding
+/// still matches transformers' (the fixtures keep greedy margins above 1e-2).
+#[test]
+fn split_dot_products_keep_offloaded_equal_to_resident() {
+    let mut changed_rounding = false;
+    for family in FAMILIES {
+        let reference = reference(family);
+        let opened = || ferry_models::open(&fixture(family)).unwrap();
+        let load_split = |budget, split| {
+            let options = ExpertOptions { budget, decode_split: split, ..Default::default() };
+            let opened = opened();
+            Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap(), None)
+        };
+        let load = |budget| load_split(budget, DecodeSplit::Ways(64));
+        let n = reference.greedy.new_ids.len();
+        let mut resident = load(VramBudget::All);
+        let tokens = greedy(&mut resident, &reference.greedy.prompt_ids, n);
+        assert_eq!(tokens, reference.greedy.new_ids, "{family}: split greedy tokens differ from transformers");
+        let mut offloaded = load(TOP_K_SLOTS);
+        assert_eq!(greedy(&mut offloaded, &reference.greedy.prompt_ids, n), tokens, "{family}: split, offloaded");
+        // One token per pass, as a decode step runs: the split matrix-vector kernels too.
+        let ids = &reference.input_ids[..reference.input_ids.len().min(8)];
+        let expected = stepwise_logits(&mut resident.model, ids);
+        assert_eq!(stepwise_logits(&mut offloaded.model, ids), expected, "{family}: split decode logits");
+        assert!(offloaded.model.experts().stats().misses > 0, "{family}");
+        let whole = stepwise_logits(&mut load_split(VramBudget::All, DecodeSplit::Ways(1)).model, ids);
+        changed_rounding |= whole != expected;
+    }
+    // The flag reaches the kernels: split sums round differently somewhere.
+    assert!(changed_rounding, "--decode-split 64 computed what whole dot products compute, bit for bit");
 }
 
 #[test]

@@ -7,8 +7,8 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_runtime::lut::LutDtype;
 use ferry_runtime::options::{
-    AdapterChoice, BigFallback, ByteSize, DEFAULT_PREFILL_CHUNK, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode,
-    Importance, LinkModel, OptionError, PrefetchMode, VramBudget,
+    AdapterChoice, BigFallback, ByteSize, DEFAULT_PREFILL_CHUNK, DecodeSplit, DenseDtype, EvictionPolicy, ExpertDtype,
+    ExpertsMode, Importance, LinkModel, OptionError, PrefetchMode, VramBudget,
 };
 use strum::VariantNames;
 
@@ -367,6 +367,11 @@ pub struct ModelArgs {
     /// the checkpoint's own width (bf16 for BF16), else f32.
     #[arg(long, default_value = "auto", value_parser = dense_dtype_choice())]
     pub dense_dtype: DenseDtypeChoice,
+    /// How decode kernels share each dot product among GPU units: auto (split into up to 64
+    /// chunks on a GPU, whole on a CPU adapter such as lavapipe) or the most ways, a power of
+    /// two from 1 (whole) to 64. Logits differ between settings by float rounding only.
+    #[arg(long, default_value = "auto", value_parser = parsed::<DecodeSplit>)]
+    pub decode_split: DecodeSplit,
     /// Most prompt tokens per forward pass: a longer prompt runs in chunks of this many over the
     /// growing KV cache, which bounds a prefill's activations and expert work by the chunk, not
     /// the prompt (logits equal within float rounding).
@@ -522,6 +527,9 @@ pub struct BenchArgs {
     /// Eviction policies to measure at each budget (repeatable).
     #[arg(long = "expert-policy", default_values_t = [EvictionPolicy::Lru], value_parser = choice::<EvictionPolicy>())]
     pub expert_policies: Vec<EvictionPolicy>,
+    /// How decode kernels split their dot products (see generate --help), for every mode.
+    #[arg(long, default_value = "auto", value_parser = parsed::<DecodeSplit>)]
+    pub decode_split: DecodeSplit,
     /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated).
     #[arg(long = "prefetch", value_delimiter = ',', default_values_t = [PrefetchMode::None], value_parser = choice::<PrefetchMode>())]
     pub prefetch: Vec<PrefetchMode>,
@@ -576,8 +584,8 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct RandomModelArgs {
-    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, qwen3-30b-a3b (the released config, BF16), mole
-    /// (a small Mixture of Lookup Experts), or gpt-oss-20b (the released config, MXFP4 experts,
+    /// Shapes: default, olmoe-1b-7b, mixtral-8x7b, qwen3-30b-a3b or deepseek-v2-lite (the released
+    /// configs, BF16), mole (a small Mixture of Lookup Experts), or gpt-oss-20b (the released config, MXFP4 experts,
     /// 201088-entry vocabulary) (tokenizer: Ferry's 384-token one unless said).
     #[arg(long, default_value = "default", value_parser = PossibleValuesParser::new(ferry_models::random_model::PRESETS))]
     pub preset: String,

@@ -184,6 +184,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         prefill_chunk: args.prefill_chunk,
         expert_dtype,
         dense_dtype,
+        decode_split: args.decode_split,
     })
 }
 

@@ -9,6 +9,8 @@
 //! transformers 4.57 scales V3's attention scores by YaRN's mscale(factor, mscale_all_dim)^2 but
 //! not V2's (DeepSeek's own V2 code does); Ferry follows transformers.
 
+use std::path::Path;
+
 use ferry_runtime::error::Result;
 use ferry_runtime::spec::{
     FfnKind, GroupScoring, MlaSpec, ModelSpec, MoeSpec, RopeScaling, RouterKind, SharedExpertSpec, YarnSpec,
@@ -185,6 +187,72 @@ fn check_groups(cfg: &HfConfig, router: RouterKind, experts: usize, top_k: usize
         ));
     }
     Ok(())
+}
+
+/// `ferry random-model --preset deepseek-v2-lite`: DeepSeek-V2-Lite's released config (27 layers:
+/// one dense FFN of 10944, then 64 routed experts of 1408, top-6, and two shared; MLA with a
+/// 512-wide latent, 16 heads, no q-LoRA; YaRN) with `layers` layers, random BF16 weights and the
+/// embedded 384-token tokenizer's vocabulary.
+pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
+    const HIDDEN: usize = 2048;
+    const HEADS: usize = 16;
+    const NOPE: usize = 128;
+    const ROPE: usize = 64;
+    const V: usize = 128;
+    const LATENT: usize = 512;
+    const DENSE: usize = 10944;
+    const EXPERTS: usize = 64;
+    const INTER: usize = 1408;
+    const SHARED: usize = 2;
+    let layers = layers.max(1);
+    let (vocab, eos) = crate::random_model::vocab_and_eos()?;
+    let config = serde_json::json!({
+        "architectures": [ARCHITECTURE_V2], "attention_bias": false, "aux_loss_alpha": 0.001,
+        "bos_token_id": eos, "eos_token_id": eos, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": HIDDEN, "intermediate_size": DENSE,
+        "kv_lora_rank": LATENT, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+        "moe_intermediate_size": INTER, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": EXPERTS,
+        "n_shared_experts": SHARED, "norm_topk_prob": false, "num_attention_heads": HEADS,
+        "num_experts_per_tok": 6, "num_hidden_layers": layers, "num_key_value_heads": HEADS,
+        "q_lora_rank": null, "qk_nope_head_dim": NOPE, "qk_rope_head_dim": ROPE,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+        "seq_aux": true, "tie_word_embeddings": false, "topk_group": 1, "topk_method": "greedy",
+        "torch_dtype": "bfloat16", "v_head_dim": V, "vocab_size": vocab
+    });
+    crate::random_model::write_folder_files(dir, &config, eos)?;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, HIDDEN]),
+        ("lm_head.weight".into(), vec![vocab, HIDDEN]),
+        ("model.norm.weight".into(), vec![HIDDEN]),
+    ];
+    let swiglu = |shapes: &mut Vec<(String, Vec<usize>)>, p: &str, inter: usize| {
+        shapes.push((format!("{p}.gate_proj.weight"), vec![inter, HIDDEN]));
+        shapes.push((format!("{p}.up_proj.weight"), vec![inter, HIDDEN]));
+        shapes.push((format!("{p}.down_proj.weight"), vec![HIDDEN, inter]));
+    };
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
+        shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![HEADS * (NOPE + ROPE), HIDDEN]));
+        shapes.push((format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), vec![LATENT + ROPE, HIDDEN]));
+        shapes.push((format!("{p}.self_attn.kv_a_layernorm.weight"), vec![LATENT]));
+        shapes.push((format!("{p}.self_attn.kv_b_proj.weight"), vec![HEADS * (NOPE + V), LATENT]));
+        shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * V]));
+        if l == 0 {
+            swiglu(&mut shapes, &format!("{p}.mlp"), DENSE);
+            continue;
+        }
+        shapes.push((format!("{p}.mlp.gate.weight"), vec![EXPERTS, HIDDEN]));
+        for e in 0..EXPERTS {
+            swiglu(&mut shapes, &format!("{p}.mlp.experts.{e}"), INTER);
+        }
+        swiglu(&mut shapes, &format!("{p}.mlp.shared_experts"), SHARED * INTER);
+    }
+    crate::random_model::write_bf16_tensors(&dir.join("model.safetensors"), &shapes, seed)
 }
 
 #[cfg(test)]

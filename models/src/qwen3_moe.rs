@@ -3,11 +3,8 @@
 
 use std::path::Path;
 
-use ferry_runtime::error::{FerryError, Result};
+use ferry_runtime::error::Result;
 use ferry_runtime::spec::{ModelSpec, MoeSpec, QkNorm, RouterKind};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use safetensors::tensor::TensorView;
 
 use crate::common;
 use crate::config::HfConfig;
@@ -56,19 +53,6 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
         "use_sliding_window": false, "vocab_size": vocab
     });
     crate::random_model::write_folder_files(dir, &config, eos)?;
-    let mut rng = StdRng::seed_from_u64(seed);
-    // Norm gains near 1; weights uniform with standard deviation 1/sqrt(fan-in).
-    let mut tensor = |shape: &[usize]| -> Vec<u8> {
-        let scale = (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt();
-        let n: usize = shape.iter().product();
-        (0..n)
-            .flat_map(|_| {
-                let r = rng.random::<f32>() * 2.0 - 1.0;
-                let v = if shape.len() == 1 { 1.0 + 0.1 * r } else { r * scale };
-                half::bf16::from_f32(v).to_le_bytes()
-            })
-            .collect()
-    };
     let ffn = |p: &str| {
         let mut out = vec![
             (format!("{p}.self_attn.q_norm.weight"), vec![HEAD_DIM]),
@@ -83,26 +67,20 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
         }
         out
     };
-    let mut tensors = Vec::new();
     // Qwen3's attention is 32 heads of 128 over a 2048 hidden size: q/o are not hidden x hidden.
-    for (name, shape) in crate::common::decoder_tensors(vocab, HIDDEN, layers, [HEADS, KV_HEADS], ffn) {
-        let projection = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next());
-        let shape = match projection {
-            Some("q_proj") => vec![HEADS * HEAD_DIM, HIDDEN],
-            Some("k_proj" | "v_proj") => vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
-            _ => shape,
-        };
-        let bytes = tensor(&shape);
-        tensors.push((name, shape, bytes));
-    }
-    let path = dir.join("model.safetensors");
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).map(|v| (name.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| FerryError::io(&path, e))?;
-    safetensors::serialize_to_file(views, None, &path).map_err(|e| FerryError::io(&path, e))
+    let shapes: Vec<(String, Vec<usize>)> =
+        crate::common::decoder_tensors(vocab, HIDDEN, layers, [HEADS, KV_HEADS], ffn)
+            .into_iter()
+            .map(|(name, shape)| {
+                let projection = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next());
+                let shape = match projection {
+                    Some("q_proj") => vec![HEADS * HEAD_DIM, HIDDEN],
+                    Some("k_proj" | "v_proj") => vec![KV_HEADS * HEAD_DIM, HIDDEN],
+                    Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
+                    _ => shape,
+                };
+                (name, shape)
+            })
+            .collect();
+    crate::random_model::write_bf16_tensors(&dir.join("model.safetensors"), &shapes, seed)
 }

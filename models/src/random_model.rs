@@ -55,9 +55,10 @@ pub const DEFAULT: Shape = Shape {
     bf16: false,
 };
 
-/// Every `ferry random-model --preset`: the shapes below, Qwen3-30B-A3B's, the MoLE family's and
-/// GPT-OSS-20B's.
-pub const PRESETS: [&str; 6] = ["default", "olmoe-1b-7b", "mixtral-8x7b", "qwen3-30b-a3b", "mole", "gpt-oss-20b"];
+/// Every `ferry random-model --preset`: the shapes below, Qwen3-30B-A3B's, DeepSeek-V2-Lite's,
+/// the MoLE family's and GPT-OSS-20B's.
+pub const PRESETS: [&str; 7] =
+    ["default", "olmoe-1b-7b", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "mole", "gpt-oss-20b"];
 
 /// Named shapes: `default`, and the attention and expert dimensions of real MoEs (vocabulary
 /// reduced to the embedded tokenizer's, layers as given).
@@ -89,10 +90,7 @@ pub fn preset(name: &str, layers: Option<usize>) -> Result<Shape> {
             bf16: true,
         },
         other => {
-            return Err(FerryError::flag(
-                "--preset",
-                format!("unknown preset {other:?}; use default, olmoe-1b-7b or mixtral-8x7b"),
-            ));
+            return Err(FerryError::flag("--preset", format!("unknown preset {other:?}; use {}", PRESETS.join(", "))));
         }
     };
     if let Some(layers) = layers {
@@ -220,6 +218,35 @@ pub(crate) fn write_folder_files(dir: &Path, config: &serde_json::Value, eos: u3
         std::fs::write(&path, text).map_err(|e| FerryError::io(&path, e))?;
     }
     Ok(())
+}
+
+/// Writes `shapes` as random BF16 tensors into one safetensors file, in order: norm gains (1-D)
+/// near 1, weights uniform with standard deviation 1/sqrt(fan-in).
+pub(crate) fn write_bf16_tensors(path: &Path, shapes: &[(String, Vec<usize>)], seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let bytes: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|(_, shape)| {
+            let scale = (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt();
+            let n: usize = shape.iter().product();
+            (0..n)
+                .flat_map(|_| {
+                    let r = rng.random::<f32>() * 2.0 - 1.0;
+                    let v = if shape.len() == 1 { 1.0 + 0.1 * r } else { r * scale };
+                    bf16::from_f32(v).to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let views = shapes
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape), bytes)| {
+            TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| FerryError::io(path, e))?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| FerryError::io(path, e))
 }
 
 /// Writes a whole model folder: config, generation config, tokenizer files and weights.

@@ -78,9 +78,17 @@ pub struct KernelStats {
     pub matrix_launches: u64,
     pub matrix_units: u64,
     pub weight_bytes: u64,
+    /// Matrix launches that started fewer than 32,768 units (`GPU_UNITS`), and the lower bound of
+    /// the smallest launch's units (a power of two; 0 without matrix launches).
+    pub small_matrix_launches: u64,
+    pub smallest_matrix_launch_units: u64,
     /// Times the host waited on a device read-back.
     pub host_reads: u64,
 }
+
+/// Units a matrix launch should offer a GPU: about 32k independent 16-byte loads keep a desktop
+/// card's memory busy (bandwidth x latency / 16 bytes).
+pub const GPU_UNITS: u64 = 1 << 15;
 
 impl KernelStats {
     fn between(before: Launches, after: Launches, host_reads: usize) -> Self {
@@ -91,6 +99,8 @@ impl KernelStats {
             matrix_launches: d.matrix_launches,
             matrix_units: d.matrix_units,
             weight_bytes: d.weight_bytes,
+            small_matrix_launches: d.matrix_launches_below(GPU_UNITS),
+            smallest_matrix_launch_units: d.smallest_matrix_launch().unwrap_or(0),
             host_reads: host_reads as u64,
         }
     }
@@ -103,6 +113,12 @@ impl std::ops::AddAssign for KernelStats {
         self.matrix_launches += o.matrix_launches;
         self.matrix_units += o.matrix_units;
         self.weight_bytes += o.weight_bytes;
+        self.small_matrix_launches += o.small_matrix_launches;
+        self.smallest_matrix_launch_units = match (self.smallest_matrix_launch_units, o.smallest_matrix_launch_units) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
         self.host_reads += o.host_reads;
     }
 }

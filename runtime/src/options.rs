@@ -166,6 +166,47 @@ impl DenseDtype {
     }
 }
 
+/// How the decode kernels (matrix-vector products, grouped experts) share one dot product among
+/// units (`--decode-split`): `auto` splits on a GPU and keeps dot products whole on a CPU adapter;
+/// a number is the most ways (a power of two up to 64; 1 keeps them whole). Sums change order
+/// with the split, so logits differ by rounding between settings; offloaded and resident runs
+/// of one setting stay bit-identical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeSplit {
+    #[default]
+    Auto,
+    Ways(u32),
+}
+
+impl FromStr for DecodeSplit {
+    type Err = OptionError;
+
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<u32>() {
+            Ok(n) if n.is_power_of_two() && n <= 64 => Ok(Self::Ways(n)),
+            _ => Err(OptionError::new("--decode-split", format!("{s:?} is not auto or a power of two from 1 to 64"))),
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Ways(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl serde::Serialize for DecodeSplit {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Which resident expert gives up its slot when a miss needs one (`--expert-policy`).
 #[derive(
     Debug,
@@ -516,6 +557,9 @@ pub struct ExpertOptions {
     /// How projection matrices are stored on the GPU (`--dense-dtype`); f16 is an
     /// approximation. Set when the model is loaded.
     pub dense_dtype: DenseDtype,
+    /// How decode kernels split their dot products (`--decode-split`). Set when the model is
+    /// loaded.
+    pub decode_split: DecodeSplit,
 }
 
 impl Default for ExpertOptions {
@@ -532,6 +576,7 @@ impl Default for ExpertOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             expert_dtype: ExpertDtype::F32,
             dense_dtype: DenseDtype::F32,
+            decode_split: DecodeSplit::Auto,
         }
     }
 }

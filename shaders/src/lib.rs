@@ -17,6 +17,8 @@ pub mod norm;
 pub mod pairs;
 pub mod reduce;
 pub mod rope;
+pub mod split;
+pub mod stream;
 
 #[cfg(test)]
 mod testing;

@@ -2,9 +2,10 @@
 //!
 //! A decode step multiplies a single row by every projection and by the LM head. burn's tiled
 //! matmul is built for many rows; for one it was 1.4x to 4.6x slower than this kernel on lavapipe
-//! (BENCHMARKS.md). Each unit owns `N` adjacent outputs and walks the input dimension in
-//! order with one vector load per weight row, so neighbouring units read neighbouring addresses
-//! and the weights are read exactly once, as in the grouped expert kernels.
+//! (BENCHMARKS.md). Each unit owns `N` adjacent outputs and one chunk of the input dimension
+//! (`split`: the whole of it on a CPU adapter), with one vector load per weight row, so
+//! neighbouring units read neighbouring addresses and the weights are read exactly once, as in
+//! the grouped expert kernels.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Tensor;
@@ -13,9 +14,7 @@ use cubecl::{CubeCount, CubeDim};
 
 use crate::bridge::{from_cube, try_cube_float};
 use crate::launches;
-
-/// Units per cube along the outputs.
-const UNITS: u32 = 64;
+use crate::split::Split;
 
 /// Rows up to which the kernel is used (each row reads the weights again); more rows go to
 /// burn's matmul.
@@ -29,9 +28,13 @@ struct Prepared {
     y: CubeTensor,
     lanes: usize,
     count: CubeCount,
+    dim: CubeDim,
+    ways: u32,
+    /// Inputs per chunk (a multiple of two: pairs split where inputs do).
+    chunk: usize,
 }
 
-fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize) -> Option<Prepared> {
+fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split) -> Option<Prepared> {
     let rows = x.dims()[0];
     let xc = try_cube_float(x.clone()).ok()?;
     let bias = match bias {
@@ -45,29 +48,35 @@ fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize) -> Option<Pr
         xc.dtype,
     );
     let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
-    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(UNITS), rows as u32, 1);
-    Some(Prepared { x: xc, bias, y, lanes, count })
+    let inputs = x.dims()[1];
+    let ways = split.ways(inputs);
+    let dim = Split::cube_dim(ways);
+    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(dim.x), rows as u32, 1);
+    Some(Prepared { x: xc, bias, y, lanes, count, dim, ways, chunk: Split::chunk(inputs, ways, 2) })
 }
 
 /// `x W` for `x` `[rows, in]` (any strides) and `wt` `[in, out]` (contiguous), plus `bias`
-/// `[out]`; None where the tensors are not on a CubeCL backend (the caller then runs a matmul).
-pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+/// `[out]`, each dot product split as `split` says; None where the tensors are not on a CubeCL
+/// backend (the caller then runs a matmul).
+pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: Split) -> Option<Tensor<2>> {
     let (w_in, outputs) = (wt.meta.shape()[0], wt.meta.shape()[1]);
     debug_assert_eq!(x.dims()[1], w_in, "matvec: x has {} columns, the weight {w_in} rows", x.dims()[1]);
-    let Prepared { x: xc, bias, y, lanes, count } = prepare(x, bias, outputs)?;
+    let Prepared { x: xc, bias, y, lanes, count, dim, ways, chunk } = prepare(x, bias, outputs, split)?;
     let has_bias = bias.is_some();
     let dtypes = [dtype_to_storage_type(xc.dtype), dtype_to_storage_type(wt.dtype)];
     let bytes = (w_in * outputs * wt.dtype.size()) as u64;
-    launches::record_matrix(&count, &CubeDim::new_1d(UNITS), bytes);
+    launches::record_matrix(&count, &dim, bytes);
     kernel::matvec_kernel::launch(
         &xc.client.clone(),
         count,
-        CubeDim::new_1d(UNITS),
+        dim,
         lanes,
         xc.clone().into_tensor_arg(),
         wt.clone().into_tensor_arg(),
         bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
+        chunk as u32,
+        ways,
         has_bias,
         dtypes,
     );
@@ -77,22 +86,24 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>) -> Optio
 /// `x W` for bf16 pairs `words` `[in / 2, out]` (see `pairs`), as `matvec`: each lane adds
 /// `w_j x_j` then `w_(j+1) x_(j+1)` in index order, so a BF16 checkpoint's projection gives
 /// the f32 kernel's output bit for bit.
-pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>, split: Split) -> Option<Tensor<2>> {
     let (pairs, outputs) = (words.meta.shape()[0], words.meta.shape()[1]);
     debug_assert_eq!(x.dims()[1], 2 * pairs, "matvec_bf16: x has {} columns, the weight {pairs} pairs", x.dims()[1]);
-    let Prepared { x: xc, bias, y, lanes, count } = prepare(x, bias, outputs)?;
+    let Prepared { x: xc, bias, y, lanes, count, dim, ways, chunk } = prepare(x, bias, outputs, split)?;
     let has_bias = bias.is_some();
     let dtype = dtype_to_storage_type(xc.dtype);
-    launches::record_matrix(&count, &CubeDim::new_1d(UNITS), (pairs * outputs * 4) as u64);
+    launches::record_matrix(&count, &dim, (pairs * outputs * 4) as u64);
     kernel::matvec_bf16_kernel::launch(
         &xc.client.clone(),
         count,
-        CubeDim::new_1d(UNITS),
+        dim,
         lanes,
         xc.clone().into_tensor_arg(),
         words.clone().into_tensor_arg(),
         bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
+        (chunk / 2) as u32,
+        ways,
         has_bias,
         dtype,
     );
@@ -104,9 +115,11 @@ mod kernel {
     use cubecl::prelude::*;
 
     use crate::lanes::{load_vec, widen};
+    use crate::split::combine;
 
     /// `y[r, c..c+N] = sum_j x[r, j] * wt[j, c..c+N] (+ bias)`: one unit per `N` adjacent
-    /// outputs, one cube row per input row; each lane sums in index order.
+    /// outputs and chunk of `chunk` inputs, one cube row per input row; each lane sums its chunk
+    /// in index order and `combine` adds the chunks in order.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
     pub(super) fn matvec_kernel<F: Float, W: Float, N: Size>(
@@ -114,30 +127,37 @@ mod kernel {
         wt: &Tensor<Vector<W, N>>,    // [in, out]
         bias: &Tensor<F>,             // [out] (when has_bias)
         y: &mut Tensor<Vector<F, N>>, // [rows, out]
+        chunk: u32,
+        #[comptime] ways: u32,
         #[comptime] has_bias: bool,
         #[define(F, W)] _dtypes: [ElemType; 2],
     ) {
         let lanes = wt.vector_size();
         let cols = wt.shape(1) / lanes;
         let c = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-        if c >= cols {
-            terminate!();
-        }
+        let live = c < cols;
         let r = CUBE_POS_Y as usize;
         let inputs = wt.shape(0);
+        let start = min(UNIT_POS_Y as usize * chunk as usize, inputs);
+        let end = min(start + chunk as usize, inputs);
         let x_base = r * x.stride(0);
         let x_step = x.stride(1);
         let mut s = Vector::<F, N>::new(F::new(0.0));
-        for j in 0..inputs {
-            s += Vector::<F, N>::cast_from(wt[j * cols + c]) * Vector::<F, N>::new(x[x_base + j * x_step]);
+        if live {
+            for j in start..end {
+                s += Vector::<F, N>::cast_from(wt[j * cols + c]) * Vector::<F, N>::new(x[x_base + j * x_step]);
+            }
         }
-        if has_bias {
-            s += load_vec::<F, N>(bias, c * lanes);
+        s = combine::<F, N>(s, ways);
+        if live && UNIT_POS_Y == 0 {
+            if has_bias {
+                s += load_vec::<F, N>(bias, c * lanes);
+            }
+            y[r * cols + c] = s;
         }
-        y[r * cols + c] = s;
     }
 
-    /// `matvec_kernel` over bf16 pairs `[in / 2, out]`.
+    /// `matvec_kernel` over bf16 pairs `[in / 2, out]`, chunks of `chunk` pairs.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
     pub(super) fn matvec_bf16_kernel<F: Float, N: Size>(
@@ -145,39 +165,47 @@ mod kernel {
         words: &Tensor<Vector<u32, N>>, // [in / 2, out]
         bias: &Tensor<F>,               // [out] (when has_bias)
         y: &mut Tensor<Vector<F, N>>,   // [rows, out]
+        chunk: u32,
+        #[comptime] ways: u32,
         #[comptime] has_bias: bool,
         #[define(F)] _dtype: ElemType,
     ) {
         let lanes = words.vector_size();
         let cols = words.shape(1) / lanes;
         let c = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-        if c >= cols {
-            terminate!();
-        }
+        let live = c < cols;
         let r = CUBE_POS_Y as usize;
         let pairs = words.shape(0);
+        let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
+        let end = min(start + chunk as usize, pairs);
         let x_base = r * x.stride(0);
         let x_step = x.stride(1);
         let mut s = Vector::<F, N>::new(F::new(0.0));
-        for p in 0..pairs {
-            let (w0, w1) = widen::<F, N>(words[p * cols + c]);
-            s += w0 * Vector::<F, N>::new(x[x_base + 2 * p * x_step]);
-            s += w1 * Vector::<F, N>::new(x[x_base + (2 * p + 1) * x_step]);
+        if live {
+            for p in start..end {
+                let (w0, w1) = widen::<F, N>(words[p * cols + c]);
+                s += w0 * Vector::<F, N>::new(x[x_base + 2 * p * x_step]);
+                s += w1 * Vector::<F, N>::new(x[x_base + (2 * p + 1) * x_step]);
+            }
         }
-        if has_bias {
-            s += load_vec::<F, N>(bias, c * lanes);
+        s = combine::<F, N>(s, ways);
+        if live && UNIT_POS_Y == 0 {
+            if has_bias {
+                s += load_vec::<F, N>(bias, c * lanes);
+            }
+            y[r * cols + c] = s;
         }
-        y[r * cols + c] = s;
     }
 }
 
-/// `x W (+ bias)` on the host: `x` `[rows, in]`, `wt` `[in, out]`, each output summed in index
-/// order as the kernel does.
-pub fn reference(x: &[f32], wt: &[f32], bias: Option<&[f32]>, inputs: usize, outputs: usize) -> Vec<f32> {
+/// `x W (+ bias)` on the host: `x` `[rows, in]`, `wt` `[in, out]`, each output summed as the
+/// kernel sums it split `ways` ways (chunks in index order, then the chunks in order).
+pub fn reference(x: &[f32], wt: &[f32], bias: Option<&[f32]>, inputs: usize, outputs: usize, ways: u32) -> Vec<f32> {
+    let chunk = Split::chunk(inputs, ways, 2);
     x.chunks_exact(inputs)
         .flat_map(|row| {
             (0..outputs).map(move |c| {
-                let dot: f32 = (0..inputs).map(|j| row[j] * wt[j * outputs + c]).sum();
+                let dot = crate::split::reference_sum(inputs, chunk, |j| row[j] * wt[j * outputs + c]);
                 dot + bias.map_or(0.0, |b| b[c])
             })
         })
@@ -189,13 +217,20 @@ mod tests {
     use burn::tensor::{Tensor, TensorData};
 
     use crate::bridge::cube_float;
+    use crate::split::Split;
     use crate::testing::{device, random};
 
     /// Outputs divisible by four and not, with and without a bias, a strided (sliced) input row,
-    /// two rows, and f16 weights: the kernel equals `reference` (on the weights rounded to f16
-    /// for f16) up to rounding.
+    /// two rows, f16 weights, and dot products whole and split into chunks (up to 32 ways): the
+    /// kernel equals `reference` (on the weights rounded to f16 for f16) up to rounding.
     #[test]
     fn matvec_matches_the_cpu_reference() {
+        for split in [Split::WHOLE, Split::GPU, Split::at_most(4).unwrap()] {
+            check_matvec(split);
+        }
+    }
+
+    fn check_matvec(split: Split) {
         let device = &device();
         let cases = [
             (1, 64, 96, false, false),
@@ -204,6 +239,8 @@ mod tests {
             (1, 5, 3, false, false),
             (1, 64, 96, true, true),
             (1, 9, 7, false, true),
+            (1, 1030, 12, true, false),
+            (1, 300, 16, false, true),
         ];
         for (rows, inputs, outputs, bias, f16) in cases {
             let mut wt = random(inputs * outputs, 1, 1.0);
@@ -220,24 +257,27 @@ mod tests {
                 cube_float(if f16 { wt_tensor.cast(burn::tensor::FloatDType::F16) } else { wt_tensor }).unwrap();
             assert_eq!(wt_gpu.dtype == burn::tensor::DType::F16, f16);
             let b_gpu = Tensor::<1>::from_data(TensorData::new(b.clone(), [outputs]), device);
-            let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu)).expect("CubeCL backend");
+            let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu), split).expect("CubeCL backend");
             assert_eq!(got.dims(), [rows, outputs]);
             let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
             let xs: Vec<f32> = (0..rows).flat_map(|r| wide[r * 2 * inputs + inputs..][..inputs].to_vec()).collect();
-            let want = super::reference(&xs, &wt, bias.then_some(&b[..]), inputs, outputs);
+            let want = super::reference(&xs, &wt, bias.then_some(&b[..]), inputs, outputs, split.ways(inputs));
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{rows}x{inputs}x{outputs} f16 {f16}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{rows}x{inputs}x{outputs} f16 {f16} {split:?}: {g} vs {w}"
+                );
             }
             // The same product over bf16 pairs of bf16 values equals the f32 kernel bit for bit.
             if inputs.is_multiple_of(2) && !f16 {
                 let rounded: Vec<f32> = wt.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
                 let wt_f32 = Tensor::<2>::from_data(TensorData::new(rounded, [inputs, outputs]), device);
                 let words = cube_float(crate::pairs::pack(wt_f32.clone()).unwrap()).unwrap();
-                let from_pairs = super::matvec_bf16(&x, &words, bias.then_some(&b_gpu)).expect("CubeCL backend");
-                let from_f32 = super::matvec(&x, &cube_float(wt_f32).unwrap(), bias.then_some(&b_gpu)).unwrap();
+                let from_pairs = super::matvec_bf16(&x, &words, bias.then_some(&b_gpu), split).expect("CubeCL backend");
+                let from_f32 = super::matvec(&x, &cube_float(wt_f32).unwrap(), bias.then_some(&b_gpu), split).unwrap();
                 let (a, b): (Vec<f32>, Vec<f32>) =
                     (from_pairs.into_data().try_to_vec().unwrap(), from_f32.into_data().try_to_vec().unwrap());
-                assert_eq!(a, b, "{rows}x{inputs}x{outputs}: bf16 pairs against f32");
+                assert_eq!(a, b, "{rows}x{inputs}x{outputs} {split:?}: bf16 pairs against f32");
             }
         }
     }

@@ -24,6 +24,17 @@ pub fn run(args: RandomModelArgs) -> Result<()> {
         eprintln!("wrote {} (Qwen3-30B-A3B shapes, {layers} layers, random BF16 weights)", args.out.display());
         return Ok(());
     }
+    if args.preset == "deepseek-v2-lite" {
+        let layers = args.layers.unwrap_or(27);
+        ferry_models::deepseek::write_random(&args.out, layers, args.seed)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+        eprintln!(
+            "wrote {} (DeepSeek-V2-Lite shapes, {layers} layers: one dense, then 64 experts top-6 and 2 shared; MLA; \
+             random BF16 weights)",
+            args.out.display()
+        );
+        return Ok(());
+    }
     if args.preset == "gpt-oss-20b" {
         let layers = args.layers.unwrap_or(24);
         ferry_models::gpt_oss::write_random(&args.out, layers, args.seed)

@@ -2,6 +2,7 @@
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use ferry_shaders::matvec::{MAX_ROWS, matvec, matvec_bf16};
+use ferry_shaders::split::Split;
 use ferry_shaders::{from_cube, pairs, try_cube_float};
 
 use crate::error::{FerryError, Result};
@@ -19,6 +20,8 @@ pub struct StoredMatrix {
     pairs: bool,
     /// The largest buffer a block may take, in bytes.
     limit: u64,
+    /// How the matrix-vector kernel splits each output's dot product.
+    split: Split,
 }
 
 impl StoredMatrix {
@@ -52,7 +55,7 @@ impl StoredMatrix {
         if x.dims()[0] <= MAX_ROWS
             && let Ok(w) = try_cube_float(block.clone())
         {
-            let y = if self.pairs { matvec_bf16(x, &w, bias) } else { matvec(x, &w, bias) };
+            let y = if self.pairs { matvec_bf16(x, &w, bias, self.split) } else { matvec(x, &w, bias, self.split) };
             if let Some(y) = y {
                 return y;
             }
@@ -83,10 +86,11 @@ impl StoredMatrix {
     fn cat(parts: &[&StoredMatrix]) -> StoredMatrix {
         let limit = parts.iter().map(|p| p.limit).min().unwrap_or(u64::MAX);
         let pairs = parts.first().is_some_and(|p| p.pairs);
+        let split = parts.first().map_or(Split::WHOLE, |p| p.split);
         let whole = parts.iter().map(|p| p.bytes()).sum::<u64>() <= limit;
         let blocks: Vec<Tensor<2>> = parts.iter().flat_map(|p| p.blocks.iter().cloned()).collect();
         let blocks = if whole && blocks.len() > 1 { vec![Tensor::cat(blocks, 1)] } else { blocks };
-        StoredMatrix { blocks, pairs, limit }
+        StoredMatrix { blocks, pairs, limit, split }
     }
 }
 
@@ -142,6 +146,8 @@ pub struct Loader<'a> {
     /// The largest buffer one block of a projection may take (the adapter's binding limit, or
     /// a smaller page size asked for).
     pub limit: u64,
+    /// How decode kernels split their dot products on this adapter.
+    pub split: Split,
 }
 
 impl Loader<'_> {
@@ -216,7 +222,7 @@ impl Loader<'_> {
                 (packed, true)
             }
         };
-        Ok(StoredMatrix { blocks: vec![t], pairs, limit: self.limit })
+        Ok(StoredMatrix { blocks: vec![t], pairs, limit: self.limit, split: self.split })
     }
 }
 

@@ -18,11 +18,12 @@ use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
 use crate::experts::{ExpertCache, ExpertStore};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
-use crate::options::{DenseDtype, ExpertOptions, PrefetchMode, VramBudget};
+use crate::options::{DecodeSplit, DenseDtype, ExpertOptions, PrefetchMode, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
 use ferry_shaders::flash::BLOCK;
 use ferry_shaders::norm::{add_rms_norm, rms_norm};
+use ferry_shaders::split::Split;
 
 /// The KV cache the budget counts: the model's context, at most this many tokens.
 const DEFAULT_KV_TOKENS: usize = 4096;
@@ -129,8 +130,13 @@ impl Model {
                 "f16 projections need an adapter with shader-f16; this one has none (use f32)",
             ));
         }
-        let loader =
-            Loader { store, device, dense: options.dense_dtype, limit: max_buffer_bytes(device, options.page_bytes)? };
+        let loader = Loader {
+            store,
+            device,
+            dense: options.dense_dtype,
+            limit: max_buffer_bytes(device, options.page_bytes)?,
+            split: decode_split(device, options.decode_split)?,
+        };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let embed = Embedding::open(store, &names.embed, v, h)?;
@@ -514,6 +520,18 @@ pub(crate) fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Resu
     let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
     let adapter = probe.client.properties().memory.max_page_size;
     Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))
+}
+
+/// How this adapter's decode kernels split their dot products (see `ferry_shaders::split`).
+pub(crate) fn decode_split(device: &Device, choice: DecodeSplit) -> Result<Split> {
+    match choice {
+        DecodeSplit::Auto => {
+            let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
+            Ok(Split::for_client(&probe.client))
+        }
+        DecodeSplit::Ways(n) => Split::at_most(n)
+            .ok_or_else(|| FerryError::flag("--decode-split", format!("{n} is not a power of two from 1 to 64"))),
+    }
 }
 
 /// Positions of KV cache a generation may fill: the `kv_tokens` the budget counted when the

@@ -84,7 +84,7 @@ impl MoeBlock {
             ExpertActivation::Silu => None,
             ExpertActivation::ClampedSwiglu { limit, alpha } => Some((limit, alpha)),
         };
-        let extras = ExpertExtras::new(bias, clamp, loader.device)?;
+        let extras = ExpertExtras::new(bias, clamp, loader.split, loader.device)?;
         Ok(Self {
             layer,
             router,

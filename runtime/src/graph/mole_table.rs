@@ -43,7 +43,9 @@ pub fn write_lookup_table(
     let mole = mole_spec(spec)?;
     // The table is the experts' exact evaluation: f32 whatever the model later runs in.
     let limit = super::model::max_buffer_bytes(device, None)?;
-    let loader = Loader { store, device, dense: crate::options::DenseDtype::F32, limit };
+    // Whole dot products: the table does not depend on the adapter that built it.
+    let split = ferry_shaders::split::Split::WHOLE;
+    let loader = Loader { store, device, dense: crate::options::DenseDtype::F32, limit, split };
     let (v, h) = (spec.vocab_size, spec.hidden_size);
     let embed = loader.matrix(&spec.names.embed, v, h)?;
     let layers = (0..spec.num_layers())

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use burn::tensor::Tensor;
 
+use ferry_shaders::stream::ReadProbe;
+
 use crate::device::Gpu;
 use crate::error::{FerryError, Result};
 use crate::options::{DenseDtype, ExpertDtype};
@@ -73,34 +75,89 @@ pub fn ceiling_tokens_per_second(
 pub struct MemoryBandwidth {
     /// Bytes of the buffer streamed.
     pub bytes: u64,
-    /// Bytes read plus written per second (median).
+    /// Bytes read per second by a plain streaming-read kernel (median): the ceiling a decode
+    /// step, which reads weights and writes little, is measured against.
     pub bytes_per_second: f64,
+    /// Bytes read plus written per second by an elementwise burn kernel (median), the probe
+    /// Ferry used before the read kernel: lower where writes cost as much as reads.
+    pub elementwise_bytes_per_second: f64,
+    /// Bytes per second the host's cores read from host RAM together (median): on a CPU
+    /// adapter, the machine's own ceiling, which the adapter shares.
+    pub host_read_bytes_per_second: f64,
 }
 
-/// Streams a buffer of `bytes` through an elementwise kernel (read once, written once) `chain`
-/// times between two syncs, `repeats` times, and reports the median rate. Launch and sync cost
-/// is spread over the chain, so the figure approaches what a long decode kernel could read.
-pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<MemoryBandwidth> {
-    const CHAIN: usize = 8;
-    let values = (bytes / 4).max(1);
-    let sync = || gpu.device.sync().map_err(|e| FerryError::Gpu(format!("memory bandwidth: {e:?}")));
-    let mut x = Tensor::<1>::ones([values], &gpu.device);
-    // The first launch compiles the kernel.
-    x = x * 1.0;
-    sync()?;
+/// Launches chained between two syncs in the GPU probes: launch and sync cost is spread over
+/// the chain, so the figure approaches what a long decode kernel could read.
+const CHAIN: usize = 8;
+
+/// The median of `repeats` timings of `run`.
+fn median_seconds(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut times = Vec::with_capacity(repeats.max(1));
     for _ in 0..repeats.max(1) {
         let start = Instant::now();
-        for _ in 0..CHAIN {
-            x = x * 1.0;
-        }
-        sync()?;
+        run()?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let moved = 2 * values as u64 * 4 * CHAIN as u64;
-    Ok(MemoryBandwidth { bytes: values as u64 * 4, bytes_per_second: moved as f64 / median })
+    Ok(times[times.len() / 2])
+}
+
+/// Streams a buffer of `bytes` `CHAIN` times between two syncs, `repeats` times, through a plain
+/// read kernel and through an elementwise kernel (read once, written once), and reads as many
+/// bytes of host RAM on every core; reports the median rates.
+pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<MemoryBandwidth> {
+    let values = (bytes / 4).max(4);
+    let sync = || gpu.device.sync().map_err(|e| FerryError::Gpu(format!("memory bandwidth: {e:?}")));
+    // Enough cubes that every core or SM has many, few enough that each unit reads a long run.
+    let probe = ReadProbe::new(values, 1024, &gpu.device)?;
+    probe.queue(); // compiles the kernel
+    sync()?;
+    let read = median_seconds(repeats, || {
+        (0..CHAIN).for_each(|_| probe.queue());
+        sync()
+    })?;
+    let read_bytes = probe.bytes();
+    drop(probe);
+    let mut x = Tensor::<1>::ones([values], &gpu.device);
+    x = x * 1.0;
+    sync()?;
+    let elementwise = median_seconds(repeats, || {
+        for _ in 0..CHAIN {
+            x = x.clone() * 1.0;
+        }
+        sync()
+    })?;
+    Ok(MemoryBandwidth {
+        bytes: read_bytes,
+        bytes_per_second: (read_bytes * CHAIN as u64) as f64 / read,
+        elementwise_bytes_per_second: (2 * values as u64 * 4 * CHAIN as u64) as f64 / elementwise,
+        host_read_bytes_per_second: host_read_bandwidth(bytes, repeats),
+    })
+}
+
+/// Bytes per second every core together reads from a host buffer of `bytes` (median of
+/// `repeats`), each core summing its own contiguous share.
+pub fn host_read_bandwidth(bytes: usize, repeats: usize) -> f64 {
+    let words = vec![1u64; (bytes / 8).max(1)];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = words.len().div_ceil(threads);
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) + 1 {
+        let start = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = words
+                .chunks(share)
+                .map(|part| s.spawn(move || part.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .collect();
+            parts.into_iter().map(|p| p.join().unwrap_or(0)).sum()
+        });
+        std::hint::black_box(total);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    // The first pass also faults the pages in.
+    times.remove(0);
+    times.sort_by(f64::total_cmp);
+    (words.len() * 8) as f64 / times[times.len() / 2]
 }
 
 #[cfg(test)]

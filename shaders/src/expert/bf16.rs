@@ -15,9 +15,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at};
+use super::common::{ExpertExtras, Launch, PageWork, activate, group_at};
 use crate::bridge::ShaderError;
 use crate::lanes::{load_vec, widen};
+use crate::split::{combine, combine_pair};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over BF16 slots; one unit per `N` adjacent
 /// intermediate rows and group.
@@ -32,6 +33,8 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
     act: &mut Tensor<Vector<F, N>>, // [rows, intermediate]
     bias: &Tensor<F>,
     params: &Tensor<F>,
+    chunk: u32, // pairs per chunk
+    #[comptime] ways: u32,
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
@@ -40,11 +43,11 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
     let pairs = gate.shape(1);
     let row = gate.shape(2) / lanes;
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if i >= row {
-        terminate!();
-    }
+    let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let base = group.slot * pairs * row + i;
+    let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
+    let end = min(start + chunk as usize, pairs);
     let xs0 = x.stride(0);
     let xs1 = x.stride(1);
     let inter = row * lanes;
@@ -53,18 +56,23 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut gs = Vector::<F, N>::new(F::new(0.0));
         let mut us = Vector::<F, N>::new(F::new(0.0));
-        for p in 0..pairs {
-            let x0 = Vector::<F, N>::new(x[t * xs0 + 2 * p * xs1]);
-            let x1 = Vector::<F, N>::new(x[t * xs0 + (2 * p + 1) * xs1]);
-            let (g0, g1) = widen::<F, N>(gate[base + p * row]);
-            let (u0, u1) = widen::<F, N>(up[base + p * row]);
-            gs += g0 * x0;
-            us += u0 * x0;
-            gs += g1 * x1;
-            us += u1 * x1;
+        if live {
+            for p in start..end {
+                let x0 = Vector::<F, N>::new(x[t * xs0 + 2 * p * xs1]);
+                let x1 = Vector::<F, N>::new(x[t * xs0 + (2 * p + 1) * xs1]);
+                let (g0, g1) = widen::<F, N>(gate[base + p * row]);
+                let (u0, u1) = widen::<F, N>(up[base + p * row]);
+                gs += g0 * x0;
+                us += u0 * x0;
+                gs += g1 * x1;
+                us += u1 * x1;
+            }
         }
-        let at = group.expert * 2 * inter + i * lanes;
-        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        let (gs, us) = combine_pair::<F, N>(gs, us, ways);
+        if live && UNIT_POS_Y == 0 {
+            let at = group.expert * 2 * inter + i * lanes;
+            act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        }
     }
 }
 
@@ -80,6 +88,8 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
     weights: &Tensor<F>,
     y: &mut Tensor<Vector<F, N>>, // [rows, hidden]
     bias: &Tensor<F>,
+    chunk: u32, // pairs per chunk
+    #[comptime] ways: u32,
     #[comptime] has_bias: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
@@ -87,24 +97,29 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
     let pairs = down.shape(1);
     let row = down.shape(2) / lanes;
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if h >= row {
-        terminate!();
-    }
+    let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let base = group.slot * pairs * row + h;
+    let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
+    let end = min(start + chunk as usize, pairs);
     let inter = 2 * pairs;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
-        for p in 0..pairs {
-            let (d0, d1) = widen::<F, N>(down[base + p * row]);
-            s += d0 * Vector::<F, N>::new(act[o * inter + 2 * p]);
-            s += d1 * Vector::<F, N>::new(act[o * inter + 2 * p + 1]);
+        if live {
+            for p in start..end {
+                let (d0, d1) = widen::<F, N>(down[base + p * row]);
+                s += d0 * Vector::<F, N>::new(act[o * inter + 2 * p]);
+                s += d1 * Vector::<F, N>::new(act[o * inter + 2 * p + 1]);
+            }
         }
-        if has_bias {
-            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+        s = combine::<F, N>(s, ways);
+        if live && UNIT_POS_Y == 0 {
+            if has_bias {
+                s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+            }
+            y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
         }
-        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
     }
 }
 
@@ -249,11 +264,12 @@ impl Bf16Page {
         let client = x.client.clone();
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let lanes = launch.lanes;
-        launch.record(inter / lanes, &[&self.gate, &self.up]);
+        let shape = launch.shape(hidden, 2);
+        launch.record(inter / lanes, &shape, &[&self.gate, &self.up]);
         gate_up_bf16_kernel::launch(
             &client,
-            launch.cubes(inter / lanes),
-            CubeDim::new_1d(ROWS_PER_CUBE),
+            launch.cubes(inter / lanes, &shape),
+            shape.dim,
             lanes,
             x.clone().into_tensor_arg(),
             self.gate.clone().into_tensor_arg(),
@@ -263,15 +279,18 @@ impl Bf16Page {
             act.clone().into_tensor_arg(),
             launch.bias_gate_up.clone().into_tensor_arg(),
             launch.extras.params.clone().into_tensor_arg(),
+            shape.chunk,
+            shape.ways,
             launch.has_bias,
             launch.extras.clamped,
             dtypes,
         );
-        launch.record(hidden / lanes, &[&self.down]);
+        let shape = launch.shape(inter, 2);
+        launch.record(hidden / lanes, &shape, &[&self.down]);
         down_bf16_kernel::launch(
             &client,
-            launch.cubes(hidden / lanes),
-            CubeDim::new_1d(ROWS_PER_CUBE),
+            launch.cubes(hidden / lanes, &shape),
+            shape.dim,
             lanes,
             act.clone().into_tensor_arg(),
             self.down.clone().into_tensor_arg(),
@@ -280,6 +299,8 @@ impl Bf16Page {
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
             launch.bias_down.clone().into_tensor_arg(),
+            shape.chunk,
+            shape.ways,
             launch.has_bias,
             dtypes,
         );

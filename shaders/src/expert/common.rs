@@ -4,7 +4,7 @@
 //! Layout of a slot (transposed from the checkpoint so that neighbouring units read
 //! neighbouring addresses): gate and up `[hidden, intermediate]`, down `[intermediate, hidden]`.
 //! Each unit computes four adjacent output rows from one vector load per weight row (one row
-//! where the sizes do not divide by four).
+//! where the sizes do not divide by four) over one chunk of the reduction (`crate::split`).
 
 use burn::tensor::{Device, Int, Tensor as BurnTensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
@@ -13,9 +13,7 @@ use cubecl::{CubeCount, CubeDim};
 
 use crate::bridge::{ShaderError, cube_float, cube_int};
 use crate::lanes::load_vec;
-
-/// Units per cube along the output rows.
-pub const ROWS_PER_CUBE: u32 = 64;
+use crate::split::Split;
 
 /// Adjacent output rows per unit: four (one 16-byte load of f32 weights) when both expert
 /// dimensions allow it, else one. Results are the same either way; only the speed differs.
@@ -88,15 +86,18 @@ pub struct ExpertExtras {
     /// `[limit, alpha]` of the clamped activation (unread otherwise).
     pub params: CubeTensor,
     pub clamped: bool,
+    /// How the layer's dot products are split among units.
+    pub split: Split,
 }
 
 impl ExpertExtras {
     /// Uploads a layer's extras: `bias` is (gate then up biases `[experts, 2 * inter]`, down
     /// biases `[experts, hidden]`), row-major; `clamp` is GPT-OSS's `(limit, alpha)`, None for
-    /// plain SwiGLU.
+    /// plain SwiGLU; `split` is how the kernels share each dot product among units.
     pub fn new(
         bias: Option<(Vec<f32>, Vec<f32>)>,
         clamp: Option<(f32, f32)>,
+        split: Split,
         device: &Device,
     ) -> Result<Self, ShaderError> {
         let upload = |v: Vec<f32>| {
@@ -111,7 +112,7 @@ impl ExpertExtras {
             None => None,
             Some((gate_up, down)) => Some((upload(gate_up)?, upload(down)?)),
         };
-        Ok(Self { bias, params: upload(params)?, clamped })
+        Ok(Self { bias, params: upload(params)?, clamped, split })
     }
 
     /// Tensors the kernels take whether or not they read them.
@@ -165,18 +166,36 @@ pub(crate) struct Launch {
     pub lanes: usize,
 }
 
+/// The shape of one launch over a reduction of `steps` inputs: ways, cube, chunk length.
+pub(crate) struct Shape {
+    pub ways: u32,
+    pub dim: CubeDim,
+    /// Reduction steps per chunk, in the kernel's own steps (inputs, pairs or quantisation
+    /// groups).
+    pub chunk: u32,
+}
+
 impl Launch {
-    /// One unit per `rows` (output rows over the vector size) of each group.
-    pub fn cubes(&self, rows: usize) -> CubeCount {
-        CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), self.n_groups, 1)
+    /// The shape for a reduction of `steps` inputs that the kernel walks `per_step` at a time
+    /// (1 for f32, 2 for bf16 pairs, `GROUP` for quantised codes): chunks of whole steps, the
+    /// f32 and bf16 kernels' on the same boundaries.
+    pub fn shape(&self, steps: usize, per_step: usize) -> Shape {
+        let ways = self.extras.split.ways(steps);
+        let align = per_step.max(2);
+        let chunk = Split::chunk(steps, ways, align) / per_step;
+        Shape { ways, dim: Split::cube_dim(ways), chunk: chunk as u32 }
+    }
+
+    /// One unit per `rows` (output rows over the vector size) and chunk of each group.
+    pub fn cubes(&self, rows: usize, shape: &Shape) -> CubeCount {
+        CubeCount::Static((rows as u32).div_ceil(shape.dim.x), self.n_groups, 1)
     }
 
     /// Counts a launch over `rows` output rows per group that reads, per group, one slot of
     /// each of `projections`.
-    pub fn record(&self, rows: usize, projections: &[&CubeTensor]) {
+    pub fn record(&self, rows: usize, shape: &Shape, projections: &[&CubeTensor]) {
         let per_group: u64 = projections.iter().map(|t| slot_bytes(t)).sum();
-        let dim = CubeDim::new_1d(ROWS_PER_CUBE);
-        crate::launches::record_matrix(&self.cubes(rows), &dim, per_group * u64::from(self.n_groups));
+        crate::launches::record_matrix(&self.cubes(rows, shape), &shape.dim, per_group * u64::from(self.n_groups));
     }
 
     /// Uploads `work`'s tables for experts of `hidden` x `inter`; None when there is no work.

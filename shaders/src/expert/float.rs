@@ -1,7 +1,7 @@
 //! The grouped expert FFN over f32 or f16 slots: gate/up, then down, one unit per four
-//! adjacent output rows (or one, where the sizes do not divide by four) and group of
-//! assignments; the slot element type is a kernel generic, so f16 slots load half precision and
-//! sum in f32.
+//! adjacent output rows (or one, where the sizes do not divide by four), chunk of the reduction
+//! and group of assignments; the slot element type is a kernel generic, so f16 slots load half
+//! precision and sum in f32.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::{DType, Device, Tensor as BurnTensor, TensorData};
@@ -9,9 +9,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at};
+use super::common::{ExpertExtras, Launch, PageWork, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::lanes::load_vec;
+use crate::split::{combine, combine_pair};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` for every assignment `(t, o)` of every group;
 /// one unit per `N` adjacent intermediate rows `i` and group, one vector load per weight row.
@@ -29,6 +30,8 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     params: &Tensor<F>,             // [limit, alpha] (when clamped)
     act_offset: u32,                // this part's first intermediate row, in vectors
     act_row: u32,                   // the whole intermediate size, in vectors
+    chunk: u32,                     // hidden inputs per chunk
+    #[comptime] ways: u32,
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
     #[define(F, W, I)] _dtypes: [ElemType; 3],
@@ -37,11 +40,11 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     let hidden = gate.shape(1);
     let row = gate.shape(2) / lanes;
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if i >= row {
-        terminate!();
-    }
+    let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let base = group.slot * hidden * row + i;
+    let start = min(UNIT_POS_Y as usize * chunk as usize, hidden);
+    let end = min(start + chunk as usize, hidden);
     let xs0 = x.stride(0);
     let xs1 = x.stride(1);
     let inter = act_row as usize * lanes;
@@ -51,13 +54,18 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut gs = Vector::<F, N>::new(F::new(0.0));
         let mut us = Vector::<F, N>::new(F::new(0.0));
-        for j in 0..hidden {
-            let xv = Vector::<F, N>::new(x[t * xs0 + j * xs1]);
-            gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
-            us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
+        if live {
+            for j in start..end {
+                let xv = Vector::<F, N>::new(x[t * xs0 + j * xs1]);
+                gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
+                us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
+            }
         }
-        let at = group.expert * 2 * inter + out * lanes;
-        act[o * act_row as usize + out] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        let (gs, us) = combine_pair::<F, N>(gs, us, ways);
+        if live && UNIT_POS_Y == 0 {
+            let at = group.expert * 2 * inter + out * lanes;
+            act[o * act_row as usize + out] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        }
     }
 }
 
@@ -75,6 +83,8 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     bias: &Tensor<F>,             // [experts, hidden] (when has_bias)
     y_offset: u32,                // this part's first hidden row, in vectors
     y_row: u32,                   // the whole hidden size, in vectors
+    chunk: u32,                   // intermediate inputs per chunk
+    #[comptime] ways: u32,
     #[comptime] has_bias: bool,
     #[define(F, W, I)] _dtypes: [ElemType; 3],
 ) {
@@ -82,22 +92,27 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     let inter = down.shape(1);
     let row = down.shape(2) / lanes;
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if h >= row {
-        terminate!();
-    }
+    let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let base = group.slot * inter * row + h;
+    let start = min(UNIT_POS_Y as usize * chunk as usize, inter);
+    let end = min(start + chunk as usize, inter);
     let out = y_offset as usize + h;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
-        for i in 0..inter {
-            s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
+        if live {
+            for i in start..end {
+                s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
+            }
         }
-        if has_bias {
-            s += load_vec::<F, N>(bias, group.expert * y_row as usize * lanes + out * lanes);
+        s = combine::<F, N>(s, ways);
+        if live && UNIT_POS_Y == 0 {
+            if has_bias {
+                s += load_vec::<F, N>(bias, group.expert * y_row as usize * lanes + out * lanes);
+            }
+            y[o * y_row as usize + out] = s * Vector::<F, N>::new(weights[a]);
         }
-        y[o * y_row as usize + out] = s * Vector::<F, N>::new(weights[a]);
     }
 }
 
@@ -276,13 +291,14 @@ impl Part {
 
     /// Queues this part's gate/up: `act` columns `offset..` of rows `inter` wide.
     fn gate_up(&self, x: &CubeTensor, launch: &Launch, act: &CubeTensor, offset: usize, inter: usize) {
-        let rows = self.gate.meta.shape()[2];
+        let (hidden, rows) = (self.gate.meta.shape()[1], self.gate.meta.shape()[2]);
         let lanes = launch.lanes;
-        launch.record(rows / lanes, &[&self.gate, &self.up]);
+        let shape = launch.shape(hidden, 1);
+        launch.record(rows / lanes, &shape, &[&self.gate, &self.up]);
         gate_up_kernel::launch(
             &x.client,
-            launch.cubes(rows / lanes),
-            CubeDim::new_1d(ROWS_PER_CUBE),
+            launch.cubes(rows / lanes, &shape),
+            shape.dim,
             lanes,
             x.clone().into_tensor_arg(),
             self.gate.clone().into_tensor_arg(),
@@ -294,6 +310,8 @@ impl Part {
             launch.extras.params.clone().into_tensor_arg(),
             (offset / lanes) as u32,
             (inter / lanes) as u32,
+            shape.chunk,
+            shape.ways,
             launch.has_bias,
             launch.extras.clamped,
             self.dtypes(x, launch),
@@ -302,13 +320,14 @@ impl Part {
 
     /// Queues this part's down: `y` columns `offset..` of rows `hidden` wide.
     fn down(&self, act: &CubeTensor, launch: &Launch, y: &CubeTensor, offset: usize, hidden: usize) {
-        let rows = self.down.meta.shape()[2];
+        let (inter, rows) = (self.down.meta.shape()[1], self.down.meta.shape()[2]);
         let lanes = launch.lanes;
-        launch.record(rows / lanes, &[&self.down]);
+        let shape = launch.shape(inter, 1);
+        launch.record(rows / lanes, &shape, &[&self.down]);
         down_kernel::launch(
             &act.client,
-            launch.cubes(rows / lanes),
-            CubeDim::new_1d(ROWS_PER_CUBE),
+            launch.cubes(rows / lanes, &shape),
+            shape.dim,
             lanes,
             act.clone().into_tensor_arg(),
             self.down.clone().into_tensor_arg(),
@@ -319,6 +338,8 @@ impl Part {
             launch.bias_down.clone().into_tensor_arg(),
             (offset / lanes) as u32,
             (hidden / lanes) as u32,
+            shape.chunk,
+            shape.ways,
             launch.has_bias,
             self.dtypes(act, launch),
         );

@@ -46,7 +46,14 @@ mod tests {
     use super::{Bf16Page, ExpertExtras, FloatPage, PackedPage, PageWork, pack_bf16, unpack_bf16};
     use crate::bridge::{cube_float, from_cube};
     use crate::format::{QuantMatrix, dequantize, quantize, quantize_mxfp4};
+    use crate::split::Split;
     use crate::testing::{device, random};
+
+    /// The splits every format is checked under: whole dot products (a CPU adapter's), and
+    /// chunks of 2 to 8 inputs in up to 8 ways (a GPU's shape at the tests' small sizes).
+    fn splits() -> [Split; 3] {
+        [Split::WHOLE, Split::fine(8, 2), Split::fine(4, 8)]
+    }
 
     /// A slot format under test: float (f16 or not), or packed codes of `bits` (e2m1 with fp4).
     #[derive(Debug, Clone, Copy)]
@@ -60,6 +67,8 @@ mod tests {
             parts: usize,
         },
         Bf16,
+        /// f32 slots holding bf16-rounded values (what `Bf16` must compute bit for bit).
+        Bf16AsF32,
         Packed {
             bits: u32,
             fp4: bool,
@@ -87,36 +96,44 @@ mod tests {
     /// match a CPU reference, and rows nobody was routed to stay zero.
     #[test]
     fn grouped_swiglu_matches_a_cpu_reference_across_pages_and_odd_routing() {
-        check_against_reference(F32, 24, 40, false);
-        check_against_reference(F16, 24, 40, false);
-        check_against_reference(BF16, 24, 40, false);
-        // Sizes that do not divide by four: one row per unit instead of four.
-        check_against_reference(F32, 26, 42, false);
-        check_against_reference(F32, 26, 42, true);
-        check_against_reference(BF16, 26, 42, true);
+        for split in splits() {
+            check_against_reference(F32, 24, 40, false, split);
+            check_against_reference(F16, 24, 40, false, split);
+            let bf16 = check_against_reference(BF16, 24, 40, false, split);
+            // Sizes that do not divide by four: one row per unit instead of four.
+            check_against_reference(F32, 26, 42, false, split);
+            check_against_reference(F32, 26, 42, true, split);
+            check_against_reference(BF16, 26, 42, true, split);
+            // bf16 words compute what f32 slots holding the same values compute, bit for bit.
+            assert!(bf16 == check_against_reference(Format::Bf16AsF32, 24, 40, false, split), "{split:?}");
+        }
     }
 
     /// The same routing over int8, int4, int3, int2 and MXFP4 slots: the kernel equals a CPU reference run
     /// on the weights the codes stand for.
     #[test]
     fn quantised_grouped_swiglu_matches_a_cpu_reference_on_dequantised_weights() {
-        check_against_reference(INT8, 64, 32, false);
-        check_against_reference(INT4, 32, 64, false);
-        check_against_reference(MXFP4, 32, 64, false);
-        check_against_reference(INT2, 64, 32, false);
-        check_against_reference(INT3, 64, 96, false);
+        for split in [Split::WHOLE, Split::fine(4, 32)] {
+            check_against_reference(INT8, 64, 32, false, split);
+            check_against_reference(INT4, 32, 64, false, split);
+            check_against_reference(MXFP4, 32, 64, false, split);
+            check_against_reference(INT2, 64, 32, false, split);
+            check_against_reference(INT3, 64, 96, false, split);
+        }
     }
 
     /// Each projection split by output rows into 2 or 4 buffers (what an expert larger than a
     /// binding gets): the same bits as one buffer, with and without GPT-OSS's biases and clamp.
     #[test]
     fn split_projections_compute_the_same_bits() {
-        for gpt_oss in [false, true] {
-            for half in [false, true] {
-                let whole = check_against_reference(Format::Float { half }, 24, 40, gpt_oss);
-                for parts in [2, 4] {
-                    let split = check_against_reference(Format::Split { half, parts }, 24, 40, gpt_oss);
-                    assert!(split == whole, "{parts} parts, half {half}, gpt-oss {gpt_oss}");
+        for ways in splits() {
+            for gpt_oss in [false, true] {
+                for half in [false, true] {
+                    let whole = check_against_reference(Format::Float { half }, 24, 40, gpt_oss, ways);
+                    for parts in [2, 4] {
+                        let split = check_against_reference(Format::Split { half, parts }, 24, 40, gpt_oss, ways);
+                        assert!(split == whole, "{parts} parts, half {half}, gpt-oss {gpt_oss}, {ways:?}");
+                    }
                 }
             }
         }
@@ -125,8 +142,10 @@ mod tests {
     /// GPT-OSS's experts (per-expert biases, clamped SwiGLU) in every slot format.
     #[test]
     fn biased_clamped_experts_match_a_cpu_reference_in_every_format() {
-        for format in [F32, F16, BF16, INT8, INT4, INT3, INT2, MXFP4] {
-            check_against_reference(format, 64, 32, true);
+        for split in [Split::WHOLE, Split::fine(4, 32)] {
+            for format in [F32, F16, BF16, INT8, INT4, INT3, INT2, MXFP4] {
+                check_against_reference(format, 64, 32, true, split);
+            }
         }
     }
 
@@ -142,7 +161,7 @@ mod tests {
 
     /// Runs the routing below over `format` pages, checks every row against the reference, and
     /// returns the rows.
-    fn check_against_reference(format: Format, hidden: usize, inter: usize, gpt_oss: bool) -> Vec<f32> {
+    fn check_against_reference(format: Format, hidden: usize, inter: usize, gpt_oss: bool, split: Split) -> Vec<f32> {
         let device = &device();
         let (tokens, k) = (5, 2);
         let weights: Vec<[Vec<f32>; 3]> = (0..5u64)
@@ -157,7 +176,7 @@ mod tests {
             match format {
                 Format::Packed { fp4: true, .. } => quantize_mxfp4(w, n, kk),
                 Format::Packed { bits, .. } => quantize(w, n, kk, bits),
-                Format::Float { .. } | Format::Split { .. } | Format::Bf16 => {
+                Format::Float { .. } | Format::Split { .. } | Format::Bf16 | Format::Bf16AsF32 => {
                     unreachable!("float formats are not packed")
                 }
             }
@@ -171,7 +190,7 @@ mod tests {
                 }
                 Format::Float { half: false } | Format::Split { half: false, .. } => (w.clone(), None),
                 // bf16 slots hold the weights rounded to bf16.
-                Format::Bf16 => (w.clone().map(|v| unpack_bf16(&pack_bf16(&v))), None),
+                Format::Bf16 | Format::Bf16AsF32 => (w.clone().map(|v| unpack_bf16(&pack_bf16(&v))), None),
                 Format::Packed { bits, fp4 } => {
                     let q = [packed(&w[0], inter, hidden), packed(&w[1], inter, hidden), packed(&w[2], hidden, inter)];
                     let back = [
@@ -189,6 +208,7 @@ mod tests {
             .into_iter()
             .map(|slots| match format {
                 Format::Float { half } => Page::Float(Box::new(FloatPage::new(&like, slots, hidden, inter, half))),
+                Format::Bf16AsF32 => Page::Float(Box::new(FloatPage::new(&like, slots, hidden, inter, false))),
                 Format::Split { half, parts } => {
                     Page::Float(Box::new(FloatPage::split(&like, slots, hidden, inter, half, parts)))
                 }
@@ -198,8 +218,11 @@ mod tests {
                 }
             })
             .collect();
-        for (e, (w, (_, q))) in weights.iter().zip(&experts).enumerate() {
+        for (e, (w, (stored, q))) in weights.iter().zip(&experts).enumerate() {
             match (&pages[e / 2], q) {
+                (Page::Float(p), _) if matches!(format, Format::Bf16AsF32) => {
+                    p.store(e % 2, stored.clone(), device).unwrap()
+                }
                 (Page::Float(p), _) => p.store(e % 2, w.clone(), device).unwrap(),
                 (Page::Bf16(p), _) => {
                     let [g, u, d] = w.each_ref().map(|v| pack_bf16(v));
@@ -221,9 +244,10 @@ mod tests {
             limit: 1.5,
         });
         let extras = match &reference_extras {
-            None => ExpertExtras::new(None, None, device).unwrap(),
+            None => ExpertExtras::new(None, None, split, device).unwrap(),
             Some(ex) => {
-                ExpertExtras::new(Some((ex.gate_up.clone(), ex.down.clone())), Some((ex.limit, 1.702)), device).unwrap()
+                ExpertExtras::new(Some((ex.gate_up.clone(), ex.down.clone())), Some((ex.limit, 1.702)), split, device)
+                    .unwrap()
             }
         };
         let act = cube_float(Tensor::<2>::empty([tokens * k, inter], device)).unwrap();
@@ -244,7 +268,8 @@ mod tests {
         }
         let got: Vec<f32> = from_cube::<2>(y).into_data().try_into_vec::<f32>().unwrap();
         // Quantised sums run group by group, so their rounding differs a little more.
-        let exact = matches!(format, Format::Float { half: false } | Format::Split { half: false, .. });
+        let exact =
+            matches!(format, Format::Float { half: false } | Format::Split { half: false, .. } | Format::Bf16AsF32);
         let tolerance = if exact { 1e-5 } else { 1e-4 };
         for t in 0..tokens {
             for rank in 0..k {

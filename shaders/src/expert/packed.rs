@@ -15,14 +15,16 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, ROWS_PER_CUBE, activate, group_at};
+use super::common::{ExpertExtras, Launch, PageWork, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::format::{GROUP, QuantMatrix, code_rows};
 use crate::lanes::load_vec;
+use crate::split::{combine, combine_pair};
 
-/// The dot products of `N` adjacent packed columns with `v[v_base + v_stride * j]` over a whole
-/// reduction dimension: one vector load of the `N` columns' words per code word, codes unpacked
-/// word by word, each group's partial sums scaled once. Each lane's sum runs in index order.
+/// The dot products of `N` adjacent packed columns with `v[v_base + v_stride * j]` over the
+/// quantisation groups `first..end` of the reduction: one vector load of the `N` columns' words
+/// per code word, codes unpacked word by word, each group's partial sums scaled once. Each lane's
+/// sum runs in index order.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the same arguments as packed_dot
 fn packed_dot<F: Float, N: Size>(
@@ -31,7 +33,8 @@ fn packed_dot<F: Float, N: Size>(
     code_base: usize,
     scale_base: usize,
     columns: usize,
-    groups: usize,
+    first: usize,
+    end: usize,
     v: &Tensor<F>,
     v_base: usize,
     v_stride: usize,
@@ -41,7 +44,7 @@ fn packed_dot<F: Float, N: Size>(
     let mut total = Vector::<F, N>::new(F::new(0.0));
     let zero = Vector::<F, N>::new(F::cast_from(comptime!(1u32 << (bits - 1))));
     if comptime!(bits == 3) {
-        for q in 0..groups {
+        for q in first..end {
             let r = q * 3;
             let high = codes[code_base + (r + 2) * columns];
             let v_group = v_base + q * comptime!(GROUP) * v_stride;
@@ -64,7 +67,7 @@ fn packed_dot<F: Float, N: Size>(
         let per_word = comptime!((32 / bits) as usize);
         let words_per_group = comptime!(GROUP / per_word);
         let mask = Vector::<u32, N>::new(comptime!((1u32 << bits) - 1));
-        for q in 0..groups {
+        for q in first..end {
             let mut part = Vector::<F, N>::new(F::new(0.0));
             for w in 0..words_per_group {
                 let r = q * words_per_group + w;
@@ -111,6 +114,8 @@ fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
     act: &mut Tensor<Vector<F, N>>,
     bias: &Tensor<F>,
     params: &Tensor<F>,
+    chunk: u32, // quantisation groups per chunk
+    #[comptime] ways: u32,
     #[comptime] bits: u32,
     #[comptime] fp4: bool,
     #[comptime] has_bias: bool,
@@ -122,22 +127,30 @@ fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
     let row = gate.shape(2) / lanes;
     let n_scales = gate_scales.shape(1);
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if i >= row {
-        terminate!();
-    }
+    let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let code_base = group.slot * words * row + i;
     let scale_base = group.slot * n_scales * row + i;
+    let first = min(UNIT_POS_Y as usize * chunk as usize, n_scales);
+    let end = min(first + chunk as usize, n_scales);
     for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
         let o = usize::cast_from(assign[a * 2 + 1]);
         let x_base = t * x.stride(0);
         let xs = x.stride(1);
-        let gs = packed_dot::<F, N>(gate, gate_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
-        let us = packed_dot::<F, N>(up, up_scales, code_base, scale_base, row, n_scales, x, x_base, xs, bits, fp4);
-        let inter = row * lanes;
-        let at = group.expert * 2 * inter + i * lanes;
-        act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        let mut gs = Vector::<F, N>::new(F::new(0.0));
+        let mut us = Vector::<F, N>::new(F::new(0.0));
+        if live {
+            gs =
+                packed_dot::<F, N>(gate, gate_scales, code_base, scale_base, row, first, end, x, x_base, xs, bits, fp4);
+            us = packed_dot::<F, N>(up, up_scales, code_base, scale_base, row, first, end, x, x_base, xs, bits, fp4);
+        }
+        let (gs, us) = combine_pair::<F, N>(gs, us, ways);
+        if live && UNIT_POS_Y == 0 {
+            let inter = row * lanes;
+            let at = group.expert * 2 * inter + i * lanes;
+            act[o * row + i] = activate::<F, N>(gs, us, bias, params, at, inter, has_bias, clamped);
+        }
     }
 }
 
@@ -154,6 +167,8 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
     weights: &Tensor<F>,
     y: &mut Tensor<Vector<F, N>>,
     bias: &Tensor<F>,
+    chunk: u32, // quantisation groups per chunk
+    #[comptime] ways: u32,
     #[comptime] bits: u32,
     #[comptime] fp4: bool,
     #[comptime] has_bias: bool,
@@ -165,20 +180,38 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
     let n_scales = down_scales.shape(1);
     let inter = act.shape(1);
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if h >= row {
-        terminate!();
-    }
+    let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
     let code_base = group.slot * words * row + h;
     let scale_base = group.slot * n_scales * row + h;
+    let first = min(UNIT_POS_Y as usize * chunk as usize, n_scales);
+    let end = min(first + chunk as usize, n_scales);
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
-        let mut s =
-            packed_dot::<F, N>(down, down_scales, code_base, scale_base, row, n_scales, act, o * inter, 1, bits, fp4);
-        if has_bias {
-            s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+        let mut s = Vector::<F, N>::new(F::new(0.0));
+        if live {
+            s = packed_dot::<F, N>(
+                down,
+                down_scales,
+                code_base,
+                scale_base,
+                row,
+                first,
+                end,
+                act,
+                o * inter,
+                1,
+                bits,
+                fp4,
+            );
         }
-        y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
+        s = combine::<F, N>(s, ways);
+        if live && UNIT_POS_Y == 0 {
+            if has_bias {
+                s += load_vec::<F, N>(bias, group.expert * row * lanes + h * lanes);
+            }
+            y[o * row + h] = s * Vector::<F, N>::new(weights[a]);
+        }
     }
 }
 
@@ -306,11 +339,12 @@ impl PackedPage {
         let client = x.client.clone();
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let lanes = launch.lanes;
-        launch.record(inter / lanes, &[&self.gate.codes, &self.gate.scales, &self.up.codes, &self.up.scales]);
+        let shape = launch.shape(hidden, GROUP);
+        launch.record(inter / lanes, &shape, &[&self.gate.codes, &self.gate.scales, &self.up.codes, &self.up.scales]);
         gate_up_quant_kernel::launch(
             &client,
-            launch.cubes(inter / lanes),
-            CubeDim::new_1d(ROWS_PER_CUBE),
+            launch.cubes(inter / lanes, &shape),
+            shape.dim,
             lanes,
             x.clone().into_tensor_arg(),
             self.gate.codes.clone().into_tensor_arg(),
@@ -322,17 +356,20 @@ impl PackedPage {
             act.clone().into_tensor_arg(),
             launch.bias_gate_up.clone().into_tensor_arg(),
             launch.extras.params.clone().into_tensor_arg(),
+            shape.chunk,
+            shape.ways,
             self.bits,
             self.fp4,
             launch.has_bias,
             launch.extras.clamped,
             dtypes,
         );
-        launch.record(hidden / lanes, &[&self.down.codes, &self.down.scales]);
+        let shape = launch.shape(inter, GROUP);
+        launch.record(hidden / lanes, &shape, &[&self.down.codes, &self.down.scales]);
         down_quant_kernel::launch(
             &client,
-            launch.cubes(hidden / lanes),
-            CubeDim::new_1d(ROWS_PER_CUBE),
+            launch.cubes(hidden / lanes, &shape),
+            shape.dim,
             lanes,
             act.clone().into_tensor_arg(),
             self.down.codes.clone().into_tensor_arg(),
@@ -342,6 +379,8 @@ impl PackedPage {
             launch.weights.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
             launch.bias_down.clone().into_tensor_arg(),
+            shape.chunk,
+            shape.ways,
             self.bits,
             self.fp4,
             launch.has_bias,

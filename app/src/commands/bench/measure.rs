@@ -35,7 +35,7 @@ pub fn measure(
     gpu: &Gpu,
     request: &GenerateRequest,
     rounds: u32,
-    prefetch_extra: usize,
+    base_options: ExpertOptions,
 ) -> Result<Vec<Measured>> {
     let mut measured = Vec::new();
     let mut copy: Option<Engine> = None;
@@ -44,7 +44,7 @@ pub fn measure(
             // Drop the previous copy before uploading the next.
             drop(copy.take());
             let opened = ferry_models::open(folder)?;
-            let options = ExpertOptions { expert_dtype: dtype, dense_dtype: dense, ..ExpertOptions::default() };
+            let options = ExpertOptions { expert_dtype: dtype, dense_dtype: dense, ..base_options };
             let mut loaded = Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?, None);
             loaded.generate(request, |_| {})?;
             copy = Some(loaded);
@@ -53,7 +53,7 @@ pub fn measure(
         let mut runs: Vec<Vec<Run>> = (0..modes.len()).map(|_| Vec::new()).collect();
         for _ in 0..rounds {
             for (mode, runs) in modes.iter().zip(&mut runs) {
-                runs.push(run_mode(engine, mode, request, prefetch_extra)?);
+                runs.push(run_mode(engine, mode, request, base_options)?);
             }
         }
         measured.extend(modes.into_iter().zip(runs).map(|(mode, runs)| Measured { mode, runs }));
@@ -61,7 +61,7 @@ pub fn measure(
     Ok(measured)
 }
 
-fn run_mode(engine: &mut Engine, mode: &Mode, request: &GenerateRequest, prefetch_extra: usize) -> Result<Run> {
+fn run_mode(engine: &mut Engine, mode: &Mode, request: &GenerateRequest, base: ExpertOptions) -> Result<Run> {
     engine.model.set_expert_options(ExpertOptions {
         expert_dtype: mode.dtype,
         dense_dtype: mode.dense,
@@ -69,10 +69,9 @@ fn run_mode(engine: &mut Engine, mode: &Mode, request: &GenerateRequest, prefetc
         policy: mode.policy,
         kv_tokens: None,
         prefetch: mode.prefetch,
-        prefetch_extra,
         link: mode.link,
         big_little: mode.big_little,
-        ..ExpertOptions::default()
+        ..base
     })?;
     if mode.kind == ModeKind::Offload {
         // Every offloaded mode starts cold, as a fresh process would.

@@ -35,7 +35,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let links = plan.links.clone();
     let gpu = Gpu::open(args.adapter)?;
     if !args.prefill_curve.is_empty() {
-        let options = ExpertOptions { prefill_chunk: args.prefill_chunk, ..Default::default() };
+        let options =
+            ExpertOptions { prefill_chunk: args.prefill_chunk, decode_split: args.decode_split, ..Default::default() };
         let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?;
         let mut engine = Engine::new(model, None);
         let points = curve::measure(&mut engine, &spec, &args.prefill_curve, args.prefill_chunk, args.seed)?;
@@ -59,6 +60,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 None => Some(LinkModel::checked(16.0)?),
             },
             prefill_chunk: args.prefill_chunk,
+            decode_split: args.decode_split,
             ..Default::default()
         };
         let shape = (args.prompt_len.max(1), args.gen_len.max(1), args.seed);
@@ -88,7 +90,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let model = Model::load(opened.spec, &opened.weights, &gpu.device)?;
+    let base =
+        ExpertOptions { decode_split: args.decode_split, prefetch_extra: args.prefetch_extra, ..Default::default() };
+    let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, base)?;
     let mut engine = Engine::new(model, None);
 
     let prompt = random_prompt(&spec, args.prompt_len.max(1), args.seed);
@@ -104,7 +108,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // otherwise the first mode measured pays for all of them.
     engine.generate(&request, |_| {})?;
 
-    let measured = measure::measure(plan, &mut engine, &folder, &gpu, &request, args.rounds, args.prefetch_extra)?;
+    let measured = measure::measure(plan, &mut engine, &folder, &gpu, &request, args.rounds, base)?;
     let moe_layers = spec.layers.iter().filter(|l| matches!(l, FfnKind::Moe)).count().max(1);
     let mut resident = None;
     let mut reports: Vec<ModeReport> =
@@ -138,6 +142,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         lookup_table: engine.model.lookup_table(),
         reports: &reports,
         uploads: &uploads,
+        decode_split: args.decode_split,
         memory: &memory,
         upload_rate,
     };

@@ -94,6 +94,11 @@ pub struct ModeReport {
     units_per_launch: f64,
     matrix_units_per_launch: f64,
     weight_bytes_per_matrix_unit: f64,
+    /// Matrix launches per decode step that started fewer than 32,768 units (a GPU needs about
+    /// that many 16-byte loads in flight), and the smallest launch's units (lower bound, a power
+    /// of two).
+    small_matrix_launches_per_token: f64,
+    smallest_matrix_launch_units: u64,
     /// Bytes a decode step reads from GPU memory (weights, computed experts, KV cache at the
     /// middle of the generation), f32.
     decode_bytes_read_per_token: u64,
@@ -168,6 +173,8 @@ impl ModeReport {
                 / s.decode_kernels.matrix_launches.max(1) as f64,
             weight_bytes_per_matrix_unit: s.decode_kernels.weight_bytes as f64
                 / s.decode_kernels.matrix_units.max(1) as f64,
+            small_matrix_launches_per_token: s.decode_kernels.small_matrix_launches as f64 / decode_tokens,
+            smallest_matrix_launch_units: s.decode_kernels.smallest_matrix_launch_units,
             decode_bytes_read_per_token: 0,
             roofline_tokens_per_second: 0.0,
             roofline_fraction: 0.0,
@@ -210,6 +217,8 @@ pub struct Summary<'a> {
     pub uploads: &'a [UploadMeasurement],
     pub memory: &'a MemoryBandwidth,
     pub upload_rate: f64,
+    /// `--decode-split` as given.
+    pub decode_split: ferry_runtime::options::DecodeSplit,
 }
 
 impl Summary<'_> {
@@ -231,6 +240,7 @@ impl Summary<'_> {
             "modes": self.reports,
             "uploads": self.uploads,
             "memory_bandwidth": self.memory,
+            "decode_split": self.decode_split,
             "upload_bytes_per_second": self.upload_rate,
         })
     }
@@ -289,7 +299,7 @@ impl Summary<'_> {
                 recall
             );
         }
-        println!("greedy tokens identical across exact (full) modes: {exact}");
+        println!("greedy tokens identical across exact (full) modes: {exact} (decode split: {})", self.decode_split);
         if let Some(peak) = reports.iter().filter_map(|r| r.gpu_memory).max_by_key(|m| m.reserved_bytes) {
             println!(
                 "GPU memory (wgpu allocator, device-wide, largest after any mode): {:.1} MiB allocated, {:.1} MiB reserved",
@@ -297,11 +307,15 @@ impl Summary<'_> {
                 peak.reserved_bytes as f64 / 1048576.0
             );
         }
+        let gib = |b: f64| b / (1u64 << 30) as f64;
         println!(
-            "roofline: memory {:.1} GiB/s (elementwise over {} MiB), uploads {:.2} GiB/s (burn from_data)",
-            memory.bytes_per_second / (1u64 << 30) as f64,
+            "roofline: memory {:.2} GiB/s (a streaming-read kernel over {} MiB; elementwise read+write {:.2} GiB/s; the \
+             host's cores read RAM at {:.2} GiB/s), uploads {:.2} GiB/s (burn from_data)",
+            gib(memory.bytes_per_second),
             memory.bytes >> 20,
-            upload_rate / (1u64 << 30) as f64
+            gib(memory.elementwise_bytes_per_second),
+            gib(memory.host_read_bytes_per_second),
+            gib(upload_rate)
         );
         for r in reports {
             println!(
@@ -314,6 +328,23 @@ impl Summary<'_> {
                 r.bytes_uploaded_per_token / 1048576.0,
                 r.roofline_tokens_per_second,
                 100.0 * r.roofline_fraction
+            );
+        }
+        for r in reports {
+            println!(
+                "kernels  {:<9} {:>5} {:>7} {:>36}: {:>5.1} launches and {:>4.1} host reads per token; matrix \
+                 launches {:>7.0} units and {:>6.0} weight bytes per unit on average, {:>4.1} per token under 32768 \
+                 units, smallest >= {}",
+                r.mode.name(),
+                r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
+                r.vram_budget.to_string(),
+                label(r),
+                r.launches_per_token,
+                r.host_reads_per_token,
+                r.matrix_units_per_launch,
+                r.weight_bytes_per_matrix_unit,
+                r.small_matrix_launches_per_token,
+                r.smallest_matrix_launch_units
             );
         }
         if let (Some(table), Some(r)) = (self.lookup_table, reports.first()) {
