@@ -7,7 +7,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::ExpertStats;
 use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
-use ferry_runtime::options::{DecodeSplit, EvictionPolicy, VramBudget};
+use ferry_runtime::options::{DecodeSplit, EvictionPolicy, ExpertDtype, UploadPath, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
@@ -26,6 +26,35 @@ fn load(family: &str, budget: VramBudget, policy: EvictionPolicy) -> Model {
 fn prompt_forward(model: &mut Model, ids: &[u32]) -> ForwardOutput {
     let mut cache = model.new_cache(ids.len()).unwrap();
     model.forward(ids, &mut cache, LogitsFor::All).unwrap()
+}
+
+/// Both upload paths (Ferry's mapped staging ring, the default; burn's from_data) put the same
+/// bytes in the slots: offloaded logits equal all-resident ones either way, f32 and bf16.
+#[test]
+fn staged_and_burn_uploads_compute_the_same_bits() {
+    for (family, dtype) in
+        [("mixtral", ExpertDtype::F32), ("qwen3_moe", ExpertDtype::F32), ("olmoe", ExpertDtype::Bf16)]
+    {
+        let reference = reference(family);
+        let run = |budget, upload| {
+            let opened = ferry_models::open(&fixture(family)).unwrap();
+            let options = ExpertOptions { budget, upload, expert_dtype: dtype, ..Default::default() };
+            let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+            let logits = stepwise_logits(&mut model, &reference.input_ids[..8.min(reference.input_ids.len())]);
+            (logits, model.experts().staged_uploads(), model.experts().stats().misses)
+        };
+        let (resident, staged_at_load, _) = run(VramBudget::All, UploadPath::Staging);
+        assert!(staged_at_load > 0, "{family}: the resident experts should load through the staging ring");
+        // auto stages on a GPU and leaves a CPU adapter (lavapipe) to burn.
+        let cpu = gpu().adapter.device_type == "Cpu";
+        for upload in [UploadPath::Staging, UploadPath::Burn, UploadPath::Auto] {
+            let (logits, staged, misses) = run(TOP_K_SLOTS, upload);
+            assert!(misses > 0, "{family}");
+            let staging = upload == UploadPath::Staging || (upload == UploadPath::Auto && !cpu);
+            assert_eq!(staged > 0, staging, "{family} {upload}: {staged} staged uploads");
+            assert_eq!(logits, resident, "{family} {upload}: offloaded logits differ from all-resident");
+        }
+    }
 }
 
 /// The logits of `ids` fed one per forward pass.

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_runtime::lut::LutDtype;
 use ferry_runtime::options::{
     AdapterChoice, BigFallback, ByteSize, DEFAULT_PREFILL_CHUNK, DecodeSplit, DenseDtype, EvictionPolicy, ExpertDtype,
-    ExpertsMode, Importance, LinkModel, OptionError, PrefetchMode, VramBudget,
+    ExpertsMode, Importance, LinkModel, OptionError, PrefetchMode, UploadPath, VramBudget,
 };
 use strum::VariantNames;
 
@@ -372,6 +372,12 @@ pub struct ModelArgs {
     /// two from 1 (whole) to 64. Logits differ between settings by float rounding only.
     #[arg(long, default_value = "auto", value_parser = parsed::<DecodeSplit>)]
     pub decode_split: DecodeSplit,
+    /// How a missed expert reaches the GPU: staging (Ferry's own mapped staging buffers; f32
+    /// and bf16 experts), burn (burn's from_data), or auto (staging on a GPU, burn on a CPU
+    /// adapter such as lavapipe, where a separate copy submission stalls). The bytes and results
+    /// are the same.
+    #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
+    pub upload: UploadPath,
     /// Most prompt tokens per forward pass: a longer prompt runs in chunks of this many over the
     /// growing KV cache, which bounds a prefill's activations and expert work by the chunk, not
     /// the prompt (logits equal within float rounding).
@@ -530,6 +536,9 @@ pub struct BenchArgs {
     /// How decode kernels split their dot products (see generate --help), for every mode.
     #[arg(long, default_value = "auto", value_parser = parsed::<DecodeSplit>)]
     pub decode_split: DecodeSplit,
+    /// How missed experts are uploaded (see generate --help), for every mode.
+    #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
+    pub upload: UploadPath,
     /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated).
     #[arg(long = "prefetch", value_delimiter = ',', default_values_t = [PrefetchMode::None], value_parser = choice::<PrefetchMode>())]
     pub prefetch: Vec<PrefetchMode>,

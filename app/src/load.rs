@@ -185,6 +185,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         expert_dtype,
         dense_dtype,
         decode_split: args.decode_split,
+        upload: args.upload,
     })
 }
 

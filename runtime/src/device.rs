@@ -109,6 +109,13 @@ impl Gpu {
         Ok(gpu)
     }
 
+    /// The GPU opened through `open` whose burn device is `device`: Ferry's wgpu handles for the
+    /// buffers it manages itself (staging uploads). None for a device opened elsewhere.
+    pub fn of_device(device: &Device) -> Option<Gpu> {
+        let opened = opened().lock().ok()?;
+        opened.iter().find(|(_, gpu)| &gpu.device == device).map(|(_, gpu)| gpu.clone())
+    }
+
     /// GPU memory wgpu's allocator holds for this device right now (all of the process's tensors,
     /// pools and staging buffers): None where the backend keeps no report (Metal, GL).
     pub fn memory(&self) -> Option<GpuMemory> {

@@ -207,6 +207,35 @@ impl serde::Serialize for DecodeSplit {
     }
 }
 
+/// How a missed expert's bytes reach its GPU slot (`--upload`): through Ferry's own mapped
+/// staging buffers (one host copy into a persistently allocated, host-visible buffer and one GPU
+/// copy, submitted on its own), or through burn's `from_data` (wgpu's internal staging and a
+/// fresh buffer per upload, inside burn's own submissions). `auto`: staging on a GPU, burn on a
+/// CPU adapter, where lavapipe runs a submission on the submitting thread and the separate copy
+/// made the compute thread wait for the queue (stall 45% against 22%). The bytes, and so the
+/// results, are the same.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    serde::Serialize,
+    strum::EnumString,
+    strum::Display,
+    strum::VariantNames,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum UploadPath {
+    #[default]
+    Auto,
+    Staging,
+    Burn,
+}
+
 /// Which resident expert gives up its slot when a miss needs one (`--expert-policy`).
 #[derive(
     Debug,
@@ -560,6 +589,8 @@ pub struct ExpertOptions {
     /// How decode kernels split their dot products (`--decode-split`). Set when the model is
     /// loaded.
     pub decode_split: DecodeSplit,
+    /// How missed experts are uploaded (`--upload`).
+    pub upload: UploadPath,
 }
 
 impl Default for ExpertOptions {
@@ -577,6 +608,7 @@ impl Default for ExpertOptions {
             expert_dtype: ExpertDtype::F32,
             dense_dtype: DenseDtype::F32,
             decode_split: DecodeSplit::Auto,
+            upload: UploadPath::Auto,
         }
     }
 }

@@ -49,3 +49,10 @@ pub fn from_cube<const D: usize>(c: CubeTensor) -> Tensor<D> {
         autodiff: DispatchAutodiffContext::Disabled,
     })
 }
+
+/// Whether `client` computes on a CPU adapter (lavapipe, SwiftShader), as far as CubeCL tells:
+/// cubecl-wgpu withholds subgroup operations from CPU adapters, so an adapter without them is
+/// taken for one (a GPU without subgroups is too, and gets the CPU's shapes).
+pub fn cpu_adapter(client: &cubecl::client::Client) -> bool {
+    !client.properties().features.plane.contains(cubecl::features::Plane::Ops)
+}

@@ -50,11 +50,10 @@ impl Split {
         Split { max_ways, min_chunk }
     }
 
-    /// What this adapter gets: cubecl-wgpu withholds subgroup operations from CPU adapters, so
-    /// an adapter without them keeps whole dot products; every other one splits.
+    /// What this adapter gets: a CPU adapter (`crate::bridge::cpu_adapter`) keeps whole dot
+    /// products; every other one splits.
     pub fn for_client(client: &cubecl::client::Client) -> Split {
-        let gpu = client.properties().features.plane.contains(cubecl::features::Plane::Ops);
-        if gpu { Split::GPU } else { Split::WHOLE }
+        if crate::bridge::cpu_adapter(client) { Split::WHOLE } else { Split::GPU }
     }
 
     pub fn max_ways(self) -> u32 {

@@ -11,6 +11,7 @@ mod quant;
 mod residency;
 mod select;
 mod slots;
+mod staging;
 mod stats;
 mod store;
 mod transfer;

@@ -138,6 +138,16 @@ impl ExpertCache {
         self.queue = None;
     }
 
+    /// How misses are uploaded from now on.
+    pub fn set_upload(&mut self, path: crate::options::UploadPath) {
+        self.pool.set_upload(path);
+    }
+
+    /// Experts uploaded through Ferry's staging ring so far (the others went through burn).
+    pub fn staged_uploads(&self) -> u64 {
+        self.pool.staged_uploads()
+    }
+
     pub fn link(&self) -> Option<LinkModel> {
         self.link
     }

@@ -6,15 +6,16 @@
 
 use std::collections::BTreeSet;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use burn_cubecl::tensor::CubeTensor;
 use ferry_shaders::cube_float as float;
 use ferry_shaders::expert::{Bf16Page, ExpertExtras, FloatPage, PackedPage, PageWork};
 
+use super::staging::Staging;
 use super::store::HostExpert;
 use crate::error::{FerryError, Result};
-use crate::options::ExpertDtype;
+use crate::options::{ExpertDtype, UploadPath};
 
 /// Where an expert sits on the GPU: its page, and its slot within the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,6 +92,11 @@ pub struct SlotPool {
     dtype: ExpertDtype,
     /// Buffers each f32/f16 projection is split into by output rows (1: none).
     parts: usize,
+    upload: UploadPath,
+    /// The staging ring, made on the first staged upload; None until then, or where this device
+    /// or format cannot use one (`staging_tried`).
+    staging: Option<Staging>,
+    staging_tried: bool,
 }
 
 impl SlotPool {
@@ -152,7 +158,52 @@ impl SlotPool {
             inter,
             dtype,
             parts,
+            upload: UploadPath::default(),
+            staging: None,
+            staging_tried: false,
         })
+    }
+
+    /// How experts are uploaded from now on.
+    pub fn set_upload(&mut self, path: UploadPath) {
+        if path != self.upload {
+            self.upload = path;
+            self.staging = None;
+            self.staging_tried = false;
+        }
+    }
+
+    /// Staged uploads made so far (the rest went through burn).
+    pub fn staged_uploads(&self) -> u64 {
+        self.staging.as_ref().map_or(0, |s| s.uploads)
+    }
+
+    /// The staging ring for this pool's experts: f32 experts in unsplit pages and bf16 ones,
+    /// whose host bytes are what the slot holds; None for other formats, or where the device
+    /// has no wgpu handles for Ferry.
+    fn staging(&mut self) -> Result<Option<&mut Staging>> {
+        if self.upload == UploadPath::Burn {
+            return Ok(None);
+        }
+        if !self.staging_tried {
+            self.staging_tried = true;
+            if self.upload == UploadPath::Auto {
+                let probe = float(Tensor::<1>::zeros([1], &self.device))?;
+                if ferry_shaders::bridge::cpu_adapter(&probe.client) {
+                    return Ok(None);
+                }
+            }
+            let n = (self.hidden * self.inter) as u64;
+            let bytes = match self.dtype {
+                ExpertDtype::F32 if self.parts == 1 => Some(4 * n),
+                ExpertDtype::Bf16 => Some(2 * n),
+                _ => None,
+            };
+            if let Some(bytes) = bytes {
+                self.staging = Staging::new(&self.device, bytes)?;
+            }
+        }
+        Ok(self.staging.as_mut())
     }
 
     /// A free slot (the lowest, so placement is deterministic), or None when all are taken.
@@ -181,6 +232,27 @@ impl SlotPool {
             let like = float(Tensor::<1>::from_data(TensorData::new(vec![0f32], [1]), &self.device))?;
             let slots = self.page_slots(at.page);
             self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i, self.dtype, self.parts));
+        }
+        if let Some(staging) = self.staging()? {
+            let sources = match &host {
+                HostExpert::F32([g, u, d]) => {
+                    Some(staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), DType::F32)?)
+                }
+                HostExpert::Bf16([g, u, d]) => {
+                    Some(staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), DType::U32)?)
+                }
+                HostExpert::Quant(_) => None,
+            };
+            if let Some(sources) = sources {
+                match self.page(at.page)? {
+                    SlotPage::F32(page) => page.store_device(at.slot, sources)?,
+                    SlotPage::Bf16(page) => page.store_device(at.slot, sources)?,
+                    SlotPage::Quant(_) => {
+                        return Err(FerryError::Gpu("a staged expert for a page of packed slots".into()));
+                    }
+                }
+                return Ok(at);
+            }
         }
         self.page(at.page)?.store(at.slot, host, &self.device)?;
         Ok(at)

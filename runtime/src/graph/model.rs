@@ -187,6 +187,7 @@ impl Model {
         let rope = Rope::new(&spec.rope, spec.attention.rope_dim());
         let mut experts = ExpertCache::new(expert_store, device, plan, options.policy, options.page_bytes)?;
         experts.set_link(options.link);
+        experts.set_upload(options.upload);
         experts.set_big_little(options.big_little);
         experts.preload()?;
         let prefetch_k = prefetch_k(&spec, &options);
@@ -275,6 +276,7 @@ impl Model {
         let plan = options.budget.plan_for(&self.spec, kv_tokens, options.expert_dtype, options.dense_dtype)?;
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
+        experts.set_upload(options.upload);
         experts.set_big_little(options.big_little);
         self.prefetch_k = prefetch_k(&self.spec, &options);
         self.context_limit = reserved_context(&self.spec, kv_tokens, &options);

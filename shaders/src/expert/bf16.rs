@@ -221,16 +221,36 @@ impl Bf16Page {
         };
         let n = g.len();
         let together = (3 * n * 4) as u64 <= client.properties().memory.max_page_size;
-        let (sources, offsets) = if together {
+        if together {
             let all = upload(&[g, u, d].concat());
-            ([all.clone(), all.clone(), all], [0, n as u32, 2 * n as u32])
+            self.copy_in(slot, [all.clone(), all.clone(), all], n, [0, n as u32, 2 * n as u32]);
         } else {
-            ([upload(g), upload(u), upload(d)], [0, 0, 0])
-        };
+            self.copy_in(slot, [upload(g), upload(u), upload(d)], n, [0, 0, 0]);
+        }
+        Ok(())
+    }
+
+    /// Queues the copy into `slot` of an expert's words already on the device: gate, up and
+    /// down in checkpoint layout (each as many words as one projection of a slot), ordered
+    /// behind kernels queued earlier, as `store`.
+    pub fn store_device(&self, slot: usize, sources: [CubeTensor; 3]) -> Result<(), ShaderError> {
+        let n = self.gate.meta.shape().num_elements() / self.gate.meta.shape()[0].max(1);
+        if sources.iter().any(|t| t.meta.shape().num_elements() != n || t.dtype != DType::U32) {
+            return Err(ShaderError::Shape(format!(
+                "bf16 expert sources of {:?} words for a slot of {n}",
+                sources.each_ref().map(|t| t.meta.shape().num_elements())
+            )));
+        }
+        self.copy_in(slot, sources, n, [0, 0, 0]);
+        Ok(())
+    }
+
+    /// Queues the transposing copy of `n` words per projection from `sources` (at `offsets`).
+    fn copy_in(&self, slot: usize, [gs, us, ds]: [CubeTensor; 3], n: usize, offsets: [u32; 3]) {
+        let client = self.gate.client.clone();
         let dim = CubeDim::new(&client, n);
         let count = calculate_cube_count_elemwise(&client, n, dim);
         crate::launches::record(&count, &dim);
-        let [gs, us, ds] = sources;
         store_slot_words_kernel::launch(
             &client,
             count,
@@ -245,7 +265,6 @@ impl Bf16Page {
             n as u32,
             offsets,
         );
-        Ok(())
     }
 
     /// Queues the grouped SwiGLU of `work` over this page, as `FloatPage::swiglu`.

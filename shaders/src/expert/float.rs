@@ -213,6 +213,24 @@ impl FloatPage {
         Ok(())
     }
 
+    /// Queues the copy into `slot` of an expert already on the device: `sources` are its gate,
+    /// up and down in checkpoint layout as f32 (each `hidden * inter` values, any shape). Only
+    /// for an unsplit page; ordered behind kernels queued earlier, as `store`.
+    pub fn store_device(&self, slot: usize, sources: [CubeTensor; 3]) -> Result<(), ShaderError> {
+        let n = self.hidden * self.inter;
+        match &self.parts[..] {
+            [part] if sources.iter().all(|t| t.meta.shape().num_elements() == n && t.dtype == DType::F32) => {
+                part.copy_in(slot, sources);
+                Ok(())
+            }
+            _ => Err(ShaderError::Shape(format!(
+                "a device copy into a page of {} parts from sources of {:?} values, {n} wanted",
+                self.parts.len(),
+                sources.each_ref().map(|t| t.meta.shape().num_elements())
+            ))),
+        }
+    }
+
     /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
     /// writes `act` rows and the weighted expert outputs into `y` rows. Every part's gate/up
     /// runs before any part's down, which reads whole `act` rows.
@@ -245,9 +263,9 @@ impl Part {
     /// queued earlier that read the slot's previous expert run first: the copy is ordered behind
     /// them on the same stream.
     fn store(&self, slot: usize, [g, u, d]: [Vec<f32>; 3], device: &Device) -> Result<(), ShaderError> {
-        let (gate, up, down) = (&self.gate, &self.up, &self.down);
+        let gate = &self.gate;
         let (hidden, inter) = (gate.meta.shape()[1], gate.meta.shape()[2]);
-        let (down_inter, down_hidden) = (down.meta.shape()[1], down.meta.shape()[2]);
+        let (down_inter, down_hidden) = (self.down.meta.shape()[1], self.down.meta.shape()[2]);
         // f16 slots take f16 bytes over the link, converted on the host.
         let upload = |v: Vec<f32>, shape: [usize; 2]| -> Result<CubeTensor, ShaderError> {
             if gate.dtype != DType::F16 {
@@ -257,13 +275,19 @@ impl Part {
             let handle = gate.client.create_from_slice(bytemuck::cast_slice(&halves));
             Ok(CubeTensor::new_contiguous(gate.client.clone(), gate.device.clone(), shape.into(), handle, DType::F16))
         };
-        let (g, u, d) =
-            (upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [down_hidden, down_inter])?);
+        let sources = [upload(g, [inter, hidden])?, upload(u, [inter, hidden])?, upload(d, [down_hidden, down_inter])?];
+        self.copy_in(slot, sources);
+        Ok(())
+    }
+
+    /// Queues the transposing copy of an expert already on the device (gate, up, down in
+    /// checkpoint layout, each as many values as one projection of a slot) into `slot`.
+    fn copy_in(&self, slot: usize, [g, u, d]: [CubeTensor; 3]) {
         let client = g.client.clone();
         let elems = g.meta.shape().num_elements();
         let cube_dim = CubeDim::new(&client, elems);
         let count = calculate_cube_count_elemwise(&client, elems, cube_dim);
-        let dtypes = [dtype_to_storage_type(g.dtype), dtype_to_storage_type(gate.dtype)];
+        let dtypes = [dtype_to_storage_type(g.dtype), dtype_to_storage_type(self.gate.dtype)];
         crate::launches::record(&count, &cube_dim);
         store_slot_kernel::launch(
             &client,
@@ -272,13 +296,12 @@ impl Part {
             g.into_tensor_arg(),
             u.into_tensor_arg(),
             d.into_tensor_arg(),
-            gate.clone().into_tensor_arg(),
-            up.clone().into_tensor_arg(),
-            down.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            self.up.clone().into_tensor_arg(),
+            self.down.clone().into_tensor_arg(),
             slot as u32,
             dtypes,
         );
-        Ok(())
     }
 
     fn dtypes(&self, x: &CubeTensor, launch: &Launch) -> [ElemType; 3] {

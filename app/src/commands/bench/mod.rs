@@ -61,6 +61,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             },
             prefill_chunk: args.prefill_chunk,
             decode_split: args.decode_split,
+            upload: args.upload,
             ..Default::default()
         };
         let shape = (args.prompt_len.max(1), args.gen_len.max(1), args.seed);
@@ -90,8 +91,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let base =
-        ExpertOptions { decode_split: args.decode_split, prefetch_extra: args.prefetch_extra, ..Default::default() };
+    let base = ExpertOptions {
+        decode_split: args.decode_split,
+        upload: args.upload,
+        prefetch_extra: args.prefetch_extra,
+        ..Default::default()
+    };
     let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, base)?;
     let mut engine = Engine::new(model, None);
 
@@ -143,6 +148,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         reports: &reports,
         uploads: &uploads,
         decode_split: args.decode_split,
+        upload: args.upload,
         memory: &memory,
         upload_rate,
     };

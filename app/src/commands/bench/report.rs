@@ -217,8 +217,9 @@ pub struct Summary<'a> {
     pub uploads: &'a [UploadMeasurement],
     pub memory: &'a MemoryBandwidth,
     pub upload_rate: f64,
-    /// `--decode-split` as given.
+    /// `--decode-split` and `--upload` as given.
     pub decode_split: ferry_runtime::options::DecodeSplit,
+    pub upload: ferry_runtime::options::UploadPath,
 }
 
 impl Summary<'_> {
@@ -241,6 +242,7 @@ impl Summary<'_> {
             "uploads": self.uploads,
             "memory_bandwidth": self.memory,
             "decode_split": self.decode_split,
+            "upload": self.upload,
             "upload_bytes_per_second": self.upload_rate,
         })
     }
@@ -299,7 +301,10 @@ impl Summary<'_> {
                 recall
             );
         }
-        println!("greedy tokens identical across exact (full) modes: {exact} (decode split: {})", self.decode_split);
+        println!(
+            "greedy tokens identical across exact (full) modes: {exact} (decode split: {}, uploads: {})",
+            self.decode_split, self.upload
+        );
         if let Some(peak) = reports.iter().filter_map(|r| r.gpu_memory).max_by_key(|m| m.reserved_bytes) {
             println!(
                 "GPU memory (wgpu allocator, device-wide, largest after any mode): {:.1} MiB allocated, {:.1} MiB reserved",
