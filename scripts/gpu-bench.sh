@@ -68,6 +68,12 @@ for preset in $presets; do
     >"$OUT/bench-$preset.json" \
     2>>"$OUT/gpu-bench.log" || log "bench $preset failed"
   log "bench $preset: $(head -c 200 "$OUT/bench-$preset.json")"
+  # What this GPU must confirm: the same decode with whole dot products and burn's uploads (the
+  # shapes and path before issue 22), against the run above (split and staged: --decode-split
+  # auto, --upload auto).
+  "$FERRY" bench --model "$dir" --vram-budget 25% --link-gbps none --decode-split 1 --upload burn \
+    --prompt-len 64 --gen-len 32 --rounds 3 --json >"$OUT/bench-$preset-whole-burn.json" \
+    2>>"$OUT/gpu-bench.log" || log "bench $preset (whole, burn) failed"
   # Prefill by prompt length: time, KV bytes, attention scratch.
   lengths="1k,4k,16k"
   [ "${QUICK:-0}" = 1 ] && lengths="64,200"
