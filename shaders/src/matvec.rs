@@ -10,11 +10,11 @@
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Tensor;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::{CubeCount, CubeDim};
+use cubecl::CubeCount;
 
 use crate::bridge::{from_cube, try_cube_float};
 use crate::launches;
-use crate::split::Split;
+use crate::split::{Shape, Split};
 
 /// Rows up to which the kernel is used (each row reads the weights again); more rows go to
 /// burn's matmul.
@@ -28,13 +28,12 @@ struct Prepared {
     y: CubeTensor,
     lanes: usize,
     count: CubeCount,
-    dim: CubeDim,
-    ways: u32,
-    /// Inputs per chunk (a multiple of two: pairs split where inputs do).
-    chunk: usize,
+    shape: Shape,
 }
 
-fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split) -> Option<Prepared> {
+/// `per_step`: 1 for f32 weights, 2 for bf16 pairs (chunks counted in pairs, on the f32 kernel's
+/// boundaries).
+fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split, per_step: usize) -> Option<Prepared> {
     let rows = x.dims()[0];
     let xc = try_cube_float(x.clone()).ok()?;
     let bias = match bias {
@@ -48,11 +47,9 @@ fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split
         xc.dtype,
     );
     let lanes = if outputs.is_multiple_of(4) { 4 } else { 1 };
-    let inputs = x.dims()[1];
-    let ways = split.ways(inputs);
-    let dim = Split::cube_dim(ways);
-    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(dim.x), rows as u32, 1);
-    Some(Prepared { x: xc, bias, y, lanes, count, dim, ways, chunk: Split::chunk(inputs, ways, 2) })
+    let shape = split.shape(x.dims()[1], per_step);
+    let count = CubeCount::Static(((outputs / lanes) as u32).div_ceil(shape.dim.x), rows as u32, 1);
+    Some(Prepared { x: xc, bias, y, lanes, count, shape })
 }
 
 /// `x W` for `x` `[rows, in]` (any strides) and `wt` `[in, out]` (contiguous), plus `bias`
@@ -61,22 +58,22 @@ fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split
 pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: Split) -> Option<Tensor<2>> {
     let (w_in, outputs) = (wt.meta.shape()[0], wt.meta.shape()[1]);
     debug_assert_eq!(x.dims()[1], w_in, "matvec: x has {} columns, the weight {w_in} rows", x.dims()[1]);
-    let Prepared { x: xc, bias, y, lanes, count, dim, ways, chunk } = prepare(x, bias, outputs, split)?;
+    let Prepared { x: xc, bias, y, lanes, count, shape } = prepare(x, bias, outputs, split, 1)?;
     let has_bias = bias.is_some();
     let dtypes = [dtype_to_storage_type(xc.dtype), dtype_to_storage_type(wt.dtype)];
     let bytes = (w_in * outputs * wt.dtype.size()) as u64;
-    launches::record_matrix(&count, &dim, bytes);
+    launches::record_matrix(&count, &shape.dim, bytes);
     kernel::matvec_kernel::launch(
         &xc.client.clone(),
         count,
-        dim,
+        shape.dim,
         lanes,
         xc.clone().into_tensor_arg(),
         wt.clone().into_tensor_arg(),
         bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
-        chunk as u32,
-        ways,
+        shape.chunk,
+        shape.ways,
         has_bias,
         dtypes,
     );
@@ -89,21 +86,21 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: S
 pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>, split: Split) -> Option<Tensor<2>> {
     let (pairs, outputs) = (words.meta.shape()[0], words.meta.shape()[1]);
     debug_assert_eq!(x.dims()[1], 2 * pairs, "matvec_bf16: x has {} columns, the weight {pairs} pairs", x.dims()[1]);
-    let Prepared { x: xc, bias, y, lanes, count, dim, ways, chunk } = prepare(x, bias, outputs, split)?;
+    let Prepared { x: xc, bias, y, lanes, count, shape } = prepare(x, bias, outputs, split, 2)?;
     let has_bias = bias.is_some();
     let dtype = dtype_to_storage_type(xc.dtype);
-    launches::record_matrix(&count, &dim, (pairs * outputs * 4) as u64);
+    launches::record_matrix(&count, &shape.dim, (pairs * outputs * 4) as u64);
     kernel::matvec_bf16_kernel::launch(
         &xc.client.clone(),
         count,
-        dim,
+        shape.dim,
         lanes,
         xc.clone().into_tensor_arg(),
         words.clone().into_tensor_arg(),
         bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
-        (chunk / 2) as u32,
-        ways,
+        shape.chunk,
+        shape.ways,
         has_bias,
         dtype,
     );

@@ -79,6 +79,25 @@ impl Split {
     pub fn chunk(steps: usize, ways: u32, align: usize) -> usize {
         steps.div_ceil(ways as usize).div_ceil(align) * align
     }
+
+    /// The launch shape for a reduction of `steps` inputs that a kernel walks `per_step` at a
+    /// time (1 for f32, 2 for bf16 pairs, `GROUP` for quantised codes): chunks of whole steps,
+    /// the f32 and bf16 kernels' on the same boundaries.
+    pub fn shape(self, steps: usize, per_step: usize) -> Shape {
+        let ways = self.ways(steps);
+        let chunk = Split::chunk(steps, ways, per_step.max(2)) / per_step;
+        Shape { ways, dim: Split::cube_dim(ways), chunk: chunk as u32 }
+    }
+}
+
+/// One launch's split: ways, cube, and chunk length.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub ways: u32,
+    pub dim: CubeDim,
+    /// Reduction steps per chunk, in the kernel's own steps (inputs, pairs or quantisation
+    /// groups).
+    pub chunk: u32,
 }
 
 /// The sum of `value` over the cube's `ways` rows (`UNIT_POS_Y`) of each output column, added in

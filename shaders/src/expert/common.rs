@@ -8,12 +8,12 @@
 
 use burn::tensor::{Device, Int, Tensor as BurnTensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::CubeCount;
 use cubecl::prelude::*;
-use cubecl::{CubeCount, CubeDim};
 
 use crate::bridge::{ShaderError, cube_float, cube_int};
 use crate::lanes::load_vec;
-use crate::split::Split;
+use crate::split::{Shape, Split};
 
 /// Adjacent output rows per unit: four (one 16-byte load of f32 weights) when both expert
 /// dimensions allow it, else one. Results are the same either way; only the speed differs.
@@ -166,24 +166,10 @@ pub(crate) struct Launch {
     pub lanes: usize,
 }
 
-/// The shape of one launch over a reduction of `steps` inputs: ways, cube, chunk length.
-pub(crate) struct Shape {
-    pub ways: u32,
-    pub dim: CubeDim,
-    /// Reduction steps per chunk, in the kernel's own steps (inputs, pairs or quantisation
-    /// groups).
-    pub chunk: u32,
-}
-
 impl Launch {
-    /// The shape for a reduction of `steps` inputs that the kernel walks `per_step` at a time
-    /// (1 for f32, 2 for bf16 pairs, `GROUP` for quantised codes): chunks of whole steps, the
-    /// f32 and bf16 kernels' on the same boundaries.
+    /// The layer's split for a reduction of `steps` inputs walked `per_step` at a time.
     pub fn shape(&self, steps: usize, per_step: usize) -> Shape {
-        let ways = self.extras.split.ways(steps);
-        let align = per_step.max(2);
-        let chunk = Split::chunk(steps, ways, align) / per_step;
-        Shape { ways, dim: Split::cube_dim(ways), chunk: chunk as u32 }
+        self.extras.split.shape(steps, per_step)
     }
 
     /// One unit per `rows` (output rows over the vector size) and chunk of each group.
