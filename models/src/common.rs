@@ -191,15 +191,15 @@ pub fn cfg_error(cfg: &HfConfig, message: String) -> ferry_runtime::FerryError {
 
 /// Names and shapes of a Llama-style decoder's tensors in checkpoint order (embedding, head,
 /// final norm, then per layer its two norms, q/k/v/o, and whatever `ffn(layer_prefix)` adds), for
-/// the random-checkpoint writers. Vectors (norm gains) are the one-dimensional shapes.
+/// the random-checkpoint writers; `attention` is query heads, key/value heads and the head size
+/// (which need not be hidden / heads). Vectors (norm gains) are the one-dimensional shapes.
 pub fn decoder_tensors(
     vocab: usize,
     hidden: usize,
     layers: usize,
-    [heads, kv_heads]: [usize; 2],
+    [heads, kv_heads, head_dim]: [usize; 3],
     ffn: impl Fn(&str) -> Vec<(String, Vec<usize>)>,
 ) -> Vec<(String, Vec<usize>)> {
-    let head_dim = hidden / heads;
     let mut out = vec![
         ("model.embed_tokens.weight".to_string(), vec![vocab, hidden]),
         ("lm_head.weight".to_string(), vec![vocab, hidden]),

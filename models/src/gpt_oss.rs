@@ -165,14 +165,7 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
         ]
     };
     // GPT-OSS's attention is 64 heads of 64 over a 2880 hidden size: q/o are not hidden x hidden.
-    for (name, shape) in crate::common::decoder_tensors(VOCAB, HIDDEN, layers, [HEADS, KV_HEADS], ffn) {
-        let projection = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next());
-        let shape = match projection {
-            Some("q_proj") => vec![HEADS * HEAD_DIM, HIDDEN],
-            Some("k_proj" | "v_proj") => vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
-            _ => shape,
-        };
+    for (name, shape) in crate::common::decoder_tensors(VOCAB, HIDDEN, layers, [HEADS, KV_HEADS, HEAD_DIM], ffn) {
         let bytes = bf16_tensor(&name, &shape, &mut rng);
         tensors.push((name, shape, bytes, safetensors::Dtype::BF16));
     }

@@ -152,7 +152,7 @@ pub fn write_random(dir: &Path, shape: MoleShape, seed: u64) -> Result<()> {
         out.push((format!("{p}.mlp.expert_norm.weight"), vec![h]));
         out
     };
-    for (name, dims) in crate::common::decoder_tensors(vocab, h, shape.layers, [heads, kv_heads], ffn) {
+    for (name, dims) in crate::common::decoder_tensors(vocab, h, shape.layers, [heads, kv_heads, h / heads], ffn) {
         let norm = dims.len() == 1;
         add(name, dims, norm);
     }

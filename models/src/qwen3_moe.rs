@@ -68,19 +68,6 @@ pub fn write_random(dir: &Path, layers: usize, seed: u64) -> Result<()> {
         out
     };
     // Qwen3's attention is 32 heads of 128 over a 2048 hidden size: q/o are not hidden x hidden.
-    let shapes: Vec<(String, Vec<usize>)> =
-        crate::common::decoder_tensors(vocab, HIDDEN, layers, [HEADS, KV_HEADS], ffn)
-            .into_iter()
-            .map(|(name, shape)| {
-                let projection = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next());
-                let shape = match projection {
-                    Some("q_proj") => vec![HEADS * HEAD_DIM, HIDDEN],
-                    Some("k_proj" | "v_proj") => vec![KV_HEADS * HEAD_DIM, HIDDEN],
-                    Some("o_proj") => vec![HIDDEN, HEADS * HEAD_DIM],
-                    _ => shape,
-                };
-                (name, shape)
-            })
-            .collect();
+    let shapes = crate::common::decoder_tensors(vocab, HIDDEN, layers, [HEADS, KV_HEADS, HEAD_DIM], ffn);
     crate::random_model::write_bf16_tensors(&dir.join("model.safetensors"), &shapes, seed)
 }

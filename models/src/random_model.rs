@@ -308,7 +308,7 @@ fn write_weights(path: &Path, vocab: usize, shape: Shape, seed: u64) -> Result<(
         }
         out
     };
-    for (name, dims) in crate::common::decoder_tensors(vocab, hidden, layers, [heads, kv_heads], ffn) {
+    for (name, dims) in crate::common::decoder_tensors(vocab, hidden, layers, [heads, kv_heads, hidden / heads], ffn) {
         let random = dims.len() > 1;
         add(name, dims, random);
     }
