@@ -57,6 +57,16 @@ impl SlotPage {
         }
     }
 
+    /// Queues the copy into `slot` of an expert already on the device (gate, up, down in
+    /// checkpoint layout: f32 values or bf16 words, as the page stores them), ordered as `store`.
+    pub fn store_device(&self, slot: usize, sources: [CubeTensor; 3]) -> Result<()> {
+        match self {
+            Self::F32(page) => Ok(page.store_device(slot, sources)?),
+            Self::Bf16(page) => Ok(page.store_device(slot, sources)?),
+            Self::Quant(_) => Err(FerryError::Gpu("a device copy into a page of packed slots".into())),
+        }
+    }
+
     /// Queues the grouped SwiGLU of `work` over this page: reads `x` `[tokens, hidden]`,
     /// writes `act` rows and the weighted expert outputs into `y` rows.
     #[allow(clippy::too_many_arguments)] // the kernel's buffers, passed through as they are
@@ -244,13 +254,7 @@ impl SlotPool {
                 HostExpert::Quant(_) => None,
             };
             if let Some(sources) = sources {
-                match self.page(at.page)? {
-                    SlotPage::F32(page) => page.store_device(at.slot, sources)?,
-                    SlotPage::Bf16(page) => page.store_device(at.slot, sources)?,
-                    SlotPage::Quant(_) => {
-                        return Err(FerryError::Gpu("a staged expert for a page of packed slots".into()));
-                    }
-                }
+                self.page(at.page)?.store_device(at.slot, sources)?;
                 return Ok(at);
             }
         }
