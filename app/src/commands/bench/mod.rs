@@ -34,9 +34,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let plan = plan::plan(&args, &spec)?;
     let links = plan.links.clone();
     let gpu = Gpu::open(args.adapter)?;
+    // What every measurement below loads its model with.
+    let base = ExpertOptions { decode_split: args.decode_split, upload: args.upload, ..Default::default() };
     if !args.prefill_curve.is_empty() {
-        let options =
-            ExpertOptions { prefill_chunk: args.prefill_chunk, decode_split: args.decode_split, ..Default::default() };
+        let options = ExpertOptions { prefill_chunk: args.prefill_chunk, ..base };
         let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?;
         let mut engine = Engine::new(model, None);
         let points = curve::measure(&mut engine, &spec, &args.prefill_curve, args.prefill_chunk, args.seed)?;
@@ -60,9 +61,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 None => Some(LinkModel::checked(16.0)?),
             },
             prefill_chunk: args.prefill_chunk,
-            decode_split: args.decode_split,
-            upload: args.upload,
-            ..Default::default()
+            ..base
         };
         let shape = (args.prompt_len.max(1), args.gen_len.max(1), args.seed);
         let budget = options.budget;
@@ -91,12 +90,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let base = ExpertOptions {
-        decode_split: args.decode_split,
-        upload: args.upload,
-        prefetch_extra: args.prefetch_extra,
-        ..Default::default()
-    };
+    let base = ExpertOptions { prefetch_extra: args.prefetch_extra, ..base };
     let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, base)?;
     let mut engine = Engine::new(model, None);
 
