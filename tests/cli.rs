@@ -448,6 +448,32 @@ fn negative_numbers_name_the_flag_and_its_range() {
     }
 }
 
+/// `--miss-policy` end to end: every routed expert computed on the host under a budget of no
+/// slots gives the same greedy tokens and reports its host work; without a host policy that
+/// budget, a bad policy and zero threads are refused naming the flag.
+#[test]
+fn miss_policy_cpu_runs_without_expert_slots_and_bad_values_name_the_flag() {
+    let model = fixture("olmoe");
+    let model = model.to_str().unwrap();
+    let base = ["generate", "--model", model, "--ids", "5,6,7", "--max-new-tokens", "4", "--json"];
+    let resident = json_of(&ferry(&base));
+    let host =
+        json_of(&ferry(&[&base[..], &["--vram-budget", "0%", "--miss-policy", "cpu", "--cpu-threads", "1"]].concat()));
+    assert_eq!(host["ids"], resident["ids"]);
+    let experts = &host["stats"]["decode_experts"];
+    assert!(experts["host_computed"].as_u64().unwrap() > 0, "{experts}");
+    assert_eq!(experts["bytes_uploaded"], 0, "{experts}");
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&["--vram-budget", "0%"], &["--vram-budget", "--miss-policy cpu"]),
+        (&["--miss-policy", "gpu"], &["--miss-policy", "'gpu'"]),
+        (&["--miss-policy", "cpu", "--cpu-threads", "0"], &["--cpu-threads", "at least 1"]),
+    ];
+    for (extra, words) in cases {
+        let line = error_line(&ferry(&[&base[..], extra].concat()));
+        assert!(words.iter().all(|w| line.contains(w)), "{extra:?}: {line}");
+    }
+}
+
 #[test]
 fn a_link_so_slow_its_wait_overflows_is_refused_by_the_flag() {
     let model = fixture("olmoe");

@@ -7,7 +7,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::ExpertStats;
 use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
-use ferry_runtime::options::{DecodeSplit, EvictionPolicy, ExpertDtype, UploadPath, VramBudget};
+use ferry_runtime::options::{DecodeSplit, EvictionPolicy, ExpertDtype, MissPolicy, UploadPath, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
@@ -130,6 +130,78 @@ fn split_dot_products_keep_offloaded_equal_to_resident() {
     }
     // The flag reaches the kernels: split sums round differently somewhere.
     assert!(changed_rounding, "--decode-split 64 computed what whole dot products compute, bit for bit");
+}
+
+/// Largest difference between two sets of logits over the largest magnitude of `expected`.
+fn relative_difference(got: &[Vec<f32>], expected: &[Vec<f32>]) -> f32 {
+    let scale = expected.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().flatten().zip(expected.iter().flatten()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst.is_finite(), "non-finite logits");
+    worst / scale
+}
+
+/// `--miss-policy cpu` (every routed expert on the host under `--vram-budget 0%`; at the top-k
+/// budget the first experts used fill the slots and the rest run on the host) and `auto`, on
+/// every family: decode logits stay within float rounding of all-resident ones, greedy tokens
+/// equal transformers', and the host really computed experts.
+#[test]
+fn host_computed_misses_stay_within_rounding_of_resident_on_every_family() {
+    for family in FAMILIES {
+        let reference = reference(family);
+        let load = |budget, miss_policy| {
+            let options = ExpertOptions { budget, miss_policy, cpu_threads: Some(2), ..Default::default() };
+            let opened = ferry_models::open(&fixture(family)).unwrap();
+            Engine::new(Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap(), None)
+        };
+        let ids = &reference.input_ids[..reference.input_ids.len().min(8)];
+        let resident = stepwise_logits(&mut load(VramBudget::All, MissPolicy::Upload).model, ids);
+        let n = reference.greedy.new_ids.len();
+        for (budget, miss) in [
+            (VramBudget::FractionOfExperts(0.0), MissPolicy::Cpu),
+            (TOP_K_SLOTS, MissPolicy::Cpu),
+            (TOP_K_SLOTS, MissPolicy::Auto),
+        ] {
+            let mut engine = load(budget, miss);
+            let logits = stepwise_logits(&mut engine.model, ids);
+            let difference = relative_difference(&logits, &resident);
+            eprintln!("{family} {budget} {miss}: relative logit difference {difference:.2e}");
+            assert!(difference < 1e-4, "{family} {budget} {miss}: {difference}");
+            let stats = engine.model.experts().stats();
+            assert!(stats.host_computed > 0 && stats.host_seconds > 0.0, "{family} {budget} {miss}: {stats:?}");
+            if budget == VramBudget::FractionOfExperts(0.0) {
+                assert_eq!((stats.hits, stats.bytes_uploaded), (0, 0), "{family}: nothing is uploaded at 0%");
+            }
+            let tokens = greedy(&mut engine, &reference.greedy.prompt_ids, n);
+            assert_eq!(tokens, reference.greedy.new_ids, "{family} {budget} {miss}: greedy tokens");
+        }
+    }
+}
+
+/// Every stored format computed on the host matches the GPU kernel on the same format within
+/// float rounding: the host reads bf16 words, f16-rounded f32, packed integer codes and MXFP4
+/// codes as the slots hold them (GPT-OSS: its biases and clamped activation too).
+#[test]
+fn host_computed_misses_match_the_gpu_in_every_expert_format() {
+    for (family, dtypes) in [
+        ("olmoe", &[ExpertDtype::Bf16, ExpertDtype::Int8, ExpertDtype::Int4, ExpertDtype::Int3, ExpertDtype::Int2][..]),
+        ("gpt_oss", &[ExpertDtype::F32, ExpertDtype::Mxfp4][..]),
+    ] {
+        let reference = reference(family);
+        let ids = &reference.input_ids[..reference.input_ids.len().min(6)];
+        for &expert_dtype in dtypes {
+            let load = |budget, miss_policy| {
+                let options = ExpertOptions { budget, miss_policy, expert_dtype, ..Default::default() };
+                let opened = ferry_models::open(&fixture(family)).unwrap();
+                Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap()
+            };
+            let gpu_logits = stepwise_logits(&mut load(VramBudget::All, MissPolicy::Upload), ids);
+            let mut host = load(VramBudget::FractionOfExperts(0.0), MissPolicy::Cpu);
+            let difference = relative_difference(&stepwise_logits(&mut host, ids), &gpu_logits);
+            eprintln!("{family} {expert_dtype}: relative logit difference {difference:.2e}");
+            assert!(difference < 1e-4, "{family} {expert_dtype}: {difference}");
+            assert!(host.experts().stats().host_computed > 0, "{family} {expert_dtype}");
+        }
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_runtime::lut::LutDtype;
 use ferry_runtime::options::{
     AdapterChoice, BigFallback, ByteSize, DEFAULT_PREFILL_CHUNK, DecodeSplit, DenseDtype, EvictionPolicy, ExpertDtype,
-    ExpertsMode, Importance, LinkModel, OptionError, PrefetchMode, UploadPath, VramBudget,
+    ExpertsMode, Importance, LinkModel, MissPolicy, OptionError, PrefetchMode, UploadPath, VramBudget,
 };
 use strum::VariantNames;
 
@@ -378,6 +378,16 @@ pub struct ModelArgs {
     /// are the same.
     #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
     pub upload: UploadPath,
+    /// What happens to a routed expert that is not on the GPU: upload (into a slot, exact),
+    /// cpu (computed on the host from host memory while the GPU computes the resident ones;
+    /// differs by float rounding; only free slots are filled, by the first experts used), or auto (per expert and step, whichever
+    /// the measured link and host rates, the tokens routed to it and its expected reuse make
+    /// cheaper). With cpu or auto, --vram-budget 0% keeps no expert on the GPU.
+    #[arg(long, default_value_t = MissPolicy::Upload, value_parser = choice::<MissPolicy>())]
+    pub miss_policy: MissPolicy,
+    /// Threads of the host expert kernel (default: every core).
+    #[arg(long, value_parser = positive)]
+    pub cpu_threads: Option<usize>,
     /// Most prompt tokens per forward pass: a longer prompt runs in chunks of this many over the
     /// growing KV cache, which bounds a prefill's activations and expert work by the chunk, not
     /// the prompt (logits equal within float rounding).
@@ -539,6 +549,13 @@ pub struct BenchArgs {
     /// How missed experts are uploaded (see generate --help), for every mode.
     #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
     pub upload: UploadPath,
+    /// Miss policies to measure for every offloaded mode (comma-separated, e.g.
+    /// upload,cpu,auto; see generate --help).
+    #[arg(long = "miss-policy", value_delimiter = ',', default_values_t = [MissPolicy::Upload], value_parser = choice::<MissPolicy>())]
+    pub miss_policies: Vec<MissPolicy>,
+    /// Threads of the host expert kernel (default: every core).
+    #[arg(long, value_parser = positive)]
+    pub cpu_threads: Option<usize>,
     /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated).
     #[arg(long = "prefetch", value_delimiter = ',', default_values_t = [PrefetchMode::None], value_parser = choice::<PrefetchMode>())]
     pub prefetch: Vec<PrefetchMode>,

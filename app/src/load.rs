@@ -186,6 +186,8 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         dense_dtype,
         decode_split: args.decode_split,
         upload: args.upload,
+        miss_policy: args.miss_policy,
+        cpu_threads: args.cpu_threads,
     })
 }
 

@@ -149,9 +149,9 @@ pub enum Event {
         id: u32,
         text: String,
     },
-    /// After each forward pass.
-    Step(StepStats),
-    Finished(GenerateStats),
+    /// After each forward pass (boxed: its counters outweigh the other variants).
+    Step(Box<StepStats>),
+    Finished(Box<GenerateStats>),
 }
 
 /// The result of one generation.
@@ -290,7 +290,7 @@ impl Generation {
             let experts = self.experts_at[1] - self.experts_at[0];
             let lookup = self.lookup_at[1] - self.lookup_at[0];
             let stats = step_stats(model, 0, prompt.len(), self.prefill_seconds, experts, lookup, kernels);
-            return Ok(vec![Event::Step(stats)]);
+            return Ok(vec![Event::Step(Box::new(stats))]);
         };
         let mut events = Vec::new();
         if self.generated.len() >= self.request.max_new_tokens {
@@ -329,7 +329,7 @@ impl Generation {
         let lookup = model.lookup_stats() - lookup_before;
         let seconds = step_start.elapsed().as_secs_f64();
         let stats = step_stats(model, self.generated.len(), 1, seconds, experts, lookup, kernels);
-        events.push(Event::Step(stats));
+        events.push(Event::Step(Box::new(stats)));
         Ok(events)
     }
 
@@ -375,7 +375,7 @@ impl Generation {
         if !tail.is_empty() {
             events.push(Event::Token { id: *self.generated.last().unwrap_or(&0), text: tail });
         }
-        events.push(Event::Finished(stats.clone()));
+        events.push(Event::Finished(Box::new(stats.clone())));
         self.stats = Some(stats);
         events
     }

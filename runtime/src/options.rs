@@ -236,6 +236,37 @@ pub enum UploadPath {
     Burn,
 }
 
+/// What happens to a routed expert that is not resident (`--miss-policy`): `upload` copies it
+/// into a slot and the GPU computes it (exact: offloaded output equals all-resident output);
+/// `cpu` computes it on the host from host memory while the GPU computes the resident ones
+/// (approximate by float rounding only: another summation order), and uploads only into free
+/// slots, so the first experts used take the slots and keep them (a placement, never an
+/// eviction); `auto`
+/// chooses per expert and step from measured costs: the link's seconds per byte against the
+/// host kernel's, the tokens routed to the expert and the reuse it is expected to see.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    serde::Serialize,
+    strum::EnumString,
+    strum::Display,
+    strum::VariantNames,
+    strum::EnumIter,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum MissPolicy {
+    #[default]
+    Upload,
+    Cpu,
+    Auto,
+}
+
 /// Which resident expert gives up its slot when a miss needs one (`--expert-policy`).
 #[derive(
     Debug,
@@ -456,8 +487,8 @@ impl FromStr for VramBudget {
         }
         if let Some(p) = t.strip_suffix('%') {
             let pct: f64 = p.trim().parse().map_err(|_| bad("not a percentage"))?;
-            if !(pct > 0.0 && pct <= 100.0) {
-                return Err(bad("a percentage must be in (0, 100]"));
+            if !(0.0..=100.0).contains(&pct) {
+                return Err(bad("a percentage must be in [0, 100]; 0% keeps no expert on the GPU (--miss-policy cpu)"));
             }
             return Ok(if pct == 100.0 { Self::All } else { Self::FractionOfExperts(pct / 100.0) });
         }
@@ -591,6 +622,10 @@ pub struct ExpertOptions {
     pub decode_split: DecodeSplit,
     /// How missed experts are uploaded (`--upload`).
     pub upload: UploadPath,
+    /// Whether a missed expert is uploaded or computed on the host (`--miss-policy`).
+    pub miss_policy: MissPolicy,
+    /// Threads of the host expert kernel (`--cpu-threads`; None: every core).
+    pub cpu_threads: Option<usize>,
 }
 
 impl Default for ExpertOptions {
@@ -609,6 +644,8 @@ impl Default for ExpertOptions {
             dense_dtype: DenseDtype::F32,
             decode_split: DecodeSplit::Auto,
             upload: UploadPath::Auto,
+            miss_policy: MissPolicy::Upload,
+            cpu_threads: None,
         }
     }
 }
@@ -637,7 +674,8 @@ mod tests {
         assert_eq!("25%".parse::<VramBudget>().unwrap(), VramBudget::FractionOfExperts(0.25));
         assert_eq!("1.5GiB".parse::<VramBudget>().unwrap(), VramBudget::Bytes(3 << 29));
         assert_eq!("300MB".parse::<VramBudget>().unwrap(), VramBudget::Bytes(300_000_000));
-        for bad in ["0", "-1GiB", "0%", "120%", "12 parsecs", "lots"] {
+        assert_eq!("0%".parse::<VramBudget>().unwrap(), VramBudget::FractionOfExperts(0.0));
+        for bad in ["0", "-1GiB", "-5%", "120%", "12 parsecs", "lots"] {
             let err = bad.parse::<VramBudget>().unwrap_err().to_string();
             assert!(err.starts_with("--vram-budget:"), "{bad}: {err}");
         }

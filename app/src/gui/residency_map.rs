@@ -23,6 +23,7 @@ fn outline(access: Access) -> Color32 {
         Access::Hit => Color32::from_rgb(70, 220, 110),
         Access::PrefetchHit => Color32::from_rgb(60, 220, 220),
         Access::Miss => Color32::from_rgb(240, 60, 60),
+        Access::Host => Color32::from_rgb(240, 160, 40),
         Access::Evicted => Color32::from_rgb(120, 40, 40),
     }
 }
@@ -164,6 +165,7 @@ fn legend(ui: &mut egui::Ui) {
             (Access::Hit, "hit"),
             (Access::PrefetchHit, "prefetch hit"),
             (Access::Miss, "miss"),
+            (Access::Host, "computed on host"),
             (Access::Evicted, "evicted"),
         ] {
             swatch(ui, outline(access), true);

@@ -18,6 +18,8 @@ struct Point {
     upload_mb_per_second: f64,
     hit_rate: f64,
     stall_fraction: f64,
+    /// Share of the step the host expert kernel ran (`--miss-policy cpu|auto`).
+    host_fraction: f64,
     /// Pre-gating recall of this step; None when nothing was predicted.
     recall: Option<f64>,
 }
@@ -54,6 +56,7 @@ impl Throughput {
             upload_mb_per_second: (stats.experts.bytes_uploaded + stats.lookup.bytes_uploaded) as f64 / seconds / 1e6,
             hit_rate: stats.experts.hit_rate(),
             stall_fraction: (stats.experts.stall_seconds / seconds).min(1.0),
+            host_fraction: (stats.experts.host_seconds / seconds).min(1.0),
             recall: (recall.1 > 0).then(|| recall.0 as f64 / recall.1 as f64),
         });
     }
@@ -68,13 +71,14 @@ impl Throughput {
     pub fn view(&self, ui: &mut egui::Ui) {
         match &self.last {
             Some(s) => ui.label(format!(
-                "last reply: {} tokens, time to first token {:.0} ms, prefill {:.0} tok/s, decode {:.1} tok/s, hit rate {:.0}%, {:.2} MiB uploaded, stopped: {:?}",
+                "last reply: {} tokens, time to first token {:.0} ms, prefill {:.0} tok/s, decode {:.1} tok/s, hit rate {:.0}%, {:.2} MiB uploaded, {} experts computed on the host, stopped: {:?}",
                 s.new_tokens,
                 s.time_to_first_token_seconds * 1e3,
                 s.prefill_tokens_per_second,
                 s.decode_tokens_per_second,
                 s.decode_experts.hit_rate() * 100.0,
                 (s.prefill_experts.bytes_uploaded + s.decode_experts.bytes_uploaded) as f64 / (1 << 20) as f64,
+                s.prefill_experts.host_computed + s.decode_experts.host_computed,
                 s.stop_reason,
             )),
             None => match self.prefill {
@@ -100,6 +104,7 @@ impl Throughput {
             vec![
                 ("hit rate", series(|p| Some(p.hit_rate))),
                 ("stall fraction", series(|p| Some(p.stall_fraction))),
+                ("host expert fraction", series(|p| Some(p.host_fraction))),
                 ("prefetch recall", series(|p| p.recall)),
             ],
         );

@@ -236,9 +236,9 @@ fn generate(
                     let recall_now = recall_totals(engine);
                     let recall = (recall_now.0 - recall_before.0, recall_now.1 - recall_before.1);
                     recall_before = recall_now;
-                    out.send(Update::Step(Box::new(StepUpdate { stats, residency, recall })));
+                    out.send(Update::Step(Box::new(StepUpdate { stats: *stats, residency, recall })));
                 }
-                Event::Finished(stats) => out.send(Update::Finished(Box::new(stats))),
+                Event::Finished(stats) => out.send(Update::Finished(stats)),
             }
         }
         // Between forward passes the cache is free: settings changed mid-reply apply now.

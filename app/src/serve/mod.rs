@@ -157,7 +157,12 @@ async fn metrics(State(state): State<Arc<AppState>>, Query(q): Query<MetricsQuer
         ("ferry_completion_tokens_total", "counter", "Tokens generated.", m.completion_tokens as f64),
         ("ferry_decode_tokens_per_second", "gauge", "Decode steps per second of decode time.", tokens_per_second),
         ("ferry_expert_hits_total", "counter", "Expert uses served by a resident slot.", m.expert_hits as f64),
-        ("ferry_expert_misses_total", "counter", "Expert uses that needed an upload.", m.expert_misses as f64),
+        (
+            "ferry_expert_misses_total",
+            "counter",
+            "Expert uses not served by a resident slot (uploaded or computed on the host).",
+            m.expert_misses as f64,
+        ),
         ("ferry_expert_hit_rate", "gauge", "Expert cache hit rate since start.", hit_rate),
         ("ferry_bytes_uploaded_total", "counter", "Expert bytes copied to the GPU.", m.bytes_uploaded as f64),
         ("ferry_upload_stall_seconds_total", "counter", "Seconds passes waited on uploads.", m.stall_seconds),

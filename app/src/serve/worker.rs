@@ -210,7 +210,7 @@ impl Worker {
                             }
                         }),
                         Event::Finished(stats) => {
-                            let _ = run.events.send(JobEvent::Finished(Box::new(stats)));
+                            let _ = run.events.send(JobEvent::Finished(stats));
                             ended = true;
                         }
                     }

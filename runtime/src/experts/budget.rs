@@ -65,7 +65,8 @@ impl VramBudget {
             Self::Bytes(b) => (b.saturating_sub(resident_bytes + kv_bytes) / slot_bytes.max(1)) as usize,
         }
         .min(total_experts);
-        let minimum = spec.moe.top_k.min(total_experts);
+        // `0%` asks for no slots at all: every routed expert computed on the host.
+        let minimum = if self == Self::FractionOfExperts(0.0) { 0 } else { spec.moe.top_k.min(total_experts) };
         if slots < minimum {
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             let needed = resident_bytes + kv_bytes + minimum as u64 * slot_bytes;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 
 use super::budget::SlotPlan;
+use super::hybrid::Hybrid;
 use super::policy::SlotUse;
 use super::prefetch::LayerRecall;
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
@@ -17,7 +18,7 @@ use super::stats::ExpertStats;
 use super::store::{ExpertStore, HostExpert};
 use super::transfer::{StagedExpert, UploadQueue};
 use crate::error::{FerryError, Result};
-use crate::options::{BigLittle, EvictionPolicy, ExpertDtype, Importance, LinkModel};
+use crate::options::{BigLittle, EvictionPolicy, ExpertDtype, Importance, LinkModel, MissPolicy};
 use crate::routing::TokenRoute;
 
 pub(super) struct Slot {
@@ -63,6 +64,10 @@ pub struct ExpertCache {
     pub(super) retired: SelectionStats,
     /// Per-expert hits and misses and the events since the last `residency` picture.
     pub(super) log: AccessLog,
+    /// Upload or compute on the host (`--miss-policy`), and the rates `auto` weighs.
+    pub(super) hybrid: Hybrid,
+    /// Forward passes since the configuration last changed (for expected reuse).
+    pub(super) passes: u64,
 }
 
 impl ExpertCache {
@@ -99,6 +104,8 @@ impl ExpertCache {
             selector: None,
             retired: SelectionStats::default(),
             log: AccessLog::default(),
+            hybrid: Hybrid::default(),
+            passes: 0,
         })
     }
 
@@ -227,8 +234,32 @@ impl ExpertCache {
         &self.usage
     }
 
+    /// Sets `--miss-policy` and the host kernel's threads (None: every core).
+    pub fn set_miss_policy(&mut self, policy: MissPolicy, threads: Option<usize>) -> Result<()> {
+        self.hybrid
+            .configure(policy, threads)
+            .map_err(|e| FerryError::flag("--cpu-threads", format!("the host expert threads did not start: {e}")))
+    }
+
+    pub fn miss_policy(&self) -> MissPolicy {
+        self.hybrid.policy
+    }
+
+    /// Measured bytes per second of on-demand uploads and of the host kernel (per pass over an
+    /// expert), once measured.
+    pub fn miss_rates(&self) -> (Option<f64>, Option<f64>) {
+        self.hybrid.rates()
+    }
+
+    /// Whether a MoE layer must hand its tokens to the host too: some misses may be computed
+    /// there.
+    pub fn wants_host_tokens(&self) -> bool {
+        self.hybrid.policy != MissPolicy::Upload && !self.plan.all_resident()
+    }
+
     /// Changes budget and policy; experts beyond the new capacity are evicted now.
     pub fn reconfigure(&mut self, plan: SlotPlan, policy: EvictionPolicy) {
+        self.passes = 0;
         self.drain_in_flight();
         self.plan = plan;
         self.policy = policy;
@@ -330,7 +361,9 @@ impl ExpertCache {
             let host = self.upload_host(layer, expert);
             self.clock += 1;
             let at = self.occupy(id, host, self.clock, false)?;
-            self.stats.stall_seconds += start.elapsed().as_secs_f64();
+            let seconds = start.elapsed().as_secs_f64();
+            self.stats.stall_seconds += seconds;
+            self.hybrid.record_upload(self.plan.slot_bytes, seconds);
             self.log.record(id, Access::Miss, self.clock);
             at
         };
@@ -359,6 +392,7 @@ impl ExpertCache {
     /// loading or reconfiguring is the warm-up: its most used experts per layer become pinned,
     /// unless a profile pinned them.
     pub fn end_forward(&mut self) {
+        self.passes += 1;
         if self.policy == EvictionPolicy::LfuPinned && self.pinned.is_empty() {
             let since: Vec<Vec<u64>> = (self.usage.iter().zip(&self.usage_at_reconfigure))
                 .map(|(now, then)| now.iter().zip(then).map(|(n, t)| n - t).collect())
@@ -464,7 +498,7 @@ impl ExpertCache {
 /// Routed experts are converted on the host when first uploaded, not at load, so their values
 /// are checked here: a NaN or Inf weight (or quantised scale) is an error naming the expert,
 /// rather than NaN rows. Costs one pass over what the conversion just produced.
-fn finite_expert((layer, expert): ExpertId, host: &HostExpert) -> Result<()> {
+pub(super) fn finite_expert((layer, expert): ExpertId, host: &HostExpert) -> Result<()> {
     const PARTS: [&str; 3] = ["gate", "up", "down"];
     let first_bad: [Option<(usize, f32)>; 3] = if let HostExpert::F32(w) = host {
         w.each_ref().map(|v| first_non_finite(v.iter().copied()))

@@ -4,14 +4,19 @@
 //! the grouped kernels per slot page.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use ferry_shaders::expert::{ExpertExtras, PageWork};
 use ferry_shaders::{cube_float, from_cube};
+use rayon::prelude::*;
 
 use super::cache::ExpertCache;
+use super::host::{LayerExtras, swiglu};
+use super::hybrid::{Decision, TOKENS_PER_PASS};
+use super::residency::Access;
 use super::slots::SlotRef;
-use crate::error::Result;
+use crate::error::{FerryError, Result};
 use crate::routing::TokenRoute;
 
 /// One MoE layer's tokens and routing, handed to `ExpertCache::run_layer`.
@@ -28,6 +33,10 @@ pub struct LayerRequest<'a> {
     pub top_k: usize,
     /// Routed experts' biases and activation.
     pub extras: &'a ExpertExtras,
+    /// The same on the host, for experts computed there.
+    pub host_extras: &'a LayerExtras,
+    /// The normed tokens on the host `[tokens, hidden]`, when `wants_host_tokens` asked for them.
+    pub x_host: Option<&'a [f32]>,
     /// The pre-gate's guess for a later layer, when prefetching.
     pub prediction: Option<Prediction<'a>>,
 }
@@ -69,7 +78,8 @@ impl ExpertCache {
     /// its compute; under big-little, a token expected to be little there gets only its first
     /// half staged.
     pub fn run_layer(&mut self, request: LayerRequest<'_>, device: &Device) -> Result<LayerOutput> {
-        let LayerRequest { layer, x, mut routes, logits, received, top_k: k, extras, prediction } = request;
+        let LayerRequest { layer, x, mut routes, logits, received, top_k: k, extras, host_extras, x_host, prediction } =
+            request;
         let [tokens, hidden] = x.dims();
         let num_experts = logits.len() / tokens.max(1);
         self.select_big_little(layer, &mut routes, logits, num_experts, received)?;
@@ -92,6 +102,20 @@ impl ExpertCache {
             self.record_prediction(target, per_token);
         }
         let (hits, misses): (Vec<usize>, Vec<usize>) = needed.iter().partition(|&&e| self.is_resident(layer, e));
+        // Misses the policy computes on the host; prefetched ones in flight are already paid for.
+        let (mut on_host, mut uploads) = (Vec::new(), Vec::new());
+        for e in misses {
+            let in_flight = self.in_flight.contains(&(layer, e));
+            if !in_flight && self.decide_miss(layer, e, served[e].len(), k, uploads.len()).on_host() {
+                on_host.push(e);
+            } else {
+                uploads.push(e);
+            }
+        }
+        let misses = uploads;
+        if !on_host.is_empty() && x_host.is_none() {
+            return Err(FerryError::Gpu(format!("layer {layer}: experts to compute on the host but no host tokens")));
+        }
 
         // A little token's unused ranks must add nothing when the rows are summed per token, so
         // their rows start at zero; when every token takes all k experts, each row is written.
@@ -121,9 +145,98 @@ impl ExpertCache {
             batch.push((e, at));
         }
         self.launch(&batch, &served, &buffers)?;
+        let mut rows = from_cube::<2>(y.clone());
+        if let Some(x_host) = x_host.filter(|_| !on_host.is_empty()) {
+            // The GPU computes the resident experts while the host computes the rest.
+            y.client.flush().map_err(|e| FerryError::Gpu(format!("flushing the layer's expert kernels: {e:?}")))?;
+            let (indices, values) = self.host_rows(layer, &on_host, &served, x_host, hidden, host_extras)?;
+            let count = indices.len();
+            let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [count]), device);
+            let values = Tensor::<2>::from_data(TensorData::new(values, [count, hidden]), device);
+            rows = rows.select_assign(0, indices, values, IndexingUpdateOp::Assign);
+        }
         let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
         self.score_prediction(layer, &chosen);
-        Ok(LayerOutput { rows: from_cube::<2>(y), routes })
+        Ok(LayerOutput { rows, routes })
+    }
+
+    /// Where a missed expert goes under `--miss-policy`, counted; `planned` uploads of this
+    /// layer come before it.
+    fn decide_miss(&mut self, layer: usize, expert: usize, tokens: usize, k: usize, planned: usize) -> Decision {
+        let reuse = self.expected_reuse(layer, expert, k);
+        let free = self.occupied() + planned < self.plan.slots;
+        let decision = self.hybrid.decide(tokens, self.plan.slot_bytes, reuse, self.plan.slots, free);
+        let auto = self.hybrid.policy == crate::options::MissPolicy::Auto;
+        match decision {
+            Decision::Upload if auto => self.stats.auto_uploads += 1,
+            Decision::UploadForReuse => self.stats.auto_uploads_for_reuse += 1,
+            Decision::Host if auto => self.stats.auto_host += 1,
+            Decision::Probe { .. } => self.stats.auto_probes += 1,
+            _ => {}
+        }
+        decision
+    }
+
+    /// Uses the expert is expected to see while it would stay resident: its uses per forward
+    /// pass since the configuration changed (at most one), times the passes a slot survives,
+    /// roughly the slots per MoE layer over the layer's top-k.
+    fn expected_reuse(&self, layer: usize, expert: usize, k: usize) -> f64 {
+        let since = self.usage[layer][expert] - self.usage_at_reconfigure[layer][expert];
+        let per_pass = (since as f64 / self.passes.max(1) as f64).min(1.0);
+        let layers = self.usage.iter().filter(|r| !r.is_empty()).count().max(1);
+        per_pass * self.plan.slots as f64 / layers as f64 / k.max(1) as f64
+    }
+
+    /// Computes `experts` on the host for the tokens routed to them: the output row indices and
+    /// their weighted rows `[rows, hidden]`, in the order of `experts`.
+    fn host_rows(
+        &mut self,
+        layer: usize,
+        experts: &[usize],
+        served: &[Served],
+        x: &[f32],
+        hidden: usize,
+        extras: &LayerExtras,
+    ) -> Result<(Vec<i64>, Vec<f32>)> {
+        let start = Instant::now();
+        let (store, dtype, inter) = (&self.store, self.store.dtype(), self.dims().0);
+        let outputs: Vec<(Vec<Vec<f32>>, u64)> = self.hybrid.install(|| {
+            experts
+                .par_iter()
+                .map(|&e| {
+                    let source = store.host_source(layer, e);
+                    let xs: Vec<&[f32]> = served[e].iter().map(|&(t, _, _)| &x[t * hidden..][..hidden]).collect();
+                    let weights: Vec<f32> = served[e].iter().map(|&(_, _, w)| w).collect();
+                    let mut out = vec![Vec::new(); xs.len()];
+                    swiglu(source.view(dtype), hidden, inter, &xs, &weights, extras.expert(e, inter, hidden), &mut out);
+                    (out, source.bytes())
+                })
+                .collect()
+        });
+        let seconds = start.elapsed().as_secs_f64();
+        let mut byte_passes = 0;
+        let (mut indices, mut values) = (Vec::new(), Vec::new());
+        for (&e, (out, bytes)) in experts.iter().zip(outputs) {
+            if out.iter().flatten().any(|v| !v.is_finite()) {
+                // Name a non-finite weight as an upload would; rows that overflow from finite
+                // weights are what the GPU would compute too.
+                super::cache::finite_expert((layer, e), &self.store.host(layer, e))?;
+            }
+            byte_passes += bytes * served[e].len().div_ceil(TOKENS_PER_PASS) as u64;
+            self.stats.host_bytes_read += bytes;
+            self.stats.host_computed += 1;
+            self.stats.misses += 1;
+            self.clock += 1;
+            self.usage[layer][e] += 1;
+            self.log.record((layer, e), Access::Host, self.clock);
+            for (&(_, row, _), r) in served[e].iter().zip(out) {
+                indices.push(row as i64);
+                values.extend(r);
+            }
+        }
+        self.stats.host_seconds += seconds;
+        self.hybrid.record_host(byte_passes, 1, seconds);
+        Ok((indices, values))
     }
 
     /// The experts to stage for each token of the prediction's target layer: its predicted

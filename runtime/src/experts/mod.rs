@@ -4,6 +4,8 @@
 
 mod budget;
 mod cache;
+mod host;
+mod hybrid;
 mod manager;
 mod policy;
 mod prefetch;
@@ -19,6 +21,8 @@ mod transfer;
 pub use budget::SlotPlan;
 pub use cache::ExpertCache;
 pub use ferry_shaders::format::{GROUP as QUANT_GROUP, code_rows};
+pub use host::{HostExpertView, HostExtras, HostMatrix, LayerExtras};
+pub use hybrid::{Decision, Hybrid, TOKENS_PER_PASS};
 pub use manager::{LayerOutput, LayerRequest, Prediction};
 pub use prefetch::LayerRecall;
 pub use quant::QuantExpert;
@@ -26,4 +30,4 @@ pub use residency::{Access, ExpertCell, Residency, SlotState};
 pub use select::{SelectionStats, Selector};
 pub use slots::{SlotPage, SlotRef};
 pub use stats::ExpertStats;
-pub use store::{ExpertStore, HostExpert, prequantised_names, stored_expert_dtype};
+pub use store::{ExpertStore, HostExpert, HostSource, prequantised_names, stored_expert_dtype};

@@ -27,6 +27,8 @@ pub enum Access {
     PrefetchHit,
     /// Uploaded on demand.
     Miss,
+    /// Not resident, computed on the host (`--miss-policy cpu|auto`).
+    Host,
     /// Lost its slot.
     Evicted,
 }
@@ -38,7 +40,8 @@ impl Access {
             Self::Evicted => 0,
             Self::Hit => 1,
             Self::PrefetchHit => 2,
-            Self::Miss => 3,
+            Self::Host => 3,
+            Self::Miss => 4,
         }
     }
 }
@@ -89,7 +92,7 @@ impl AccessLog {
         }
         match access {
             Access::Hit | Access::PrefetchHit => *self.hits.entry(id).or_default() += 1,
-            Access::Miss => *self.misses.entry(id).or_default() += 1,
+            Access::Miss | Access::Host => *self.misses.entry(id).or_default() += 1,
             Access::Evicted => {}
         }
         let slot = self.recent.entry(id).or_insert(access);

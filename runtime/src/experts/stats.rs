@@ -7,7 +7,8 @@ use std::ops::{Add, Sub};
 pub struct ExpertStats {
     /// Expert uses served by a resident slot.
     pub hits: u64,
-    /// Expert uses that needed an upload first.
+    /// Expert uses not served by a resident slot: uploaded first, or computed on the host
+    /// (`host_computed`).
     pub misses: u64,
     pub evictions: u64,
     /// Bytes copied from host memory to GPU slots.
@@ -36,6 +37,20 @@ pub struct ExpertStats {
     pub modes_predicted_right: u64,
     /// Predicted little but chosen big: only the first half of the token's experts was staged.
     pub big_predicted_little: u64,
+    /// Missed expert uses computed on the host (`--miss-policy cpu|auto`).
+    pub host_computed: u64,
+    /// Weight bytes the host kernel read.
+    pub host_bytes_read: u64,
+    /// Wall time of the host kernel, seconds: the GPU computes the layer's resident experts
+    /// meanwhile, and the layer's output waits for the host rows.
+    pub host_seconds: f64,
+    /// `auto`'s decisions: uploads cheaper this step, uploads paid for by expected reuse,
+    /// experts computed on the host because that was cheaper, and tries made before both rates
+    /// were measured.
+    pub auto_uploads: u64,
+    pub auto_uploads_for_reuse: u64,
+    pub auto_host: u64,
+    pub auto_probes: u64,
 }
 
 impl ExpertStats {
@@ -70,6 +85,13 @@ impl Sub for ExpertStats {
             modes_predicted: self.modes_predicted - before.modes_predicted,
             modes_predicted_right: self.modes_predicted_right - before.modes_predicted_right,
             big_predicted_little: self.big_predicted_little - before.big_predicted_little,
+            host_computed: self.host_computed - before.host_computed,
+            host_bytes_read: self.host_bytes_read - before.host_bytes_read,
+            host_seconds: self.host_seconds - before.host_seconds,
+            auto_uploads: self.auto_uploads - before.auto_uploads,
+            auto_uploads_for_reuse: self.auto_uploads_for_reuse - before.auto_uploads_for_reuse,
+            auto_host: self.auto_host - before.auto_host,
+            auto_probes: self.auto_probes - before.auto_probes,
         }
     }
 }
@@ -94,6 +116,13 @@ impl Add for ExpertStats {
             modes_predicted: self.modes_predicted + other.modes_predicted,
             modes_predicted_right: self.modes_predicted_right + other.modes_predicted_right,
             big_predicted_little: self.big_predicted_little + other.big_predicted_little,
+            host_computed: self.host_computed + other.host_computed,
+            host_bytes_read: self.host_bytes_read + other.host_bytes_read,
+            host_seconds: self.host_seconds + other.host_seconds,
+            auto_uploads: self.auto_uploads + other.auto_uploads,
+            auto_uploads_for_reuse: self.auto_uploads_for_reuse + other.auto_uploads_for_reuse,
+            auto_host: self.auto_host + other.auto_host,
+            auto_probes: self.auto_probes + other.auto_probes,
         }
     }
 }

@@ -11,12 +11,13 @@ use std::sync::{Arc, OnceLock};
 use ferry_shaders::expert::pack_bf16;
 use ferry_shaders::format::{GROUP, QuantMatrix, code_rows, e2m1_twice, pow2};
 
+use super::host::{HostExpertView, HostMatrix};
 use super::quant::QuantExpert;
 use crate::error::{FerryError, Result};
 use crate::options::ExpertDtype;
 use crate::spec::{ExpertLayout, FfnKind, ModelSpec};
-use crate::weights::SourceDtype::{BF16, F32, U8, U32};
-use crate::weights::{TensorRef, WeightStore, to_f32};
+use crate::weights::SourceDtype::{BF16, F16, F32, U8, U32};
+use crate::weights::{SourceDtype, TensorRef, WeightStore, to_f32};
 
 /// An expert in host memory, ready to upload: f32 in checkpoint layout, bf16 words in
 /// checkpoint layout (each row's neighbours paired), or quantised in slot layout.
@@ -25,6 +26,47 @@ pub enum HostExpert {
     F32([Vec<f32>; 3]),
     Bf16([Vec<u32>; 3]),
     Quant(Arc<QuantExpert>),
+}
+
+/// An expert's weights for the host kernel: borrowed from the mapping, or the upload form.
+pub enum HostSource<'a> {
+    /// Gate, up and down as the checkpoint stores them (F32, BF16 or F16), aligned.
+    Mapped([&'a [u8]; 3], SourceDtype),
+    Owned(HostExpert),
+}
+
+impl HostSource<'_> {
+    /// The matrices as the host kernel reads them; `dtype` is the slot format they stand for.
+    pub fn view(&self, dtype: ExpertDtype) -> HostExpertView<'_> {
+        let [gate, up, down] = match self {
+            Self::Mapped(bytes, F32) => bytes.map(|b| HostMatrix::F32(bytemuck::cast_slice(b))),
+            Self::Mapped(bytes, F16) => bytes.map(|b| HostMatrix::F16(bytemuck::cast_slice(b))),
+            Self::Mapped(bytes, _) => bytes.map(|b| HostMatrix::Bf16(bytemuck::cast_slice(b))),
+            Self::Owned(HostExpert::F32(w)) if dtype == ExpertDtype::F16 => {
+                w.each_ref().map(|m| HostMatrix::F32AsF16(m))
+            }
+            Self::Owned(HostExpert::F32(w)) => w.each_ref().map(|m| HostMatrix::F32(m)),
+            Self::Owned(HostExpert::Bf16(w)) => w.each_ref().map(|m| HostMatrix::Bf16(bytemuck::cast_slice(m))),
+            Self::Owned(HostExpert::Quant(q)) => {
+                let (bits, fp4) = (q.dtype.bits().unwrap_or(8), q.dtype.fp4());
+                [&q.gate, &q.up, &q.down].map(|matrix| HostMatrix::Quant { matrix, bits, fp4 })
+            }
+        };
+        HostExpertView { gate, up, down }
+    }
+
+    /// Bytes the host kernel reads.
+    pub fn bytes(&self) -> u64 {
+        let len = |v: usize, size: usize| (v * size) as u64;
+        match self {
+            Self::Mapped(bytes, _) => bytes.iter().map(|b| b.len() as u64).sum(),
+            Self::Owned(HostExpert::F32(w)) => w.iter().map(|m| len(m.len(), 4)).sum(),
+            Self::Owned(HostExpert::Bf16(w)) => w.iter().map(|m| len(m.len(), 4)).sum(),
+            Self::Owned(HostExpert::Quant(q)) => {
+                [&q.gate, &q.up, &q.down].iter().map(|m| len(m.words.len(), 4) + len(m.scales.len(), 4)).sum()
+            }
+        }
+    }
 }
 
 /// Where one layer's routed experts live.
@@ -109,6 +151,31 @@ impl ExpertStore {
                 _ => QuantExpert::new(&self.host_f32(layer, expert), self.hidden, self.intermediate, self.dtype),
             })
         })))
+    }
+
+    /// The expert as the host kernel reads it: the mapped checkpoint bytes where they already
+    /// hold what the slots would (f32 slots over an F32, BF16 or F16 checkpoint; bf16 slots over
+    /// BF16; f16 slots over F16), else the form it would be uploaded in.
+    pub fn host_source(&self, layer: usize, expert: usize) -> HostSource<'_> {
+        if let Some(LayerSource::PerExpert(experts)) = &self.layers[layer] {
+            let tensors = &experts[expert];
+            let dtype = tensors[0].dtype;
+            let same = tensors.iter().all(|t| t.dtype == dtype);
+            let exact = matches!(
+                (self.dtype, dtype),
+                (ExpertDtype::F32, F32 | BF16 | F16) | (ExpertDtype::Bf16, BF16) | (ExpertDtype::F16, F16)
+            );
+            let bytes = tensors.each_ref().map(|t| self.weights.bytes(t));
+            // A tensor at an offset its element type cannot be read from is converted instead.
+            let aligned = match dtype {
+                F32 => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_ok()),
+                _ => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, u16>(b).is_ok()),
+            };
+            if same && exact && aligned {
+                return HostSource::Mapped(bytes, dtype);
+            }
+        }
+        HostSource::Owned(self.host(layer, expert))
     }
 
     /// The expert in this store's quantised format, made now (not kept): repacked without

@@ -16,9 +16,9 @@ use super::mole_table::lookup_header;
 use super::rope::Rope;
 use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
-use crate::experts::{ExpertCache, ExpertStore};
+use crate::experts::{ExpertCache, ExpertStore, SlotPlan};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
-use crate::options::{DecodeSplit, DenseDtype, ExpertOptions, PrefetchMode, VramBudget};
+use crate::options::{DecodeSplit, DenseDtype, ExpertOptions, MissPolicy, PrefetchMode, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
 use ferry_shaders::flash::BLOCK;
@@ -122,7 +122,7 @@ impl Model {
         options: ExpertOptions,
     ) -> Result<Self> {
         let kv_tokens = options.kv_tokens.unwrap_or(spec.max_position_embeddings.min(DEFAULT_KV_TOKENS));
-        let plan = options.budget.plan_for(&spec, kv_tokens, options.expert_dtype, options.dense_dtype)?;
+        let plan = slot_plan(&spec, kv_tokens, &options)?;
         let expert_store = ExpertStore::new(Arc::clone(store), &spec, options.expert_dtype)?;
         if options.dense_dtype == DenseDtype::F16 && !supports_f16(device)? {
             return Err(FerryError::flag(
@@ -188,6 +188,7 @@ impl Model {
         let mut experts = ExpertCache::new(expert_store, device, plan, options.policy, options.page_bytes)?;
         experts.set_link(options.link);
         experts.set_upload(options.upload);
+        experts.set_miss_policy(options.miss_policy, options.cpu_threads)?;
         experts.set_big_little(options.big_little);
         experts.preload()?;
         let prefetch_k = prefetch_k(&spec, &options);
@@ -273,10 +274,11 @@ impl Model {
                 ),
             ));
         }
-        let plan = options.budget.plan_for(&self.spec, kv_tokens, options.expert_dtype, options.dense_dtype)?;
+        let plan = slot_plan(&self.spec, kv_tokens, &options)?;
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
         experts.set_upload(options.upload);
+        experts.set_miss_policy(options.miss_policy, options.cpu_threads)?;
         experts.set_big_little(options.big_little);
         self.prefetch_k = prefetch_k(&self.spec, &options);
         self.context_limit = reserved_context(&self.spec, kv_tokens, &options);
@@ -569,6 +571,23 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
         }
     }
     Ok(())
+}
+
+/// The budget's slot plan; a plan without slots (`--vram-budget 0%`) needs a miss policy that can
+/// compute on the host.
+fn slot_plan(spec: &ModelSpec, kv_tokens: usize, options: &ExpertOptions) -> Result<SlotPlan> {
+    let plan = options.budget.plan_for(spec, kv_tokens, options.expert_dtype, options.dense_dtype)?;
+    if plan.slots == 0 && plan.total_experts > 0 && options.miss_policy == MissPolicy::Upload {
+        return Err(FerryError::flag(
+            "--vram-budget",
+            format!(
+                "{} keeps no expert slot on the GPU, so every routed expert must be computed on the host: add \
+                 --miss-policy cpu (or auto)",
+                options.budget
+            ),
+        ));
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]

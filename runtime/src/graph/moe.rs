@@ -10,7 +10,7 @@ use super::linear::{Linear, Loader};
 use crate::error::{FerryError, Result};
 use ferry_shaders::expert::ExpertExtras;
 
-use crate::experts::{ExpertCache, LayerOutput, LayerRequest, Prediction};
+use crate::experts::{ExpertCache, LayerExtras, LayerOutput, LayerRequest, Prediction};
 use crate::routing::{TokenRoute, route};
 use crate::spec::{ExpertActivation, ModelSpec, RouterKind};
 
@@ -45,6 +45,8 @@ pub struct MoeBlock {
     shared: Option<SharedExpert>,
     /// Routed experts' biases and activation, for the kernels.
     extras: ExpertExtras,
+    /// The same on the host, for experts computed there (`--miss-policy`).
+    host_extras: LayerExtras,
     num_experts: usize,
     top_k: usize,
     kind: RouterKind,
@@ -84,12 +86,14 @@ impl MoeBlock {
             ExpertActivation::Silu => None,
             ExpertActivation::ClampedSwiglu { limit, alpha } => Some((limit, alpha)),
         };
+        let host_extras = LayerExtras { bias: bias.clone(), clamp };
         let extras = ExpertExtras::new(bias, clamp, loader.split, loader.device)?;
         Ok(Self {
             layer,
             router,
             score_bias,
             extras,
+            host_extras,
             pregate: None,
             router_and_pregate: None,
             shared,
@@ -141,26 +145,30 @@ impl MoeBlock {
             _ => self.router.forward(x.clone()),
         };
         let has_received = received.is_some();
-        let columns = match received {
-            Some(r) => Tensor::cat(vec![scores, r], 1),
-            None => scores,
-        };
+        // With misses that may be computed on the host, the tokens come back in the same read.
+        let host_tokens = experts.wants_host_tokens();
+        let mut parts = vec![scores];
+        parts.extend(received);
+        if host_tokens {
+            parts.push(x.clone());
+        }
+        let columns = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(parts, 1) };
         let logits: Vec<f32> = columns
             .try_into_data()
             .map_err(|e| FerryError::gpu_read("router logits", e))?
             .try_into_vec()
             .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
-        let width = logits.len() / tokens;
+        let row = logits.len() / tokens;
+        // Columns: [own router | pre-gate | received | tokens].
+        let width = row - if host_tokens { hidden } else { 0 };
+        let x_host: Option<Vec<f32>> =
+            host_tokens.then(|| logits.chunks_exact(row).flat_map(|r| &r[width..]).copied().collect());
         let targets = width - self.num_experts - usize::from(has_received);
-        let own: Vec<f32> = logits.chunks_exact(width).flat_map(|row| &row[..self.num_experts]).copied().collect();
-        let received: Option<Vec<f32>> =
-            has_received.then(|| logits.chunks_exact(width).map(|row| row[width - 1]).collect());
+        let own: Vec<f32> = logits.chunks_exact(row).flat_map(|r| &r[..self.num_experts]).copied().collect();
+        let received: Option<Vec<f32>> = has_received.then(|| logits.chunks_exact(row).map(|r| r[width - 1]).collect());
         let routes = route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind);
-        let predicted: Vec<f32> = logits
-            .chunks_exact(width)
-            .flat_map(|row| &row[self.num_experts..self.num_experts + targets])
-            .copied()
-            .collect();
+        let predicted: Vec<f32> =
+            logits.chunks_exact(row).flat_map(|r| &r[self.num_experts..self.num_experts + targets]).copied().collect();
         // The target's routing rule (all MoE layers of a model share the router kind).
         let prediction = pregate.zip(prefetch_k).map(|(p, predict_k)| Prediction {
             target: p.target,
@@ -177,6 +185,8 @@ impl MoeBlock {
             received: received.as_deref(),
             top_k: self.top_k,
             extras: &self.extras,
+            host_extras: &self.host_extras,
+            x_host: x_host.as_deref(),
             prediction,
         };
         let LayerOutput { rows, routes } = experts.run_layer(request, device)?;

@@ -71,6 +71,7 @@ fn run_mode(engine: &mut Engine, mode: &Mode, request: &GenerateRequest, base: E
         prefetch: mode.prefetch,
         link: mode.link,
         big_little: mode.big_little,
+        miss_policy: mode.miss,
         ..base
     })?;
     if mode.kind == ModeKind::Offload {

@@ -35,7 +35,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let links = plan.links.clone();
     let gpu = Gpu::open(args.adapter)?;
     // What every measurement below loads its model with.
-    let base = ExpertOptions { decode_split: args.decode_split, upload: args.upload, ..Default::default() };
+    let base = ExpertOptions {
+        decode_split: args.decode_split,
+        upload: args.upload,
+        cpu_threads: args.cpu_threads,
+        ..Default::default()
+    };
     if !args.prefill_curve.is_empty() {
         let options = ExpertOptions { prefill_chunk: args.prefill_chunk, ..base };
         let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options)?;

@@ -2,8 +2,8 @@
 //! flags, repeated for each expert and projection format.
 
 use ferry_runtime::options::{
-    BigFallback, BigLittle, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode, Importance, LinkModel, PrefetchMode,
-    VramBudget,
+    BigFallback, BigLittle, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode, Importance, LinkModel, MissPolicy,
+    PrefetchMode, VramBudget,
 };
 use ferry_runtime::spec::{FfnKind, ModelSpec};
 
@@ -39,6 +39,8 @@ pub struct Mode {
     pub big_little: Option<BigLittle>,
     /// Emulated host-to-GPU link (None: the adapter's own speed).
     pub link: Option<LinkModel>,
+    /// Upload misses or compute them on the host (`--miss-policy`).
+    pub miss: MissPolicy,
 }
 
 /// The modes of one format: they share a copy of the model, and the rounds interleave them.
@@ -96,6 +98,7 @@ pub fn plan(args: &BenchArgs, spec: &ModelSpec) -> Result<Plan, ferry_runtime::o
         prefetch: PrefetchMode::None,
         big_little: None,
         link: None,
+        miss: MissPolicy::Upload,
     }];
     for &link in &links {
         for &budget in &budgets {
@@ -105,16 +108,23 @@ pub fn plan(args: &BenchArgs, spec: &ModelSpec) -> Result<Plan, ferry_runtime::o
                         for importance in importances(experts, &args.importances) {
                             let big_little =
                                 BigLittle::from_mode(experts, importance, args.big_fraction, BigFallback::Fetch)?;
-                            modes.push(Mode {
-                                kind: ModeKind::Offload,
-                                dtype: ExpertDtype::F32,
-                                dense: DenseDtype::F32,
-                                budget,
-                                policy,
-                                prefetch,
-                                big_little,
-                                link,
-                            });
+                            for &miss in &args.miss_policies {
+                                // Uploading needs slots: a 0% budget is measured with the host policies.
+                                if budget == VramBudget::FractionOfExperts(0.0) && miss == MissPolicy::Upload {
+                                    continue;
+                                }
+                                modes.push(Mode {
+                                    kind: ModeKind::Offload,
+                                    dtype: ExpertDtype::F32,
+                                    dense: DenseDtype::F32,
+                                    budget,
+                                    policy,
+                                    prefetch,
+                                    big_little,
+                                    link,
+                                    miss,
+                                });
+                            }
                         }
                     }
                 }

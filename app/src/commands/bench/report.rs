@@ -7,7 +7,7 @@ use ferry_runtime::lut::LutHeader;
 use ferry_runtime::measure::UploadMeasurement;
 use ferry_runtime::measure::roofline::{DecodeBytes, MemoryBandwidth, ceiling_tokens_per_second};
 use ferry_runtime::options::{
-    DenseDtype, EvictionPolicy, ExpertDtype, Importance, LinkModel, PrefetchMode, VramBudget,
+    DenseDtype, EvictionPolicy, ExpertDtype, Importance, LinkModel, MissPolicy, PrefetchMode, VramBudget,
 };
 use ferry_runtime::spec::ModelSpec;
 
@@ -21,7 +21,8 @@ fn label(r: &ModeReport) -> String {
         None => r.experts.to_string(),
     };
     let projections = if r.dense_dtype == DenseDtype::F32 { String::new() } else { format!("/{}-proj", r.dense_dtype) };
-    format!("{:?}/{experts}/{}{projections}", r.prefetch, r.expert_dtype).to_lowercase()
+    let miss = if r.miss_policy == MissPolicy::Upload { String::new() } else { format!("/miss-{}", r.miss_policy) };
+    format!("{:?}/{experts}/{}{projections}{miss}", r.prefetch, r.expert_dtype).to_lowercase()
 }
 
 /// One measured mode.
@@ -36,6 +37,21 @@ pub struct ModeReport {
     vram_budget: VramBudget,
     policy: EvictionPolicy,
     prefetch: PrefetchMode,
+    /// Upload misses (exact) or compute them on the host (`cpu`, `auto`: float rounding).
+    miss_policy: MissPolicy,
+    /// Over decode steps: experts computed on the host per token, the share of decode time the
+    /// host kernel ran, the weight bytes it read per second of its run, and that rate over the
+    /// host's measured RAM read bandwidth.
+    host_computed_per_token: f64,
+    host_time_fraction: f64,
+    host_kernel_bytes_per_second: f64,
+    host_bandwidth_fraction: f64,
+    /// `auto`'s decisions per decode token: uploads cheaper this step, uploads paid by expected
+    /// reuse, host computations, first tries.
+    auto_uploads_per_token: f64,
+    auto_uploads_for_reuse_per_token: f64,
+    auto_host_per_token: f64,
+    auto_probes_per_token: f64,
     /// "full" or "big-little".
     experts: &'static str,
     /// Big-little: its importance score; share of (token, layer) choices that were big;
@@ -125,7 +141,7 @@ impl ModeReport {
             a.output.stats.decode_tokens_per_second.total_cmp(&b.output.stats.decode_tokens_per_second)
         });
         let Run { output, recall_per_layer, plan } = runs.swap_remove(runs.len() / 2);
-        let Mode { kind, dtype, dense, budget, policy, prefetch, big_little, link } = mode;
+        let Mode { kind, dtype, dense, budget, policy, prefetch, big_little, link, miss } = mode;
         let s: &GenerateStats = &output.stats;
         // Forward passes after the prompt's: every new token but the last is run once.
         let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
@@ -138,6 +154,15 @@ impl ModeReport {
             vram_budget: budget,
             policy,
             prefetch,
+            miss_policy: miss,
+            host_computed_per_token: d.host_computed as f64 / decode_tokens,
+            host_time_fraction: d.host_seconds / s.decode_seconds.max(1e-9),
+            host_kernel_bytes_per_second: d.host_bytes_read as f64 / d.host_seconds.max(1e-9),
+            host_bandwidth_fraction: 0.0,
+            auto_uploads_per_token: d.auto_uploads as f64 / decode_tokens,
+            auto_uploads_for_reuse_per_token: d.auto_uploads_for_reuse as f64 / decode_tokens,
+            auto_host_per_token: d.auto_host as f64 / decode_tokens,
+            auto_probes_per_token: d.auto_probes as f64 / decode_tokens,
             experts: if big_little.is_some() { "big-little" } else { "full" },
             importance: big_little.map(|b| b.importance),
             big_share: big_little.map(|_| d.big as f64 / (d.big + d.little).max(1) as f64),
@@ -191,6 +216,7 @@ impl ModeReport {
         self.roofline_tokens_per_second =
             ceiling_tokens_per_second(read, memory.bytes_per_second, self.bytes_uploaded_per_token, upload_rate);
         self.roofline_fraction = self.decode_tokens_per_second / self.roofline_tokens_per_second;
+        self.host_bandwidth_fraction = self.host_kernel_bytes_per_second / memory.host_read_bytes_per_second.max(1.0);
     }
 }
 
@@ -199,7 +225,12 @@ impl ModeReport {
 pub fn exact_modes_agree(reports: &[ModeReport]) -> bool {
     reports
         .iter()
-        .filter(|r| r.experts == "full" && r.expert_dtype == ExpertDtype::F32 && r.dense_dtype == DenseDtype::F32)
+        .filter(|r| {
+            r.experts == "full"
+                && r.expert_dtype == ExpertDtype::F32
+                && r.dense_dtype == DenseDtype::F32
+                && r.miss_policy == MissPolicy::Upload
+        })
         .all(|r| r.ids == reports[0].ids)
 }
 
@@ -350,6 +381,25 @@ impl Summary<'_> {
                 r.weight_bytes_per_matrix_unit,
                 r.small_matrix_launches_per_token,
                 r.smallest_matrix_launch_units
+            );
+        }
+        for r in reports.iter().filter(|r| r.miss_policy != MissPolicy::Upload) {
+            println!(
+                "host     {:<9} {:>5} {:>7} {:>36}: {:>5.2} experts per token on the host, {:>5.1}% of decode time, \
+                 {:>6.2} GiB/s ({:>5.1}% of the host's RAM read rate); auto per token: {:.2} uploads, {:.2} for \
+                 reuse, {:.2} on host, {:.2} tries",
+                r.mode.name(),
+                r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
+                r.vram_budget.to_string(),
+                label(r),
+                r.host_computed_per_token,
+                100.0 * r.host_time_fraction,
+                gib(r.host_kernel_bytes_per_second),
+                100.0 * r.host_bandwidth_fraction,
+                r.auto_uploads_per_token,
+                r.auto_uploads_for_reuse_per_token,
+                r.auto_host_per_token,
+                r.auto_probes_per_token
             );
         }
         if let (Some(table), Some(r)) = (self.lookup_table, reports.first()) {
