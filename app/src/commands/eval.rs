@@ -4,8 +4,9 @@
 use anyhow::{Context, Result};
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::options::ExpertDtype;
-use ferry_runtime::options::{DenseDtype, ExpertOptions};
+use ferry_runtime::options::{DenseDtype, ExpertOptions, MissPolicy, VramBudget};
 use ferry_runtime::routing::softmax;
+use ferry_runtime::spec::FfnKind;
 
 use crate::args::EvalArgs;
 use crate::load;
@@ -57,8 +58,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     // Full mode is exact: every expert of the top-k, experts and projections in f32. Formats
     // are fixed at load, so the reference of a quantised or f16 model is a second, f32 copy.
-    let exact =
-        ExpertOptions { big_little: None, expert_dtype: ExpertDtype::F32, dense_dtype: DenseDtype::F32, ..options };
+    // Missed experts uploaded, not computed on the host; a budget of no slots gets the fewest
+    // that work (offloaded output equals resident output, so the budget does not matter).
+    let budget = if options.budget == VramBudget::FractionOfExperts(0.0) {
+        let spec = model.spec();
+        let total = spec.layers.iter().filter(|l| **l == FfnKind::Moe).count() * spec.moe.num_experts;
+        VramBudget::FractionOfExperts(((spec.moe.top_k as f64 + 0.5) / total.max(1) as f64).min(1.0))
+    } else {
+        options.budget
+    };
+    let exact = ExpertOptions {
+        big_little: None,
+        expert_dtype: ExpertDtype::F32,
+        dense_dtype: DenseDtype::F32,
+        miss_policy: MissPolicy::Upload,
+        budget,
+        ..options
+    };
     let full = if options.expert_dtype == ExpertDtype::F32 && options.dense_dtype == DenseDtype::F32 {
         model.set_expert_options(exact)?;
         let full = logits_over(model, &ids)?;
@@ -85,6 +101,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "experts": args.model.big_little.experts,
         "expert_dtype": options.expert_dtype,
         "dense_dtype": options.dense_dtype,
+        "miss_policy": options.miss_policy,
         "importance": args.model.big_little.importance,
         "big_fraction": args.model.big_little.big_fraction,
         "perplexity_full": ppl_full,
@@ -106,6 +123,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ppl_mode - ppl_full
         );
         println!("argmax agreement with full: {:.1}%", 100.0 * agree);
+        if stats.host_computed > 0 {
+            println!(
+                "miss policy {}: {} of {} expert uses computed on the host",
+                options.miss_policy,
+                stats.host_computed,
+                stats.hits + stats.misses
+            );
+        }
         if stats.big + stats.little > 0 {
             println!(
                 "big share {:.1}% of token-layer choices",

@@ -2,7 +2,7 @@
 //! the next reply).
 
 use ferry_runtime::options::{
-    BigFallback, BigLittle, EvictionPolicy, ExpertOptions, Importance, PrefetchMode, VramBudget,
+    BigFallback, BigLittle, EvictionPolicy, ExpertOptions, Importance, MissPolicy, PrefetchMode, VramBudget,
 };
 use ferry_runtime::sampling::SamplingConfig;
 use strum::IntoEnumIterator;
@@ -12,6 +12,8 @@ pub struct Controls {
     pub all_resident: bool,
     pub budget_percent: f32,
     pub policy: EvictionPolicy,
+    /// Upload missed experts, or compute them on the host.
+    pub miss_policy: MissPolicy,
     pub pregate: bool,
     pub big_little: bool,
     pub big_fraction: f32,
@@ -40,6 +42,7 @@ impl Controls {
             all_resident,
             budget_percent,
             policy: options.policy,
+            miss_policy: options.miss_policy,
             pregate: options.prefetch == PrefetchMode::Pregate,
             big_little: big.is_some(),
             big_fraction: big.map_or(0.3, |b| b.big_fraction),
@@ -77,6 +80,7 @@ impl Controls {
         Ok(ExpertOptions {
             budget,
             policy: self.policy,
+            miss_policy: self.miss_policy,
             prefetch: if self.pregate { PrefetchMode::Pregate } else { PrefetchMode::None },
             big_little,
             ..self.base
@@ -101,6 +105,16 @@ impl Controls {
         egui::ComboBox::from_label("eviction policy").selected_text(self.policy.to_string()).show_ui(ui, |ui| {
             for policy in EvictionPolicy::iter() {
                 changed |= ui.selectable_value(&mut self.policy, policy, policy.to_string()).changed();
+            }
+        });
+        egui::ComboBox::from_label("missed experts").selected_text(self.miss_policy.to_string()).show_ui(ui, |ui| {
+            for miss in MissPolicy::iter() {
+                let text = match miss {
+                    MissPolicy::Upload => "upload (exact)",
+                    MissPolicy::Cpu => "cpu (computed on the host)",
+                    MissPolicy::Auto => "auto (cheaper of the two)",
+                };
+                changed |= ui.selectable_value(&mut self.miss_policy, miss, text).changed();
             }
         });
         changed |= ui.checkbox(&mut self.pregate, "pre-gating (prefetch the next layer)").changed();

@@ -235,10 +235,16 @@ impl ExpertCache {
     }
 
     /// Sets `--miss-policy` and the host kernel's threads (None: every core).
-    pub fn set_miss_policy(&mut self, policy: MissPolicy, threads: Option<usize>) -> Result<()> {
+    /// `auto` measures the device's read rate the first time (a few tens of milliseconds).
+    pub fn set_miss_policy(&mut self, policy: MissPolicy, threads: Option<usize>, device: &Device) -> Result<()> {
         self.hybrid
             .configure(policy, threads)
-            .map_err(|e| FerryError::flag("--cpu-threads", format!("the host expert threads did not start: {e}")))
+            .map_err(|e| FerryError::flag("--cpu-threads", format!("the host expert threads did not start: {e}")))?;
+        if self.hybrid.wants_device_rate() {
+            let bytes = (self.plan.slot_bytes as usize).clamp(1 << 20, 32 << 20);
+            self.hybrid.set_device_rate(crate::measure::roofline::device_read_seconds_per_byte(device, bytes, 3)?);
+        }
+        Ok(())
     }
 
     pub fn miss_policy(&self) -> MissPolicy {

@@ -37,6 +37,13 @@ pub enum HostMatrix<'a> {
 }
 
 impl HostMatrix<'_> {
+    /// Rows to decode at once out of a task's `rows`: one for float formats, so that the
+    /// converted row stays in L1 while every token reads it; the whole block for packed codes,
+    /// whose neighbouring outputs share cache lines.
+    fn rows_at_once(&self, rows: usize) -> usize {
+        if matches!(self, Self::Quant { .. }) { rows } else { 1 }
+    }
+
     /// Writes rows `first..first + count` (each `k` long) into `buf` as f32 and returns them;
     /// f32 rows are returned in place.
     fn rows<'s>(&'s self, n: usize, k: usize, first: usize, count: usize, buf: &'s mut Vec<f32>) -> &'s [f32] {
@@ -163,13 +170,17 @@ pub fn swiglu(
         let first = b * ROWS_PER_TASK;
         let rows = block.len() / tokens;
         let (mut gbuf, mut ubuf) = (Vec::new(), Vec::new());
-        let gate = expert.gate.rows(inter, hidden, first, rows, &mut gbuf);
-        let up = expert.up.rows(inter, hidden, first, rows, &mut ubuf);
-        for r in 0..rows {
-            let i = first + r;
-            for (t, x) in xs.iter().enumerate() {
-                let (g, u) = (dot(&gate[r * hidden..][..hidden], x), dot(&up[r * hidden..][..hidden], x));
-                block[r * tokens + t] = activate(g, u, i, inter, extras);
+        let step = expert.gate.rows_at_once(rows);
+        for sub in (0..rows).step_by(step) {
+            let count = step.min(rows - sub);
+            let gate = expert.gate.rows(inter, hidden, first + sub, count, &mut gbuf);
+            let up = expert.up.rows(inter, hidden, first + sub, count, &mut ubuf);
+            for r in 0..count {
+                let i = first + sub + r;
+                for (t, x) in xs.iter().enumerate() {
+                    let (g, u) = (dot(&gate[r * hidden..][..hidden], x), dot(&up[r * hidden..][..hidden], x));
+                    block[(sub + r) * tokens + t] = activate(g, u, i, inter, extras);
+                }
             }
         }
     });
@@ -180,11 +191,15 @@ pub fn swiglu(
         let first = b * ROWS_PER_TASK;
         let rows = block.len() / tokens;
         let mut buf = Vec::new();
-        let down = expert.down.rows(hidden, inter, first, rows, &mut buf);
-        for r in 0..rows {
-            let bias = extras.bias.map_or(0.0, |(_, d)| d[first + r]);
-            for (t, a) in act_rows.iter().enumerate() {
-                block[r * tokens + t] = dot(&down[r * inter..][..inter], a) + bias;
+        let step = expert.down.rows_at_once(rows);
+        for sub in (0..rows).step_by(step) {
+            let count = step.min(rows - sub);
+            let down = expert.down.rows(hidden, inter, first + sub, count, &mut buf);
+            for r in 0..count {
+                let bias = extras.bias.map_or(0.0, |(_, d)| d[first + sub + r]);
+                for (t, a) in act_rows.iter().enumerate() {
+                    block[(sub + r) * tokens + t] = dot(&down[r * inter..][..inter], a) + bias;
+                }
             }
         }
     });

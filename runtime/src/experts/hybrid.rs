@@ -1,12 +1,17 @@
 //! `--miss-policy`: whether a missed expert is uploaded or computed on the host, and the
 //! measured costs `auto` decides from.
 //!
-//! `auto` compares, per (expert, step), the seconds an upload would take (conversion, link and
-//! copy, measured per byte on this machine's uploads) with the seconds the host kernel would
-//! take now (measured per byte and pass over the weights; a pass serves up to
-//! `TOKENS_PER_PASS` tokens) plus the host seconds the upload would save later: the uses the
-//! expert is expected to see while it would stay resident. Until both rates are measured it
-//! tries each once.
+//! `auto` compares, per (expert, step), what each side costs now and over the uses the expert is
+//! expected to see while it would stay resident:
+//! - upload: the link (conversion, link and copy, measured per byte on this run's uploads), then
+//!   the device reading the weights for this step and each later use (the device's streaming
+//!   read rate, measured once when `auto` is chosen);
+//! - host: the host kernel reading them now and for each later use (measured per byte and pass
+//!   over the weights; a pass serves up to `TOKENS_PER_PASS` tokens).
+//!
+//! On a GPU the device's reads are nearly free and the link decides; on a CPU adapter such as
+//! lavapipe the "device" reads RAM as the host does, so uploads rarely pay. Until the link and
+//! host rates are measured it tries each once.
 
 use crate::options::MissPolicy;
 
@@ -51,11 +56,13 @@ pub struct Hybrid {
     link: Option<f64>,
     /// Seconds per byte and pass of the host kernel.
     host: Option<f64>,
+    /// Seconds per byte of the device streaming weights (None: not measured, taken as free).
+    device: Option<f64>,
 }
 
 impl Default for Hybrid {
     fn default() -> Self {
-        Self { policy: MissPolicy::Upload, pool: None, threads: None, link: None, host: None }
+        Self { policy: MissPolicy::Upload, pool: None, threads: None, link: None, host: None, device: None }
     }
 }
 
@@ -98,19 +105,31 @@ impl Hybrid {
                 let (Some(link), Some(host)) = (self.link, self.host) else {
                     return Decision::Probe { host: self.link.is_some() };
                 };
-                let bytes = bytes as f64;
-                let upload = bytes * link;
-                let now = bytes * host * tokens.div_ceil(TOKENS_PER_PASS) as f64;
-                let later = bytes * host * reuse;
-                if upload <= now {
+                let (bytes, passes) = (bytes as f64, tokens.div_ceil(TOKENS_PER_PASS) as f64);
+                let device = self.device.unwrap_or(0.0);
+                let (host_now, device_now) = (bytes * host * passes, bytes * device * passes);
+                let upload_now = bytes * link + device_now;
+                // What each later use costs on the host rather than from a slot.
+                let saved_later = reuse * bytes * (host - device);
+                if upload_now <= host_now {
                     Decision::Upload
-                } else if upload <= now + later {
+                } else if upload_now <= host_now + saved_later {
                     Decision::UploadForReuse
                 } else {
                     Decision::Host
                 }
             }
         }
+    }
+
+    /// Whether the device's read rate is still to be measured.
+    pub fn wants_device_rate(&self) -> bool {
+        self.policy == MissPolicy::Auto && self.device.is_none()
+    }
+
+    /// The device streams weights at `seconds_per_byte`.
+    pub fn set_device_rate(&mut self, seconds_per_byte: f64) {
+        self.device = Some(seconds_per_byte);
     }
 
     /// An upload of `bytes` took `seconds` of the forward pass.
@@ -156,6 +175,12 @@ mod tests {
         // One token now and one expected use later: the upload saves 1 s of host work.
         assert_eq!(h.decide(1, 100, 1.0, 4, false), Decision::UploadForReuse);
         assert_eq!(h.decide(1, 100, 1.0, 0, false), Decision::HostNoSlot);
+        // A device that reads as slowly as the host (a CPU adapter) saves nothing on later
+        // uses, and pays its own reads now.
+        h.set_device_rate(0.005);
+        assert_eq!(h.decide(1, 100, 1.0, 4, false), Decision::Host);
+        assert_eq!(h.decide(64, 100, 9.0, 4, false), Decision::Host);
+        h.set_device_rate(0.0);
         // Rates are running averages: a slower link moves the choice, not a single sample.
         h.record_upload(100, 2.0);
         assert!((h.rates().0.unwrap() - 1.0 / 0.012).abs() < 1e-9);

@@ -188,7 +188,7 @@ impl Model {
         let mut experts = ExpertCache::new(expert_store, device, plan, options.policy, options.page_bytes)?;
         experts.set_link(options.link);
         experts.set_upload(options.upload);
-        experts.set_miss_policy(options.miss_policy, options.cpu_threads)?;
+        experts.set_miss_policy(options.miss_policy, options.cpu_threads, device)?;
         experts.set_big_little(options.big_little);
         experts.preload()?;
         let prefetch_k = prefetch_k(&spec, &options);
@@ -278,7 +278,7 @@ impl Model {
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
         experts.set_upload(options.upload);
-        experts.set_miss_policy(options.miss_policy, options.cpu_threads)?;
+        experts.set_miss_policy(options.miss_policy, options.cpu_threads, &self.device)?;
         experts.set_big_little(options.big_little);
         self.prefetch_k = prefetch_k(&self.spec, &options);
         self.context_limit = reserved_context(&self.spec, kv_tokens, &options);

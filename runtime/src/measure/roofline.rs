@@ -135,6 +135,21 @@ pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Resu
     })
 }
 
+/// Seconds the device takes per byte to stream a buffer of `bytes` (the median of `repeats`
+/// chains of the read probe): what computing a resident expert costs per weight byte when the
+/// step is memory-bound. `--miss-policy auto` weighs it against the host kernel's rate.
+pub fn device_read_seconds_per_byte(device: &burn::tensor::Device, bytes: usize, repeats: usize) -> Result<f64> {
+    let sync = || device.sync().map_err(|e| FerryError::Gpu(format!("device read rate: {e:?}")));
+    let probe = ReadProbe::new((bytes / 4).max(4), 1024, device)?;
+    probe.queue(); // compiles the kernel
+    sync()?;
+    let seconds = median_seconds(repeats, || {
+        (0..CHAIN).for_each(|_| probe.queue());
+        sync()
+    })?;
+    Ok(seconds / (probe.bytes() * CHAIN as u64) as f64)
+}
+
 /// Bytes per second every core together reads from a host buffer of `bytes` (median of
 /// `repeats`), each core summing its own contiguous share.
 pub fn host_read_bandwidth(bytes: usize, repeats: usize) -> f64 {
