@@ -74,6 +74,11 @@ for preset in $presets; do
   "$FERRY" bench --model "$dir" --vram-budget 25% --link-gbps none --decode-split 1 --upload burn \
     --prompt-len 64 --gen-len 32 --rounds 3 --json >"$OUT/bench-$preset-whole-burn.json" \
     2>>"$OUT/gpu-bench.log" || log "bench $preset (whole, burn) failed"
+  # Missed experts uploaded, computed on the host, or chosen per miss (issue 23): on a GPU the
+  # device's reads are nearly free, so `auto` must find where the link stops paying.
+  "$FERRY" bench --model "$dir" --vram-budget 0% --vram-budget 25% --link-gbps 8,16 \
+    --miss-policy upload,cpu,auto --prompt-len 64 --gen-len 32 --rounds 3 --json \
+    >"$OUT/bench-$preset-miss-policy.json" 2>>"$OUT/gpu-bench.log" || log "bench $preset (miss policy) failed"
   # Prefill by prompt length: time, KV bytes, attention scratch.
   lengths="1k,4k,16k"
   [ "${QUICK:-0}" = 1 ] && lengths="64,200"
