@@ -164,49 +164,42 @@ pub fn swiglu(
     out: &mut [Vec<f32>],
 ) {
     let tokens = xs.len();
-    // Gate and up, then the activation, per block of intermediate rows.
-    let mut act = vec![0f32; tokens * inter];
-    act.par_chunks_mut(ROWS_PER_TASK * tokens).enumerate().for_each(|(b, block)| {
-        let first = b * ROWS_PER_TASK;
-        let rows = block.len() / tokens;
-        let (mut gbuf, mut ubuf) = (Vec::new(), Vec::new());
-        let step = expert.gate.rows_at_once(rows);
-        for sub in (0..rows).step_by(step) {
-            let count = step.min(rows - sub);
-            let gate = expert.gate.rows(inter, hidden, first + sub, count, &mut gbuf);
-            let up = expert.up.rows(inter, hidden, first + sub, count, &mut ubuf);
-            for r in 0..count {
-                let i = first + sub + r;
-                for (t, x) in xs.iter().enumerate() {
-                    let (g, u) = (dot(&gate[r * hidden..][..hidden], x), dot(&up[r * hidden..][..hidden], x));
-                    block[(sub + r) * tokens + t] = activate(g, u, i, inter, extras);
-                }
-            }
-        }
-    });
-    // `act` is [inter, tokens]; the down projection wants each token's row.
-    let act_rows: Vec<Vec<f32>> = (0..tokens).map(|t| (0..inter).map(|i| act[i * tokens + t]).collect()).collect();
-    let mut down_out = vec![0f32; hidden * tokens];
-    down_out.par_chunks_mut(ROWS_PER_TASK * tokens).enumerate().for_each(|(b, block)| {
+    let (gate, up) = (project(expert.gate, inter, hidden, xs), project(expert.up, inter, hidden, xs));
+    let act: Vec<Vec<f32>> = (0..tokens)
+        .map(|t| (0..inter).map(|i| activate(gate[i * tokens + t], up[i * tokens + t], i, inter, extras)).collect())
+        .collect();
+    let act: Vec<&[f32]> = act.iter().map(Vec::as_slice).collect();
+    let down = project(expert.down, hidden, inter, &act);
+    for (t, row) in out.iter_mut().enumerate() {
+        row.clear();
+        row.extend((0..hidden).map(|h| {
+            let bias = extras.bias.map_or(0.0, |(_, d)| d[h]);
+            weights[t] * (down[h * tokens + t] + bias)
+        }));
+    }
+}
+
+/// `matrix` `[n, k]` times each of `vs` (`k` long): `[n, vs.len()]`, output-major, in parallel
+/// over blocks of `ROWS_PER_TASK` outputs.
+fn project(matrix: HostMatrix<'_>, n: usize, k: usize, vs: &[&[f32]]) -> Vec<f32> {
+    let tokens = vs.len();
+    let mut out = vec![0f32; n * tokens];
+    out.par_chunks_mut(ROWS_PER_TASK * tokens).enumerate().for_each(|(b, block)| {
         let first = b * ROWS_PER_TASK;
         let rows = block.len() / tokens;
         let mut buf = Vec::new();
-        let step = expert.down.rows_at_once(rows);
+        let step = matrix.rows_at_once(rows);
         for sub in (0..rows).step_by(step) {
             let count = step.min(rows - sub);
-            let down = expert.down.rows(hidden, inter, first + sub, count, &mut buf);
+            let weights = matrix.rows(n, k, first + sub, count, &mut buf);
             for r in 0..count {
-                let bias = extras.bias.map_or(0.0, |(_, d)| d[first + sub + r]);
-                for (t, a) in act_rows.iter().enumerate() {
-                    block[(sub + r) * tokens + t] = dot(&down[r * inter..][..inter], a) + bias;
+                for (t, v) in vs.iter().enumerate() {
+                    block[(sub + r) * tokens + t] = dot(&weights[r * k..][..k], v);
                 }
             }
         }
     });
-    for (t, row) in out.iter_mut().enumerate() {
-        row.clear();
-        row.extend((0..hidden).map(|h| weights[t] * down_out[h * tokens + t]));
-    }
+    out
 }
 
 /// The activation between gate/up and down, as the GPU kernels compute it.

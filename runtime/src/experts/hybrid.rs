@@ -139,16 +139,11 @@ impl Hybrid {
         }
     }
 
-    /// The host kernel read `bytes` of weights `passes` times in `seconds`.
-    pub fn record_host(&mut self, bytes: u64, passes: usize, seconds: f64) {
-        if bytes > 0 && passes > 0 {
-            self.host = Some(blend(self.host, seconds / (bytes as f64 * passes as f64)));
+    /// The host kernel made `byte_passes` (weight bytes times passes over them) in `seconds`.
+    pub fn record_host(&mut self, byte_passes: u64, seconds: f64) {
+        if byte_passes > 0 {
+            self.host = Some(blend(self.host, seconds / byte_passes as f64));
         }
-    }
-
-    /// The measured rates in bytes per second: (link, host kernel per pass).
-    pub fn rates(&self) -> (Option<f64>, Option<f64>) {
-        (self.link.map(|s| 1.0 / s), self.host.map(|s| 1.0 / s))
     }
 }
 
@@ -166,7 +161,7 @@ mod tests {
         assert_eq!(h.decide(1, 100, 0.0, 4, false), Decision::Probe { host: false });
         h.record_upload(100, 1.0); // 0.01 s per byte
         assert_eq!(h.decide(1, 100, 0.0, 4, false), Decision::Probe { host: true });
-        h.record_host(100, 1, 0.5); // 0.005 s per byte and pass
+        h.record_host(100, 0.5); // 0.005 s per byte and pass
         // One token: the host (0.5 s) beats the link (1 s), free slot or not.
         assert_eq!(h.decide(1, 100, 0.0, 4, false), Decision::Host);
         assert_eq!(h.decide(1, 100, 0.0, 4, true), Decision::Host);
@@ -183,7 +178,7 @@ mod tests {
         h.set_device_rate(0.0);
         // Rates are running averages: a slower link moves the choice, not a single sample.
         h.record_upload(100, 2.0);
-        assert!((h.rates().0.unwrap() - 1.0 / 0.012).abs() < 1e-9);
+        assert!((h.link.unwrap() - 0.012).abs() < 1e-12);
         h.policy = MissPolicy::Upload;
         assert_eq!(h.decide(1, 100, 0.0, 4, false), Decision::Upload);
         h.policy = MissPolicy::Cpu;

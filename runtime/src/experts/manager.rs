@@ -235,7 +235,7 @@ impl ExpertCache {
             }
         }
         self.stats.host_seconds += seconds;
-        self.hybrid.record_host(byte_passes, 1, seconds);
+        self.hybrid.record_host(byte_passes, seconds);
         Ok((indices, values))
     }
 

@@ -165,14 +165,16 @@ impl ExpertStore {
                 (self.dtype, dtype),
                 (ExpertDtype::F32, F32 | BF16 | F16) | (ExpertDtype::Bf16, BF16) | (ExpertDtype::F16, F16)
             );
-            let bytes = tensors.each_ref().map(|t| self.weights.bytes(t));
-            // A tensor at an offset its element type cannot be read from is converted instead.
-            let aligned = match dtype {
-                F32 => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_ok()),
-                _ => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, u16>(b).is_ok()),
-            };
-            if same && exact && aligned {
-                return HostSource::Mapped(bytes, dtype);
+            if same && exact {
+                let bytes = tensors.each_ref().map(|t| self.weights.bytes(t));
+                // A tensor at an offset its element type cannot be read from is converted instead.
+                let aligned = match dtype {
+                    F32 => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_ok()),
+                    _ => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, u16>(b).is_ok()),
+                };
+                if aligned {
+                    return HostSource::Mapped(bytes, dtype);
+                }
             }
         }
         HostSource::Owned(self.host(layer, expert))
