@@ -14,6 +14,9 @@ pub enum ShaderError {
     /// Data whose size does not fit the buffer it is copied into.
     #[error("{0}")]
     Shape(String),
+    /// The device failed to finish queued work.
+    #[error("{0}")]
+    Device(String),
 }
 
 /// The CubeCL tensor under a burn float tensor.

@@ -3,6 +3,8 @@
 //! almost nothing, so its rate is the adapter's own read ceiling: the figure a decode step,
 //! which only reads weights, is measured against.
 
+use std::time::Instant;
+
 use burn::tensor::{DType, Tensor};
 use cubecl::{CubeCount, CubeDim};
 
@@ -73,6 +75,31 @@ impl ReadProbe {
             self.out.clone().into_tensor_arg(),
             units,
         );
+    }
+
+    /// Streams `bytes` of a fresh buffer (read by 1024 cubes: enough that every core or SM has
+    /// many, few enough that each unit reads a long run) `chain` times between two syncs, after
+    /// one read that compiles the kernel: the bytes one read covers and the median seconds per
+    /// byte of `repeats` timings.
+    pub fn seconds_per_byte(
+        device: &burn::tensor::Device,
+        bytes: usize,
+        chain: usize,
+        repeats: usize,
+    ) -> Result<(u64, f64), ShaderError> {
+        let sync = || device.sync().map_err(|e| ShaderError::Device(format!("reading a probe buffer: {e:?}")));
+        let probe = Self::new((bytes / 4).max(4), 1024, device)?;
+        probe.queue();
+        sync()?;
+        let mut times = Vec::with_capacity(repeats.max(1));
+        for _ in 0..repeats.max(1) {
+            let start = Instant::now();
+            (0..chain).for_each(|_| probe.queue());
+            sync()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((probe.bytes(), times[times.len() / 2] / (probe.bytes() * chain.max(1) as u64) as f64))
     }
 
     /// The per-unit sums of the last read (each unit's share of a buffer of ones).

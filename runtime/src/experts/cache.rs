@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::Device;
+use ferry_shaders::stream::ReadProbe;
 
 use super::budget::SlotPlan;
 use super::hybrid::Hybrid;
@@ -242,19 +243,12 @@ impl ExpertCache {
             .map_err(|e| FerryError::flag("--cpu-threads", format!("the host expert threads did not start: {e}")))?;
         if self.hybrid.wants_device_rate() {
             let bytes = (self.plan.slot_bytes as usize).clamp(1 << 20, 32 << 20);
-            self.hybrid.set_device_rate(crate::measure::roofline::device_read_seconds_per_byte(device, bytes, 3)?);
+            // The read probe's rate: what computing a resident expert costs per weight byte when
+            // a step is memory-bound.
+            let (_, seconds_per_byte) = ReadProbe::seconds_per_byte(device, bytes, 8, 3)?;
+            self.hybrid.set_device_rate(seconds_per_byte);
         }
         Ok(())
-    }
-
-    pub fn miss_policy(&self) -> MissPolicy {
-        self.hybrid.policy
-    }
-
-    /// Measured bytes per second of on-demand uploads and of the host kernel (per pass over an
-    /// expert), once measured.
-    pub fn miss_rates(&self) -> (Option<f64>, Option<f64>) {
-        self.hybrid.rates()
     }
 
     /// Whether a MoE layer must hand its tokens to the host too: some misses may be computed

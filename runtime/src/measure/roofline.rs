@@ -108,16 +108,7 @@ fn median_seconds(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result
 pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<MemoryBandwidth> {
     let values = (bytes / 4).max(4);
     let sync = || gpu.device.sync().map_err(|e| FerryError::Gpu(format!("memory bandwidth: {e:?}")));
-    // Enough cubes that every core or SM has many, few enough that each unit reads a long run.
-    let probe = ReadProbe::new(values, 1024, &gpu.device)?;
-    probe.queue(); // compiles the kernel
-    sync()?;
-    let read = median_seconds(repeats, || {
-        (0..CHAIN).for_each(|_| probe.queue());
-        sync()
-    })?;
-    let read_bytes = probe.bytes();
-    drop(probe);
+    let (read_bytes, read_seconds_per_byte) = ReadProbe::seconds_per_byte(&gpu.device, bytes, CHAIN, repeats)?;
     let mut x = Tensor::<1>::ones([values], &gpu.device);
     x = x * 1.0;
     sync()?;
@@ -129,25 +120,10 @@ pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Resu
     })?;
     Ok(MemoryBandwidth {
         bytes: read_bytes,
-        bytes_per_second: (read_bytes * CHAIN as u64) as f64 / read,
+        bytes_per_second: 1.0 / read_seconds_per_byte,
         elementwise_bytes_per_second: (2 * values as u64 * 4 * CHAIN as u64) as f64 / elementwise,
         host_read_bytes_per_second: host_read_bandwidth(bytes, repeats),
     })
-}
-
-/// Seconds the device takes per byte to stream a buffer of `bytes` (the median of `repeats`
-/// chains of the read probe): what computing a resident expert costs per weight byte when the
-/// step is memory-bound. `--miss-policy auto` weighs it against the host kernel's rate.
-pub fn device_read_seconds_per_byte(device: &burn::tensor::Device, bytes: usize, repeats: usize) -> Result<f64> {
-    let sync = || device.sync().map_err(|e| FerryError::Gpu(format!("device read rate: {e:?}")));
-    let probe = ReadProbe::new((bytes / 4).max(4), 1024, device)?;
-    probe.queue(); // compiles the kernel
-    sync()?;
-    let seconds = median_seconds(repeats, || {
-        (0..CHAIN).for_each(|_| probe.queue());
-        sync()
-    })?;
-    Ok(seconds / (probe.bytes() * CHAIN as u64) as f64)
 }
 
 /// Bytes per second every core together reads from a host buffer of `bytes` (median of
