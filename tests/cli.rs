@@ -463,10 +463,11 @@ fn miss_policy_cpu_runs_without_expert_slots_and_bad_values_name_the_flag() {
     let experts = &host["stats"]["decode_experts"];
     assert!(experts["host_computed"].as_u64().unwrap() > 0, "{experts}");
     assert_eq!(experts["bytes_uploaded"], 0, "{experts}");
-    let cases: [(&[&str], &[&str]); 3] = [
+    let cases: [(&[&str], &[&str]); 4] = [
         (&["--vram-budget", "0%"], &["--vram-budget", "--miss-policy cpu"]),
         (&["--miss-policy", "gpu"], &["--miss-policy", "'gpu'"]),
-        (&["--miss-policy", "cpu", "--cpu-threads", "0"], &["--cpu-threads", "at least 1"]),
+        (&["--miss-policy", "cpu", "--cpu-threads", "0"], &["--cpu-threads", "from 1 to 1024"]),
+        (&["--miss-policy", "cpu", "--cpu-threads", "100000"], &["--cpu-threads", "from 1 to 1024"]),
     ];
     for (extra, words) in cases {
         let line = error_line(&ferry(&[&base[..], extra].concat()));

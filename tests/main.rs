@@ -21,3 +21,4 @@ mod quant;
 mod roofline;
 mod serve;
 mod tokenizer;
+mod trace;

@@ -49,6 +49,17 @@ fn positive(text: &str) -> Result<usize, String> {
     }
 }
 
+/// `--cpu-threads`: enough for any machine, few enough that a typo does not start a million
+/// threads before the pool fails.
+fn thread_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {MAX_THREADS}")),
+    }
+}
+
+const MAX_THREADS: usize = 1024;
+
 /// A whole-number flag; the error states the accepted range (clap's own says "invalid digit").
 fn whole<T: FromStr>(max: u64) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
     move |text: &str| text.trim().parse().map_err(|_| format!("must be a whole number from 0 to {max}"))
@@ -156,9 +167,90 @@ pub enum Command {
     Train(TrainArgs),
     /// The desktop app: chat with live expert residency and throughput (egui).
     Gui(GuiArgs),
+    /// Record the routing of a text, one token per forward pass after a short prompt: per token
+    /// and MoE layer the experts, their weights and the predictor's guess (JSON lines).
+    Trace(TraceArgs),
+    /// Replay a routing trace through the cache's eviction policies at several budgets, next to
+    /// Belady's optimal hit rate for the same slots.
+    CacheSim(CacheSimArgs),
+    /// Learned next-layer expert predictors (`--prefetch learned`).
+    #[command(subcommand)]
+    Predictor(PredictorCommand),
     /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /// /v1/models, /health, /metrics).
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text to run (teacher-forced).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Trace file to write (JSON lines: a header, one line per forward pass and MoE layer, and
+    /// the run's own cache counts at the end).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Run at most this many tokens of the text.
+    #[arg(long, default_value_t = 512, value_parser = positive)]
+    pub max_tokens: usize,
+    /// Tokens per sequence: the text runs in windows of this many, each from an empty KV cache.
+    #[arg(long, default_value_t = 64, value_parser = positive)]
+    pub window: usize,
+    /// Tokens of each window run as one prompt pass; the rest run one per pass, as decoding.
+    #[arg(long, default_value_t = 16, value_parser = positive)]
+    pub prompt_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct CacheSimArgs {
+    /// A trace written by `ferry trace`.
+    pub trace: PathBuf,
+    /// Budgets as shares of the routed experts (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', default_values = ["5%", "12.5%", "25%", "50%"], value_parser = parsed::<VramBudget>)]
+    pub budget: Vec<VramBudget>,
+    /// Eviction policies to replay (comma-separated or repeated; default: all).
+    #[arg(long, value_delimiter = ',', value_parser = choice::<EvictionPolicy>())]
+    pub policy: Vec<EvictionPolicy>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum PredictorCommand {
+    /// Fit a linear predictor per MoE layer (its router input to the next MoE layer's router
+    /// logits) on a calibration text, report recall on held-out tokens against the plug-and-play
+    /// pre-gate, and write it beside the model (predictor.safetensors).
+    Fit(PredictorFitArgs),
+}
+
+#[derive(Args)]
+pub struct PredictorFitArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Calibration text.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Use at most this many tokens of the text.
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    pub max_tokens: usize,
+    /// Tokens per sequence: the text runs in windows of this many, each from an empty KV cache.
+    #[arg(long, default_value_t = 64, value_parser = positive)]
+    pub window: usize,
+    /// Share of the tokens (the last ones) held out to measure recall, from 0.05 to 0.5.
+    #[arg(long, default_value_t = 0.2)]
+    pub holdout: f64,
+    /// Ridge penalty, relative to the inputs' mean square (0 to 1).
+    #[arg(long, default_value_t = 1e-3)]
+    pub ridge: f64,
+    /// Where to write the predictor (default: predictor.safetensors in the model folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -385,8 +477,8 @@ pub struct ModelArgs {
     /// cheaper). With cpu or auto, --vram-budget 0% keeps no expert on the GPU.
     #[arg(long, default_value_t = MissPolicy::Upload, value_parser = choice::<MissPolicy>())]
     pub miss_policy: MissPolicy,
-    /// Threads of the host expert kernel (default: every core).
-    #[arg(long, value_parser = positive)]
+    /// Threads of the host expert kernel, 1 to 1024 (default: every core).
+    #[arg(long, value_parser = thread_count)]
     pub cpu_threads: Option<usize>,
     /// Most prompt tokens per forward pass: a longer prompt runs in chunks of this many over the
     /// growing KV cache, which bounds a prefill's activations and expert work by the chunk, not
@@ -553,8 +645,8 @@ pub struct BenchArgs {
     /// upload,cpu,auto; see generate --help).
     #[arg(long = "miss-policy", value_delimiter = ',', default_values_t = [MissPolicy::Upload], value_parser = choice::<MissPolicy>())]
     pub miss_policies: Vec<MissPolicy>,
-    /// Threads of the host expert kernel (default: every core).
-    #[arg(long, value_parser = positive)]
+    /// Threads of the host expert kernel, 1 to 1024 (default: every core).
+    #[arg(long, value_parser = thread_count)]
     pub cpu_threads: Option<usize>,
     /// Prefetch modes to measure at each budget and policy (repeatable or comma-separated).
     #[arg(long = "prefetch", value_delimiter = ',', default_values_t = [PrefetchMode::None], value_parser = choice::<PrefetchMode>())]

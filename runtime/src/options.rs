@@ -293,6 +293,16 @@ pub enum EvictionPolicy {
     /// The most used experts of each layer (from the prompt's routing or a saved profile) are
     /// pinned; the rest is LRU.
     LfuPinned,
+    /// The expert unused for the most forward passes; among those last used in the same pass,
+    /// the one whose layer comes round last. LRU's clock runs across layers, so in a layer
+    /// sweep its victim is the next layer's expert from the previous token: the one needed
+    /// soonest (after SpecMD's "Least-Stale").
+    LeastStale,
+    /// Frequency and recency: uses decayed by half per forward pass (LRFU); ties as least-stale.
+    Lfru,
+    /// Least-stale, but experts the predictor named for the layers still to run this pass go
+    /// last (`--prefetch`, or the predictions a trace records).
+    Lookahead,
 }
 
 /// Whether the next layer's experts are predicted and fetched ahead (`--prefetch`).
@@ -317,6 +327,9 @@ pub enum PrefetchMode {
     /// Pre-gating: layer N+1's router (or a trained pre-gate) applied to layer N's router input.
     /// Exact: the real routing still decides, and mispredicted experts are fetched on demand.
     Pregate,
+    /// A predictor fitted on calibration text (`ferry predictor fit`, `predictor.safetensors` in
+    /// the model folder) applied to layer N's router input. Exact in the same way.
+    Learned,
 }
 
 /// Whether every token uses its full top-k (`--experts`).
@@ -660,11 +673,11 @@ mod tests {
             assert_eq!(name.parse::<ExpertDtype>().unwrap().to_string(), name);
         }
         assert_eq!(ExpertDtype::VARIANTS, ["f32", "f16", "bf16", "int8", "int4", "int3", "int2", "mxfp4"]);
-        assert_eq!(EvictionPolicy::VARIANTS, ["lru", "lfu", "lfu-pinned"]);
+        assert_eq!(EvictionPolicy::VARIANTS, ["lru", "lfu", "lfu-pinned", "least-stale", "lfru", "lookahead"]);
         assert_eq!("lfu-pinned".parse::<EvictionPolicy>().unwrap(), EvictionPolicy::LfuPinned);
         assert_eq!(Importance::DroppedMass.to_string(), "dropped-mass");
         let err = parse_choice::<PrefetchMode>("--prefetch", "always").unwrap_err().to_string();
-        assert_eq!(err, "--prefetch: unknown value \"always\"; use none, pregate");
+        assert_eq!(err, "--prefetch: unknown value \"always\"; use none, pregate, learned");
     }
 
     #[test]

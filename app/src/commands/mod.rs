@@ -8,7 +8,9 @@ mod eval;
 mod generate;
 mod info;
 mod logits;
+mod predictor;
 mod random_model;
+mod trace;
 
 use anyhow::Result;
 use ferry_runtime::sampling::SamplingConfig;
@@ -27,6 +29,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => crate::train::run(args),
+        Command::Trace(args) => trace::run(args),
+        Command::CacheSim(args) => trace::cache_sim(args),
+        Command::Predictor(command) => predictor::run(command),
         Command::Gui(args) => crate::gui::run(args),
         Command::Serve(args) => crate::serve::run(args),
     }

@@ -43,7 +43,7 @@ impl Controls {
             budget_percent,
             policy: options.policy,
             miss_policy: options.miss_policy,
-            pregate: options.prefetch == PrefetchMode::Pregate,
+            pregate: options.prefetch != PrefetchMode::None,
             big_little: big.is_some(),
             big_fraction: big.map_or(0.3, |b| b.big_fraction),
             importance: big.map_or(Importance::default(), |b| b.importance),
@@ -81,7 +81,12 @@ impl Controls {
             budget,
             policy: self.policy,
             miss_policy: self.miss_policy,
-            prefetch: if self.pregate { PrefetchMode::Pregate } else { PrefetchMode::None },
+            // The checkbox keeps the predictor the app was started with (`--prefetch learned`).
+            prefetch: match (self.pregate, self.base.prefetch) {
+                (false, _) => PrefetchMode::None,
+                (true, PrefetchMode::Learned) => PrefetchMode::Learned,
+                (true, _) => PrefetchMode::Pregate,
+            },
             big_little,
             ..self.base
         })

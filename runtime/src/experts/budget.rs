@@ -32,6 +32,11 @@ impl SlotPlan {
     }
 }
 
+/// Slots for a share of the experts (`--vram-budget 25%`), before the minimum is checked.
+pub fn fraction_slots(total_experts: usize, fraction: f64) -> usize {
+    ((total_experts as f64 * fraction).floor() as usize).min(total_experts)
+}
+
 /// Bytes per element on the GPU of everything but projections and experts (norms, biases, the
 /// KV cache): the graph computes in f32.
 const GPU_ELEMENT_BYTES: u64 = 4;
@@ -61,7 +66,7 @@ impl VramBudget {
         let kv_bytes = spec.attention.kv_elements(spec.num_layers(), kv_tokens) as u64 * GPU_ELEMENT_BYTES;
         let slots = match self {
             Self::All => total_experts,
-            Self::FractionOfExperts(f) => ((total_experts as f64 * f).floor() as usize).min(total_experts),
+            Self::FractionOfExperts(f) => fraction_slots(total_experts, f),
             Self::Bytes(b) => (b.saturating_sub(resident_bytes + kv_bytes) / slot_bytes.max(1)) as usize,
         }
         .min(total_experts);

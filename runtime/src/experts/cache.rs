@@ -10,7 +10,7 @@ use ferry_shaders::stream::ReadProbe;
 
 use super::budget::SlotPlan;
 use super::hybrid::Hybrid;
-use super::policy::SlotUse;
+use super::policy::{Moment, SlotUse, most_used};
 use super::prefetch::LayerRecall;
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
 use super::select::{SelectionStats, Selector};
@@ -30,7 +30,7 @@ pub(super) struct Slot {
     pub(super) unused_prefetch: bool,
 }
 
-pub(super) type ExpertId = (usize, usize);
+pub(super) use super::policy::ExpertId;
 
 /// The slot cache. `fetch` hands out an expert's slot, uploading it first on a miss;
 /// `prefetch` starts bringing in experts a later layer is expected to need.
@@ -69,6 +69,12 @@ pub struct ExpertCache {
     pub(super) hybrid: Hybrid,
     /// Forward passes since the configuration last changed (for expected reuse).
     pub(super) passes: u64,
+    /// Forward passes since the cache was made, and the MoE layer computing now: where the
+    /// sweep is, for the policies that look at it.
+    pub(super) pass: u64,
+    pub(super) layer: usize,
+    /// What `run_layer` records for `ferry trace`, when on.
+    pub(super) trace: Option<super::trace::TraceLog>,
 }
 
 impl ExpertCache {
@@ -107,6 +113,9 @@ impl ExpertCache {
             log: AccessLog::default(),
             hybrid: Hybrid::default(),
             passes: 0,
+            pass: 0,
+            layer: 0,
+            trace: None,
         })
     }
 
@@ -254,7 +263,7 @@ impl ExpertCache {
     /// Whether a MoE layer must hand its tokens to the host too: some misses may be computed
     /// there.
     pub fn wants_host_tokens(&self) -> bool {
-        self.hybrid.policy != MissPolicy::Upload && !self.plan.all_resident()
+        self.hybrid.policy != MissPolicy::Upload && !self.plan.all_resident() || self.traces_inputs()
     }
 
     /// Changes budget and policy; experts beyond the new capacity are evicted now.
@@ -322,8 +331,7 @@ impl ExpertCache {
         if let Some(slot) = self.slots.get_mut(&id) {
             self.clock += 1;
             self.usage[layer][expert] += 1;
-            slot.use_.last_use = self.clock;
-            slot.use_.uses += 1;
+            slot.use_.touch(self.clock, self.pass);
             slot.unused_prefetch = false;
             self.stats.hits += 1;
             self.log.record(id, Access::Hit, self.clock);
@@ -369,7 +377,7 @@ impl ExpertCache {
         };
         self.usage[layer][expert] += 1;
         if let Some(slot) = self.slots.get_mut(&id) {
-            slot.use_.uses = 1;
+            slot.use_.touch(self.clock, self.pass);
         }
         Ok(Some(at))
     }
@@ -393,6 +401,7 @@ impl ExpertCache {
     /// unless a profile pinned them.
     pub fn end_forward(&mut self) {
         self.passes += 1;
+        self.pass += 1;
         if self.policy == EvictionPolicy::LfuPinned && self.pinned.is_empty() {
             let since: Vec<Vec<u64>> = (self.usage.iter().zip(&self.usage_at_reconfigure))
                 .map(|(now, then)| now.iter().zip(then).map(|(n, t)| n - t).collect())
@@ -407,15 +416,7 @@ impl ExpertCache {
         let layers: Vec<usize> = self.store.moe_layers().collect();
         let spare = self.plan.slots.saturating_sub(self.plan.min_slots);
         let per_layer = spare / 2 / layers.len().max(1);
-        self.pinned.clear();
-        for &layer in &layers {
-            let Some(row) = counts.get(layer) else { continue };
-            let mut order: Vec<usize> = (0..row.len()).filter(|&e| row[e] > 0).collect();
-            order.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
-            for &e in order.iter().take(per_layer) {
-                self.pinned.insert((layer, e));
-            }
-        }
+        self.pinned = most_used(counts, &layers, per_layer);
         for (id, slot) in self.slots.iter_mut() {
             slot.use_.pinned = self.pinned.contains(id);
         }
@@ -431,20 +432,13 @@ impl ExpertCache {
     /// Evicts one slot by policy, never one in `keep`; pinned slots only when nothing else is
     /// left. Returns false when nothing could be evicted.
     pub(super) fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
-        let policy = self.policy;
-        let victim = self
-            .slots
-            .iter()
-            .filter(|(id, s)| !s.use_.pinned && !keep.contains(id))
-            .min_by_key(|(id, s)| (policy.victim_key(&s.use_), **id))
-            .or_else(|| {
-                self.slots
-                    .iter()
-                    .filter(|(id, _)| !keep.contains(id))
-                    .min_by_key(|(id, s)| (policy.victim_key(&s.use_), **id))
-            })
-            .map(|(id, _)| *id);
-        let Some(id) = victim else { return false };
+        let predicted: HashSet<ExpertId> = (self.predictions.iter())
+            .filter(|(target, _)| **target > self.layer)
+            .flat_map(|(&target, per_token)| per_token.iter().flatten().map(move |&e| (target, e as usize)))
+            .collect();
+        let now = Moment { pass: self.pass, layer: self.layer, cycle: self.usage.len(), predicted: &predicted };
+        let slots = self.slots.iter().map(|(id, s)| (*id, &s.use_));
+        let Some(id) = self.policy.victim(slots, keep, &now) else { return false };
         // Kernels already queued that read this slot run before whatever is copied into it next.
         if let Some(slot) = self.slots.remove(&id) {
             self.pool.release(slot.index);
@@ -489,7 +483,7 @@ impl ExpertCache {
                 return Err(e);
             }
         };
-        let use_ = SlotUse { last_use, uses: 0, pinned: self.pinned.contains(&id) };
+        let use_ = SlotUse::arrived(last_use, self.pass, self.pinned.contains(&id));
         self.slots.insert(id, Slot { index, use_, unused_prefetch: prefetched });
         Ok(at)
     }

@@ -16,6 +16,7 @@ use super::host::{LayerExtras, swiglu};
 use super::hybrid::{Decision, TOKENS_PER_PASS};
 use super::residency::Access;
 use super::slots::SlotRef;
+use super::trace::{LayerTrace, PredictedTrace};
 use crate::error::{FerryError, Result};
 use crate::routing::TokenRoute;
 
@@ -53,6 +54,8 @@ pub struct Prediction<'a> {
     pub predict_k: usize,
     /// The target layer's top-k.
     pub top_k: usize,
+    /// Whether to fetch the prediction (else it is only scored and traced).
+    pub fetch: bool,
 }
 
 /// What a layer's experts produced.
@@ -82,6 +85,7 @@ impl ExpertCache {
             request;
         let [tokens, hidden] = x.dims();
         let num_experts = logits.len() / tokens.max(1);
+        self.layer = layer;
         self.select_big_little(layer, &mut routes, logits, num_experts, received)?;
 
         let mut served: Vec<Served> = vec![Vec::new(); num_experts];
@@ -91,14 +95,20 @@ impl ExpertCache {
             }
         }
         let needed: Vec<usize> = (0..num_experts).filter(|&e| !served[e].is_empty()).collect();
+        let mut predicted = None;
         if let Some(prediction) = prediction {
-            let target = prediction.target;
+            let (target, fetch) = (prediction.target, prediction.fetch);
             let per_token = self.staged_per_token(prediction, received);
-            let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
-            unique.sort_unstable();
-            unique.dedup();
-            let protect: Vec<(usize, usize)> = needed.iter().map(|&e| (layer, e)).collect();
-            self.prefetch(target, &unique, &protect);
+            if fetch {
+                let mut unique: Vec<usize> = per_token.iter().flatten().map(|&e| e as usize).collect();
+                unique.sort_unstable();
+                unique.dedup();
+                let protect: Vec<(usize, usize)> = needed.iter().map(|&e| (layer, e)).collect();
+                self.prefetch(target, &unique, &protect);
+            }
+            if self.tracing() {
+                predicted = Some(PredictedTrace { target, experts: per_token.clone() });
+            }
             self.record_prediction(target, per_token);
         }
         let (hits, misses): (Vec<usize>, Vec<usize>) = needed.iter().partition(|&&e| self.is_resident(layer, e));
@@ -157,6 +167,17 @@ impl ExpertCache {
         }
         let chosen: Vec<Vec<u32>> = routes.iter().map(|r| r.experts.clone()).collect();
         self.score_prediction(layer, &chosen);
+        if self.tracing() {
+            self.record_trace(LayerTrace {
+                pass: self.pass,
+                layer,
+                experts: chosen,
+                weights: routes.iter().map(|r| r.weights.clone()).collect(),
+                predicted,
+                inputs: x_host.map(<[f32]>::to_vec),
+                logits: Some(logits.to_vec()),
+            });
+        }
         Ok(LayerOutput { rows, routes })
     }
 
@@ -243,7 +264,7 @@ impl ExpertCache {
     /// top-`predict_k`, or, when big-little expects the token to be little there, the first
     /// top-k/2 of them (plus the same `--prefetch-extra` margin).
     fn staged_per_token(&mut self, prediction: Prediction<'_>, received: Option<&[f32]>) -> Vec<Vec<u32>> {
-        let Prediction { target, logits, routes, predict_k, top_k } = prediction;
+        let Prediction { target, logits, routes, predict_k, top_k, .. } = prediction;
         let tokens = routes.len().max(1);
         let targets = logits.len() / tokens;
         let top: Vec<TokenRoute> = routes

@@ -13,6 +13,7 @@ mod model;
 mod moe;
 mod mole;
 mod mole_table;
+mod predictor;
 mod rope;
 mod vocab;
 
@@ -21,3 +22,4 @@ pub use kv_cache::KvCache;
 pub use linear::stored_dense_dtype;
 pub use model::{ForwardOutput, LogitsFor, Model};
 pub use mole_table::{lookup_header, write_lookup_table};
+pub use predictor::{FittedMap, PREDICTOR_FILE, fit_ridge, write_predictor};

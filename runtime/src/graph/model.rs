@@ -8,11 +8,12 @@ use super::attention::Attention;
 use super::blocked::KEY_BLOCK;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
-use super::linear::Loader;
+use super::linear::{Linear, Loader};
 use super::mla::MlaAttention;
 use super::moe::{MoeBlock, PreGate};
 use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
+use super::predictor::{PREDICTOR_FILE, load_predictor};
 use super::rope::Rope;
 use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
@@ -106,6 +107,15 @@ pub struct Model {
     /// Positions of KV cache reserved in GPU memory: what the budget counted under a budget in
     /// bytes or an explicit `--max-context`, else the model's context.
     context_limit: usize,
+    /// The model folder (where `--prefetch learned` finds its predictor).
+    folder: std::path::PathBuf,
+    /// Per MoE layer followed by another: its own predictor (the next router, or a trained
+    /// pre-gate), and the fitted one once `--prefetch learned` has loaded it.
+    pregates: Vec<(usize, PreGate)>,
+    learned: Option<Vec<Linear>>,
+    using_learned: bool,
+    /// How decode kernels split on this adapter, for projections loaded later (the predictor).
+    split: Split,
 }
 
 impl Model {
@@ -183,7 +193,7 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut layers = layers;
-        link_pregates(&mut layers, &loader, &spec)?;
+        let pregates = link_pregates(&mut layers, &loader, &spec)?;
         let rope = Rope::new(&spec.rope, spec.attention.rope_dim());
         let mut experts = ExpertCache::new(expert_store, device, plan, options.policy, options.page_bytes)?;
         experts.set_link(options.link);
@@ -193,7 +203,8 @@ impl Model {
         experts.preload()?;
         let prefetch_k = prefetch_k(&spec, &options);
         let context_limit = reserved_context(&spec, kv_tokens, &options);
-        Ok(Self {
+        let split = loader.split;
+        let mut model = Self {
             spec,
             device: device.clone(),
             embed,
@@ -208,7 +219,60 @@ impl Model {
             page_bytes: options.page_bytes,
             prefill_chunk: options.prefill_chunk.max(1),
             context_limit,
-        })
+            folder: store.folder().to_path_buf(),
+            pregates,
+            learned: None,
+            using_learned: false,
+            split,
+        };
+        model.choose_predictor(options.prefetch)?;
+        Ok(model)
+    }
+
+    /// Gives each MoE layer the predictor `--prefetch` asks for: the fitted one for `learned`
+    /// (loaded from the folder's `predictor.safetensors` the first time), else its own.
+    fn choose_predictor(&mut self, prefetch: PrefetchMode) -> Result<()> {
+        let learn = prefetch == PrefetchMode::Learned;
+        if learn == self.using_learned {
+            return Ok(());
+        }
+        if learn && self.learned.is_none() {
+            let path = self.folder.join(PREDICTOR_FILE);
+            if !path.exists() {
+                return Err(FerryError::flag(
+                    "--prefetch",
+                    format!(
+                        "learned needs a fitted predictor at {}; make one with `ferry predictor fit --model {} --text FILE`",
+                        path.display(),
+                        self.folder.display()
+                    ),
+                ));
+            }
+            let pairs: Vec<(usize, usize)> = self.pregates.iter().map(|(from, p)| (*from, p.target)).collect();
+            let limit = max_buffer_bytes(&self.device, self.page_bytes)?;
+            let (hidden, experts) = (self.spec.hidden_size, self.spec.moe.num_experts);
+            self.learned = Some(load_predictor(
+                &path,
+                &pairs,
+                (hidden, experts),
+                &self.device,
+                self.dense_dtype,
+                limit,
+                self.split,
+            )?);
+        }
+        let learned = self.learned.as_ref().filter(|_| learn);
+        for (i, (from, own)) in self.pregates.iter().enumerate() {
+            let pregate = match learned {
+                Some(routers) => PreGate { router: routers[i].clone(), trained: false, ..own.clone() },
+                None => own.clone(),
+            };
+            if let Ffn::Moe(block) = &mut self.layers[*from].ffn {
+                block.set_pregate(pregate);
+            }
+        }
+        self.using_learned = learn;
+        Ok(())
     }
 
     /// Row blocks the LM head is split into (one unless it exceeds a binding).
@@ -275,6 +339,8 @@ impl Model {
             ));
         }
         let plan = slot_plan(&self.spec, kv_tokens, &options)?;
+        self.choose_predictor(options.prefetch)?;
+        let experts = &mut self.experts;
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
         experts.set_upload(options.upload);
@@ -548,14 +614,15 @@ fn reserved_context(spec: &ModelSpec, kv_tokens: usize, options: &ExpertOptions)
 }
 
 fn prefetch_k(spec: &ModelSpec, options: &ExpertOptions) -> Option<usize> {
-    (options.prefetch == PrefetchMode::Pregate).then_some(spec.moe.top_k + options.prefetch_extra)
+    (options.prefetch != PrefetchMode::None).then_some(spec.moe.top_k + options.prefetch_extra)
 }
 
 /// Gives each MoE layer a predictor of the next MoE layer: the trained pre-gate
 /// `model.layers.N.mlp.pre_gate.weight` `[experts, hidden]` when the checkpoint has one, else the
 /// next layer's own router applied to this layer's router input.
-fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Result<()> {
+fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Result<Vec<(usize, PreGate)>> {
     let moe: Vec<usize> = (0..layers.len()).filter(|&l| matches!(layers[l].ffn, Ffn::Moe(_))).collect();
+    let mut linked = Vec::new();
     for pair in moe.windows(2) {
         let (from, to) = (pair[0], pair[1]);
         let trained_name = spec.names.layer(from, "mlp.pre_gate");
@@ -566,11 +633,13 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
         } else {
             (target.router().clone(), false)
         };
+        let pregate = PreGate { target: to, router, trained, score_bias };
         if let Ffn::Moe(block) = &mut layers[from].ffn {
-            block.set_pregate(PreGate { target: to, router, trained, score_bias });
+            block.set_pregate(pregate.clone());
         }
+        linked.push((from, pregate));
     }
-    Ok(())
+    Ok(linked)
 }
 
 /// The budget's slot plan; a plan without slots (`--vram-budget 0%`) needs a miss policy that can

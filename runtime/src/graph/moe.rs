@@ -137,7 +137,9 @@ impl MoeBlock {
         device: &Device,
     ) -> Result<(Tensor<2>, usize, Vec<TokenRoute>)> {
         let [tokens, hidden] = x.dims();
-        let pregate = self.pregate.as_ref().filter(|_| prefetch_k.is_some());
+        // A trace records the predictor's guesses even when nothing is prefetched.
+        let predict_k = prefetch_k.or(experts.tracing().then_some(self.top_k));
+        let pregate = self.pregate.as_ref().filter(|_| predict_k.is_some());
         // One read-back serves the routing, the prediction and the received attention:
         // columns [own router | pre-gate | received].
         let scores = match (pregate, &self.router_and_pregate) {
@@ -170,12 +172,13 @@ impl MoeBlock {
         let predicted: Vec<f32> =
             logits.chunks_exact(row).flat_map(|r| &r[self.num_experts..self.num_experts + targets]).copied().collect();
         // The target's routing rule (all MoE layers of a model share the router kind).
-        let prediction = pregate.zip(prefetch_k).map(|(p, predict_k)| Prediction {
+        let prediction = pregate.zip(predict_k).map(|(p, predict_k)| Prediction {
             target: p.target,
             logits: &predicted,
             routes: route(&predicted, p.score_bias.as_deref(), targets, predict_k.min(targets), self.kind),
             predict_k,
             top_k: self.top_k,
+            fetch: prefetch_k.is_some(),
         });
         let request = LayerRequest {
             layer: self.layer,

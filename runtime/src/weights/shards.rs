@@ -77,7 +77,19 @@ impl WeightStore {
             }
             vec![single]
         };
+        let store = Self::map(folder, files)?;
+        if let Some(weight_map) = weight_map {
+            store.check_index_entries(&index_path, &weight_map)?;
+        }
+        Ok(store)
+    }
 
+    /// Opens one safetensors file on its own (a predictor beside a model's weights).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::map(path.parent().unwrap_or(Path::new(".")), vec![path.to_path_buf()])
+    }
+
+    fn map(folder: &Path, files: Vec<PathBuf>) -> Result<Self> {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors: HashMap<String, TensorRef> = HashMap::new();
         for (shard_idx, path) in files.into_iter().enumerate() {
@@ -117,11 +129,7 @@ impl WeightStore {
             }
             shards.push(Shard { path, mmap, data_start });
         }
-        let store = Self { folder: folder.to_path_buf(), shards, tensors, read: AtomicU64::new(0) };
-        if let Some(weight_map) = weight_map {
-            store.check_index_entries(&index_path, &weight_map)?;
-        }
-        Ok(store)
+        Ok(Self { folder: folder.to_path_buf(), shards, tensors, read: AtomicU64::new(0) })
     }
 
     /// Every index entry's shard holds its tensor (else the index and the shards disagree, and

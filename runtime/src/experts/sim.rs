@@ -1,0 +1,212 @@
+//! The cache simulator behind `ferry cache-sim`: replays a routing trace through the runtime's
+//! own eviction code (`EvictionPolicy::victim`, `SlotUse::touch`, `most_used`) in the order
+//! `ExpertCache::run_layer` fetches (per layer, the resident experts then the misses, by index;
+//! the layer's fetched experts are protected until a batch must be launched), and computes
+//! Belady's MIN for the same slots: the most hits any policy can get on that trace.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use super::policy::{ExpertId, Moment, SlotUse, most_used};
+use super::trace::LayerTrace;
+use crate::options::EvictionPolicy;
+
+/// A cache to replay a trace through.
+#[derive(Debug, Clone, Copy)]
+pub struct SimCache {
+    pub slots: usize,
+    pub policy: EvictionPolicy,
+    /// The fewest slots that work (one layer's top-k): `lfu-pinned` pins half of the rest.
+    pub min_slots: usize,
+    /// MoE layers, for `lfu-pinned`'s share of pins per layer.
+    pub moe_layers: usize,
+}
+
+/// Demand accesses of a replay: one per (forward pass, layer, expert used).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SimCounts {
+    pub accesses: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+impl SimCounts {
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / self.accesses.max(1) as f64
+    }
+}
+
+/// The experts a layer fetches, in index order, once each.
+fn needed(entry: &LayerTrace) -> Vec<usize> {
+    let mut experts: Vec<usize> = entry.experts.iter().flatten().map(|&e| e as usize).collect();
+    experts.sort_unstable();
+    experts.dedup();
+    experts
+}
+
+/// Replays `trace` through `cache`, starting empty.
+pub fn simulate(trace: &[LayerTrace], cache: SimCache) -> SimCounts {
+    let cycle = trace.iter().map(|t| t.layer + 1).max().unwrap_or(0);
+    let experts = trace.iter().flat_map(|t| t.experts.iter().flatten()).map(|&e| e as usize + 1).max().unwrap_or(0);
+    let mut usage = vec![vec![0u64; experts]; cycle];
+    let layers: Vec<usize> = {
+        let set: BTreeSet<usize> = trace.iter().map(|t| t.layer).collect();
+        set.into_iter().collect()
+    };
+    let mut slots: HashMap<ExpertId, SlotUse> = HashMap::new();
+    let mut pinned: HashSet<ExpertId> = HashSet::new();
+    let mut counts = SimCounts::default();
+    let mut clock = 0u64;
+    let mut current_pass = trace.first().map(|t| t.pass);
+    let capacity = cache.slots.max(1);
+    for entry in trace {
+        if current_pass != Some(entry.pass) {
+            current_pass = Some(entry.pass);
+            end_forward(&cache, &usage, &layers, &mut pinned, &mut slots);
+        }
+        let predicted: HashSet<ExpertId> = (entry.predicted.iter())
+            .filter(|p| p.target > entry.layer)
+            .flat_map(|p| p.experts.iter().flatten().map(|&e| (p.target, e as usize)))
+            .collect();
+        let now = Moment { pass: entry.pass, layer: entry.layer, cycle, predicted: &predicted };
+        let needed = needed(entry);
+        let (hits, misses): (Vec<usize>, Vec<usize>) =
+            needed.iter().partition(|&&e| slots.contains_key(&(entry.layer, e)));
+        let mut keep: HashSet<ExpertId> = HashSet::new();
+        for e in hits.into_iter().chain(misses) {
+            let id = (entry.layer, e);
+            counts.accesses += 1;
+            clock += 1;
+            usage[entry.layer][e] += 1;
+            if let Some(slot) = slots.get_mut(&id) {
+                slot.touch(clock, entry.pass);
+                counts.hits += 1;
+            } else {
+                while slots.len() >= capacity {
+                    match cache.policy.victim(slots.iter().map(|(id, s)| (*id, s)), &keep, &now) {
+                        Some(victim) => {
+                            slots.remove(&victim);
+                            counts.evictions += 1;
+                        }
+                        // Only this layer's batch is left: its kernels are launched first.
+                        None => keep.clear(),
+                    }
+                }
+                let mut slot = SlotUse::arrived(clock, entry.pass, pinned.contains(&id));
+                slot.touch(clock, entry.pass);
+                slots.insert(id, slot);
+                counts.misses += 1;
+            }
+            keep.insert(id);
+        }
+    }
+    counts
+}
+
+/// `ExpertCache::end_forward`: under `lfu-pinned`, the first pass's most used experts are pinned.
+fn end_forward(
+    cache: &SimCache,
+    usage: &[Vec<u64>],
+    layers: &[usize],
+    pinned: &mut HashSet<ExpertId>,
+    slots: &mut HashMap<ExpertId, SlotUse>,
+) {
+    if cache.policy != EvictionPolicy::LfuPinned || !pinned.is_empty() {
+        return;
+    }
+    let spare = cache.slots.saturating_sub(cache.min_slots);
+    *pinned = most_used(usage, layers, spare / 2 / cache.moe_layers.max(1));
+    for (id, slot) in slots.iter_mut() {
+        slot.pinned = pinned.contains(id);
+    }
+}
+
+/// Belady's MIN over the same accesses: on a miss with every slot taken, evict the expert used
+/// again furthest in the future (or never).
+pub fn belady(trace: &[LayerTrace], slots: usize) -> SimCounts {
+    let accesses: Vec<ExpertId> =
+        trace.iter().flat_map(|entry| needed(entry).into_iter().map(move |e| (entry.layer, e))).collect();
+    let mut next_use = vec![usize::MAX; accesses.len()];
+    let mut seen: HashMap<ExpertId, usize> = HashMap::new();
+    for (i, id) in accesses.iter().enumerate().rev() {
+        if let Some(&later) = seen.get(id) {
+            next_use[i] = later;
+        }
+        seen.insert(*id, i);
+    }
+    let capacity = slots.max(1);
+    let mut resident: HashMap<ExpertId, usize> = HashMap::new();
+    let mut by_next: BTreeSet<(usize, ExpertId)> = BTreeSet::new();
+    let mut counts = SimCounts::default();
+    for (i, id) in accesses.iter().enumerate() {
+        counts.accesses += 1;
+        if let Some(next) = resident.get_mut(id) {
+            by_next.remove(&(*next, *id));
+            *next = next_use[i];
+            by_next.insert((next_use[i], *id));
+            counts.hits += 1;
+            continue;
+        }
+        counts.misses += 1;
+        if resident.len() >= capacity
+            && let Some(&(next, victim)) = by_next.iter().next_back()
+        {
+            by_next.remove(&(next, victim));
+            resident.remove(&victim);
+            counts.evictions += 1;
+        }
+        resident.insert(*id, next_use[i]);
+        by_next.insert((next_use[i], *id));
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(pass: u64, layer: usize, experts: &[u32]) -> LayerTrace {
+        LayerTrace {
+            pass,
+            layer,
+            experts: vec![experts.to_vec()],
+            weights: vec![vec![0.5; experts.len()]],
+            predicted: None,
+            inputs: None,
+            logits: None,
+        }
+    }
+
+    #[test]
+    fn belady_beats_lru_on_a_cyclic_sweep_and_nothing_beats_belady() {
+        // Two layers, one expert each per pass, three experts cycling in layer 0: LRU with three
+        // slots always evicts what comes next.
+        let mut trace = Vec::new();
+        for pass in 0..30u64 {
+            trace.push(step(pass, 0, &[(pass % 3) as u32]));
+            trace.push(step(pass, 1, &[0]));
+        }
+        let cache = |policy| SimCache { slots: 3, policy, min_slots: 1, moe_layers: 2 };
+        let lru = simulate(&trace, cache(EvictionPolicy::Lru));
+        let min = belady(&trace, 3);
+        assert_eq!(lru.accesses, 60);
+        assert_eq!(min.accesses, 60);
+        assert_eq!(lru.hits, 1 + 1 + 27, "layer 1's expert hits; layer 0's misses after the first pass too");
+        assert!(min.hits > lru.hits, "MIN {min:?} vs LRU {lru:?}");
+        for policy in [EvictionPolicy::Lfu, EvictionPolicy::LeastStale, EvictionPolicy::Lfru, EvictionPolicy::Lookahead]
+        {
+            let got = simulate(&trace, cache(policy));
+            assert!(got.hits <= min.hits, "{policy}: {got:?} beats MIN {min:?}");
+            assert_eq!(got.hits + got.misses, got.accesses);
+        }
+    }
+
+    #[test]
+    fn a_layer_wider_than_the_cache_launches_its_batch_and_goes_on() {
+        // A prefill pass needing four experts with two slots: every fetch misses, none is lost.
+        let trace = [step(0, 0, &[0, 1, 2, 3]), step(1, 0, &[3])];
+        let got = simulate(&trace, SimCache { slots: 2, policy: EvictionPolicy::Lru, min_slots: 2, moe_layers: 1 });
+        assert_eq!(got, SimCounts { accesses: 5, hits: 1, misses: 4, evictions: 2 });
+        assert_eq!(belady(&trace, 2).hits, 1);
+    }
+}
