@@ -633,7 +633,7 @@ pub struct BenchArgs {
     #[arg(long = "dense-dtype", value_delimiter = ',', default_values_t = [DenseDtype::F32], value_parser = choice::<DenseDtype>())]
     pub dense_dtypes: Vec<DenseDtype>,
     /// Eviction policies to measure at each budget (repeatable).
-    #[arg(long = "expert-policy", default_values_t = [EvictionPolicy::Lru], value_parser = choice::<EvictionPolicy>())]
+    #[arg(long = "expert-policy", value_delimiter = ',', default_values_t = [EvictionPolicy::Lru], value_parser = choice::<EvictionPolicy>())]
     pub expert_policies: Vec<EvictionPolicy>,
     /// How decode kernels split their dot products (see generate --help), for every mode.
     #[arg(long, default_value = "auto", value_parser = parsed::<DecodeSplit>)]
