@@ -374,6 +374,74 @@ fn train_resumes_and_a_trained_mole_converts_to_an_equivalent_table() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `ferry train --arch pregated-moe` resumes like the others and writes a Mixtral folder whose
+/// pre-gates Ferry loads as trained (block N's pre-gate is block N+1's gate in the file), and
+/// `--pregate-routing` runs it as trained: every prefetch hits, by construction.
+#[test]
+fn a_pregated_moe_trains_resumes_and_runs_with_pregate_routing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    let verse = "In the beginning God created the heaven and the earth. And the earth was without form.\n";
+    std::fs::write(&corpus, verse.repeat(300)).unwrap();
+    let model = tmp.path().join("pregated");
+    let train = |steps: &str| {
+        let args = [
+            "train",
+            "--arch",
+            "pregated-moe",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--eval-every",
+            "2",
+            "--d-model",
+            "32",
+            "--layers",
+            "3",
+            "--heads",
+            "2",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--ffn",
+            "32",
+            "--vocab",
+            "300",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+        ];
+        let out = ferry(&args);
+        assert!(out.status.success(), "ferry train: {}", String::from_utf8_lossy(&out.stderr));
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("trainer_state.json")).unwrap()).unwrap();
+        state["step"].as_u64().unwrap()
+    };
+    assert_eq!(train("2"), 2);
+    assert_eq!(train("4"), 4, "a second run resumes and continues to --steps");
+    let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+    let weights = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = weights.names();
+    assert!(names.contains(&"model.layers.0.mlp.pre_gate.weight"));
+    assert!(names.contains(&"model.layers.1.mlp.pre_gate.weight"));
+    assert!(!names.contains(&"model.layers.2.mlp.pre_gate.weight"), "the last block has no pre-gate");
+    let tensor = |n: &str| weights.tensor(n).unwrap().data().to_vec();
+    assert_eq!(tensor("model.layers.1.block_sparse_moe.gate.weight"), tensor("model.layers.0.mlp.pre_gate.weight"));
+    let generate = |extra: &[&str]| {
+        let base = ["generate", "--model", model.to_str().unwrap(), "--ids", "1,2,3", "--max-new-tokens", "6"];
+        json_of(&ferry(&[&base[..], &["--ignore-eos", "--json", "--vram-budget", "50%"], extra].concat()))
+    };
+    let routed = generate(&["--pregate-routing", "--prefetch", "pregate"]);
+    let decode = &routed["stats"]["decode_experts"];
+    assert!(decode["prefetched"].as_u64().unwrap() > 0, "{decode}");
+    assert_eq!(generate(&["--pregate-routing"])["ids"], routed["ids"], "prefetching never changes the tokens");
+}
+
 /// `ferry convert quantize` writes a folder that `info` reports as pre-quantised and that
 /// generates with the stored format by default; a bad dtype names the flag.
 #[test]

@@ -5,7 +5,7 @@ use ferry_runtime::engine::Engine;
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::options::{ExpertOptions, LinkModel, PrefetchMode, VramBudget};
 
-use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
+use crate::support::{FAMILIES, copy_fixture, edit_config, fixture, gpu, greedy, reference};
 
 fn load(family: &str, budget: VramBudget, prefetch: PrefetchMode, extra: usize, link: Option<LinkModel>) -> Model {
     let opened = ferry_models::open(&fixture(family)).unwrap();
@@ -122,4 +122,63 @@ fn a_trained_pre_gate_in_the_checkpoint_replaces_the_next_router() {
         .sum();
     assert_eq!(model.experts().recall()[1].predicted, expected);
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// `--pregate-routing`: the predictor's choice is the next layer's routing. With layer 0's own
+/// router as the trained pre-gate, layer 1 routes exactly as layer 0 does; every prediction is a
+/// hit by construction; a model with one MoE layer refuses the flag.
+#[test]
+fn pregate_routing_makes_the_prediction_the_routing() {
+    let source = fixture("qwen2_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = tensors.tensors();
+    views
+        .push(("model.layers.0.mlp.pre_gate.weight".into(), tensors.tensor("model.layers.0.mlp.gate.weight").unwrap()));
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+
+    let reference = reference("qwen2_moe");
+    let ids = &reference.input_ids;
+    let run = |prefetch, pregate_routing| {
+        let opened = ferry_models::open(tmp.path()).unwrap();
+        let budget = VramBudget::FractionOfExperts(0.5);
+        let options = ExpertOptions { budget, prefetch, pregate_routing, ..Default::default() };
+        let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+        let mut cache = model.new_cache(ids.len()).unwrap();
+        let mut out = model.forward(&ids[..3], &mut cache, LogitsFor::All).unwrap();
+        for &id in &ids[3..] {
+            let step = model.forward(&[id], &mut cache, LogitsFor::All).unwrap();
+            out.logits.extend(step.logits);
+            for (all, layer) in out.routing.iter_mut().zip(step.routing) {
+                all.extend(layer);
+            }
+        }
+        (out, model.experts().recall().to_vec(), model.experts().stats())
+    };
+    let (plain, _, _) = run(PrefetchMode::None, false);
+    assert_ne!(plain.routing[1], plain.routing[0], "the fixture's layers route differently on their own");
+    for prefetch in [PrefetchMode::None, PrefetchMode::Pregate] {
+        let (routed, recall, stats) = run(prefetch, true);
+        assert_eq!(routed.routing[0], plain.routing[0], "{prefetch}: the first MoE layer keeps its own router");
+        assert_eq!(routed.routing[1], routed.routing[0], "{prefetch}: layer 1 must route as its pre-gate chose");
+        assert!(routed.logits.iter().flatten().all(|v| v.is_finite()));
+        assert_ne!(routed.logits, plain.logits, "{prefetch}: another routing gives other logits");
+        if prefetch == PrefetchMode::Pregate {
+            assert_eq!(recall[1].predicted, recall[1].actual, "{prefetch}: the prediction is the routing");
+            assert!(stats.prefetch_hits > 0, "{stats:?}");
+        }
+    }
+
+    // One MoE layer: nothing to choose another layer's experts.
+    let (_keep, one) = copy_fixture("olmoe");
+    edit_config(&one, |c| c["num_hidden_layers"] = 1.into());
+    let opened = ferry_models::open(&one).unwrap();
+    let options = ExpertOptions { pregate_routing: true, ..Default::default() };
+    let err = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).err().unwrap().to_string();
+    assert!(err.contains("--pregate-routing") && err.contains("fewer than two MoE layers"), "{err}");
 }

@@ -120,6 +120,9 @@ pub enum TrainArch {
     Dense,
     /// Mixtral, top-k.
     Moe,
+    /// Pre-gated MoE: block N's pre-gate chooses block N+1's experts (run it with
+    /// --pregate-routing).
+    PregatedMoe,
     /// FerryMoleForCausalLM.
     Mole,
 }
@@ -435,6 +438,10 @@ pub struct ModelArgs {
     /// Predict this many experts beyond top-k for prefetching.
     #[arg(long, default_value_t = 0)]
     pub prefetch_extra: usize,
+    /// The predictor's choice is the next MoE layer's routing (Pre-gated MoE as trained by
+    /// `ferry train --arch pregated-moe`; an approximation on any other model).
+    #[arg(long)]
+    pub pregate_routing: bool,
     /// Emulate a host-to-GPU link of this many GB/s (1e9 bytes/s) for every expert upload,
     /// e.g. 16 or 32 for PCIe 4.0 x8/x16, to see what a discrete GPU would.
     #[arg(long, allow_negative_numbers = true, value_parser = gbps)]
@@ -654,6 +661,9 @@ pub struct BenchArgs {
     /// Predict this many experts beyond top-k when prefetching.
     #[arg(long, default_value_t = 0)]
     pub prefetch_extra: usize,
+    /// Every mode routes by the predictor's choice (see generate --help).
+    #[arg(long)]
+    pub pregate_routing: bool,
     /// Emulate a host-to-GPU link of this many GB/s for the offloaded modes (reported as
     /// emulated); repeatable or comma-separated, `none` for the adapter's own speed, e.g.
     /// `none,16` measures every offloaded mode both ways.

@@ -178,6 +178,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         kv_tokens: args.max_context,
         prefetch: args.prefetch,
         prefetch_extra: args.prefetch_extra,
+        pregate_routing: args.pregate_routing,
         link: link(args.link_gbps)?,
         big_little: big_little(&args.big_little)?,
         page_bytes: None,

@@ -612,6 +612,10 @@ pub struct ExpertOptions {
     pub prefetch: PrefetchMode,
     /// Experts predicted beyond top-k (`--prefetch-extra`).
     pub prefetch_extra: usize,
+    /// The predictor's choice *is* the next MoE layer's routing (`--pregate-routing`): exact
+    /// for a model trained that way (`ferry train --arch pregated-moe`), an approximation for
+    /// any other.
+    pub pregate_routing: bool,
     /// Emulated host-to-GPU link (`--link-gbps`), for measuring what a discrete GPU would see.
     pub link: Option<LinkModel>,
     /// Big-little experts (`--experts big-little`): an approximation, off by default.
@@ -649,6 +653,7 @@ impl Default for ExpertOptions {
             kv_tokens: None,
             prefetch: PrefetchMode::None,
             prefetch_extra: 0,
+            pregate_routing: false,
             link: None,
             big_little: None,
             page_bytes: None,

@@ -72,6 +72,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         expert_dtype: ExpertDtype::F32,
         dense_dtype: DenseDtype::F32,
         miss_policy: MissPolicy::Upload,
+        pregate_routing: false,
         budget,
         ..options
     };

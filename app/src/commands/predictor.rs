@@ -84,9 +84,11 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
     let folder = load::model_folder(&args.model)?;
     let out = args.out.clone().unwrap_or_else(|| folder.join(PREDICTOR_FILE));
     // The calibration run predicts with the model's own predictor, whatever --prefetch says.
-    let options = ExpertOptions { prefetch: PrefetchMode::None, ..load::expert_options(&args.model)? };
+    let options =
+        ExpertOptions { prefetch: PrefetchMode::None, pregate_routing: false, ..load::expert_options(&args.model)? };
     let mut model_args = args.model.clone();
     model_args.prefetch = PrefetchMode::None;
+    model_args.pregate_routing = false;
     let mut loaded = load::engine(&model_args, true)?;
     let model = &mut loaded.engine.model;
     model.set_expert_options(options)?;

@@ -45,6 +45,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let arch = match args.arch {
         TrainArch::Dense => Arch::Dense,
         TrainArch::Moe => Arch::Moe,
+        TrainArch::PregatedMoe => Arch::PregatedMoe,
         TrainArch::Mole => Arch::Mole,
     };
     let device = match args.device {
@@ -87,7 +88,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         let experts = args.experts.unwrap_or(match arch {
             Arch::Dense => 1,
-            Arch::Moe => 8,
+            Arch::Moe | Arch::PregatedMoe => 8,
             Arch::Mole => 4,
         });
         let config = NetConfig {
@@ -99,7 +100,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             experts: if arch == Arch::Dense { 1 } else { experts },
             top_k: match arch {
                 Arch::Dense => 1,
-                Arch::Moe => args.top_k,
+                Arch::Moe | Arch::PregatedMoe => args.top_k,
                 Arch::Mole => experts,
             },
             ffn: args.ffn,
@@ -107,7 +108,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eps: 1e-5,
             rope_theta: 10000.0,
         };
-        if !config.hidden.is_multiple_of(config.heads) || arch == Arch::Moe && config.top_k > config.experts {
+        if !config.hidden.is_multiple_of(config.heads) || arch.is_moe() && config.top_k > config.experts {
             anyhow::bail!("--d-model must be a multiple of --heads, and --top-k at most --experts");
         }
         let params = Params::init(&config, args.seed, &device);
@@ -295,6 +296,19 @@ fn save_checkpoint(
         optimizer.push((format!("m.{name}"), shape.clone(), read(m)?));
         optimizer.push((format!("v.{name}"), shape.clone(), read(v)?));
     }
+    if state.config.arch == Arch::PregatedMoe {
+        // Blocks after the first route with the previous block's pre-gate and never train their
+        // own gate: the checkpoint's gate is that pre-gate, so a run without --pregate-routing
+        // applies it to the block's own input (an approximation) instead of to random weights.
+        for l in 1..state.config.layers {
+            let pregate = format!("model.layers.{}.mlp.pre_gate.weight", l - 1);
+            let values = weights.iter().find(|w| w.0 == pregate).map(|w| w.2.clone()).context("a missing pre-gate")?;
+            let gate = format!("model.layers.{l}.block_sparse_moe.gate.weight");
+            if let Some(w) = weights.iter_mut().find(|w| w.0 == gate) {
+                w.2 = values;
+            }
+        }
+    }
     write_safetensors(&out.join("model.safetensors"), &weights, bf16)?;
     write_safetensors(&out.join("optimizer.safetensors"), &optimizer, false)?;
     let c = &state.config;
@@ -312,7 +326,7 @@ fn save_checkpoint(
             };
             ferry_models::mole::config_json(shape, c.vocab, eos)
         }
-        Arch::Dense | Arch::Moe => serde_json::json!({
+        Arch::Dense | Arch::Moe | Arch::PregatedMoe => serde_json::json!({
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
             "vocab_size": c.vocab,

@@ -2,7 +2,9 @@
 //! causal attention, SwiGLU), with its parameters kept by their HuggingFace names so a
 //! checkpoint is written straight into the layout the loaders read. Three feed-forwards:
 //! dense (a Mixtral layer with one expert), MoE (Mixtral: softmax, top-k, renormalised, plus a
-//! Switch-style load-balancing loss) and MoLE (Ferry's `FerryMoleForCausalLM`).
+//! Switch-style load-balancing loss), pre-gated MoE (the same, except that block N's pre-gate
+//! `mlp.pre_gate`, applied to N's MoE input, chooses block N+1's experts and weights; block 0
+//! keeps its own gate, as in Pre-gated MoE) and MoLE (Ferry's `FerryMoleForCausalLM`).
 
 use std::collections::HashMap;
 
@@ -17,7 +19,15 @@ use rand::{Rng, SeedableRng};
 pub enum Arch {
     Dense,
     Moe,
+    PregatedMoe,
     Mole,
+}
+
+impl Arch {
+    /// Routed experts in Mixtral's layout.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Self::Moe | Self::PregatedMoe)
+    }
 }
 
 /// Model shape. `ffn` is the active feed-forward width per token: the dense intermediate size,
@@ -43,7 +53,7 @@ impl NetConfig {
     pub fn expert_intermediate(&self) -> usize {
         match self.arch {
             Arch::Dense => self.ffn,
-            Arch::Moe => self.ffn / self.top_k.max(1),
+            Arch::Moe | Arch::PregatedMoe => self.ffn / self.top_k.max(1),
             Arch::Mole => self.ffn,
         }
     }
@@ -69,8 +79,11 @@ impl NetConfig {
                 out.push((format!("{p}.self_attn.{proj}.weight"), vec![h, h]));
             }
             match self.arch {
-                Arch::Dense | Arch::Moe => {
+                Arch::Dense | Arch::Moe | Arch::PregatedMoe => {
                     out.push((format!("{p}.block_sparse_moe.gate.weight"), vec![self.experts, h]));
+                    if self.arch == Arch::PregatedMoe && l + 1 < self.layers {
+                        out.push((format!("{p}.mlp.pre_gate.weight"), vec![self.experts, h]));
+                    }
                     for e in 0..self.experts {
                         let base = format!("{p}.block_sparse_moe.experts.{e}");
                         ffn(&mut out, base, ["w1", "w3", "w2"], self.expert_intermediate());
@@ -215,6 +228,8 @@ pub fn forward(
     let mask: Vec<f32> = (0..seq * seq).map(|i| if i % seq > i / seq { -1e9 } else { 0.0 }).collect();
     let mask = Tensor::<2>::from_data(TensorData::new(mask, [seq, seq]), device).reshape([1, 1, seq, seq]);
     let mut balance = Tensor::<1>::zeros([1], device);
+    // Pre-gated MoE: the router logits the previous block's pre-gate computed for this block.
+    let mut pregated: Option<Tensor<2>> = None;
     for l in 0..config.layers {
         let p = format!("model.layers.{l}");
         let a = rms_norm(x.clone(), params.vector(&format!("{p}.input_layernorm.weight")), config.eps);
@@ -229,15 +244,22 @@ pub fn forward(
         x = x + params.linear(attn, &format!("{p}.self_attn.o_proj.weight"));
         let m = rms_norm(x.clone(), params.vector(&format!("{p}.post_attention_layernorm.weight")), config.eps);
         let y = match config.arch {
-            Arch::Dense | Arch::Moe => {
-                let probs = softmax(params.linear(m.clone(), &format!("{p}.block_sparse_moe.gate.weight")), 1);
+            Arch::Dense | Arch::Moe | Arch::PregatedMoe => {
+                let logits = match pregated.take() {
+                    Some(logits) => logits,
+                    None => params.linear(m.clone(), &format!("{p}.block_sparse_moe.gate.weight")),
+                };
+                if config.arch == Arch::PregatedMoe && l + 1 < config.layers {
+                    pregated = Some(params.linear(m.clone(), &format!("{p}.mlp.pre_gate.weight")));
+                }
+                let probs = softmax(logits, 1);
                 let e = config.experts;
                 let k = config.top_k.min(e);
                 let kth = probs.clone().detach().sort_descending(1).slice([0..n, k - 1..k]).repeat_dim(1, e);
                 let chosen = probs.clone().detach().greater_equal(kth).float();
                 let weights = probs.clone() * chosen.clone();
                 let weights = weights.clone() / weights.sum_dim(1);
-                if config.arch == Arch::Moe {
+                if config.arch.is_moe() {
                     // Switch Transformer: E * sum_e (share of tokens routed to e) * (mean prob of e).
                     let share = chosen.mean_dim(0) / k as f32;
                     let mean_prob = probs.mean_dim(0);

@@ -10,7 +10,7 @@ use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Loader};
 use super::mla::MlaAttention;
-use super::moe::{MoeBlock, PreGate};
+use super::moe::{MoeBlock, MoeOutput, MoePass, PreGate};
 use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
 use super::predictor::{PREDICTOR_FILE, load_predictor};
@@ -114,6 +114,8 @@ pub struct Model {
     pregates: Vec<(usize, PreGate)>,
     learned: Option<Vec<Linear>>,
     using_learned: bool,
+    /// `--pregate-routing`: each MoE layer after the first routes by its predecessor's predictor.
+    pregate_routing: bool,
     /// How decode kernels split on this adapter, for projections loaded later (the predictor).
     split: Split,
 }
@@ -223,10 +225,23 @@ impl Model {
             pregates,
             learned: None,
             using_learned: false,
+            pregate_routing: false,
             split,
         };
         model.choose_predictor(options.prefetch)?;
+        model.pregate_routing = model.checked_pregate_routing(&options)?;
         Ok(model)
+    }
+
+    /// `--pregate-routing` needs a predictor: a MoE layer followed by another.
+    fn checked_pregate_routing(&self, options: &ExpertOptions) -> Result<bool> {
+        if options.pregate_routing && self.pregates.is_empty() {
+            return Err(FerryError::flag(
+                "--pregate-routing",
+                "this model has fewer than two MoE layers, so no layer's experts can be chosen by a predecessor",
+            ));
+        }
+        Ok(options.pregate_routing)
     }
 
     /// Gives each MoE layer the predictor `--prefetch` asks for: the fitted one for `learned`
@@ -340,6 +355,7 @@ impl Model {
         }
         let plan = slot_plan(&self.spec, kv_tokens, &options)?;
         self.choose_predictor(options.prefetch)?;
+        self.pregate_routing = self.checked_pregate_routing(&options)?;
         let experts = &mut self.experts;
         experts.reconfigure(plan, options.policy);
         experts.set_link(options.link);
@@ -511,6 +527,9 @@ impl Model {
         let mut routing = Vec::with_capacity(self.layers.len());
         let mut host_reads = 0;
         let prefetch_k = self.prefetch_k;
+        let pregate_routing = self.pregate_routing;
+        // Under --pregate-routing: the routes the previous MoE layer's predictor chose.
+        let mut carried: Option<Vec<crate::routing::TokenRoute>> = None;
         let experts = &mut self.experts;
         // Big-little's attention importance: what each token receives, for the MoE layers only.
         let attention_importance = experts.wants_received_attention();
@@ -530,10 +549,12 @@ impl Model {
                     (mlp.forward(h_ffn), 1)
                 }
                 Ffn::Moe(block) => {
-                    let (y, parts, routes) = block.forward(h_ffn, experts, prefetch_k, received, device)?;
+                    let pass = MoePass { prefetch_k, received, routes: carried.take(), pregate_routing };
+                    let MoeOutput { rows, parts, routes, next } = block.forward(h_ffn, experts, pass, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
+                    carried = next;
                     host_reads += 1;
-                    (y, parts)
+                    (rows, parts)
                 }
                 Ffn::Mole(block) => {
                     routing.push(Vec::new());

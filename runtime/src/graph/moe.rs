@@ -32,6 +32,27 @@ pub struct PreGate {
     pub score_bias: Option<Vec<f32>>,
 }
 
+/// What a forward pass hands one MoE block besides its tokens.
+pub struct MoePass {
+    /// Experts to predict per token for the next MoE layer and prefetch (None: no prefetch).
+    pub prefetch_k: Option<usize>,
+    /// The attention each token received in this layer (`--importance attention`).
+    pub received: Option<Tensor<2>>,
+    /// Routes chosen for this layer by the previous layer's predictor (`--pregate-routing`).
+    pub routes: Option<Vec<TokenRoute>>,
+    /// Whether to return the predictor's routes for the next MoE layer.
+    pub pregate_routing: bool,
+}
+
+/// A MoE block's output: `parts` rows per token to be summed in order, the routes used, and
+/// under `--pregate-routing` the next MoE layer's routes.
+pub struct MoeOutput {
+    pub rows: Tensor<2>,
+    pub parts: usize,
+    pub routes: Vec<TokenRoute>,
+    pub next: Option<Vec<TokenRoute>>,
+}
+
 /// Router and shared expert of one layer; the routed experts live in the `ExpertCache`.
 pub struct MoeBlock {
     layer: usize,
@@ -132,13 +153,14 @@ impl MoeBlock {
         &self,
         x: Tensor<2>,
         experts: &mut ExpertCache,
-        prefetch_k: Option<usize>,
-        received: Option<Tensor<2>>,
+        pass: MoePass,
         device: &Device,
-    ) -> Result<(Tensor<2>, usize, Vec<TokenRoute>)> {
+    ) -> Result<MoeOutput> {
+        let MoePass { prefetch_k, received, routes: given, pregate_routing } = pass;
         let [tokens, hidden] = x.dims();
-        // A trace records the predictor's guesses even when nothing is prefetched.
-        let predict_k = prefetch_k.or(experts.tracing().then_some(self.top_k));
+        // A trace records the predictor's guesses even when nothing is prefetched, and under
+        // --pregate-routing they are the next layer's routing.
+        let predict_k = prefetch_k.or((experts.tracing() || pregate_routing).then_some(self.top_k));
         let pregate = self.pregate.as_ref().filter(|_| predict_k.is_some());
         // One read-back serves the routing, the prediction and the received attention:
         // columns [own router | pre-gate | received].
@@ -168,10 +190,17 @@ impl MoeBlock {
         let targets = width - self.num_experts - usize::from(has_received);
         let own: Vec<f32> = logits.chunks_exact(row).flat_map(|r| &r[..self.num_experts]).copied().collect();
         let received: Option<Vec<f32>> = has_received.then(|| logits.chunks_exact(row).map(|r| r[width - 1]).collect());
-        let routes = route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind);
+        let routes = match given {
+            Some(routes) => routes,
+            None => route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind),
+        };
         let predicted: Vec<f32> =
             logits.chunks_exact(row).flat_map(|r| &r[self.num_experts..self.num_experts + targets]).copied().collect();
         // The target's routing rule (all MoE layers of a model share the router kind).
+        let next = pregate.filter(|_| pregate_routing).map(|p| {
+            let k = self.top_k.min(targets);
+            route(&predicted, p.score_bias.as_deref(), targets, k, self.kind)
+        });
         let prediction = pregate.zip(predict_k).map(|(p, predict_k)| Prediction {
             target: p.target,
             logits: &predicted,
@@ -194,13 +223,13 @@ impl MoeBlock {
         };
         let LayerOutput { rows, routes } = experts.run_layer(request, device)?;
         let k = self.top_k;
-        let Some(shared) = &self.shared else { return Ok((rows, k, routes)) };
+        let Some(shared) = &self.shared else { return Ok(MoeOutput { rows, parts: k, routes, next }) };
         let mut y = shared.mlp.forward(x.clone());
         if let Some(gate) = &shared.gate {
             y = y * sigmoid(gate.forward(x));
         }
         let out = rows.reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]) + y;
-        Ok((out, 1, routes))
+        Ok(MoeOutput { rows: out, parts: 1, routes, next })
     }
 }
 

@@ -95,7 +95,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let base = ExpertOptions { prefetch_extra: args.prefetch_extra, ..base };
+    let base = ExpertOptions { prefetch_extra: args.prefetch_extra, pregate_routing: args.pregate_routing, ..base };
     let model = Model::load_with(opened.spec, &opened.weights, &gpu.device, base)?;
     let mut engine = Engine::new(model, None);
 
