@@ -103,6 +103,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "expert_dtype": options.expert_dtype,
         "dense_dtype": options.dense_dtype,
         "miss_policy": options.miss_policy,
+        "pregate_routing": options.pregate_routing,
         "importance": args.model.big_little.importance,
         "big_fraction": args.model.big_little.big_fraction,
         "perplexity_full": ppl_full,
@@ -124,6 +125,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ppl_mode - ppl_full
         );
         println!("argmax agreement with full: {:.1}%", 100.0 * agree);
+        if options.pregate_routing {
+            println!("mode routing: each MoE layer after the first by its predecessor's pre-gate (--pregate-routing)");
+        }
         if stats.host_computed > 0 {
             println!(
                 "miss policy {}: {} of {} expert uses computed on the host",

@@ -293,6 +293,7 @@ mod tests {
     use std::path::PathBuf;
 
     use ferry_runtime::graph::{LogitsFor, Model};
+    use ferry_runtime::options::ExpertOptions;
     use ferry_runtime::{AdapterChoice, Gpu};
 
     use super::{NetConfig, Params, forward};
@@ -300,10 +301,11 @@ mod tests {
     /// The decoder `ferry train` optimises is the one Ferry runs: for each trained model in
     /// `models/trained/`, the trainer's forward pass over the saved weights gives Ferry's
     /// inference logits (both in f32 on the same device; they differ only in summation order).
+    /// The pre-gated model runs with `--pregate-routing`, as it was trained.
     #[test]
     fn the_training_forward_pass_equals_ferrys_inference_logits() {
         let gpu = Gpu::open(AdapterChoice::Default).expect("a wgpu adapter (lavapipe in CI)");
-        for arch in ["dense", "moe", "mole"] {
+        for arch in ["dense", "moe", "mole", "moe-32x4", "pregated-moe"] {
             let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/trained").join(arch);
             let state: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(folder.join("trainer_state.json")).unwrap()).unwrap();
@@ -318,7 +320,8 @@ mod tests {
             let (logits, _) = forward(&params, &config, ids.iter().map(|&i| i64::from(i)).collect(), 1, &device);
             let trainer: Vec<f32> = logits.into_data().try_into_vec().unwrap();
 
-            let mut model = Model::load(opened.spec, &opened.weights, &gpu.device).unwrap();
+            let options = ExpertOptions { pregate_routing: arch == "pregated-moe", ..Default::default() };
+            let mut model = Model::load_with(opened.spec, &opened.weights, &gpu.device, options).unwrap();
             let mut cache = model.new_cache(ids.len()).unwrap();
             let ferry: Vec<f32> = model.forward(&ids, &mut cache, LogitsFor::All).unwrap().logits.concat();
             let scale = ferry.iter().fold(0f32, |m, v| m.max(v.abs()));
