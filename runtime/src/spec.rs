@@ -353,6 +353,11 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// The layers with routed experts, in order.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (self.layers.iter().enumerate()).filter(|(_, kind)| **kind == FfnKind::Moe).map(|(l, _)| l).collect()
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

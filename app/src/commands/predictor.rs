@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use ferry_runtime::experts::TraceOptions;
 use ferry_runtime::graph::{FittedMap, LogitsFor, PREDICTOR_FILE, fit_ridge, write_predictor};
 use ferry_runtime::options::{ExpertOptions, PrefetchMode};
-use ferry_runtime::spec::FfnKind;
 
 use crate::args::{PredictorCommand, PredictorFitArgs};
 use crate::load;
@@ -98,8 +97,7 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
     let mut ids = tokenizer.encode(&text, true)?;
     ids.truncate(args.max_tokens);
     let spec = model.spec().clone();
-    let moe: Vec<usize> =
-        (spec.layers.iter().enumerate()).filter(|(_, k)| **k == FfnKind::Moe).map(|(l, _)| l).collect();
+    let moe = spec.moe_layers();
     if moe.len() < 2 {
         anyhow::bail!("--model {}: a predictor needs two MoE layers; this model has {}", folder.display(), moe.len());
     }

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use ferry_runtime::experts::{LayerTrace, SimCache, SimCounts, TraceOptions, belady, fraction_slots, simulate};
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::options::{EvictionPolicy, MissPolicy, PrefetchMode, VramBudget};
-use ferry_runtime::spec::FfnKind;
 use strum::IntoEnumIterator;
 
 use crate::args::{CacheSimArgs, TraceArgs};
@@ -64,8 +63,7 @@ const VERSION: u32 = 1;
 
 /// Which predictor a model's layers use now (None without two MoE layers).
 pub fn predictor_name(model: &Model, prefetch: PrefetchMode) -> Option<String> {
-    let moe: Vec<usize> =
-        (model.spec().layers.iter().enumerate()).filter(|(_, kind)| **kind == FfnKind::Moe).map(|(l, _)| l).collect();
+    let moe: Vec<usize> = model.spec().moe_layers();
     let first = *moe.first()?;
     (moe.len() > 1).then(|| {
         if prefetch == PrefetchMode::Learned {
@@ -92,8 +90,7 @@ pub fn run(args: TraceArgs) -> Result<()> {
         anyhow::bail!("--text {}: no tokens to run", args.text.display());
     }
     let spec = model.spec();
-    let moe_layers: Vec<usize> =
-        (spec.layers.iter().enumerate()).filter(|(_, k)| **k == FfnKind::Moe).map(|(l, _)| l).collect();
+    let moe_layers = spec.moe_layers();
     if moe_layers.is_empty() {
         anyhow::bail!("--model {}: no MoE layer to trace", folder.display());
     }

@@ -432,10 +432,15 @@ impl ExpertCache {
     /// Evicts one slot by policy, never one in `keep`; pinned slots only when nothing else is
     /// left. Returns false when nothing could be evicted.
     pub(super) fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
-        let predicted: HashSet<ExpertId> = (self.predictions.iter())
-            .filter(|(target, _)| **target > self.layer)
-            .flat_map(|(&target, per_token)| per_token.iter().flatten().map(move |&e| (target, e as usize)))
-            .collect();
+        // Only lookahead reads the predictions; the other policies skip gathering them per miss.
+        let predicted: HashSet<ExpertId> = if self.policy == EvictionPolicy::Lookahead {
+            (self.predictions.iter())
+                .filter(|(target, _)| **target > self.layer)
+                .flat_map(|(&target, per_token)| per_token.iter().flatten().map(move |&e| (target, e as usize)))
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let now = Moment { pass: self.pass, layer: self.layer, cycle: self.usage.len(), predicted: &predicted };
         let slots = self.slots.iter().map(|(id, s)| (*id, &s.use_));
         let Some(id) = self.policy.victim(slots, keep, &now) else { return false };
