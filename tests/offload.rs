@@ -212,6 +212,8 @@ fn experts_spread_over_many_slot_pages_give_the_same_logits() {
     for family in ["mixtral", "qwen3_moe"] {
         let reference = reference(family);
         let expected = prompt_forward(&mut load(family, VramBudget::All, EvictionPolicy::Lru), &reference.input_ids);
+        let ids = &reference.input_ids[..4];
+        let expected_steps = stepwise_logits(&mut load(family, VramBudget::All, EvictionPolicy::Lru), ids);
         for budget in [VramBudget::All, TOP_K_SLOTS] {
             let opened = ferry_models::open(&fixture(family)).unwrap();
             let projection = (opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4) as u64;
@@ -221,6 +223,9 @@ fn experts_spread_over_many_slot_pages_give_the_same_logits() {
             assert_eq!(model.lm_head_blocks(), 12, "{family}");
             let out = prompt_forward(&mut model, &reference.input_ids);
             assert_eq!(out.logits, expected.logits, "{family} {budget:?}: logits differ with one slot per page");
+            // Decode steps too: resident ones build one table per page on the device.
+            let steps = stepwise_logits(&mut model, ids);
+            assert_eq!(steps, expected_steps, "{family} {budget:?}: decode logits differ with one slot per page");
         }
     }
 }
@@ -360,6 +365,34 @@ fn a_budget_below_one_layers_top_k_says_the_minimum() {
     assert!(err.contains("--vram-budget") && err.contains("minimum"), "{err}");
     let err = "5 parsecs".parse::<VramBudget>().unwrap_err().to_string();
     assert!(err.contains("--vram-budget"), "{err}");
+}
+
+/// With every expert resident a decode step keeps its routes on the device: it reads the host
+/// twice (the logits, then every MoE layer's routes at once) whatever the number of MoE layers,
+/// against once per MoE layer plus the logits offloaded; it reports the same routing, counts
+/// the same expert uses as hits, and computes the offloaded run's bits.
+#[test]
+fn resident_decode_steps_keep_their_routes_on_the_device() {
+    for family in FAMILIES {
+        let reference = reference(family);
+        let ids = &reference.input_ids[..6.min(reference.input_ids.len())];
+        let mut resident = load(family, VramBudget::All, EvictionPolicy::Lru);
+        let mut offloaded = load(family, TOP_K_SLOTS, EvictionPolicy::Lru);
+        let (mut rc, mut oc) = (resident.new_cache(ids.len()).unwrap(), offloaded.new_cache(ids.len()).unwrap());
+        for &id in ids {
+            let r = resident.forward(&[id], &mut rc, LogitsFor::All).unwrap();
+            let o = offloaded.forward(&[id], &mut oc, LogitsFor::All).unwrap();
+            assert_eq!(r.logits, o.logits, "{family}: resident logits differ from offloaded");
+            assert_eq!(r.routing, o.routing, "{family}");
+            let moe_layers = o.routing.iter().filter(|l| !l.is_empty()).count();
+            assert!(moe_layers >= 1, "{family}");
+            assert_eq!(r.host_reads, 2, "{family}: the logits and the routes");
+            assert_eq!(o.host_reads, moe_layers + 1, "{family}: each layer's routes and the logits");
+        }
+        let (r, o) = (resident.experts().stats(), offloaded.experts().stats());
+        assert_eq!((r.hits, r.misses), (o.hits + o.misses, 0), "{family}: every use counted as a hit");
+        assert_eq!(resident.experts().usage(), offloaded.experts().usage(), "{family}");
+    }
 }
 
 #[test]

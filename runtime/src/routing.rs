@@ -1,7 +1,10 @@
 //! Router decisions on the host: which experts each token uses and with what weight.
 //!
-//! Router logits are read back from the GPU once per MoE layer; the choice is made here because
-//! the expert manager (also on the host) must know it before expert compute is scheduled.
+//! The forward pass routes on the device (`ferry_shaders::route`) and reads the result back
+//! where the expert manager must know it before expert compute is scheduled; this host rule
+//! (the same code as the kernel's reference) routes the predictors' guesses.
+
+use ferry_shaders::route::Rule;
 
 use crate::spec::{GroupScoring, RouterKind};
 
@@ -14,7 +17,9 @@ pub struct TokenRoute {
 }
 
 /// Routes every token. `logits` is row-major `[tokens, num_experts]`; `score_bias` is the
-/// per-expert selection bias of routers that have one (DeepSeek-V3).
+/// per-expert selection bias of routers that have one (DeepSeek-V3). The host twin of the
+/// device kernel (`ferry_shaders::route`), which the forward pass uses; this one serves the
+/// predictors and tests.
 pub fn route(
     logits: &[f32],
     score_bias: Option<&[f32]>,
@@ -24,97 +29,29 @@ pub fn route(
 ) -> Vec<TokenRoute> {
     logits
         .chunks_exact(num_experts)
-        .map(|row| match kind {
-            RouterKind::SoftmaxTopK { renormalize } => softmax_top_k(row, top_k, renormalize),
-            RouterKind::Grouped { scoring, groups, topk_groups, renormalize, scaling } => {
-                grouped_top_k(row, score_bias, top_k, scoring, groups, topk_groups, renormalize, scaling)
-            }
-            RouterKind::TopKSoftmax => {
-                let mut order = descending(row);
-                order.truncate(top_k);
-                let top: Vec<f32> = order.iter().map(|&e| row[e]).collect();
-                TokenRoute { experts: order.into_iter().map(|e| e as u32).collect(), weights: softmax(&top) }
-            }
+        .map(|row| {
+            let (experts, weights) = ferry_shaders::route::reference(row, score_bias, top_k, rule(kind));
+            TokenRoute { experts, weights }
         })
         .collect()
 }
 
-/// Indices of `values` in descending order; equal values keep the lower index first, as
-/// torch.topk does on CPU.
-fn descending(values: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
-    order
+/// The kernels' name for a family's routing rule.
+pub fn rule(kind: RouterKind) -> Rule {
+    match kind {
+        RouterKind::SoftmaxTopK { renormalize } => Rule::SoftmaxTopK { renormalize },
+        RouterKind::TopKSoftmax => Rule::TopKSoftmax,
+        RouterKind::Grouped { scoring, groups, topk_groups, renormalize, scaling } => Rule::Grouped {
+            sigmoid: scoring == GroupScoring::SigmoidSumTop2,
+            groups,
+            topk_groups,
+            renormalize,
+            scaling,
+        },
+    }
 }
 
-/// DeepSeek's group-limited top-k (see `RouterKind::Grouped`). The experts come out in
-/// descending order of the score they were selected on.
-#[allow(clippy::too_many_arguments)] // the router's parameters, as the config gives them
-fn grouped_top_k(
-    row: &[f32],
-    score_bias: Option<&[f32]>,
-    top_k: usize,
-    scoring: GroupScoring,
-    groups: usize,
-    topk_groups: usize,
-    renormalize: bool,
-    scaling: f32,
-) -> TokenRoute {
-    let scores: Vec<f32> = match scoring {
-        GroupScoring::SoftmaxMax => softmax(row),
-        GroupScoring::SigmoidSumTop2 => row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
-    };
-    let choice: Vec<f32> = match score_bias {
-        Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
-        None => scores.clone(),
-    };
-    let per_group = row.len() / groups.max(1);
-    let group_scores: Vec<f32> = choice
-        .chunks_exact(per_group)
-        .map(|g| match scoring {
-            GroupScoring::SoftmaxMax => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            GroupScoring::SigmoidSumTop2 => {
-                let order = descending(g);
-                order.iter().take(2).map(|&i| g[i]).sum()
-            }
-        })
-        .collect();
-    let mut kept = vec![false; groups.max(1)];
-    for g in descending(&group_scores).into_iter().take(topk_groups) {
-        kept[g] = true;
-    }
-    // transformers fills the dropped groups with 0.0 (not -inf) before its top-k.
-    let masked: Vec<f32> = choice.iter().enumerate().map(|(e, &s)| if kept[e / per_group] { s } else { 0.0 }).collect();
-    let mut order = descending(&masked);
-    order.truncate(top_k);
-    let mut weights: Vec<f32> = order.iter().map(|&e| scores[e]).collect();
-    if renormalize {
-        let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
-        weights.iter_mut().for_each(|w| *w /= sum);
-    }
-    weights.iter_mut().for_each(|w| *w *= scaling);
-    TokenRoute { experts: order.into_iter().map(|e| e as u32).collect(), weights }
-}
-
-fn softmax_top_k(row: &[f32], top_k: usize, renormalize: bool) -> TokenRoute {
-    let probs = softmax(row);
-    let mut order = descending(&probs);
-    order.truncate(top_k);
-    let mut weights: Vec<f32> = order.iter().map(|&e| probs[e]).collect();
-    if renormalize {
-        let sum: f32 = weights.iter().sum();
-        weights.iter_mut().for_each(|w| *w /= sum);
-    }
-    TokenRoute { experts: order.into_iter().map(|e| e as u32).collect(), weights }
-}
-
-/// Softmax in f32 with the max subtracted, as torch computes it.
-pub fn softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
-}
+pub use ferry_shaders::route::softmax;
 
 #[cfg(test)]
 mod tests {

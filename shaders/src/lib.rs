@@ -17,6 +17,7 @@ pub mod norm;
 pub mod pairs;
 pub mod reduce;
 pub mod rope;
+pub mod route;
 pub mod split;
 pub mod stream;
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
-use ferry_shaders::expert::{ExpertExtras, PageWork};
+use ferry_shaders::expert::{ExpertExtras, PageWork, Work};
 use ferry_shaders::{cube_float, from_cube};
 use rayon::prelude::*;
 
@@ -181,6 +181,70 @@ impl ExpertCache {
         Ok(LayerOutput { rows, routes })
     }
 
+    /// Whether a MoE layer's experts can run from routes that stay on the device: every expert
+    /// of every MoE layer is resident (so nothing is fetched or evicted, and the bookkeeping can
+    /// wait for the end of the pass) and nothing reads routes or logits on the host meanwhile
+    /// (big-little, tracing, host-computed misses).
+    pub fn routes_stay_on_device(&self) -> bool {
+        self.plan.all_resident()
+            && self.slots.len() >= self.plan.total_experts
+            && self.in_flight.is_empty()
+            && self.selector.is_none()
+            && !self.tracing()
+            && !self.wants_host_tokens()
+    }
+
+    /// Runs one layer's experts over routes on the device (`ferry_shaders::route::route`'s
+    /// `[tokens, 2 * top_k]`): per slot page holding the layer's experts, tables built on the
+    /// device and the grouped kernels, as `run_layer` queues them. Rows as `run_layer`'s; the
+    /// bookkeeping waits for `count_device_routes`. Only when `routes_stay_on_device`.
+    pub fn run_layer_on_device(
+        &mut self,
+        layer: usize,
+        x: Tensor<2>,
+        routes: Tensor<2>,
+        top_k: usize,
+        extras: &ExpertExtras,
+        device: &Device,
+    ) -> Result<Tensor<2>> {
+        let [tokens, hidden] = x.dims();
+        let inter = self.dims().0;
+        let num_experts = self.usage.get(layer).map_or(0, Vec::len);
+        let mut pages: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for e in 0..num_experts {
+            let slot = self.slots.get(&(layer, e)).ok_or_else(|| {
+                FerryError::Gpu(format!("layer {layer} expert {e} is not resident for device routing"))
+            })?;
+            let at = self.pool.locate(slot.index);
+            pages.entry(at.page).or_insert_with(|| vec![u32::MAX; num_experts])[e] = at.slot as u32;
+        }
+        let routes = cube_float(routes)?;
+        let xc = cube_float(x)?;
+        let act = cube_float(Tensor::<2>::empty([tokens * top_k, inter], device))?;
+        // Every (token, rank) row is written by the page that holds its expert.
+        let y = cube_float(Tensor::<2>::empty([tokens * top_k, hidden], device))?;
+        for (page, slots) in pages {
+            let work = ferry_shaders::route::tables(&routes, &slots, top_k);
+            self.page(page)?.swiglu(&xc, Work::Device(&work), extras, &act, &y, device)?;
+        }
+        self.layer = layer;
+        Ok(from_cube(y))
+    }
+
+    /// The bookkeeping `run_layer` does for hits, for a layer run by `run_layer_on_device` once
+    /// its routes are back on the host: uses, the clock, the log and the hit count, per expert in
+    /// index order as `run_layer` takes them.
+    pub fn count_device_routes(&mut self, layer: usize, experts: &[Vec<u32>]) -> Result<()> {
+        let mut needed: Vec<usize> = experts.iter().flatten().map(|&e| e as usize).collect();
+        needed.sort_unstable();
+        needed.dedup();
+        self.layer = layer;
+        for e in needed {
+            self.fetch(layer, e)?;
+        }
+        Ok(())
+    }
+
     /// Where a missed expert goes under `--miss-policy`, counted; `planned` uploads of this
     /// layer come before it.
     fn decide_miss(&mut self, layer: usize, expert: usize, tokens: usize, k: usize, planned: usize) -> Decision {
@@ -297,7 +361,7 @@ impl ExpertCache {
             pages.entry(at.page).or_default().push(at.slot, e, served[e].iter().copied());
         }
         for (page, work) in pages {
-            self.page(page)?.swiglu(b.x, &work, b.extras, b.act, b.y, b.device)?;
+            self.page(page)?.swiglu(b.x, Work::Host(&work), b.extras, b.act, b.y, b.device)?;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use burn_cubecl::tensor::CubeTensor;
 use ferry_shaders::cube_float as float;
-use ferry_shaders::expert::{Bf16Page, ExpertExtras, FloatPage, PackedPage, PageWork};
+use ferry_shaders::expert::{Bf16Page, ExpertExtras, FloatPage, PackedPage, Work};
 
 use super::staging::Staging;
 use super::store::HostExpert;
@@ -73,7 +73,7 @@ impl SlotPage {
     pub fn swiglu(
         &self,
         x: &CubeTensor,
-        work: &PageWork,
+        work: Work<'_>,
         extras: &ExpertExtras,
         act: &CubeTensor,
         y: &CubeTensor,

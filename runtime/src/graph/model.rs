@@ -526,6 +526,9 @@ impl Model {
         let rope_tables = self.rope.tables(cache.len(), tokens, device);
         let mut routing = Vec::with_capacity(self.layers.len());
         let mut host_reads = 0;
+        // MoE layers whose routes stayed on the device: (layer, top-k, routes), read after the
+        // logits in one go.
+        let mut on_device = Vec::new();
         let prefetch_k = self.prefetch_k;
         let pregate_routing = self.pregate_routing;
         // Under --pregate-routing: the routes the previous MoE layer's predictor chose.
@@ -550,10 +553,14 @@ impl Model {
                 }
                 Ffn::Moe(block) => {
                     let pass = MoePass { prefetch_k, received, routes: carried.take(), pregate_routing };
-                    let MoeOutput { rows, parts, routes, next } = block.forward(h_ffn, experts, pass, device)?;
+                    let MoeOutput { rows, parts, routes, next, device_routes } =
+                        block.forward(h_ffn, experts, pass, device)?;
                     routing.push(routes.into_iter().map(|r| r.experts).collect());
                     carried = next;
-                    host_reads += 1;
+                    match device_routes {
+                        Some(routes) => on_device.push((l, block.top_k(), routes)),
+                        None => host_reads += 1,
+                    }
                     (rows, parts)
                 }
                 Ffn::Mole(block) => {
@@ -572,17 +579,44 @@ impl Model {
             };
             (x, h) = add_rms_norm(x, y, parts, norm_after(l), eps);
         }
-        experts.end_forward();
         cache.advance(tokens);
 
         // `h` is the final norm of every position.
-        let h = match logits_for {
-            None => return Ok(ForwardOutput { logits: Vec::new(), routing, host_reads }),
-            Some(LogitsFor::All) => h,
-            Some(LogitsFor::Last) => h.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
+        let logits = match logits_for {
+            None => Vec::new(),
+            Some(wanted) => {
+                let h = match wanted {
+                    LogitsFor::All => h,
+                    LogitsFor::Last => h.slice([tokens - 1..tokens, 0..self.spec.hidden_size]),
+                };
+                host_reads += self.lm_head.blocks();
+                self.lm_head.logits(h)?
+            }
         };
-        let logits = self.lm_head.logits(h)?;
-        host_reads += self.lm_head.blocks();
+        if !on_device.is_empty() {
+            // The device is idle by now: one read settles every layer's bookkeeping.
+            host_reads += 1;
+            let experts = &mut self.experts;
+            let tables: Vec<Tensor<2>> = on_device.iter().map(|(_, _, r)| r.clone()).collect();
+            let values: Vec<f32> = Tensor::cat(tables, 1)
+                .try_into_data()
+                .map_err(|e| FerryError::gpu_read("routes", e))?
+                .try_into_vec()
+                .map_err(|e| FerryError::Gpu(format!("reading routes: {e:?}")))?;
+            let row = values.len() / tokens.max(1);
+            let mut at = 0;
+            for (l, k, _) in on_device {
+                let chosen: Vec<Vec<u32>> = values
+                    .chunks_exact(row)
+                    .flat_map(|r| ferry_shaders::route::parse(&r[at..at + 2 * k], k))
+                    .map(|(e, _)| e)
+                    .collect();
+                at += 2 * k;
+                experts.count_device_routes(l, &chosen)?;
+                routing[l] = chosen;
+            }
+        }
+        self.experts.end_forward();
         Ok(ForwardOutput { logits, routing, host_reads })
     }
 }

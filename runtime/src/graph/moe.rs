@@ -3,7 +3,9 @@
 //! (`ExpertCache::run_layer`), plus the shared expert where the family has one.
 
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_cubecl::tensor::CubeTensor;
+use ferry_shaders::cube_float;
 
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
@@ -51,14 +53,20 @@ pub struct MoeOutput {
     pub parts: usize,
     pub routes: Vec<TokenRoute>,
     pub next: Option<Vec<TokenRoute>>,
+    /// Routes left on the device (`[tokens, 2 * top_k]`, `ferry_shaders::route`'s output) when
+    /// the layer ran without reading them back; `routes` is empty then, and the caller reads
+    /// these once per pass and hands them to `ExpertCache::count_device_routes`.
+    pub device_routes: Option<Tensor<2>>,
 }
 
 /// Router and shared expert of one layer; the routed experts live in the `ExpertCache`.
 pub struct MoeBlock {
     layer: usize,
     router: Linear,
-    /// Per-expert selection bias (DeepSeek-V3's `e_score_correction_bias`).
+    /// Per-expert selection bias (DeepSeek-V3's `e_score_correction_bias`), and on the device
+    /// for the routing kernel.
     score_bias: Option<Vec<f32>>,
+    score_bias_device: Option<CubeTensor>,
     pregate: Option<PreGate>,
     /// The router and the pre-gate as one projection (`[own | predicted]` columns), so that a
     /// pass with prefetching runs one launch for both; set with the pre-gate.
@@ -109,10 +117,15 @@ impl MoeBlock {
         };
         let host_extras = LayerExtras { bias: bias.clone(), clamp };
         let extras = ExpertExtras::new(bias, clamp, loader.split, loader.device)?;
+        let score_bias_device = match &score_bias {
+            Some(b) => Some(cube_float(Tensor::<1>::from_data(TensorData::new(b.clone(), [b.len()]), loader.device))?),
+            None => None,
+        };
         Ok(Self {
             layer,
             router,
             score_bias,
+            score_bias_device,
             extras,
             host_extras,
             pregate: None,
@@ -122,6 +135,10 @@ impl MoeBlock {
             top_k: moe.top_k,
             kind: moe.router,
         })
+    }
+
+    pub fn top_k(&self) -> usize {
+        self.top_k
     }
 
     pub fn router(&self) -> &Linear {
@@ -157,7 +174,7 @@ impl MoeBlock {
         device: &Device,
     ) -> Result<MoeOutput> {
         let MoePass { prefetch_k, received, routes: given, pregate_routing } = pass;
-        let [tokens, hidden] = x.dims();
+        let tokens = x.dims()[0];
         // A trace records the predictor's guesses even when nothing is prefetched, and under
         // --pregate-routing they are the next layer's routing.
         let predict_k = prefetch_k.or((experts.tracing() || pregate_routing).then_some(self.top_k));
@@ -168,11 +185,41 @@ impl MoeBlock {
             (Some(_), Some(both)) => both.forward(x.clone()),
             _ => self.router.forward(x.clone()),
         };
+        let rule = crate::routing::rule(self.kind);
+        let k = self.top_k;
+        // A decode step with every expert resident and nothing to read on the host keeps its
+        // routes on the device: no wait for the host between layers.
+        if tokens == 1
+            && given.is_none()
+            && pregate.is_none()
+            && received.is_none()
+            && rule.on_device()
+            && experts.routes_stay_on_device()
+        {
+            let routes = ferry_shaders::route::route(scores, self.score_bias_device.as_ref(), self.num_experts, k, rule)?;
+            let rows = experts.run_layer_on_device(self.layer, x.clone(), routes.clone(), k, &self.extras, device)?;
+            let (rows, parts) = self.add_shared(rows, x, k);
+            return Ok(MoeOutput { rows, parts, routes: Vec::new(), next: None, device_routes: Some(routes) });
+        }
         let has_received = received.is_some();
         // With misses that may be computed on the host, the tokens come back in the same read.
         let host_tokens = experts.wants_host_tokens();
+        // Every mode routes with the device kernel, so offloaded runs weigh experts with the
+        // bits resident ones do; routes given by the previous layer's predictor need none.
+        let routed = match given.is_none() && rule.on_device() {
+            true => Some(ferry_shaders::route::route(
+                scores.clone(),
+                self.score_bias_device.as_ref(),
+                self.num_experts,
+                k,
+                rule,
+            )?),
+            false => None,
+        };
+        let scores_width = scores.dims()[1];
         let mut parts = vec![scores];
         parts.extend(received);
+        parts.extend(routed);
         if host_tokens {
             parts.push(x.clone());
         }
@@ -183,16 +230,22 @@ impl MoeBlock {
             .try_into_vec()
             .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
         let row = logits.len() / tokens;
-        // Columns: [own router | pre-gate | received | tokens].
-        let width = row - if host_tokens { hidden } else { 0 };
-        let x_host: Option<Vec<f32>> =
-            host_tokens.then(|| logits.chunks_exact(row).flat_map(|r| &r[width..]).copied().collect());
-        let targets = width - self.num_experts - usize::from(has_received);
+        // Columns: [own router | pre-gate | received | routes | tokens].
+        let routes_at = scores_width + usize::from(has_received);
+        let routes_width = if given.is_none() && rule.on_device() { 2 * k } else { 0 };
+        let x_host: Option<Vec<f32>> = host_tokens
+            .then(|| logits.chunks_exact(row).flat_map(|r| &r[routes_at + routes_width..]).copied().collect());
+        let targets = scores_width - self.num_experts;
         let own: Vec<f32> = logits.chunks_exact(row).flat_map(|r| &r[..self.num_experts]).copied().collect();
-        let received: Option<Vec<f32>> = has_received.then(|| logits.chunks_exact(row).map(|r| r[width - 1]).collect());
+        let received: Option<Vec<f32>> = has_received.then(|| logits.chunks_exact(row).map(|r| r[scores_width]).collect());
         let routes = match given {
             Some(routes) => routes,
-            None => route(&own, self.score_bias.as_deref(), self.num_experts, self.top_k, self.kind),
+            None if routes_width > 0 => logits
+                .chunks_exact(row)
+                .flat_map(|r| ferry_shaders::route::parse(&r[routes_at..routes_at + routes_width], k))
+                .map(|(experts, weights)| TokenRoute { experts, weights })
+                .collect(),
+            None => route(&own, self.score_bias.as_deref(), self.num_experts, k, self.kind),
         };
         let predicted: Vec<f32> =
             logits.chunks_exact(row).flat_map(|r| &r[self.num_experts..self.num_experts + targets]).copied().collect();
@@ -222,14 +275,20 @@ impl MoeBlock {
             prediction,
         };
         let LayerOutput { rows, routes } = experts.run_layer(request, device)?;
-        let k = self.top_k;
-        let Some(shared) = &self.shared else { return Ok(MoeOutput { rows, parts: k, routes, next }) };
+        let (rows, parts) = self.add_shared(rows, x, k);
+        Ok(MoeOutput { rows, parts, routes, next, device_routes: None })
+    }
+
+    /// The routed rows (`k` per token) as they are, or summed per token with the shared
+    /// expert's output added where the family has one: the rows and their parts per token.
+    fn add_shared(&self, rows: Tensor<2>, x: Tensor<2>, k: usize) -> (Tensor<2>, usize) {
+        let Some(shared) = &self.shared else { return (rows, k) };
+        let [tokens, hidden] = x.dims();
         let mut y = shared.mlp.forward(x.clone());
         if let Some(gate) = &shared.gate {
             y = y * sigmoid(gate.forward(x));
         }
-        let out = rows.reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]) + y;
-        Ok(MoeOutput { rows: out, parts: 1, routes, next })
+        (rows.reshape([tokens, k, hidden]).sum_dim(1).reshape([tokens, hidden]) + y, 1)
     }
 }
 

@@ -15,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, activate, group_at};
+use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::ShaderError;
 use crate::lanes::{load_vec, widen};
 use crate::split::{combine, combine_pair};
@@ -272,7 +272,7 @@ impl Bf16Page {
     pub fn swiglu(
         &self,
         x: &CubeTensor,
-        work: &PageWork,
+        work: Work<'_>,
         extras: &ExpertExtras,
         act: &CubeTensor,
         y: &CubeTensor,

@@ -151,6 +151,34 @@ impl PageWork {
     }
 }
 
+/// A page launch's tables built on the device from routes that stay there (`route::tables`):
+/// `n_groups` groups of one assignment each.
+pub struct DeviceWork {
+    pub groups: CubeTensor,
+    pub assign: CubeTensor,
+    pub weights: CubeTensor,
+    pub n_groups: usize,
+}
+
+/// The work of one page launch: tables built on the host and uploaded, or already on the device.
+#[derive(Clone, Copy)]
+pub enum Work<'a> {
+    Host(&'a PageWork),
+    Device(&'a DeviceWork),
+}
+
+impl<'a> From<&'a PageWork> for Work<'a> {
+    fn from(work: &'a PageWork) -> Self {
+        Work::Host(work)
+    }
+}
+
+impl<'a> From<&'a DeviceWork> for Work<'a> {
+    fn from(work: &'a DeviceWork) -> Self {
+        Work::Device(work)
+    }
+}
+
 /// A page launch's routing, on the GPU.
 pub(crate) struct Launch {
     pub groups: CubeTensor,
@@ -184,28 +212,33 @@ impl Launch {
         crate::launches::record_matrix(&self.cubes(rows, shape), &shape.dim, per_group * u64::from(self.n_groups));
     }
 
-    /// Uploads `work`'s tables for experts of `hidden` x `inter`; None when there is no work.
+    /// Uploads `work`'s tables (or takes them from the device) for experts of `hidden` x
+    /// `inter`; None when there is no work.
     pub fn new(
-        work: &PageWork,
+        work: Work<'_>,
         extras: &ExpertExtras,
         device: &Device,
         hidden: usize,
         inter: usize,
     ) -> Result<Option<Self>, ShaderError> {
-        if work.is_empty() {
-            return Ok(None);
-        }
-        let ints =
-            |v: &[u32]| cube_int(BurnTensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device));
+        let (groups, assign, weights, n_groups) = match work {
+            Work::Host(work) if work.is_empty() => return Ok(None),
+            Work::Host(work) => {
+                let ints = |v: &[u32]| {
+                    cube_int(BurnTensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device))
+                };
+                let weights = BurnTensor::<1>::from_data(TensorData::new(work.weights.clone(), [work.weights.len()]), device);
+                (ints(&work.groups)?, ints(&work.assign)?, cube_float(weights)?, work.groups.len() / 4)
+            }
+            Work::Device(work) if work.n_groups == 0 => return Ok(None),
+            Work::Device(work) => (work.groups.clone(), work.assign.clone(), work.weights.clone(), work.n_groups),
+        };
         let (bias_gate_up, bias_down) = extras.bias_args();
         Ok(Some(Self {
-            groups: ints(&work.groups)?,
-            assign: ints(&work.assign)?,
-            weights: cube_float(BurnTensor::<1>::from_data(
-                TensorData::new(work.weights.clone(), [work.weights.len()]),
-                device,
-            ))?,
-            n_groups: (work.groups.len() / 4) as u32,
+            groups,
+            assign,
+            weights,
+            n_groups: n_groups as u32,
             extras: extras.clone(),
             bias_gate_up,
             bias_down,

@@ -9,7 +9,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, PageWork, activate, group_at};
+use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::lanes::load_vec;
 use crate::split::{combine, combine_pair};
@@ -238,7 +238,7 @@ impl FloatPage {
     pub fn swiglu(
         &self,
         x: &CubeTensor,
-        work: &PageWork,
+        work: Work<'_>,
         extras: &ExpertExtras,
         act: &CubeTensor,
         y: &CubeTensor,

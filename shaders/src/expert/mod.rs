@@ -13,7 +13,7 @@ mod float;
 mod packed;
 
 pub use bf16::{Bf16Page, pack_bf16, unpack_bf16};
-pub use common::{ExpertExtras, PageWork};
+pub use common::{DeviceWork, ExpertExtras, PageWork, Work};
 pub use float::FloatPage;
 pub use packed::PackedPage;
 
@@ -261,9 +261,9 @@ mod tests {
                 }
             }
             match page {
-                Page::Float(page) => page.swiglu(&xc, &work, &extras, &act, &y, device).unwrap(),
-                Page::Bf16(page) => page.swiglu(&xc, &work, &extras, &act, &y, device).unwrap(),
-                Page::Packed(page) => page.swiglu(&xc, &work, &extras, &act, &y, device).unwrap(),
+                Page::Float(page) => page.swiglu(&xc, (&work).into(), &extras, &act, &y, device).unwrap(),
+                Page::Bf16(page) => page.swiglu(&xc, (&work).into(), &extras, &act, &y, device).unwrap(),
+                Page::Packed(page) => page.swiglu(&xc, (&work).into(), &extras, &act, &y, device).unwrap(),
             }
         }
         let got: Vec<f32> = from_cube::<2>(y).into_data().try_into_vec::<f32>().unwrap();
