@@ -367,31 +367,47 @@ fn a_budget_below_one_layers_top_k_says_the_minimum() {
     assert!(err.contains("--vram-budget"), "{err}");
 }
 
-/// With every expert resident a decode step keeps its routes on the device: it reads the host
-/// twice (the logits, then every MoE layer's routes at once) whatever the number of MoE layers,
-/// against once per MoE layer plus the logits offloaded; it reports the same routing, counts
-/// the same expert uses as hits, and computes the offloaded run's bits.
+/// With every expert resident (in at most top-k pages per layer) a decode step keeps its routes
+/// on the device: it reads the host twice (the logits, then every MoE layer's routes at once)
+/// whatever the number of MoE layers, against once per MoE layer plus the logits offloaded; it
+/// reports the same routing, counts the same expert uses as hits, and computes the offloaded
+/// run's bits.
 #[test]
 fn resident_decode_steps_keep_their_routes_on_the_device() {
     for family in FAMILIES {
         let reference = reference(family);
         let ids = &reference.input_ids[..6.min(reference.input_ids.len())];
-        let mut resident = load(family, VramBudget::All, EvictionPolicy::Lru);
-        let mut offloaded = load(family, TOP_K_SLOTS, EvictionPolicy::Lru);
-        let (mut rc, mut oc) = (resident.new_cache(ids.len()).unwrap(), offloaded.new_cache(ids.len()).unwrap());
-        for &id in ids {
-            let r = resident.forward(&[id], &mut rc, LogitsFor::All).unwrap();
-            let o = offloaded.forward(&[id], &mut oc, LogitsFor::All).unwrap();
-            assert_eq!(r.logits, o.logits, "{family}: resident logits differ from offloaded");
-            assert_eq!(r.routing, o.routing, "{family}");
-            let moe_layers = o.routing.iter().filter(|l| !l.is_empty()).count();
-            assert!(moe_layers >= 1, "{family}");
-            assert_eq!(r.host_reads, 2, "{family}: the logits and the routes");
-            assert_eq!(o.host_reads, moe_layers + 1, "{family}: each layer's routes and the logits");
+        let opened = ferry_models::open(&fixture(family)).unwrap();
+        let (moe, projection) =
+            (&opened.spec.moe, opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4);
+        // Default pages (a layer's experts in one), then each layer's experts over two pages
+        // (at most top-k keep the routes on the device), each page with its own tables.
+        assert!(moe.top_k >= 2 && moe.num_experts % 2 == 0, "{family}");
+        let per_page = moe.num_experts / 2;
+        // One expert per page spreads a layer over more pages than top-k: its routes come back.
+        for (page_bytes, on_device) in
+            [(None, true), (Some((projection * per_page) as u64), true), (Some(projection as u64), false)]
+        {
+            let options = ExpertOptions { page_bytes, ..Default::default() };
+            let mut resident = Model::load_with(opened.spec.clone(), &opened.weights, &gpu().device, options).unwrap();
+            let mut offloaded = load(family, TOP_K_SLOTS, EvictionPolicy::Lru);
+            let (mut rc, mut oc) = (resident.new_cache(ids.len()).unwrap(), offloaded.new_cache(ids.len()).unwrap());
+            for &id in ids {
+                let r = resident.forward(&[id], &mut rc, LogitsFor::All).unwrap();
+                let o = offloaded.forward(&[id], &mut oc, LogitsFor::All).unwrap();
+                assert_eq!(r.logits, o.logits, "{family} {page_bytes:?}: resident logits differ from offloaded");
+                assert_eq!(r.routing, o.routing, "{family}");
+                let moe_layers = o.routing.iter().filter(|l| !l.is_empty()).count();
+                assert!(moe_layers >= 1, "{family}");
+                let blocks = resident.lm_head_blocks();
+                let routes = if on_device { 1 } else { moe_layers };
+                assert_eq!(r.host_reads, blocks + routes, "{family} {page_bytes:?}: the logits and the routes");
+                assert_eq!(o.host_reads, moe_layers + 1, "{family}: each layer's routes and the logits");
+            }
+            let (r, o) = (resident.experts().stats(), offloaded.experts().stats());
+            assert_eq!((r.hits, r.misses), (o.hits + o.misses, 0), "{family}: every use counted as a hit");
+            assert_eq!(resident.experts().usage(), offloaded.experts().usage(), "{family}");
         }
-        let (r, o) = (resident.experts().stats(), offloaded.experts().stats());
-        assert_eq!((r.hits, r.misses), (o.hits + o.misses, 0), "{family}: every use counted as a hit");
-        assert_eq!(resident.experts().usage(), offloaded.experts().usage(), "{family}");
     }
 }
 

@@ -387,7 +387,8 @@ pub fn tables(route: &CubeTensor, slots: &[u32], top_k: usize) -> DeviceWork {
     };
     let (groups, assign, weights) = (make(n * 4, DType::U32), make(n * 2, DType::U32), make(n, DType::F32));
     let handle = client.create_from_slice(bytemuck::cast_slice(slots));
-    let slots = CubeTensor::new_contiguous(client.clone(), route.device.clone(), [slots.len()].into(), handle, DType::U32);
+    let slots =
+        CubeTensor::new_contiguous(client.clone(), route.device.clone(), [slots.len()].into(), handle, DType::U32);
     let dim = CubeDim::new(&client, n.max(1));
     let count = calculate_cube_count_elemwise(&client, n.max(1), dim);
     crate::launches::record(&count, &dim);
@@ -407,7 +408,10 @@ pub fn tables(route: &CubeTensor, slots: &[u32], top_k: usize) -> DeviceWork {
 
 /// `route`'s output read back: per token, its experts and weights.
 pub fn parse(values: &[f32], top_k: usize) -> Vec<(Vec<u32>, Vec<f32>)> {
-    values.chunks_exact(2 * top_k).map(|r| (r[..top_k].iter().map(|&e| e as u32).collect(), r[top_k..].to_vec())).collect()
+    values
+        .chunks_exact(2 * top_k)
+        .map(|r| (r[..top_k].iter().map(|&e| e as u32).collect(), r[top_k..].to_vec()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -467,8 +471,8 @@ mod tests {
     fn device_routing_scores_dropped_groups_zero() {
         let device = &device();
         let rule = Rule::Grouped { sigmoid: true, groups: 2, topk_groups: 1, renormalize: false, scaling: 1.0 };
-        let bias = cube_float(Tensor::<1>::from_data(TensorData::new(vec![-0.4f32, -0.9, -2.0, -2.0], [4]), device))
-            .unwrap();
+        let bias =
+            cube_float(Tensor::<1>::from_data(TensorData::new(vec![-0.4f32, -0.9, -2.0, -2.0], [4]), device)).unwrap();
         let t = Tensor::<2>::from_data(TensorData::new(vec![0.0f32; 4], [1, 4]), device);
         let got = route(t, Some(&bias), 4, 2, rule).unwrap();
         let got = parse(&got.into_data().try_to_vec::<f32>().unwrap(), 2);

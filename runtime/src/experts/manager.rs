@@ -183,15 +183,34 @@ impl ExpertCache {
 
     /// Whether a MoE layer's experts can run from routes that stay on the device: every expert
     /// of every MoE layer is resident (so nothing is fetched or evicted, and the bookkeeping can
-    /// wait for the end of the pass) and nothing reads routes or logits on the host meanwhile
-    /// (big-little, tracing, host-computed misses).
-    pub fn routes_stay_on_device(&self) -> bool {
+    /// wait for the end of the pass), nothing reads routes or logits on the host meanwhile
+    /// (big-little, tracing, host-computed misses), and the layer's experts sit in at most
+    /// `top_k` slot pages: routes on the device launch the kernels once per page holding any of
+    /// the layer's experts, routes on the host once per page the token needs, at most `top_k`
+    /// (a GPU binds a layer's experts in a page or two; lavapipe's 128 MiB binding spreads an
+    /// OLMoE layer's f32 experts over 13, where the host's read costs less than the launches).
+    pub fn routes_stay_on_device(&self, layer: usize, top_k: usize) -> bool {
         self.plan.all_resident()
             && self.slots.len() >= self.plan.total_experts
             && self.in_flight.is_empty()
             && self.selector.is_none()
             && !self.tracing()
             && !self.wants_host_tokens()
+            && self.layer_pages(layer).len() <= top_k
+    }
+
+    /// Per slot page holding any of the layer's resident experts, each expert's slot in it
+    /// (`u32::MAX` for the experts elsewhere).
+    fn layer_pages(&self, layer: usize) -> BTreeMap<usize, Vec<u32>> {
+        let num_experts = self.usage.get(layer).map_or(0, Vec::len);
+        let mut pages: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for e in 0..num_experts {
+            if let Some(slot) = self.slots.get(&(layer, e)) {
+                let at = self.pool.locate(slot.index);
+                pages.entry(at.page).or_insert_with(|| vec![u32::MAX; num_experts])[e] = at.slot as u32;
+            }
+        }
+        pages
     }
 
     /// Runs one layer's experts over routes on the device (`ferry_shaders::route::route`'s
@@ -210,14 +229,10 @@ impl ExpertCache {
         let [tokens, hidden] = x.dims();
         let inter = self.dims().0;
         let num_experts = self.usage.get(layer).map_or(0, Vec::len);
-        let mut pages: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
-        for e in 0..num_experts {
-            let slot = self.slots.get(&(layer, e)).ok_or_else(|| {
-                FerryError::Gpu(format!("layer {layer} expert {e} is not resident for device routing"))
-            })?;
-            let at = self.pool.locate(slot.index);
-            pages.entry(at.page).or_insert_with(|| vec![u32::MAX; num_experts])[e] = at.slot as u32;
+        if (0..num_experts).any(|e| !self.is_resident(layer, e)) {
+            return Err(FerryError::Gpu(format!("layer {layer}: routes on the device with experts not resident")));
         }
+        let pages = self.layer_pages(layer);
         let routes = cube_float(routes)?;
         let xc = cube_float(x)?;
         let act = cube_float(Tensor::<2>::empty([tokens * top_k, inter], device))?;

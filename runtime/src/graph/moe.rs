@@ -194,9 +194,10 @@ impl MoeBlock {
             && pregate.is_none()
             && received.is_none()
             && rule.on_device()
-            && experts.routes_stay_on_device()
+            && experts.routes_stay_on_device(self.layer, k)
         {
-            let routes = ferry_shaders::route::route(scores, self.score_bias_device.as_ref(), self.num_experts, k, rule)?;
+            let routes =
+                ferry_shaders::route::route(scores, self.score_bias_device.as_ref(), self.num_experts, k, rule)?;
             let rows = experts.run_layer_on_device(self.layer, x.clone(), routes.clone(), k, &self.extras, device)?;
             let (rows, parts) = self.add_shared(rows, x, k);
             return Ok(MoeOutput { rows, parts, routes: Vec::new(), next: None, device_routes: Some(routes) });
@@ -237,7 +238,8 @@ impl MoeBlock {
             .then(|| logits.chunks_exact(row).flat_map(|r| &r[routes_at + routes_width..]).copied().collect());
         let targets = scores_width - self.num_experts;
         let own: Vec<f32> = logits.chunks_exact(row).flat_map(|r| &r[..self.num_experts]).copied().collect();
-        let received: Option<Vec<f32>> = has_received.then(|| logits.chunks_exact(row).map(|r| r[scores_width]).collect());
+        let received: Option<Vec<f32>> =
+            has_received.then(|| logits.chunks_exact(row).map(|r| r[scores_width]).collect());
         let routes = match given {
             Some(routes) => routes,
             None if routes_width > 0 => logits

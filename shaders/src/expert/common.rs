@@ -227,7 +227,8 @@ impl Launch {
                 let ints = |v: &[u32]| {
                     cube_int(BurnTensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), device))
                 };
-                let weights = BurnTensor::<1>::from_data(TensorData::new(work.weights.clone(), [work.weights.len()]), device);
+                let weights =
+                    BurnTensor::<1>::from_data(TensorData::new(work.weights.clone(), [work.weights.len()]), device);
                 (ints(&work.groups)?, ints(&work.assign)?, cube_float(weights)?, work.groups.len() / 4)
             }
             Work::Device(work) if work.n_groups == 0 => return Ok(None),
