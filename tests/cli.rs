@@ -543,6 +543,19 @@ fn miss_policy_cpu_runs_without_expert_slots_and_bad_values_name_the_flag() {
     }
 }
 
+/// `--routing` end to end: device and host routing generate the same greedy tokens, and a bad
+/// value is refused naming the flag and the value.
+#[test]
+fn routing_on_the_device_or_the_host_gives_the_same_tokens_and_bad_values_name_the_flag() {
+    let model = fixture("deepseek_v3");
+    let base = ["generate", "--model", model.to_str().unwrap(), "--ids", "5,6,7", "--max-new-tokens", "4", "--json"];
+    let device = json_of(&ferry(&[&base[..], &["--routing", "device"]].concat()));
+    let host = json_of(&ferry(&[&base[..], &["--routing", "host"]].concat()));
+    assert_eq!(device["ids"], host["ids"]);
+    let line = error_line(&ferry(&[&base[..], &["--routing", "sideways"]].concat()));
+    assert!(line.contains("--routing") && line.contains("'sideways'"), "{line}");
+}
+
 #[test]
 fn a_link_so_slow_its_wait_overflows_is_refused_by_the_flag() {
     let model = fixture("olmoe");

@@ -7,7 +7,7 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::ExpertStats;
 use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
-use ferry_runtime::options::{DecodeSplit, EvictionPolicy, ExpertDtype, MissPolicy, UploadPath, VramBudget};
+use ferry_runtime::options::{DecodeSplit, EvictionPolicy, ExpertDtype, MissPolicy, Routing, UploadPath, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
@@ -367,11 +367,11 @@ fn a_budget_below_one_layers_top_k_says_the_minimum() {
     assert!(err.contains("--vram-budget"), "{err}");
 }
 
-/// With every expert resident (in at most top-k pages per layer) a decode step keeps its routes
-/// on the device: it reads the host twice (the logits, then every MoE layer's routes at once)
-/// whatever the number of MoE layers, against once per MoE layer plus the logits offloaded; it
-/// reports the same routing, counts the same expert uses as hits, and computes the offloaded
-/// run's bits.
+/// Under `--routing device`, with every expert resident (in at most top-k pages per layer) a
+/// decode step keeps its routes on the device: it reads the host twice (the logits, then every
+/// MoE layer's routes at once) whatever the number of MoE layers, against once per MoE layer
+/// plus the logits offloaded or under `--routing host`; it reports the same routing, counts the
+/// same expert uses as hits, and computes the offloaded run's bits.
 #[test]
 fn resident_decode_steps_keep_their_routes_on_the_device() {
     for family in FAMILIES {
@@ -380,34 +380,51 @@ fn resident_decode_steps_keep_their_routes_on_the_device() {
         let opened = ferry_models::open(&fixture(family)).unwrap();
         let (moe, projection) =
             (&opened.spec.moe, opened.spec.hidden_size * opened.spec.moe.expert_intermediate_size * 4);
+        let model = |budget, page_bytes, routing| {
+            let options = ExpertOptions { budget, page_bytes, routing, ..Default::default() };
+            Model::load_with(opened.spec.clone(), &opened.weights, &gpu().device, options).unwrap()
+        };
         // Default pages (a layer's experts in one), then each layer's experts over two pages
-        // (at most top-k keep the routes on the device), each page with its own tables.
+        // (at most top-k keep the routes on the device), each page with its own tables; one
+        // expert per page spreads a layer over more pages than top-k: its routes come back.
         assert!(moe.top_k >= 2 && moe.num_experts % 2 == 0, "{family}");
         let per_page = moe.num_experts / 2;
-        // One expert per page spreads a layer over more pages than top-k: its routes come back.
-        for (page_bytes, on_device) in
-            [(None, true), (Some((projection * per_page) as u64), true), (Some(projection as u64), false)]
-        {
-            let options = ExpertOptions { page_bytes, ..Default::default() };
-            let mut resident = Model::load_with(opened.spec.clone(), &opened.weights, &gpu().device, options).unwrap();
-            let mut offloaded = load(family, TOP_K_SLOTS, EvictionPolicy::Lru);
+        let halves = Some((projection * per_page) as u64);
+        for (page_bytes, routing, on_device) in [
+            (None, Routing::Device, true),
+            (halves, Routing::Device, true),
+            (Some(projection as u64), Routing::Device, false),
+            (None, Routing::Host, false),
+        ] {
+            let mut resident = model(VramBudget::All, page_bytes, routing);
+            let mut offloaded = model(TOP_K_SLOTS, None, routing);
             let (mut rc, mut oc) = (resident.new_cache(ids.len()).unwrap(), offloaded.new_cache(ids.len()).unwrap());
             for &id in ids {
                 let r = resident.forward(&[id], &mut rc, LogitsFor::All).unwrap();
                 let o = offloaded.forward(&[id], &mut oc, LogitsFor::All).unwrap();
-                assert_eq!(r.logits, o.logits, "{family} {page_bytes:?}: resident logits differ from offloaded");
-                assert_eq!(r.routing, o.routing, "{family}");
+                let case = format!("{family} {page_bytes:?} {routing}");
+                assert_eq!(r.logits, o.logits, "{case}: resident logits differ from offloaded");
+                assert_eq!(r.routing, o.routing, "{case}");
                 let moe_layers = o.routing.iter().filter(|l| !l.is_empty()).count();
-                assert!(moe_layers >= 1, "{family}");
-                let blocks = resident.lm_head_blocks();
+                assert!(moe_layers >= 1, "{case}");
                 let routes = if on_device { 1 } else { moe_layers };
-                assert_eq!(r.host_reads, blocks + routes, "{family} {page_bytes:?}: the logits and the routes");
-                assert_eq!(o.host_reads, moe_layers + 1, "{family}: each layer's routes and the logits");
+                assert_eq!(r.host_reads, resident.lm_head_blocks() + routes, "{case}: the logits and the routes");
+                assert_eq!(o.host_reads, moe_layers + 1, "{case}: each layer's routes and the logits");
             }
             let (r, o) = (resident.experts().stats(), offloaded.experts().stats());
             assert_eq!((r.hits, r.misses), (o.hits + o.misses, 0), "{family}: every use counted as a hit");
             assert_eq!(resident.experts().usage(), offloaded.experts().usage(), "{family}");
         }
+        // Device routing keeps transformers' greedy tokens; auto is the host on a CPU adapter
+        // (lavapipe, where launches cost more than reads) and the device on a GPU.
+        let n = reference.greedy.new_ids.len();
+        let mut engine = Engine::new(model(VramBudget::All, None, Routing::Device), None);
+        let tokens = greedy(&mut engine, &reference.greedy.prompt_ids, n);
+        assert_eq!(tokens, reference.greedy.new_ids, "{family}: greedy tokens under device routing");
+        let steps = |routing| stepwise_logits(&mut model(VramBudget::All, None, routing), ids);
+        let (device, host, auto) = (steps(Routing::Device), steps(Routing::Host), steps(Routing::Auto));
+        let cpu = gpu().adapter.device_type == "Cpu";
+        assert!(auto == if cpu { host } else { device }, "{family}: auto routing on a CPU adapter: {cpu}");
     }
 }
 

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_runtime::lut::LutDtype;
 use ferry_runtime::options::{
     AdapterChoice, BigFallback, ByteSize, DEFAULT_PREFILL_CHUNK, DecodeSplit, DenseDtype, EvictionPolicy, ExpertDtype,
-    ExpertsMode, Importance, LinkModel, MissPolicy, OptionError, PrefetchMode, UploadPath, VramBudget,
+    ExpertsMode, Importance, LinkModel, MissPolicy, OptionError, PrefetchMode, Routing, UploadPath, VramBudget,
 };
 use strum::VariantNames;
 
@@ -477,6 +477,12 @@ pub struct ModelArgs {
     /// are the same.
     #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
     pub upload: UploadPath,
+    /// Where router logits become experts and weights: device (a kernel; with every expert
+    /// resident a decode step then waits for the host twice, not once per MoE layer), host (the
+    /// logits read back), or auto (device on a GPU, host on a CPU adapter such as lavapipe,
+    /// where a launch costs more than the read). Weights differ between them by float rounding.
+    #[arg(long, default_value_t = Routing::Auto, value_parser = choice::<Routing>())]
+    pub routing: Routing,
     /// What happens to a routed expert that is not on the GPU: upload (into a slot, exact),
     /// cpu (computed on the host from host memory while the GPU computes the resident ones;
     /// differs by float rounding; only free slots are filled, by the first experts used), or auto (per expert and step, whichever
@@ -648,6 +654,9 @@ pub struct BenchArgs {
     /// How missed experts are uploaded (see generate --help), for every mode.
     #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
     pub upload: UploadPath,
+    /// Where routing runs (see generate --help), for every mode.
+    #[arg(long, default_value_t = Routing::Auto, value_parser = choice::<Routing>())]
+    pub routing: Routing,
     /// Miss policies to measure for every offloaded mode (comma-separated, e.g.
     /// upload,cpu,auto; see generate --help).
     #[arg(long = "miss-policy", value_delimiter = ',', default_values_t = [MissPolicy::Upload], value_parser = choice::<MissPolicy>())]

@@ -187,6 +187,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         dense_dtype,
         decode_split: args.decode_split,
         upload: args.upload,
+        routing: args.routing,
         miss_policy: args.miss_policy,
         cpu_threads: args.cpu_threads,
     })

@@ -236,6 +236,24 @@ pub enum UploadPath {
     Burn,
 }
 
+/// Where router logits become experts and weights (`--routing`): `device`, a kernel whose result
+/// stays on the GPU when every expert is resident (a decode step then reads the host twice, not
+/// once per MoE layer) and is read back with the logits otherwise; `host`, read the logits back
+/// and route on the CPU; `auto`: the device on a GPU, the host on a CPU adapter, where each
+/// launch costs more than the read it saves. Weights differ between the two by float rounding;
+/// offloaded and resident runs of one setting stay bit-identical.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, strum::EnumString, strum::Display, strum::VariantNames,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum Routing {
+    #[default]
+    Auto,
+    Device,
+    Host,
+}
+
 /// What happens to a routed expert that is not resident (`--miss-policy`): `upload` copies it
 /// into a slot and the GPU computes it (exact: offloaded output equals all-resident output);
 /// `cpu` computes it on the host from host memory while the GPU computes the resident ones
@@ -639,6 +657,8 @@ pub struct ExpertOptions {
     pub decode_split: DecodeSplit,
     /// How missed experts are uploaded (`--upload`).
     pub upload: UploadPath,
+    /// Where routing runs (`--routing`). Set when the model is loaded.
+    pub routing: Routing,
     /// Whether a missed expert is uploaded or computed on the host (`--miss-policy`).
     pub miss_policy: MissPolicy,
     /// Threads of the host expert kernel (`--cpu-threads`; None: every core).
@@ -662,6 +682,7 @@ impl Default for ExpertOptions {
             dense_dtype: DenseDtype::F32,
             decode_split: DecodeSplit::Auto,
             upload: UploadPath::Auto,
+            routing: Routing::Auto,
             miss_policy: MissPolicy::Upload,
             cpu_threads: None,
         }

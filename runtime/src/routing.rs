@@ -1,8 +1,9 @@
 //! Router decisions on the host: which experts each token uses and with what weight.
 //!
-//! The forward pass routes on the device (`ferry_shaders::route`) and reads the result back
-//! where the expert manager must know it before expert compute is scheduled; this host rule
-//! (the same code as the kernel's reference) routes the predictors' guesses.
+//! Under `--routing device` the forward pass routes with a kernel (`ferry_shaders::route`) and
+//! reads the result back only where the expert manager must know it before expert compute is
+//! scheduled; under `--routing host`, and for the predictors' guesses, this rule (the same code
+//! as the kernel's reference) routes on the host.
 
 use ferry_shaders::route::Rule;
 
@@ -18,8 +19,7 @@ pub struct TokenRoute {
 
 /// Routes every token. `logits` is row-major `[tokens, num_experts]`; `score_bias` is the
 /// per-expert selection bias of routers that have one (DeepSeek-V3). The host twin of the
-/// device kernel (`ferry_shaders::route`), which the forward pass uses; this one serves the
-/// predictors and tests.
+/// device kernel (`ferry_shaders::route`).
 pub fn route(
     logits: &[f32],
     score_bias: Option<&[f32]>,

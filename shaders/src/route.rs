@@ -3,8 +3,9 @@
 //! experts are all resident never waits for the host between layers.
 //!
 //! One unit per token walks the token's row in index order, so a token's route does not depend
-//! on the batch. Every mode routes with this kernel (the host reads its result where it needs
-//! one), so offloaded runs weigh experts with the same bits as resident ones.
+//! on the batch. Where a model routes on the device, every mode routes with this kernel (the
+//! host reads its result where it needs one), so offloaded runs weigh experts with the same bits
+//! as resident ones.
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::tensor::CubeTensor;

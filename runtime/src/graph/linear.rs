@@ -148,6 +148,8 @@ pub struct Loader<'a> {
     pub limit: u64,
     /// How decode kernels split their dot products on this adapter.
     pub split: Split,
+    /// Whether MoE layers route with the device kernel (`--routing`, resolved for the adapter).
+    pub route_on_device: bool,
 }
 
 impl Loader<'_> {

@@ -19,7 +19,7 @@ use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
 use crate::experts::{ExpertCache, ExpertStore, SlotPlan};
 use crate::lut::{LUT_FILE, LookupStats, LookupTable, LutDtype, LutHeader};
-use crate::options::{DecodeSplit, DenseDtype, ExpertOptions, MissPolicy, PrefetchMode, VramBudget};
+use crate::options::{DecodeSplit, DenseDtype, ExpertOptions, MissPolicy, PrefetchMode, Routing, VramBudget};
 use crate::spec::{FfnKind, ModelSpec};
 use crate::weights::WeightStore;
 use ferry_shaders::flash::BLOCK;
@@ -148,6 +148,7 @@ impl Model {
             dense: options.dense_dtype,
             limit: max_buffer_bytes(device, options.page_bytes)?,
             split: decode_split(device, options.decode_split)?,
+            route_on_device: route_on_device(device, options.routing)?,
         };
         let names = &spec.names;
         let (v, h) = (spec.vocab_size, spec.hidden_size);
@@ -645,6 +646,18 @@ pub(crate) fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Resu
     let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
     let adapter = probe.client.properties().memory.max_page_size;
     Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))
+}
+
+/// Whether MoE layers route with the device kernel on this adapter (`--routing`).
+pub(crate) fn route_on_device(device: &Device, choice: Routing) -> Result<bool> {
+    Ok(match choice {
+        Routing::Device => true,
+        Routing::Host => false,
+        Routing::Auto => {
+            let probe = ferry_shaders::cube_float(Tensor::<1>::zeros([1], device))?;
+            !ferry_shaders::bridge::cpu_adapter(&probe.client)
+        }
+    })
 }
 
 /// How this adapter's decode kernels split their dot products (see `ferry_shaders::split`).

@@ -1,6 +1,7 @@
-//! The mixture-of-experts block: router on the GPU, routing decision on the host, then the
-//! expert manager runs every chosen expert over the tokens routed to it
-//! (`ExpertCache::run_layer`), plus the shared expert where the family has one.
+//! The mixture-of-experts block: router on the GPU, the routing rule on the device or the host
+//! (`--routing`), then the expert manager runs every chosen expert over the tokens routed to it
+//! (`ExpertCache::run_layer`, or `run_layer_on_device` when the routes stay there), plus the
+//! shared expert where the family has one.
 
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -79,6 +80,8 @@ pub struct MoeBlock {
     num_experts: usize,
     top_k: usize,
     kind: RouterKind,
+    /// Route with the device kernel (`--routing`), where the rule allows.
+    on_device: bool,
 }
 
 impl MoeBlock {
@@ -134,6 +137,7 @@ impl MoeBlock {
             num_experts: moe.num_experts,
             top_k: moe.top_k,
             kind: moe.router,
+            on_device: loader.route_on_device && crate::routing::rule(moe.router).on_device(),
         })
     }
 
@@ -162,8 +166,8 @@ impl MoeBlock {
     /// token to be summed in order (`[tokens * parts, hidden]`: the weighted expert output of each
     /// rank, or one row when a shared expert is added here), and each token's route.
     ///
-    /// The router runs here and the routing rule on the host; the expert manager does the rest
-    /// (`ExpertCache::run_layer`). With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for
+    /// The router runs here and the routing rule on the device or the host; the expert manager
+    /// does the rest (`ExpertCache::run_layer`). With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for
     /// the next MoE layer go with it. `received` `[tokens, 1]` is the attention each token
     /// received in this layer (computed only for `--importance attention`).
     pub fn forward(
@@ -187,13 +191,14 @@ impl MoeBlock {
         };
         let rule = crate::routing::rule(self.kind);
         let k = self.top_k;
+        let on_device = self.on_device;
         // A decode step with every expert resident and nothing to read on the host keeps its
         // routes on the device: no wait for the host between layers.
         if tokens == 1
             && given.is_none()
             && pregate.is_none()
             && received.is_none()
-            && rule.on_device()
+            && on_device
             && experts.routes_stay_on_device(self.layer, k)
         {
             let routes =
@@ -205,9 +210,9 @@ impl MoeBlock {
         let has_received = received.is_some();
         // With misses that may be computed on the host, the tokens come back in the same read.
         let host_tokens = experts.wants_host_tokens();
-        // Every mode routes with the device kernel, so offloaded runs weigh experts with the
-        // bits resident ones do; routes given by the previous layer's predictor need none.
-        let routed = match given.is_none() && rule.on_device() {
+        // Under device routing every mode routes with the kernel, so offloaded runs weigh experts
+        // with the bits resident ones do; routes given by the previous layer's predictor need none.
+        let routed = match given.is_none() && on_device {
             true => Some(ferry_shaders::route::route(
                 scores.clone(),
                 self.score_bias_device.as_ref(),
@@ -233,7 +238,7 @@ impl MoeBlock {
         let row = logits.len() / tokens;
         // Columns: [own router | pre-gate | received | routes | tokens].
         let routes_at = scores_width + usize::from(has_received);
-        let routes_width = if given.is_none() && rule.on_device() { 2 * k } else { 0 };
+        let routes_width = if given.is_none() && on_device { 2 * k } else { 0 };
         let x_host: Option<Vec<f32>> = host_tokens
             .then(|| logits.chunks_exact(row).flat_map(|r| &r[routes_at + routes_width..]).copied().collect());
         let targets = scores_width - self.num_experts;

@@ -45,7 +45,7 @@ pub fn write_lookup_table(
     let limit = super::model::max_buffer_bytes(device, None)?;
     // Whole dot products: the table does not depend on the adapter that built it.
     let split = ferry_shaders::split::Split::WHOLE;
-    let loader = Loader { store, device, dense: crate::options::DenseDtype::F32, limit, split };
+    let loader = Loader { store, device, dense: crate::options::DenseDtype::F32, limit, split, route_on_device: false };
     let (v, h) = (spec.vocab_size, spec.hidden_size);
     let embed = loader.matrix(&spec.names.embed, v, h)?;
     let layers = (0..spec.num_layers())

@@ -205,7 +205,7 @@ pub(super) fn load_predictor(
         ));
     }
     // Stored like the routers it is concatenated with (a bf16 model rounds it to bf16).
-    let loader = Loader { store: &store, device, dense, limit, split };
+    let loader = Loader { store: &store, device, dense, limit, split, route_on_device: false };
     pairs.iter().map(|(from, _)| loader.linear(&format!("layers.{from}"), hidden, experts, true)).collect()
 }
 

@@ -38,6 +38,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let base = ExpertOptions {
         decode_split: args.decode_split,
         upload: args.upload,
+        routing: args.routing,
         cpu_threads: args.cpu_threads,
         ..Default::default()
     };
@@ -148,6 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         uploads: &uploads,
         decode_split: args.decode_split,
         upload: args.upload,
+        routing: args.routing,
         memory: &memory,
         upload_rate,
     };

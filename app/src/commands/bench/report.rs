@@ -251,6 +251,7 @@ pub struct Summary<'a> {
     /// `--decode-split` and `--upload` as given.
     pub decode_split: ferry_runtime::options::DecodeSplit,
     pub upload: ferry_runtime::options::UploadPath,
+    pub routing: ferry_runtime::options::Routing,
 }
 
 impl Summary<'_> {
@@ -274,6 +275,7 @@ impl Summary<'_> {
             "memory_bandwidth": self.memory,
             "decode_split": self.decode_split,
             "upload": self.upload,
+            "routing": self.routing,
             "upload_bytes_per_second": self.upload_rate,
         })
     }
@@ -333,8 +335,8 @@ impl Summary<'_> {
             );
         }
         println!(
-            "greedy tokens identical across exact (full) modes: {exact} (decode split: {}, uploads: {})",
-            self.decode_split, self.upload
+            "greedy tokens identical across exact (full) modes: {exact} (decode split: {}, uploads: {}, routing: {})",
+            self.decode_split, self.upload, self.routing
         );
         if let Some(peak) = reports.iter().filter_map(|r| r.gpu_memory).max_by_key(|m| m.reserved_bytes) {
             println!(
