@@ -167,9 +167,9 @@ impl MoeBlock {
     /// rank, or one row when a shared expert is added here), and each token's route.
     ///
     /// The router runs here and the routing rule on the device or the host; the expert manager
-    /// does the rest (`ExpertCache::run_layer`). With `prefetch_k`, the pre-gate's top-`prefetch_k` experts for
-    /// the next MoE layer go with it. `received` `[tokens, 1]` is the attention each token
-    /// received in this layer (computed only for `--importance attention`).
+    /// does the rest (`ExpertCache::run_layer`). With `prefetch_k`, the pre-gate's
+    /// top-`prefetch_k` experts for the next MoE layer go with it. `received` `[tokens, 1]` is the
+    /// attention each token received in this layer (computed only for `--importance attention`).
     pub fn forward(
         &self,
         x: Tensor<2>,
