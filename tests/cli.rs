@@ -543,17 +543,31 @@ fn miss_policy_cpu_runs_without_expert_slots_and_bad_values_name_the_flag() {
     }
 }
 
-/// `--routing` end to end: device and host routing generate the same greedy tokens, and a bad
-/// value is refused naming the flag and the value.
+/// `--route-on` end to end: device and host routing generate the same greedy tokens, a bad value
+/// is refused naming the flag and the value, and bench compares the two in one run.
 #[test]
 fn routing_on_the_device_or_the_host_gives_the_same_tokens_and_bad_values_name_the_flag() {
     let model = fixture("deepseek_v3");
     let base = ["generate", "--model", model.to_str().unwrap(), "--ids", "5,6,7", "--max-new-tokens", "4", "--json"];
-    let device = json_of(&ferry(&[&base[..], &["--routing", "device"]].concat()));
-    let host = json_of(&ferry(&[&base[..], &["--routing", "host"]].concat()));
+    let device = json_of(&ferry(&[&base[..], &["--route-on", "device"]].concat()));
+    let host = json_of(&ferry(&[&base[..], &["--route-on", "host"]].concat()));
     assert_eq!(device["ids"], host["ids"]);
-    let line = error_line(&ferry(&[&base[..], &["--routing", "sideways"]].concat()));
-    assert!(line.contains("--routing") && line.contains("'sideways'"), "{line}");
+    let line = error_line(&ferry(&[&base[..], &["--route-on", "sideways"]].concat()));
+    assert!(line.contains("--route-on") && line.contains("'sideways'"), "{line}");
+    // bench measures every mode under each routing: the resident decode step reads the host
+    // once per MoE layer (two) plus the logits under host routing, twice under device routing.
+    let bench = ["bench", "--model", model.to_str().unwrap(), "--route-on", "host,device", "--prompt-len", "4"];
+    let out = json_of(&ferry(&[&bench[..], &["--gen-len", "4", "--json"]].concat()));
+    assert_eq!(out["greedy_tokens_identical_across_exact_modes"], true);
+    let reads: Vec<(&str, &str, f64)> = out["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (m["mode"].as_str().unwrap(), m["routing"].as_str().unwrap(), m["host_reads_per_token"].as_f64().unwrap())
+        })
+        .collect();
+    assert!(reads.contains(&("resident", "host", 3.0)) && reads.contains(&("resident", "device", 2.0)), "{reads:?}");
 }
 
 #[test]

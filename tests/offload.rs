@@ -367,10 +367,10 @@ fn a_budget_below_one_layers_top_k_says_the_minimum() {
     assert!(err.contains("--vram-budget"), "{err}");
 }
 
-/// Under `--routing device`, with every expert resident (in at most top-k pages per layer) a
+/// Under `--route-on device`, with every expert resident (in at most top-k pages per layer) a
 /// decode step keeps its routes on the device: it reads the host twice (the logits, then every
 /// MoE layer's routes at once) whatever the number of MoE layers, against once per MoE layer
-/// plus the logits offloaded or under `--routing host`; it reports the same routing, counts the
+/// plus the logits offloaded or under `--route-on host`; it reports the same routing, counts the
 /// same expert uses as hits, and computes the offloaded run's bits.
 #[test]
 fn resident_decode_steps_keep_their_routes_on_the_device() {

@@ -482,7 +482,7 @@ pub struct ModelArgs {
     /// logits read back), or auto (device on a GPU, host on a CPU adapter such as lavapipe,
     /// where a launch costs more than the read). Weights differ between them by float rounding.
     #[arg(long, default_value_t = Routing::Auto, value_parser = choice::<Routing>())]
-    pub routing: Routing,
+    pub route_on: Routing,
     /// What happens to a routed expert that is not on the GPU: upload (into a slot, exact),
     /// cpu (computed on the host from host memory while the GPU computes the resident ones;
     /// differs by float rounding; only free slots are filled, by the first experts used), or auto (per expert and step, whichever
@@ -654,9 +654,9 @@ pub struct BenchArgs {
     /// How missed experts are uploaded (see generate --help), for every mode.
     #[arg(long, default_value_t = UploadPath::Auto, value_parser = choice::<UploadPath>())]
     pub upload: UploadPath,
-    /// Where routing runs (see generate --help), for every mode.
-    #[arg(long, default_value_t = Routing::Auto, value_parser = choice::<Routing>())]
-    pub routing: Routing,
+    /// Where routing runs (see generate --help); a list measures every mode under each.
+    #[arg(long = "route-on", value_delimiter = ',', default_values_t = [Routing::Auto], value_parser = choice::<Routing>())]
+    pub route_on: Vec<Routing>,
     /// Miss policies to measure for every offloaded mode (comma-separated, e.g.
     /// upload,cpu,auto; see generate --help).
     #[arg(long = "miss-policy", value_delimiter = ',', default_values_t = [MissPolicy::Upload], value_parser = choice::<MissPolicy>())]

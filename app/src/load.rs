@@ -187,7 +187,7 @@ pub fn expert_options(args: &ModelArgs) -> Result<ExpertOptions> {
         dense_dtype,
         decode_split: args.decode_split,
         upload: args.upload,
-        routing: args.routing,
+        routing: args.route_on,
         miss_policy: args.miss_policy,
         cpu_threads: args.cpu_threads,
     })

@@ -236,7 +236,7 @@ pub enum UploadPath {
     Burn,
 }
 
-/// Where router logits become experts and weights (`--routing`): `device`, a kernel whose result
+/// Where router logits become experts and weights (`--route-on`): `device`, a kernel whose result
 /// stays on the GPU when every expert is resident (a decode step then reads the host twice, not
 /// once per MoE layer) and is read back with the logits otherwise; `host`, read the logits back
 /// and route on the CPU; `auto`: the device on a GPU, the host on a CPU adapter, where each
@@ -657,7 +657,7 @@ pub struct ExpertOptions {
     pub decode_split: DecodeSplit,
     /// How missed experts are uploaded (`--upload`).
     pub upload: UploadPath,
-    /// Where routing runs (`--routing`). Set when the model is loaded.
+    /// Where routing runs (`--route-on`).
     pub routing: Routing,
     /// Whether a missed expert is uploaded or computed on the host (`--miss-policy`).
     pub miss_policy: MissPolicy,

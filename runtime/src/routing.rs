@@ -1,8 +1,8 @@
 //! Router decisions on the host: which experts each token uses and with what weight.
 //!
-//! Under `--routing device` the forward pass routes with a kernel (`ferry_shaders::route`) and
+//! Under `--route-on device` the forward pass routes with a kernel (`ferry_shaders::route`) and
 //! reads the result back only where the expert manager must know it before expert compute is
-//! scheduled; under `--routing host`, and for the predictors' guesses, this rule (the same code
+//! scheduled; under `--route-on host`, and for the predictors' guesses, this rule (the same code
 //! as the kernel's reference) routes on the host.
 
 use ferry_shaders::route::Rule;

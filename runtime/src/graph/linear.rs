@@ -148,7 +148,7 @@ pub struct Loader<'a> {
     pub limit: u64,
     /// How decode kernels split their dot products on this adapter.
     pub split: Split,
-    /// Whether MoE layers route with the device kernel (`--routing`, resolved for the adapter).
+    /// Whether MoE layers route with the device kernel (`--route-on`, resolved for the adapter).
     pub route_on_device: bool,
 }
 

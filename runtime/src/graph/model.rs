@@ -365,7 +365,14 @@ impl Model {
         experts.set_big_little(options.big_little);
         self.prefetch_k = prefetch_k(&self.spec, &options);
         self.context_limit = reserved_context(&self.spec, kv_tokens, &options);
-        experts.preload()
+        experts.preload()?;
+        let on_device = route_on_device(&self.device, options.routing)?;
+        for layer in &mut self.layers {
+            if let Ffn::Moe(block) = &mut layer.ffn {
+                block.set_route_on_device(on_device);
+            }
+        }
+        Ok(())
     }
 
     /// The longest sequence (prompt and new tokens) a generation may hold: the KV cache reserved
@@ -648,7 +655,7 @@ pub(crate) fn max_buffer_bytes(device: &Device, page_bytes: Option<u64>) -> Resu
     Ok(page_bytes.map_or(adapter, |p| p.min(adapter)))
 }
 
-/// Whether MoE layers route with the device kernel on this adapter (`--routing`).
+/// Whether MoE layers route with the device kernel on this adapter (`--route-on`).
 pub(crate) fn route_on_device(device: &Device, choice: Routing) -> Result<bool> {
     Ok(match choice {
         Routing::Device => true,

@@ -1,5 +1,5 @@
 //! The mixture-of-experts block: router on the GPU, the routing rule on the device or the host
-//! (`--routing`), then the expert manager runs every chosen expert over the tokens routed to it
+//! (`--route-on`), then the expert manager runs every chosen expert over the tokens routed to it
 //! (`ExpertCache::run_layer`, or `run_layer_on_device` when the routes stay there), plus the
 //! shared expert where the family has one.
 
@@ -80,7 +80,7 @@ pub struct MoeBlock {
     num_experts: usize,
     top_k: usize,
     kind: RouterKind,
-    /// Route with the device kernel (`--routing`), where the rule allows.
+    /// Route with the device kernel (`--route-on`), where the rule allows.
     on_device: bool,
 }
 
@@ -139,6 +139,11 @@ impl MoeBlock {
             kind: moe.router,
             on_device: loader.route_on_device && crate::routing::rule(moe.router).on_device(),
         })
+    }
+
+    /// Routes with the device kernel from now on (`--route-on`), where the rule allows.
+    pub fn set_route_on_device(&mut self, on: bool) {
+        self.on_device = on && crate::routing::rule(self.kind).on_device();
     }
 
     pub fn top_k(&self) -> usize {

@@ -72,6 +72,7 @@ fn run_mode(engine: &mut Engine, mode: &Mode, request: &GenerateRequest, base: E
         link: mode.link,
         big_little: mode.big_little,
         miss_policy: mode.miss,
+        routing: mode.routing,
         ..base
     })?;
     if mode.kind == ModeKind::Offload {

@@ -38,7 +38,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let base = ExpertOptions {
         decode_split: args.decode_split,
         upload: args.upload,
-        routing: args.routing,
         cpu_threads: args.cpu_threads,
         ..Default::default()
     };
@@ -149,7 +148,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         uploads: &uploads,
         decode_split: args.decode_split,
         upload: args.upload,
-        routing: args.routing,
         memory: &memory,
         upload_rate,
     };

@@ -3,7 +3,7 @@
 
 use ferry_runtime::options::{
     BigFallback, BigLittle, DenseDtype, EvictionPolicy, ExpertDtype, ExpertsMode, Importance, LinkModel, MissPolicy,
-    PrefetchMode, VramBudget,
+    PrefetchMode, Routing, VramBudget,
 };
 use ferry_runtime::spec::{FfnKind, ModelSpec};
 
@@ -41,6 +41,8 @@ pub struct Mode {
     pub link: Option<LinkModel>,
     /// Upload misses or compute them on the host (`--miss-policy`).
     pub miss: MissPolicy,
+    /// Where routing runs (`--route-on`).
+    pub routing: Routing,
 }
 
 /// The modes of one format: they share a copy of the model, and the rounds interleave them.
@@ -99,6 +101,7 @@ pub fn plan(args: &BenchArgs, spec: &ModelSpec) -> Result<Plan, ferry_runtime::o
         big_little: None,
         link: None,
         miss: MissPolicy::Upload,
+        routing: Routing::Auto,
     }];
     for &link in &links {
         for &budget in &budgets {
@@ -123,6 +126,7 @@ pub fn plan(args: &BenchArgs, spec: &ModelSpec) -> Result<Plan, ferry_runtime::o
                                     big_little,
                                     link,
                                     miss,
+                                    routing: Routing::Auto,
                                 });
                             }
                         }
@@ -131,6 +135,9 @@ pub fn plan(args: &BenchArgs, spec: &ModelSpec) -> Result<Plan, ferry_runtime::o
             }
         }
     }
+    // Every mode under each `--route-on`, one routing after the other.
+    let modes: Vec<Mode> =
+        args.route_on.iter().flat_map(|&routing| modes.iter().map(move |m| Mode { routing, ..*m })).collect();
     let groups = denses
         .iter()
         .flat_map(|&dense| dtypes.iter().map(move |&dtype| (dense, dtype)))

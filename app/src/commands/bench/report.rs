@@ -7,7 +7,7 @@ use ferry_runtime::lut::LutHeader;
 use ferry_runtime::measure::UploadMeasurement;
 use ferry_runtime::measure::roofline::{DecodeBytes, MemoryBandwidth, ceiling_tokens_per_second};
 use ferry_runtime::options::{
-    DenseDtype, EvictionPolicy, ExpertDtype, Importance, LinkModel, MissPolicy, PrefetchMode, VramBudget,
+    DenseDtype, EvictionPolicy, ExpertDtype, Importance, LinkModel, MissPolicy, PrefetchMode, Routing, VramBudget,
 };
 use ferry_runtime::spec::ModelSpec;
 
@@ -22,7 +22,8 @@ fn label(r: &ModeReport) -> String {
     };
     let projections = if r.dense_dtype == DenseDtype::F32 { String::new() } else { format!("/{}-proj", r.dense_dtype) };
     let miss = if r.miss_policy == MissPolicy::Upload { String::new() } else { format!("/miss-{}", r.miss_policy) };
-    format!("{:?}/{experts}/{}{projections}{miss}", r.prefetch, r.expert_dtype).to_lowercase()
+    let routing = if r.routing == Routing::Auto { String::new() } else { format!("/route-{}", r.routing) };
+    format!("{:?}/{experts}/{}{projections}{miss}{routing}", r.prefetch, r.expert_dtype).to_lowercase()
 }
 
 /// One measured mode.
@@ -39,6 +40,8 @@ pub struct ModeReport {
     prefetch: PrefetchMode,
     /// Upload misses (exact) or compute them on the host (`cpu`, `auto`: float rounding).
     miss_policy: MissPolicy,
+    /// Where routing ran (`--route-on`; device and host differ by float rounding).
+    routing: Routing,
     /// Over decode steps: experts computed on the host per token, the share of decode time the
     /// host kernel ran, the weight bytes it read per second of its run, and that rate over the
     /// host's measured RAM read bandwidth.
@@ -141,7 +144,7 @@ impl ModeReport {
             a.output.stats.decode_tokens_per_second.total_cmp(&b.output.stats.decode_tokens_per_second)
         });
         let Run { output, recall_per_layer, plan } = runs.swap_remove(runs.len() / 2);
-        let Mode { kind, dtype, dense, budget, policy, prefetch, big_little, link, miss } = mode;
+        let Mode { kind, dtype, dense, budget, policy, prefetch, big_little, link, miss, routing } = mode;
         let s: &GenerateStats = &output.stats;
         // Forward passes after the prompt's: every new token but the last is run once.
         let decode_tokens = s.new_tokens.saturating_sub(1).max(1) as f64;
@@ -155,6 +158,7 @@ impl ModeReport {
             policy,
             prefetch,
             miss_policy: miss,
+            routing,
             host_computed_per_token: d.host_computed as f64 / decode_tokens,
             host_time_fraction: d.host_seconds / s.decode_seconds.max(1e-9),
             host_kernel_bytes_per_second: d.host_bytes_read as f64 / d.host_seconds.max(1e-9),
@@ -221,9 +225,10 @@ impl ModeReport {
 }
 
 /// Whether every exact mode (full experts, f32 experts and projections) generated the same
-/// greedy tokens as the first.
+/// greedy tokens as the first exact mode routed the same way (device and host routing differ by
+/// float rounding).
 pub fn exact_modes_agree(reports: &[ModeReport]) -> bool {
-    reports
+    let exact: Vec<&ModeReport> = reports
         .iter()
         .filter(|r| {
             r.experts == "full"
@@ -231,7 +236,8 @@ pub fn exact_modes_agree(reports: &[ModeReport]) -> bool {
                 && r.dense_dtype == DenseDtype::F32
                 && r.miss_policy == MissPolicy::Upload
         })
-        .all(|r| r.ids == reports[0].ids)
+        .collect();
+    exact.iter().all(|r| exact.iter().find(|first| first.routing == r.routing).is_none_or(|first| r.ids == first.ids))
 }
 
 /// Everything a run measured, for the tables and the JSON.
@@ -251,7 +257,6 @@ pub struct Summary<'a> {
     /// `--decode-split` and `--upload` as given.
     pub decode_split: ferry_runtime::options::DecodeSplit,
     pub upload: ferry_runtime::options::UploadPath,
-    pub routing: ferry_runtime::options::Routing,
 }
 
 impl Summary<'_> {
@@ -275,7 +280,6 @@ impl Summary<'_> {
             "memory_bandwidth": self.memory,
             "decode_split": self.decode_split,
             "upload": self.upload,
-            "routing": self.routing,
             "upload_bytes_per_second": self.upload_rate,
         })
     }
@@ -335,8 +339,8 @@ impl Summary<'_> {
             );
         }
         println!(
-            "greedy tokens identical across exact (full) modes: {exact} (decode split: {}, uploads: {}, routing: {})",
-            self.decode_split, self.upload, self.routing
+            "greedy tokens identical across exact (full) modes: {exact} (decode split: {}, uploads: {})",
+            self.decode_split, self.upload
         );
         if let Some(peak) = reports.iter().filter_map(|r| r.gpu_memory).max_by_key(|m| m.reserved_bytes) {
             println!(
