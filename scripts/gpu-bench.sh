@@ -74,6 +74,11 @@ for preset in $presets; do
   "$FERRY" bench --model "$dir" --vram-budget 25% --link-gbps none --decode-split 1 --upload burn \
     --prompt-len 64 --gen-len 32 --rounds 3 --json >"$OUT/bench-$preset-whole-burn.json" \
     2>>"$OUT/gpu-bench.log" || log "bench $preset (whole, burn) failed"
+  # Routing on the device against the host (one read-back per MoE layer) in one run: resident
+  # decode is where the routes stay on the device (--route-on auto is device on a GPU).
+  "$FERRY" bench --model "$dir" --vram-budget 25% --link-gbps none --route-on host,device \
+    --prompt-len 64 --gen-len 32 --rounds 3 --json >"$OUT/bench-$preset-route-on.json" \
+    2>>"$OUT/gpu-bench.log" || log "bench $preset (route-on) failed"
   # Missed experts uploaded, computed on the host, or chosen per miss (issue 23): on a GPU the
   # device's reads are nearly free, so `auto` must find where the link stops paying.
   "$FERRY" bench --model "$dir" --vram-budget 0% --vram-budget 25% --link-gbps 8,16 \
