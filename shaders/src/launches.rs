@@ -98,6 +98,15 @@ fn units(count: &CubeCount, dim: &CubeDim) -> u64 {
     cubes * u64::from(dim.num_elems())
 }
 
+/// The shape of a launch with one unit per element over `n` elements (at least one unit),
+/// counted as launched.
+pub(crate) fn elementwise(client: &cubecl::client::Client, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(client, n.max(1));
+    let count = cubecl::calculate_cube_count_elemwise(client, n.max(1), dim);
+    record(&count, &dim);
+    (count, dim)
+}
+
 /// Counts one launch.
 pub(crate) fn record(count: &CubeCount, dim: &CubeDim) {
     LAUNCHES.fetch_add(1, Relaxed);

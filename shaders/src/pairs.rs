@@ -9,7 +9,6 @@
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use crate::bridge::{ShaderError, cube_float, from_cube};
 
@@ -69,9 +68,7 @@ pub fn pack(w: Tensor<2>) -> Result<Tensor<2>, ShaderError> {
         DType::F32,
     );
     let n = inputs / 2 * outputs;
-    let dim = CubeDim::new(&client, n.max(1));
-    let count = calculate_cube_count_elemwise(&client, n.max(1), dim);
-    crate::launches::record(&count, &dim);
+    let (count, dim) = crate::launches::elementwise(&client, n);
     kernel::pack_kernel::launch(
         &client,
         count,
@@ -94,9 +91,7 @@ pub fn unpack(words: &CubeTensor) -> Tensor<2> {
         DType::F32,
     );
     let n = pairs * outputs;
-    let dim = CubeDim::new(&client, n.max(1));
-    let count = calculate_cube_count_elemwise(&client, n.max(1), dim);
-    crate::launches::record(&count, &dim);
+    let (count, dim) = crate::launches::elementwise(&client, n);
     kernel::unpack_kernel::launch(
         &client,
         count,

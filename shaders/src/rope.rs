@@ -3,7 +3,6 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Tensor;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use crate::bridge::{from_cube, try_cube_float};
 
@@ -20,9 +19,7 @@ pub fn apply(x: Tensor<3>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<3> {
     let client = xc.client.clone();
     let out = burn_cubecl::ops::numeric::empty_device_dtype(client.clone(), xc.device.clone(), dims.into(), xc.dtype);
     let elems = dims.iter().product::<usize>();
-    let dim = CubeDim::new(&client, elems);
-    let count = calculate_cube_count_elemwise(&client, elems, dim);
-    crate::launches::record(&count, &dim);
+    let (count, dim) = crate::launches::elementwise(&client, elems);
     let dtype = dtype_to_storage_type(xc.dtype);
     kernel::rope_kernel::launch(
         &client,

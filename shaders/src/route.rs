@@ -9,7 +9,6 @@
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use crate::bridge::{ShaderError, cube_float, from_cube};
 use crate::expert::DeviceWork;
@@ -352,9 +351,7 @@ pub fn route(
         }
     };
     let bias_arg = bias.cloned().unwrap_or_else(|| lc.clone());
-    let dim = CubeDim::new(&client, tokens.max(1));
-    let count = calculate_cube_count_elemwise(&client, tokens.max(1), dim);
-    crate::launches::record(&count, &dim);
+    let (count, dim) = crate::launches::elementwise(&client, tokens);
     kernel::route_kernel::launch(
         &client,
         count,
@@ -390,9 +387,7 @@ pub fn tables(route: &CubeTensor, slots: &[u32], top_k: usize) -> DeviceWork {
     let handle = client.create_from_slice(bytemuck::cast_slice(slots));
     let slots =
         CubeTensor::new_contiguous(client.clone(), route.device.clone(), [slots.len()].into(), handle, DType::U32);
-    let dim = CubeDim::new(&client, n.max(1));
-    let count = calculate_cube_count_elemwise(&client, n.max(1), dim);
-    crate::launches::record(&count, &dim);
+    let (count, dim) = crate::launches::elementwise(&client, n);
     kernel::tables_kernel::launch(
         &client,
         count,

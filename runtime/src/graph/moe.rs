@@ -217,16 +217,12 @@ impl MoeBlock {
         let host_tokens = experts.wants_host_tokens();
         // Under device routing every mode routes with the kernel, so offloaded runs weigh experts
         // with the bits resident ones do; routes given by the previous layer's predictor need none.
-        let routed = match given.is_none() && on_device {
-            true => Some(ferry_shaders::route::route(
-                scores.clone(),
-                self.score_bias_device.as_ref(),
-                self.num_experts,
-                k,
-                rule,
-            )?),
-            false => None,
-        };
+        let routed = (given.is_none() && on_device)
+            .then(|| {
+                ferry_shaders::route::route(scores.clone(), self.score_bias_device.as_ref(), self.num_experts, k, rule)
+            })
+            .transpose()?;
+        let routes_width = if routed.is_some() { 2 * k } else { 0 };
         let scores_width = scores.dims()[1];
         let mut parts = vec![scores];
         parts.extend(received);
@@ -243,7 +239,6 @@ impl MoeBlock {
         let row = logits.len() / tokens;
         // Columns: [own router | pre-gate | received | routes | tokens].
         let routes_at = scores_width + usize::from(has_received);
-        let routes_width = if given.is_none() && on_device { 2 * k } else { 0 };
         let x_host: Option<Vec<f32>> = host_tokens
             .then(|| logits.chunks_exact(row).flat_map(|r| &r[routes_at + routes_width..]).copied().collect());
         let targets = scores_width - self.num_experts;

@@ -13,7 +13,6 @@ use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::{DType, Device};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::ShaderError;
@@ -248,9 +247,7 @@ impl Bf16Page {
     /// Queues the transposing copy of `n` words per projection from `sources` (at `offsets`).
     fn copy_in(&self, slot: usize, [gs, us, ds]: [CubeTensor; 3], n: usize, offsets: [u32; 3]) {
         let client = self.gate.client.clone();
-        let dim = CubeDim::new(&client, n);
-        let count = calculate_cube_count_elemwise(&client, n, dim);
-        crate::launches::record(&count, &dim);
+        let (count, dim) = crate::launches::elementwise(&client, n);
         store_slot_words_kernel::launch(
             &client,
             count,
