@@ -7,7 +7,9 @@ use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::experts::ExpertStats;
 use ferry_runtime::graph::{ForwardOutput, LogitsFor, Model};
 use ferry_runtime::options::ExpertOptions;
-use ferry_runtime::options::{DecodeSplit, EvictionPolicy, ExpertDtype, MissPolicy, Routing, UploadPath, VramBudget};
+use ferry_runtime::options::{
+    DecodeSplit, EvictionPolicy, ExpertDtype, MissPolicy, PrefetchMode, Routing, UploadPath, VramBudget,
+};
 use ferry_runtime::sampling::SamplingConfig;
 
 use crate::support::{FAMILIES, fixture, gpu, greedy, reference};
@@ -54,6 +56,35 @@ fn staged_and_burn_uploads_compute_the_same_bits() {
             assert_eq!(staged > 0, staging, "{family} {upload}: {staged} staged uploads");
             assert_eq!(logits, resident, "{family} {upload}: offloaded logits differ from all-resident");
         }
+    }
+}
+
+/// Prefetched experts travel through the staging ring filled by the upload thread straight from
+/// the memory map (f32 slots over an F32 checkpoint, and converted bf16): the compute thread only
+/// records their copies, and the logits still equal all-resident ones bit for bit.
+#[test]
+fn the_upload_thread_fills_the_staging_ring_with_the_same_bits() {
+    for (family, dtype) in [("mixtral", ExpertDtype::F32), ("olmoe", ExpertDtype::Bf16)] {
+        let reference = reference(family);
+        let ids = &reference.input_ids[..10.min(reference.input_ids.len())];
+        let run = |budget, prefetch| {
+            let opened = ferry_models::open(&fixture(family)).unwrap();
+            let options = ExpertOptions {
+                budget,
+                prefetch,
+                upload: UploadPath::Staging,
+                expert_dtype: dtype,
+                ..Default::default()
+            };
+            let mut model = Model::load_with(opened.spec, &opened.weights, &gpu().device, options).unwrap();
+            (stepwise_logits(&mut model, ids), model.experts().stats())
+        };
+        let (resident, _) = run(VramBudget::All, PrefetchMode::None);
+        let (logits, stats) = run(VramBudget::FractionOfExperts(0.5), PrefetchMode::Pregate);
+        assert!(stats.prefetched > 0, "{family}: nothing was prefetched");
+        assert!(stats.staged_by_thread > 0, "{family}: no prefetch went through a thread-filled staging buffer");
+        assert!(stats.staged_by_thread <= stats.prefetched, "{family}: {stats:?}");
+        assert_eq!(logits, resident, "{family}: thread-staged logits differ from all-resident");
     }
 }
 

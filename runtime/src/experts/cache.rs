@@ -14,7 +14,7 @@ use super::policy::{Moment, SlotUse, most_used};
 use super::prefetch::LayerRecall;
 use super::residency::{Access, AccessLog, ExpertCell, Residency, SlotState};
 use super::select::{SelectionStats, Selector};
-use super::slots::{SlotPage, SlotPool, SlotRef};
+use super::slots::{SlotPage, SlotPool, SlotRef, Upload};
 use super::stats::ExpertStats;
 use super::store::{ExpertStore, HostExpert};
 use super::transfer::{StagedExpert, UploadQueue};
@@ -302,8 +302,8 @@ impl ExpertCache {
             self.store.moe_layers().flat_map(|l| (0..self.store.num_experts(l)).map(move |e| (l, e))).collect();
         for (layer, expert) in all.into_iter().take(self.plan.slots) {
             if !self.is_resident(layer, expert) {
-                let host = self.stage(layer, expert);
-                self.occupy((layer, expert), host, 0, false)?;
+                let store = Arc::clone(&self.store);
+                self.occupy((layer, expert), source(&store, layer, expert), 0, false)?;
             }
         }
         // Preloading is set-up, not traffic of any token.
@@ -341,12 +341,13 @@ impl ExpertCache {
             // Predicted in time to stage on the host; what is left is waiting for the stager
             // and the GPU copy. Its slot was reserved when it was requested.
             let start = Instant::now();
-            let host = match self.wait_staged(id) {
+            let store = Arc::clone(&self.store);
+            let upload = match self.wait_staged(id) {
                 Some(staged) => staged.weights,
-                None => self.upload_host(layer, expert),
+                None => self.upload_host(&store, layer, expert),
             };
             self.clock += 1;
-            let at = self.occupy(id, host, self.clock, false)?;
+            let at = self.occupy(id, upload, self.clock, false)?;
             self.stats.stall_seconds += start.elapsed().as_secs_f64();
             self.stats.prefetch_hits += 1;
             self.stats.hits += 1;
@@ -366,9 +367,10 @@ impl ExpertCache {
             }
             self.stats.misses += 1;
             let start = Instant::now();
-            let host = self.upload_host(layer, expert);
+            let store = Arc::clone(&self.store);
+            let upload = self.upload_host(&store, layer, expert);
             self.clock += 1;
-            let at = self.occupy(id, host, self.clock, false)?;
+            let at = self.occupy(id, upload, self.clock, false)?;
             let seconds = start.elapsed().as_secs_f64();
             self.stats.stall_seconds += seconds;
             self.hybrid.record_upload(self.plan.slot_bytes, seconds);
@@ -456,33 +458,52 @@ impl ExpertCache {
         true
     }
 
-    /// An on-demand upload's host part: conversion, and the emulated link if any.
-    pub(super) fn upload_host(&mut self, layer: usize, expert: usize) -> HostExpert {
+    /// An on-demand upload's host part: the mapped bytes or their conversion, and the emulated
+    /// link if any.
+    pub(super) fn upload_host<'s>(&mut self, store: &'s ExpertStore, layer: usize, expert: usize) -> Upload<'s> {
         let start = Instant::now();
-        let host = self.stage(layer, expert);
+        let upload = source(store, layer, expert);
         if let Some(link) = self.link {
             link.wait_out(self.plan.slot_bytes, start.elapsed());
         }
         self.stats.bytes_uploaded += self.plan.slot_bytes;
-        host
+        upload
     }
 
-    pub(super) fn stage(&self, layer: usize, expert: usize) -> HostExpert {
-        self.store.host(layer, expert)
-    }
-
-    /// Copies a staged expert into a free slot and makes it resident.
+    /// Copies a staged expert into a free slot and makes it resident. Host and mapped weights
+    /// are checked here; the upload thread checked what it wrote into a staging buffer.
     pub(super) fn occupy(
         &mut self,
         id: ExpertId,
-        host: HostExpert,
+        upload: Upload<'_>,
         last_use: u64,
         prefetched: bool,
     ) -> Result<SlotRef> {
-        finite_expert(id, &host)?;
+        match &upload {
+            Upload::Host(host) => finite_expert(id, host)?,
+            Upload::Mapped(parts) => finite_mapped(id, *parts, self.store.dtype() == ExpertDtype::Bf16)?,
+            Upload::Ring(_) => {}
+        }
         let index = self.pool.take().ok_or_else(|| FerryError::Gpu("no free expert slot".into()))?;
-        let at = match self.pool.store(index, host) {
-            Ok(at) => at,
+        let ring = matches!(upload, Upload::Ring(_));
+        let stored = match self.pool.store(index, upload) {
+            Ok(Some(at)) if ring => {
+                self.stats.staged_by_thread += 1;
+                Ok(Some(at))
+            }
+            Ok(None) => {
+                // A staging buffer from a ring since replaced: upload the expert again.
+                let host = self.store.host(id.0, id.1);
+                finite_expert(id, &host).and_then(|()| self.pool.store(index, Upload::Host(host)))
+            }
+            other => other,
+        };
+        let at = match stored {
+            Ok(Some(at)) => at,
+            Ok(None) => {
+                self.pool.release(index);
+                return Err(FerryError::Gpu(format!("layer {}, expert {}: upload was not stored", id.0, id.1)));
+            }
             Err(e) => {
                 self.pool.release(index);
                 return Err(e);
@@ -494,11 +515,33 @@ impl ExpertCache {
     }
 }
 
+/// The expert as an upload takes it: its mapped bytes where they are what the slot holds, else
+/// its converted form.
+fn source(store: &ExpertStore, layer: usize, expert: usize) -> Upload<'_> {
+    match store.upload_bytes(layer, expert) {
+        Some(parts) => Upload::Mapped(parts),
+        None => Upload::Host(store.host(layer, expert)),
+    }
+}
+
+/// A mapped expert's check (f32 or bf16 bytes, as `upload_bytes` gives them), as `finite_expert`.
+pub(super) fn finite_mapped(id: ExpertId, parts: [&[u8]; 3], bf16: bool) -> Result<()> {
+    let first_bad = parts.map(|bytes| {
+        if bf16 {
+            first_non_finite(
+                bytes.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+            )
+        } else {
+            first_non_finite(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        }
+    });
+    report_non_finite(id, first_bad)
+}
+
 /// Routed experts are converted on the host when first uploaded, not at load, so their values
 /// are checked here: a NaN or Inf weight (or quantised scale) is an error naming the expert,
 /// rather than NaN rows. Costs one pass over what the conversion just produced.
-pub(super) fn finite_expert((layer, expert): ExpertId, host: &HostExpert) -> Result<()> {
-    const PARTS: [&str; 3] = ["gate", "up", "down"];
+pub(super) fn finite_expert(id: ExpertId, host: &HostExpert) -> Result<()> {
     let first_bad: [Option<(usize, f32)>; 3] = if let HostExpert::F32(w) = host {
         w.each_ref().map(|v| first_non_finite(v.iter().copied()))
     } else if let HostExpert::Bf16(w) = host {
@@ -511,6 +554,12 @@ pub(super) fn finite_expert((layer, expert): ExpertId, host: &HostExpert) -> Res
     } else {
         return Ok(());
     };
+    report_non_finite(id, first_bad)
+}
+
+/// The error for the first non-finite value of gate, up or down, if any.
+fn report_non_finite((layer, expert): ExpertId, first_bad: [Option<(usize, f32)>; 3]) -> Result<()> {
+    const PARTS: [&str; 3] = ["gate", "up", "down"];
     for (part, bad) in PARTS.iter().zip(first_bad) {
         if let Some((at, value)) = bad {
             return Err(FerryError::NonFinite(format!(

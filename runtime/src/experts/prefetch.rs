@@ -47,7 +47,9 @@ impl ExpertCache {
             if self.queue.is_none() {
                 self.queue = Some(UploadQueue::start(Arc::clone(&self.store), self.link, self.plan.slot_bytes));
             }
-            if self.queue.as_ref().is_some_and(|q| q.request(layer, expert)) {
+            // The upload thread fills a staging buffer, if one is free, straight from the map.
+            let ticket = self.pool.reserve();
+            if self.queue.as_ref().is_some_and(|q| q.request(layer, expert, ticket)) {
                 self.in_flight.insert(id);
                 self.stats.prefetched += 1;
                 self.stats.bytes_uploaded += self.plan.slot_bytes;

@@ -12,10 +12,20 @@ use burn_cubecl::tensor::CubeTensor;
 use ferry_shaders::cube_float as float;
 use ferry_shaders::expert::{Bf16Page, ExpertExtras, FloatPage, PackedPage, Work};
 
-use super::staging::Staging;
+use super::staging::{Staging, Ticket};
 use super::store::HostExpert;
 use crate::error::{FerryError, Result};
 use crate::options::{ExpertDtype, UploadPath};
+
+/// Where an upload's bytes come from.
+pub enum Upload<'a> {
+    /// Converted (or quantised) on the host.
+    Host(HostExpert),
+    /// The checkpoint's own bytes, already what the slot holds (`ExpertStore::upload_bytes`).
+    Mapped([&'a [u8]; 3]),
+    /// A staging buffer the upload thread filled.
+    Ring(Ticket),
+}
 
 /// Where an expert sits on the GPU: its page, and its slot within the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,10 +241,15 @@ impl SlotPool {
         SlotRef { page: index / self.per_page, slot: index % self.per_page }
     }
 
-    /// Uploads an expert and queues its copy into slot `index`.
-    pub fn store(&mut self, index: usize, host: HostExpert) -> Result<SlotRef> {
+    /// Lends a mapped staging buffer for the upload thread to fill, where this pool uploads
+    /// through the ring and one is free now.
+    pub fn reserve(&mut self) -> Option<Ticket> {
+        self.staging().ok().flatten()?.reserve()
+    }
+
+    /// The slot's page, allocated when first used.
+    fn page_for(&mut self, at: SlotRef) -> Result<&SlotPage> {
         let (h, i) = (self.hidden, self.inter);
-        let at = self.locate(index);
         if self.pages.len() <= at.page {
             self.pages.resize_with(at.page + 1, || None);
         }
@@ -243,23 +258,56 @@ impl SlotPool {
             let slots = self.page_slots(at.page);
             self.pages[at.page] = Some(SlotPage::new(&like, slots, h, i, self.dtype, self.parts));
         }
+        self.page(at.page)
+    }
+
+    /// The scratch tensors' element type for this pool's staged bytes.
+    fn staged_dtype(&self) -> DType {
+        if self.dtype == ExpertDtype::Bf16 { DType::U32 } else { DType::F32 }
+    }
+
+    /// Uploads an expert and queues its copy into slot `index`: staged when the pool uploads
+    /// through the ring, else (and while every staging buffer is lent out) through burn.
+    /// `Ok(None)` for a ticket that cannot be submitted here (its ring was replaced since): the
+    /// caller uploads the expert again from the store.
+    pub fn store(&mut self, index: usize, upload: Upload<'_>) -> Result<Option<SlotRef>> {
+        let at = self.locate(index);
+        self.page_for(at)?;
+        let dtype = self.staged_dtype();
+        let host = match upload {
+            Upload::Ring(ticket) => {
+                let Some(staging) = self.staging()? else { return Ok(None) };
+                let Some(sources) = staging.submit(ticket, dtype)? else { return Ok(None) };
+                self.page(at.page)?.store_device(at.slot, sources)?;
+                return Ok(Some(at));
+            }
+            Upload::Mapped(parts) => {
+                if let Some(staging) = self.staging()?
+                    && let Some(sources) = staging.upload(parts, dtype)?
+                {
+                    self.page(at.page)?.store_device(at.slot, sources)?;
+                    return Ok(Some(at));
+                }
+                match self.dtype {
+                    ExpertDtype::Bf16 => HostExpert::Bf16(parts.map(bytemuck::pod_collect_to_vec)),
+                    _ => HostExpert::F32(parts.map(bytemuck::pod_collect_to_vec)),
+                }
+            }
+            Upload::Host(host) => host,
+        };
         if let Some(staging) = self.staging()? {
             let sources = match &host {
-                HostExpert::F32([g, u, d]) => {
-                    Some(staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), DType::F32)?)
-                }
-                HostExpert::Bf16([g, u, d]) => {
-                    Some(staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), DType::U32)?)
-                }
+                HostExpert::F32([g, u, d]) => staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), dtype)?,
+                HostExpert::Bf16([g, u, d]) => staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), dtype)?,
                 HostExpert::Quant(_) => None,
             };
             if let Some(sources) = sources {
                 self.page(at.page)?.store_device(at.slot, sources)?;
-                return Ok(at);
+                return Ok(Some(at));
             }
         }
         self.page(at.page)?.store(at.slot, host, &self.device)?;
-        Ok(at)
+        Ok(Some(at))
     }
 
     pub fn page(&self, page: usize) -> Result<&SlotPage> {

@@ -20,6 +20,9 @@ pub struct ExpertStats {
     pub prefetched: u64,
     /// Uses served by an expert that a prediction had brought in (counted in `hits` too).
     pub prefetch_hits: u64,
+    /// Predicted experts the upload thread wrote straight into a mapped staging buffer: the
+    /// compute thread only recorded their GPU copies.
+    pub staged_by_thread: u64,
     /// Bytes of predicted experts evicted before any use.
     pub wasted_prefetch_bytes: u64,
     /// Big-little: (token, layer) choices that kept the full top-k.
@@ -77,6 +80,7 @@ impl Sub for ExpertStats {
             stall_seconds: self.stall_seconds - before.stall_seconds,
             prefetched: self.prefetched - before.prefetched,
             prefetch_hits: self.prefetch_hits - before.prefetch_hits,
+            staged_by_thread: self.staged_by_thread - before.staged_by_thread,
             wasted_prefetch_bytes: self.wasted_prefetch_bytes - before.wasted_prefetch_bytes,
             big: self.big - before.big,
             little: self.little - before.little,
@@ -108,6 +112,7 @@ impl Add for ExpertStats {
             stall_seconds: self.stall_seconds + other.stall_seconds,
             prefetched: self.prefetched + other.prefetched,
             prefetch_hits: self.prefetch_hits + other.prefetch_hits,
+            staged_by_thread: self.staged_by_thread + other.staged_by_thread,
             wasted_prefetch_bytes: self.wasted_prefetch_bytes + other.wasted_prefetch_bytes,
             big: self.big + other.big,
             little: self.little + other.little,

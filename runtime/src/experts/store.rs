@@ -157,27 +157,43 @@ impl ExpertStore {
     /// hold what the slots would (f32 slots over an F32, BF16 or F16 checkpoint; bf16 slots over
     /// BF16; f16 slots over F16), else the form it would be uploaded in.
     pub fn host_source(&self, layer: usize, expert: usize) -> HostSource<'_> {
-        if let Some(LayerSource::PerExpert(experts)) = &self.layers[layer] {
-            let tensors = &experts[expert];
-            let dtype = tensors[0].dtype;
-            let same = tensors.iter().all(|t| t.dtype == dtype);
-            let exact = matches!(
-                (self.dtype, dtype),
-                (ExpertDtype::F32, F32 | BF16 | F16) | (ExpertDtype::Bf16, BF16) | (ExpertDtype::F16, F16)
-            );
-            if same && exact {
-                let bytes = tensors.each_ref().map(|t| self.weights.bytes(t));
-                // A tensor at an offset its element type cannot be read from is converted instead.
-                let aligned = match dtype {
-                    F32 => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_ok()),
-                    _ => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, u16>(b).is_ok()),
-                };
-                if aligned {
-                    return HostSource::Mapped(bytes, dtype);
-                }
-            }
+        match self.mapped(layer, expert) {
+            Some((bytes, dtype)) => HostSource::Mapped(bytes, dtype),
+            None => HostSource::Owned(self.host(layer, expert)),
         }
-        HostSource::Owned(self.host(layer, expert))
+    }
+
+    /// The checkpoint's bytes of the expert where they are exactly what its slot holds (f32
+    /// slots over F32, bf16 slots over BF16): an upload copies them from the mapping into a
+    /// staging buffer with no host conversion.
+    pub fn upload_bytes(&self, layer: usize, expert: usize) -> Option<[&[u8]; 3]> {
+        match (self.mapped(layer, expert)?, self.dtype) {
+            ((bytes, F32), ExpertDtype::F32) | ((bytes, BF16), ExpertDtype::Bf16) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// The mapped bytes of a per-expert checkpoint where the host kernel can read them as the
+    /// slots' values (see `host_source`), with their stored type.
+    fn mapped(&self, layer: usize, expert: usize) -> Option<([&[u8]; 3], SourceDtype)> {
+        let Some(LayerSource::PerExpert(experts)) = &self.layers[layer] else { return None };
+        let tensors = &experts[expert];
+        let dtype = tensors[0].dtype;
+        let same = tensors.iter().all(|t| t.dtype == dtype);
+        let exact = matches!(
+            (self.dtype, dtype),
+            (ExpertDtype::F32, F32 | BF16 | F16) | (ExpertDtype::Bf16, BF16) | (ExpertDtype::F16, F16)
+        );
+        if !(same && exact) {
+            return None;
+        }
+        let bytes = tensors.each_ref().map(|t| self.weights.bytes(t));
+        // A tensor at an offset its element type cannot be read from is converted instead.
+        let aligned = match dtype {
+            F32 => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_ok()),
+            _ => bytes.iter().all(|b| bytemuck::try_cast_slice::<u8, u16>(b).is_ok()),
+        };
+        aligned.then_some((bytes, dtype))
     }
 
     /// The expert in this store's quantised format, made now (not kept): repacked without

@@ -2,6 +2,7 @@
 //! manager could use. wgpu has no host-visible storage binding: every path goes through a
 //! staging copy somewhere.
 
+use std::sync::mpsc::channel;
 use std::time::Instant;
 
 use burn::tensor::wgpu::wgpu;
@@ -48,6 +49,75 @@ fn time_write_buffer(gpu: &Gpu, target: &wgpu::Buffer, data: &[u8], repeats: usi
     Ok(times)
 }
 
+/// `repeats` uploads of `data` through a ring of three mapped staging buffers: a host thread
+/// writes each free buffer and passes it over; this thread unmaps it, records its copy into
+/// `target` and maps it again. Seconds per upload over the whole run, until the GPU has the last.
+fn time_ring_thread(gpu: &Gpu, target: &wgpu::Buffer, data: &[u8], repeats: usize) -> Result<UploadMeasurement> {
+    const RING: usize = 3;
+    let bytes = data.len() as u64;
+    let ring: Vec<wgpu::Buffer> = (0..RING)
+        .map(|_| {
+            gpu.wgpu_device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("ferry-bandwidth-ring"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            })
+        })
+        .collect();
+    let (free_tx, free_rx) = channel::<usize>();
+    let (full_tx, full_rx) = channel::<usize>();
+    for i in 0..RING {
+        let _ = free_tx.send(i);
+    }
+    let start = Instant::now();
+    let ring = &ring;
+    std::thread::scope(|scope| -> Result<()> {
+        // The filler owns its channel ends, so that its end (or error) ends this thread's wait.
+        let filler = scope.spawn(move || -> Result<()> {
+            for _ in 0..repeats {
+                // A buffer is free once its remap completes, which a poll delivers.
+                let i = loop {
+                    if let Ok(i) = free_rx.try_recv() {
+                        break i;
+                    }
+                    wait(gpu)?;
+                };
+                ring[i].get_mapped_range_mut(..).map_err(|e| FerryError::Gpu(e.to_string()))?.copy_from_slice(data);
+                if full_tx.send(i).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        for _ in 0..repeats {
+            let Ok(i) = full_rx.recv() else { break };
+            ring[i].unmap();
+            let mut encoder = gpu
+                .wgpu_device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("ferry-bandwidth-ring") });
+            encoder.copy_buffer_to_buffer(&ring[i], 0, target, 0, bytes);
+            gpu.queue.submit([encoder.finish()]);
+            let free = free_tx.clone();
+            // A failed map is passed on too: the filler's write then reports it.
+            ring[i].map_async(wgpu::MapMode::Write, .., move |_| {
+                let _ = free.send(i);
+            });
+        }
+        drop(full_rx);
+        filler.join().map_err(|_| FerryError::Gpu("upload thread panicked".into()))?
+    })?;
+    wait(gpu)?;
+    let seconds = start.elapsed().as_secs_f64() / repeats as f64;
+    Ok(UploadMeasurement {
+        method: "mapped_ring_thread",
+        bytes,
+        uploads: repeats,
+        median_seconds: seconds,
+        bytes_per_second: bytes as f64 / seconds,
+    })
+}
+
 fn wait(gpu: &Gpu) -> Result<()> {
     gpu.wgpu_device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| FerryError::Gpu(e.to_string()))
 }
@@ -57,7 +127,10 @@ fn wait(gpu: &Gpu) -> Result<()> {
 /// - `mapped_staging`: a persistent MAP_WRITE staging buffer, remapped each time, then a
 ///   buffer-to-buffer copy;
 /// - `write_buffer_thread`: `write_buffer` issued from a background thread;
-/// - `burn_from_data`: `Tensor::from_data` and a device sync (what the expert cache does now).
+/// - `mapped_ring_thread`: three persistently mapped staging buffers that a host thread fills
+///   while this thread only records the copies, uploads back to back (what a prefetch does with
+///   the expert cache's ring); its time is the run's per upload, not a median;
+/// - `burn_from_data`: `Tensor::from_data` and a device sync (the cache's path on a CPU adapter).
 pub fn measure_upload(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<Vec<UploadMeasurement>> {
     let bytes = bytes.max(4) / 4 * 4;
     let repeats = repeats.max(1);
@@ -105,6 +178,8 @@ pub fn measure_upload(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<Vec<Upl
             .map_err(|_| FerryError::Gpu("upload thread panicked".into()))?
     })?;
     results.push(summarise("write_buffer_thread", bytes, times));
+
+    results.push(time_ring_thread(gpu, &target, &data, repeats)?);
 
     let floats: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let mut times = Vec::new();

@@ -13,8 +13,9 @@ use ferry_runtime::Gpu;
 use ferry_runtime::engine::{Engine, GenerateRequest};
 use ferry_runtime::graph::Model;
 use ferry_runtime::measure::measure_upload;
+
 use ferry_runtime::measure::roofline::measure_memory_bandwidth;
-use ferry_runtime::options::{ExpertOptions, LinkModel, VramBudget};
+use ferry_runtime::options::{ExpertOptions, LinkModel, UploadPath, VramBudget};
 use ferry_runtime::sampling::SamplingConfig;
 use ferry_runtime::spec::{FfnKind, ModelSpec};
 use rand::rngs::StdRng;
@@ -123,12 +124,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut uploads = measure_upload(&gpu, slot_bytes, 7)?;
     uploads.extend(measure_upload(&gpu, 64 << 20, 3)?);
     // The roofline: memory bandwidth over the largest buffer one binding takes (at most 256 MiB),
-    // and the upload rate of the path the expert cache uses (burn's from_data).
+    // and the upload rate of the path the expert cache uses: the mapped staging ring where
+    // `--upload` resolves to it (a GPU under `auto`), else burn's from_data.
     let stream = gpu.adapter.max_storage_buffer_binding_size.min(256 << 20) as usize;
     let memory = measure_memory_bandwidth(&gpu, stream, 5)?;
+    let staged = match args.upload {
+        UploadPath::Staging => true,
+        UploadPath::Burn => false,
+        UploadPath::Auto => gpu.adapter.device_type != "Cpu",
+    };
+    let upload_method = if staged { "mapped_staging" } else { "burn_from_data" };
     let upload_rate = uploads
         .iter()
-        .filter(|u| u.method == "burn_from_data")
+        .filter(|u| u.method == upload_method)
         .map(|u| u.bytes_per_second)
         .fold(f64::MIN_POSITIVE, f64::max);
     let middle = prompt.len() + request.max_new_tokens / 2;
@@ -150,6 +158,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         upload: args.upload,
         memory: &memory,
         upload_rate,
+        upload_method,
     };
     if args.json {
         println!("{}", summary.json());

@@ -95,6 +95,9 @@ pub struct ModeReport {
     /// Experts requested by predictions, per decoded token.
     prefetched_per_token: f64,
     wasted_prefetch_bytes_per_token: f64,
+    /// Prefetched experts per decoded token that the upload thread wrote into a staging buffer
+    /// straight from the memory map (the compute thread only recorded their copies).
+    staged_by_thread_per_token: f64,
     /// Per MoE layer after the first: share of real top-k choices that had been predicted.
     recall_per_layer: Vec<Option<f64>>,
     /// MoLE lookup tables, over decode steps: rows fetched, bytes read from the mapped table
@@ -191,6 +194,7 @@ impl ModeReport {
             prefill_uploaded_bytes: s.prefill_experts.bytes_uploaded,
             prefetched_per_token: d.prefetched as f64 / decode_tokens,
             wasted_prefetch_bytes_per_token: d.wasted_prefetch_bytes as f64 / decode_tokens,
+            staged_by_thread_per_token: d.staged_by_thread as f64 / decode_tokens,
             recall_per_layer,
             lookup_rows_per_token: s.decode_lookup.rows_fetched as f64 / decode_tokens,
             lookup_bytes_read_per_token: s.decode_lookup.bytes_read as f64 / decode_tokens,
@@ -254,6 +258,8 @@ pub struct Summary<'a> {
     pub uploads: &'a [UploadMeasurement],
     pub memory: &'a MemoryBandwidth,
     pub upload_rate: f64,
+    /// The measured path `upload_rate` is of: the one the expert cache takes.
+    pub upload_method: &'static str,
     /// `--decode-split` and `--upload` as given.
     pub decode_split: ferry_runtime::options::DecodeSplit,
     pub upload: ferry_runtime::options::UploadPath,
@@ -281,12 +287,13 @@ impl Summary<'_> {
             "decode_split": self.decode_split,
             "upload": self.upload,
             "upload_bytes_per_second": self.upload_rate,
+            "upload_method": self.upload_method,
         })
     }
 
     /// The human-readable tables.
     pub fn print(&self) {
-        let Self { folder, gpu, links, reports, uploads, memory, upload_rate, .. } = *self;
+        let Self { folder, gpu, links, reports, uploads, memory, upload_rate, upload_method, .. } = *self;
         let exact = exact_modes_agree(reports);
         println!(
             "{} on {} — prompt {} tokens, {} generated",
@@ -352,7 +359,7 @@ impl Summary<'_> {
         let gib = |b: f64| b / (1u64 << 30) as f64;
         println!(
             "roofline: memory {:.2} GiB/s (a streaming-read kernel over {} MiB; elementwise read+write {:.2} GiB/s; the \
-             host's cores read RAM at {:.2} GiB/s), uploads {:.2} GiB/s (burn from_data)",
+             host's cores read RAM at {:.2} GiB/s), uploads {:.2} GiB/s ({upload_method})",
             gib(memory.bytes_per_second),
             memory.bytes >> 20,
             gib(memory.elementwise_bytes_per_second),
