@@ -166,13 +166,19 @@ mod kernel {
     }
 
     /// Routes token `ABSOLUTE_POS`: `out[t] = [experts (as f32) | weights]`, `2 * top_k` wide.
-    /// `rule`: 0 softmax then top-k, 1 top-k then softmax, 2 group-limited.
+    /// `rule`: 0 softmax then top-k, 1 top-k then softmax, 2 group-limited. With `tables`, it
+    /// also writes the token's entries of a page's tables, as `tables_kernel` would from `out`
+    /// (one launch instead of two when a layer's experts sit in one page).
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)] // the kernel's buffers and the rule's parameters
     pub(super) fn route_kernel(
         logits: &Tensor<f32>, // [tokens, stride]: the router's columns first
         bias: &Tensor<f32>,   // [experts] (when has_bias)
         out: &mut Tensor<f32>,
+        slots: &Tensor<u32>, // [experts] (when tables)
+        groups_out: &mut Tensor<u32>,
+        assign: &mut Tensor<u32>,
+        weights: &mut Tensor<f32>,
         stride: u32,
         experts: u32,
         top_k: u32,
@@ -183,6 +189,7 @@ mod kernel {
         #[comptime] sigmoid: bool,
         #[comptime] renormalize: bool,
         #[comptime] has_bias: bool,
+        #[comptime] tables: bool,
     ) {
         let t = ABSOLUTE_POS;
         let k = top_k as usize;
@@ -284,6 +291,42 @@ mod kernel {
                 }
             }
         }
+        if comptime!(tables) {
+            for r in 0..k {
+                let expert = u32::cast_from(out[o + r]);
+                table_entry(slots, groups_out, assign, weights, t * k + r, t, expert, out[o + k + r]);
+            }
+        }
+    }
+
+    /// The tables' entries of assignment `a` (of token `t`) routed to expert `e` with `weight`:
+    /// a group of one row at the expert's slot when it sits in this page (`slots[e]`,
+    /// `u32::MAX` elsewhere), else an empty group.
+    #[cube]
+    #[allow(clippy::too_many_arguments)] // the tables and one assignment
+    fn table_entry(
+        slots: &Tensor<u32>,
+        groups: &mut Tensor<u32>,
+        assign: &mut Tensor<u32>,
+        weights: &mut Tensor<f32>,
+        a: usize,
+        t: usize,
+        expert: u32,
+        weight: f32,
+    ) {
+        let mut e = expert;
+        if e as usize >= slots.len() {
+            e = 0u32;
+        }
+        let slot = slots[e as usize];
+        let here = slot != 0xFFFF_FFFFu32;
+        groups[a * 4] = select(here, slot, 0u32);
+        groups[a * 4 + 1] = a as u32;
+        groups[a * 4 + 2] = select(here, a as u32 + 1u32, a as u32);
+        groups[a * 4 + 3] = e;
+        assign[a * 2] = t as u32;
+        assign[a * 2 + 1] = a as u32;
+        weights[a] = weight;
     }
 
     /// One group per assignment `a = token * top_k + rank`: the slot of its expert when the
@@ -303,19 +346,28 @@ mod kernel {
         }
         let k = top_k as usize;
         let (t, r) = (a / k, a % k);
-        let mut e = u32::cast_from(route[t * 2 * k + r]);
-        if e as usize >= slots.len() {
-            e = 0u32;
-        }
-        let slot = slots[e as usize];
-        let here = slot != 0xFFFF_FFFFu32;
-        groups[a * 4] = select(here, slot, 0u32);
-        groups[a * 4 + 1] = a as u32;
-        groups[a * 4 + 2] = select(here, a as u32 + 1u32, a as u32);
-        groups[a * 4 + 3] = e;
-        assign[a * 2] = t as u32;
-        assign[a * 2 + 1] = a as u32;
-        weights[a] = route[t * 2 * k + k + r];
+        let expert = u32::cast_from(route[t * 2 * k + r]);
+        table_entry(slots, groups, assign, weights, a, t, expert, route[t * 2 * k + k + r]);
+    }
+}
+
+/// A layer's router logits and what routes them: `route`'s arguments, for callers that pick
+/// between `route` and `route_with_tables` later.
+pub struct Router<'a> {
+    pub logits: Tensor<2>,
+    pub bias: Option<&'a CubeTensor>,
+    pub experts: usize,
+    pub top_k: usize,
+    pub rule: Rule,
+}
+
+impl Router<'_> {
+    pub fn route(self) -> Result<Tensor<2>, ShaderError> {
+        route(self.logits, self.bias, self.experts, self.top_k, self.rule)
+    }
+
+    pub fn route_with_tables(self, slots: &CubeTensor) -> Result<(Tensor<2>, DeviceWork), ShaderError> {
+        route_with_tables(self.logits, self.bias, self.experts, self.top_k, self.rule, slots)
     }
 }
 
@@ -329,10 +381,39 @@ pub fn route(
     top_k: usize,
     rule: Rule,
 ) -> Result<Tensor<2>, ShaderError> {
+    launch(logits, bias, experts, top_k, rule, None).map(|(route, _)| route)
+}
+
+/// `route` and `tables` in one launch, for a layer whose experts all sit in the page `slots`
+/// describes (each unit writes its token's route, then the token's table entries from it).
+pub fn route_with_tables(
+    logits: Tensor<2>,
+    bias: Option<&CubeTensor>,
+    experts: usize,
+    top_k: usize,
+    rule: Rule,
+    slots: &CubeTensor,
+) -> Result<(Tensor<2>, DeviceWork), ShaderError> {
+    let (route, work) = launch(logits, bias, experts, top_k, rule, Some(slots))?;
+    let work = work.ok_or_else(|| ShaderError::Shape("routing with tables made no tables".into()))?;
+    Ok((route, work))
+}
+
+/// The routing launch, writing a page's tables too where `slots` is given.
+fn launch(
+    logits: Tensor<2>,
+    bias: Option<&CubeTensor>,
+    experts: usize,
+    top_k: usize,
+    rule: Rule,
+    slots: Option<&CubeTensor>,
+) -> Result<(Tensor<2>, Option<DeviceWork>), ShaderError> {
     let [tokens, columns] = logits.dims();
-    if experts > columns || top_k > experts || top_k == 0 || !rule.on_device() {
+    let slots_ok = slots.is_none_or(|s| s.meta.shape().num_elements() == experts);
+    if experts > columns || top_k > experts || top_k == 0 || !rule.on_device() || !slots_ok {
         return Err(ShaderError::Shape(format!(
-            "routing top-{top_k} of {experts} experts over {columns} columns by {rule:?} on the device"
+            "routing top-{top_k} of {experts} experts over {columns} columns by {rule:?} on the device{}",
+            if slots_ok { "" } else { " with a page's slots of another width" }
         )));
     }
     let lc = burn_cubecl::kernel::into_contiguous(cube_float(logits)?);
@@ -351,6 +432,14 @@ pub fn route(
         }
     };
     let bias_arg = bias.cloned().unwrap_or_else(|| lc.clone());
+    // Without tables the table arguments are placeholders the kernel never touches.
+    let work = slots.map(|_| new_work(&out, tokens * top_k));
+    let placeholder =
+        |dtype| burn_cubecl::ops::numeric::empty_device_dtype(client.clone(), lc.device.clone(), [1].into(), dtype);
+    let (slots_arg, groups_arg, assign_arg, weights_arg) = match (slots, &work) {
+        (Some(slots), Some(w)) => (slots.clone(), w.groups.clone(), w.assign.clone(), w.weights.clone()),
+        _ => (placeholder(DType::U32), placeholder(DType::U32), placeholder(DType::U32), placeholder(DType::F32)),
+    };
     let (count, dim) = crate::launches::elementwise(&client, tokens);
     kernel::route_kernel::launch(
         &client,
@@ -359,6 +448,10 @@ pub fn route(
         lc.into_tensor_arg(),
         bias_arg.into_tensor_arg(),
         out.clone().into_tensor_arg(),
+        slots_arg.into_tensor_arg(),
+        groups_arg.into_tensor_arg(),
+        assign_arg.into_tensor_arg(),
+        weights_arg.into_tensor_arg(),
         columns as u32,
         experts as u32,
         top_k as u32,
@@ -369,37 +462,57 @@ pub fn route(
         sigmoid,
         renormalize,
         bias.is_some(),
+        slots.is_some(),
     );
-    Ok(from_cube(out))
+    Ok((from_cube(out), work))
+}
+
+/// Empty tables for `n` (token, rank) assignments, on `like`'s device.
+fn new_work(like: &CubeTensor, n: usize) -> DeviceWork {
+    let make = |len: usize, dtype: DType| {
+        burn_cubecl::ops::numeric::empty_device_dtype(
+            like.client.clone(),
+            like.device.clone(),
+            [len.max(1)].into(),
+            dtype,
+        )
+    };
+    DeviceWork {
+        groups: make(n * 4, DType::U32),
+        assign: make(n * 2, DType::U32),
+        weights: make(n, DType::F32),
+        n_groups: n,
+    }
+}
+
+/// A page's slots per expert (`u32::MAX` where the expert is in another page) on the device, for
+/// `tables` and `route_with_tables`.
+pub fn page_slots(like: &CubeTensor, slots: &[u32]) -> CubeTensor {
+    let handle = like.client.create_from_slice(bytemuck::cast_slice(slots));
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), [slots.len()].into(), handle, DType::U32)
 }
 
 /// A page's tables for the grouped expert kernel from routes on the device (`route`'s output):
-/// one group per (token, rank), empty where the expert sits in another page. `slots[e]` is
-/// expert `e`'s slot in this page, `u32::MAX` where it is not in it.
-pub fn tables(route: &CubeTensor, slots: &[u32], top_k: usize) -> DeviceWork {
+/// one group per (token, rank), empty where the expert sits in another page. `slots` is
+/// `page_slots`'s: expert `e`'s slot in this page, `u32::MAX` where it is not in it.
+pub fn tables(route: &CubeTensor, slots: &CubeTensor, top_k: usize) -> DeviceWork {
     let tokens = route.meta.shape()[0];
     let n = tokens * top_k;
     let client = route.client.clone();
-    let make = |len: usize, dtype: DType| {
-        burn_cubecl::ops::numeric::empty_device_dtype(client.clone(), route.device.clone(), [len.max(1)].into(), dtype)
-    };
-    let (groups, assign, weights) = (make(n * 4, DType::U32), make(n * 2, DType::U32), make(n, DType::F32));
-    let handle = client.create_from_slice(bytemuck::cast_slice(slots));
-    let slots =
-        CubeTensor::new_contiguous(client.clone(), route.device.clone(), [slots.len()].into(), handle, DType::U32);
+    let work = new_work(route, n);
     let (count, dim) = crate::launches::elementwise(&client, n);
     kernel::tables_kernel::launch(
         &client,
         count,
         dim,
         route.clone().into_tensor_arg(),
-        slots.into_tensor_arg(),
-        groups.clone().into_tensor_arg(),
-        assign.clone().into_tensor_arg(),
-        weights.clone().into_tensor_arg(),
+        slots.clone().into_tensor_arg(),
+        work.groups.clone().into_tensor_arg(),
+        work.assign.clone().into_tensor_arg(),
+        work.weights.clone().into_tensor_arg(),
         top_k as u32,
     );
-    DeviceWork { groups, assign, weights, n_groups: n }
+    work
 }
 
 /// `route`'s output read back: per token, its experts and weights.
@@ -414,7 +527,7 @@ pub fn parse(values: &[f32], top_k: usize) -> Vec<(Vec<u32>, Vec<f32>)> {
 mod tests {
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{Rule, parse, reference, route};
+    use super::{Rule, page_slots, parse, reference, route, route_with_tables, tables};
     use crate::bridge::cube_float;
     use crate::testing::{device, random};
 
@@ -474,5 +587,39 @@ mod tests {
         let got = parse(&got.into_data().try_to_vec::<f32>().unwrap(), 2);
         assert_eq!(got[0].0, vec![0, 2]);
         assert!(route(Tensor::<2>::zeros([1, 4], device), None, 8, 2, rule).is_err(), "more experts than columns");
+    }
+
+    /// One launch that routes and builds a page's tables gives the two launches' results bit
+    /// for bit, with some experts outside the page (their groups empty).
+    #[test]
+    fn routing_with_tables_in_one_launch_equals_two_launches() {
+        let device = &device();
+        let (tokens, experts, top_k) = (5, 8, 3);
+        let logits = random(tokens * experts, 11, 2.0);
+        let input = || Tensor::<2>::from_data(TensorData::new(logits.clone(), [tokens, experts]), device);
+        let slot_values: Vec<u32> = (0..experts as u32).map(|e| if e % 3 == 1 { u32::MAX } else { 7 - e }).collect();
+        let rule = Rule::SoftmaxTopK { renormalize: true };
+        let two = cube_float(route(input(), None, experts, top_k, rule).unwrap()).unwrap();
+        let slots = page_slots(&two, &slot_values);
+        let work = tables(&two, &slots, top_k);
+        let (one, fused) = route_with_tables(input(), None, experts, top_k, rule, &slots).unwrap();
+        // The tables' raw words: u32 and f32 alike compare bit for bit.
+        let read = |t: &burn_cubecl::tensor::CubeTensor| -> Vec<u32> {
+            bytemuck::pod_collect_to_vec(&t.client.read_one(t.handle.clone()).unwrap()[..])
+        };
+        let floats = read;
+        assert_eq!(
+            one.into_data().try_to_vec::<f32>().unwrap(),
+            crate::from_cube::<2>(two).into_data().try_to_vec::<f32>().unwrap()
+        );
+        assert_eq!(read(&fused.groups), read(&work.groups));
+        assert_eq!(read(&fused.assign), read(&work.assign));
+        assert_eq!(floats(&fused.weights), floats(&work.weights));
+        assert_eq!(fused.n_groups, tokens * top_k);
+        // Some group is empty (an expert outside the page), some is not.
+        let groups = read(&fused.groups);
+        assert!(groups.chunks_exact(4).any(|g| g[1] == g[2]) && groups.chunks_exact(4).any(|g| g[1] != g[2]));
+        let wrong = page_slots(&fused.groups, &slot_values[..4]);
+        assert!(route_with_tables(input(), None, experts, top_k, rule, &wrong).is_err(), "slots of another width");
     }
 }

@@ -50,6 +50,9 @@ pub struct ExpertCache {
     pub(super) stats: ExpertStats,
     pub(super) link: Option<LinkModel>,
     pub(super) queue: Option<UploadQueue>,
+    /// Per (layer, page), the page's slots of the layer's experts as last uploaded for routing on
+    /// the device (`run_layer_on_device`).
+    pub(super) device_slots: HashMap<(usize, usize), (Vec<u32>, burn_cubecl::tensor::CubeTensor)>,
     /// Prefetched experts whose host staging is under way; each holds a reserved slot.
     pub(super) in_flight: HashSet<ExpertId>,
     /// Staged experts that arrived while waiting for another one.
@@ -103,6 +106,7 @@ impl ExpertCache {
             stats: ExpertStats::default(),
             link: None,
             queue: None,
+            device_slots: HashMap::new(),
             in_flight: HashSet::new(),
             staged: HashMap::new(),
             orphans: HashSet::new(),

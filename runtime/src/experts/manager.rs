@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn_cubecl::tensor::CubeTensor;
 use ferry_shaders::expert::{ExpertExtras, PageWork, Work};
+use ferry_shaders::route::Router;
 use ferry_shaders::{cube_float, from_cube};
 use rayon::prelude::*;
 
@@ -213,37 +215,63 @@ impl ExpertCache {
         pages
     }
 
-    /// Runs one layer's experts over routes on the device (`ferry_shaders::route::route`'s
-    /// `[tokens, 2 * top_k]`): per slot page holding the layer's experts, tables built on the
-    /// device and the grouped kernels, as `run_layer` queues them. Rows as `run_layer`'s; the
-    /// bookkeeping waits for `count_device_routes`. Only when `routes_stay_on_device`.
+    /// Routes one layer on the device and runs its experts over the routes (`[tokens, 2 * top_k]`,
+    /// returned with the rows): one launch routes and builds the tables where the layer's experts
+    /// sit in one slot page, else the routing kernel and then per page its tables; then the
+    /// grouped kernels, as `run_layer` queues them. Rows as `run_layer`'s; the bookkeeping waits
+    /// for `count_device_routes`. Only when `routes_stay_on_device`.
     pub fn run_layer_on_device(
         &mut self,
         layer: usize,
         x: Tensor<2>,
-        routes: Tensor<2>,
-        top_k: usize,
+        router: Router<'_>,
         extras: &ExpertExtras,
         device: &Device,
-    ) -> Result<Tensor<2>> {
+    ) -> Result<(Tensor<2>, Tensor<2>)> {
         let [tokens, hidden] = x.dims();
+        let top_k = router.top_k;
         let inter = self.dims().0;
         let num_experts = self.usage.get(layer).map_or(0, Vec::len);
         if (0..num_experts).any(|e| !self.is_resident(layer, e)) {
             return Err(FerryError::Gpu(format!("layer {layer}: routes on the device with experts not resident")));
         }
-        let pages = self.layer_pages(layer);
-        let routes = cube_float(routes)?;
         let xc = cube_float(x)?;
         let act = cube_float(Tensor::<2>::empty([tokens * top_k, inter], device))?;
         // Every (token, rank) row is written by the page that holds its expert.
         let y = cube_float(Tensor::<2>::empty([tokens * top_k, hidden], device))?;
-        for (page, slots) in pages {
-            let work = ferry_shaders::route::tables(&routes, &slots, top_k);
-            self.page(page)?.swiglu(&xc, Work::Device(&work), extras, &act, &y, device)?;
-        }
+        let pages: Vec<(usize, CubeTensor)> = self
+            .layer_pages(layer)
+            .into_iter()
+            .map(|(page, slots)| (page, self.device_slots(layer, page, slots, &xc)))
+            .collect();
+        let routes = if let [(page, slots)] = &pages[..] {
+            let (routes, work) = router.route_with_tables(slots)?;
+            self.page(*page)?.swiglu(&xc, Work::Device(&work), extras, &act, &y, device)?;
+            routes
+        } else {
+            let routes = router.route()?;
+            let rc = cube_float(routes.clone())?;
+            for (page, slots) in &pages {
+                let work = ferry_shaders::route::tables(&rc, slots, top_k);
+                self.page(*page)?.swiglu(&xc, Work::Device(&work), extras, &act, &y, device)?;
+            }
+            routes
+        };
         self.layer = layer;
-        Ok(from_cube(y))
+        Ok((from_cube(y), routes))
+    }
+
+    /// A page's slots of `layer`'s experts on the device, uploaded again only when they change
+    /// (while every expert stays resident they do not, so a decode step writes nothing).
+    fn device_slots(&mut self, layer: usize, page: usize, slots: Vec<u32>, like: &CubeTensor) -> CubeTensor {
+        match self.device_slots.get(&(layer, page)) {
+            Some((held, tensor)) if *held == slots => tensor.clone(),
+            _ => {
+                let tensor = ferry_shaders::route::page_slots(like, &slots);
+                self.device_slots.insert((layer, page), (slots, tensor.clone()));
+                tensor
+            }
+        }
     }
 
     /// The bookkeeping `run_layer` does for hits, for a layer run by `run_layer_on_device` once

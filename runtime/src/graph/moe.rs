@@ -206,9 +206,14 @@ impl MoeBlock {
             && on_device
             && experts.routes_stay_on_device(self.layer, k)
         {
-            let routes =
-                ferry_shaders::route::route(scores, self.score_bias_device.as_ref(), self.num_experts, k, rule)?;
-            let rows = experts.run_layer_on_device(self.layer, x.clone(), routes.clone(), k, &self.extras, device)?;
+            let router = ferry_shaders::route::Router {
+                logits: scores,
+                bias: self.score_bias_device.as_ref(),
+                experts: self.num_experts,
+                top_k: k,
+                rule,
+            };
+            let (rows, routes) = experts.run_layer_on_device(self.layer, x.clone(), router, &self.extras, device)?;
             let (rows, parts) = self.add_shared(rows, x, k);
             return Ok(MoeOutput { rows, parts, routes: Vec::new(), next: None, device_routes: Some(routes) });
         }
