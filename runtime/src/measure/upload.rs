@@ -2,8 +2,8 @@
 //! manager could use. wgpu has no host-visible storage binding: every path goes through a
 //! staging copy somewhere.
 
-use std::sync::mpsc::channel;
-use std::time::Instant;
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
 
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Tensor, TensorData};
@@ -76,12 +76,16 @@ fn time_ring_thread(gpu: &Gpu, target: &wgpu::Buffer, data: &[u8], repeats: usiz
         // The filler owns its channel ends, so that its end (or error) ends this thread's wait.
         let filler = scope.spawn(move || -> Result<()> {
             for _ in 0..repeats {
-                // A buffer is free once its remap completes, which a poll delivers.
+                // A buffer is free once its remap completes, which a poll delivers: poll without
+                // blocking the device for the other thread's submissions meanwhile.
                 let i = loop {
-                    if let Ok(i) = free_rx.try_recv() {
-                        break i;
+                    match free_rx.recv_timeout(Duration::from_micros(50)) {
+                        Ok(i) => break i,
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = gpu.wgpu_device.poll(wgpu::PollType::Poll);
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return Ok(()),
                     }
-                    wait(gpu)?;
                 };
                 ring[i].get_mapped_range_mut(..).map_err(|e| FerryError::Gpu(e.to_string()))?.copy_from_slice(data);
                 if full_tx.send(i).is_err() {
