@@ -21,6 +21,8 @@ pub fn run(command: PredictorCommand) -> Result<()> {
 #[derive(Default)]
 struct LayerData {
     inputs: Vec<f32>,
+    /// The block's input before attention (input-normed residual stream).
+    block_inputs: Vec<f32>,
     logits: Vec<f32>,
     chosen: Vec<Vec<u32>>,
     /// The model's own predictor's experts for the next MoE layer.
@@ -36,6 +38,10 @@ struct PairReport {
     learned: f64,
     /// The learned fit from `from` to the MoE layer after `to`, when there is one.
     two_ahead: Option<(usize, f64)>,
+    /// A fit from `to`'s own block input before its attention (the residual stream after
+    /// `from`'s block, input-normed) to `to`'s router logits: the published "pre-attention"
+    /// predictors' setting, whose lookahead is `to`'s attention only. Measured, not written.
+    pre_attention: f64,
 }
 
 #[derive(serde::Serialize)]
@@ -48,6 +54,7 @@ struct FitReport {
     mean_own: Option<f64>,
     mean_learned: f64,
     mean_two_ahead: Option<f64>,
+    mean_pre_attention: f64,
 }
 
 /// Top-`k` indices of each row of `logits` `[tokens, width]`.
@@ -128,6 +135,7 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
                 let d = &mut data[entry.layer];
                 let tokens = entry.experts.len();
                 d.inputs.extend(entry.inputs.context("the trace holds no router inputs")?);
+                d.block_inputs.extend(entry.block_inputs.context("the trace holds no block inputs")?);
                 d.logits.extend(entry.logits.context("the trace holds no router logits")?);
                 d.chosen.extend(entry.experts);
                 match entry.predicted {
@@ -156,6 +164,13 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
             Ok((map, recall(&guess, &data[target].chosen[fit_tokens..])))
         };
         let (map, learned) = fitted(to)?;
+        let pre_attention = {
+            let (x, y) = (&data[to].block_inputs, &data[to].logits);
+            let map = fit_ridge(&x[..fit_tokens * hidden], &y[..fit_tokens * experts], hidden, experts, args.ridge)
+                .with_context(|| format!("fitting layer {to}'s block input to its router"))?;
+            let guess = top_k(&map.apply(&x[fit_tokens * hidden..]), experts, k);
+            recall(&guess, &data[to].chosen[fit_tokens..])
+        };
         let two_ahead = match moe.get(i + 2) {
             Some(&after) => Some((after, fitted(after)?.1)),
             None => None,
@@ -166,7 +181,7 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
             .any(|p| !p.is_empty())
             .then(|| recall(&data[from].predicted[fit_tokens..], &data[to].chosen[fit_tokens..]));
         maps.push((from, map));
-        layers.push(PairReport { from, to, own, learned, two_ahead });
+        layers.push(PairReport { from, to, own, learned, two_ahead, pre_attention });
     }
     write_predictor(&out, &maps).with_context(|| format!("writing the predictor to {}", out.display()))?;
 
@@ -179,6 +194,7 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
         mean_own: mean(layers.iter().filter_map(|l| l.own).collect()),
         mean_learned: mean(layers.iter().map(|l| l.learned).collect()).unwrap_or(0.0),
         mean_two_ahead: mean(layers.iter().filter_map(|l| l.two_ahead.map(|t| t.1)).collect()),
+        mean_pre_attention: mean(layers.iter().map(|l| l.pre_attention).collect()).unwrap_or(0.0),
         layers,
     };
     if args.json {
@@ -190,22 +206,27 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
         report.fit_tokens, report.held_out_tokens, report.out
     );
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
-    println!("{:>10} {:>14} {:>14} {:>16}", "layers", report.own_predictor, "learned", "learned 2-ahead");
+    println!(
+        "{:>10} {:>14} {:>14} {:>16} {:>14}",
+        "layers", report.own_predictor, "learned", "learned 2-ahead", "pre-attention"
+    );
     for l in &report.layers {
         println!(
-            "{:>10} {:>14} {:>14} {:>16}",
+            "{:>10} {:>14} {:>14} {:>16} {:>14}",
             format!("{} -> {}", l.from, l.to),
             pct(l.own),
             pct(Some(l.learned)),
-            l.two_ahead.map_or("-".to_string(), |(to, r)| format!("{:.1}% (-> {to})", 100.0 * r))
+            l.two_ahead.map_or("-".to_string(), |(to, r)| format!("{:.1}% (-> {to})", 100.0 * r)),
+            pct(Some(l.pre_attention))
         );
     }
     println!(
-        "{:>10} {:>14} {:>14} {:>16}",
+        "{:>10} {:>14} {:>14} {:>16} {:>14}",
         "mean",
         pct(report.mean_own),
         pct(Some(report.mean_learned)),
-        pct(report.mean_two_ahead)
+        pct(report.mean_two_ahead),
+        pct(Some(report.mean_pre_attention))
     );
     Ok(())
 }

@@ -178,6 +178,7 @@ impl ExpertCache {
                 predicted,
                 inputs: x_host.map(<[f32]>::to_vec),
                 logits: Some(logits.to_vec()),
+                block_inputs: None,
             });
         }
         Ok(LayerOutput { rows, routes })

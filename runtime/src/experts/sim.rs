@@ -174,6 +174,7 @@ mod tests {
             predicted: None,
             inputs: None,
             logits: None,
+            block_inputs: None,
         }
     }
 

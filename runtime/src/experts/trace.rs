@@ -22,6 +22,11 @@ pub struct LayerTrace {
     pub inputs: Option<Vec<f32>>,
     #[serde(skip)]
     pub logits: Option<Vec<f32>>,
+    /// The block's input `[tokens, hidden]` as attention takes it (the residual stream after
+    /// the input norm), with `TraceOptions::inputs` only: what a pre-attention predictor is
+    /// fitted on.
+    #[serde(skip)]
+    pub block_inputs: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -41,6 +46,8 @@ pub struct TraceOptions {
 pub(super) struct TraceLog {
     pub(super) options: TraceOptions,
     pub(super) layers: Vec<LayerTrace>,
+    /// Block inputs given for layers whose entry is not recorded yet.
+    pub(super) block_inputs: Vec<(usize, Vec<f32>)>,
 }
 
 impl ExpertCache {
@@ -48,7 +55,7 @@ impl ExpertCache {
     /// with a predictor computes its predictions even when not prefetching (they are recorded
     /// and scored, not fetched).
     pub fn set_trace(&mut self, options: Option<TraceOptions>) {
-        self.trace = options.map(|options| TraceLog { options, layers: Vec::new() });
+        self.trace = options.map(|options| TraceLog { options, layers: Vec::new(), block_inputs: Vec::new() });
     }
 
     pub fn tracing(&self) -> bool {
@@ -60,13 +67,25 @@ impl ExpertCache {
         self.trace.as_mut().map(|t| std::mem::take(&mut t.layers)).unwrap_or_default()
     }
 
-    pub(super) fn traces_inputs(&self) -> bool {
+    /// Whether the trace keeps the router's inputs and logits, and the blocks' inputs.
+    pub fn traces_inputs(&self) -> bool {
         self.trace.as_ref().is_some_and(|t| t.options.inputs)
+    }
+
+    /// The input of MoE layer `layer`'s block before its attention, for the layer's next entry.
+    pub fn trace_block_input(&mut self, layer: usize, values: Vec<f32>) {
+        if let Some(log) = self.trace.as_mut().filter(|t| t.options.inputs) {
+            log.block_inputs.push((layer, values));
+        }
     }
 
     pub(super) fn record_trace(&mut self, mut entry: LayerTrace) {
         if let Some(log) = &mut self.trace {
-            if !log.options.inputs {
+            if log.options.inputs {
+                if let Some(at) = log.block_inputs.iter().position(|(l, _)| *l == entry.layer) {
+                    entry.block_inputs = Some(log.block_inputs.remove(at).1);
+                }
+            } else {
                 entry.inputs = None;
                 entry.logits = None;
             }

@@ -549,6 +549,13 @@ impl Model {
         let norm_after = |l: usize| self.layers.get(l + 1).map_or(&self.final_norm, |next| &next.input_norm);
         let mut h = rms_norm(x.clone(), self.layers.first().map_or(&self.final_norm, |l| &l.input_norm), eps);
         for (l, layer) in self.layers.iter().enumerate() {
+            if matches!(layer.ffn, Ffn::Moe(_)) && experts.traces_inputs() {
+                // Calibration only: a pre-attention predictor is fitted on the block's input.
+                let values = h.clone().try_into_data().map_err(|e| FerryError::gpu_read("block input", e))?;
+                let values =
+                    values.try_into_vec().map_err(|e| FerryError::Gpu(format!("reading a block input: {e:?}")))?;
+                experts.trace_block_input(l, values);
+            }
             let want_received = attention_importance && matches!(layer.ffn, Ffn::Moe(_));
             let (attended, received) = layer.attention.forward(h, l, cache, &rope_tables, want_received, device);
             let h_ffn;
