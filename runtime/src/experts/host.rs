@@ -118,6 +118,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// `dot(a, b)` for four `b`s at once, bit for bit: the same partial sums in the same order.
+fn dot4(a: &[f32], bs: &[&[f32]; 4]) -> [f32; 4] {
+    let (a_chunks, a_tail) = a.as_chunks::<LANES>();
+    let b_chunks = bs.map(|b| b.as_chunks::<LANES>().0);
+    let mut acc = [[0f32; LANES]; 4];
+    for (i, x) in a_chunks.iter().enumerate() {
+        for (acc, b) in acc.iter_mut().zip(&b_chunks) {
+            let y = &b[i];
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+    }
+    let at = a_chunks.len() * LANES;
+    std::array::from_fn(|j| {
+        let acc = &mut acc[j];
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for l in 0..width {
+                acc[l] += acc[l + width];
+            }
+        }
+        acc[0] + a_tail.iter().zip(&bs[j][at..]).map(|(x, y)| x * y).sum::<f32>()
+    })
+}
+
 /// GPT-OSS's additions to plain SwiGLU, as host values: gate then up biases `[2 * inter]` and
 /// down biases `[hidden]` of one expert, and the clamp `(limit, alpha)`.
 #[derive(Clone, Copy, Default)]
@@ -193,8 +220,17 @@ fn project(matrix: HostMatrix<'_>, n: usize, k: usize, vs: &[&[f32]]) -> Vec<f32
             let count = step.min(rows - sub);
             let weights = matrix.rows(n, k, first + sub, count, &mut buf);
             for r in 0..count {
-                for (t, v) in vs.iter().enumerate() {
-                    block[(sub + r) * tokens + t] = dot(&weights[r * k..][..k], v);
+                let row = &weights[r * k..][..k];
+                let outs = &mut block[(sub + r) * tokens..][..tokens];
+                // Four tokens per pass over the row: each chunk of it is loaded once for four
+                // dot products (a prompt's many tokens make this compute-bound), each summed
+                // exactly as `dot` sums it.
+                let (quads, rest) = vs.as_chunks::<4>();
+                for (q, four) in quads.iter().enumerate() {
+                    outs[4 * q..][..4].copy_from_slice(&dot4(row, four));
+                }
+                for (t, v) in rest.iter().enumerate() {
+                    outs[4 * quads.len() + t] = dot(row, v);
                 }
             }
         }
@@ -263,6 +299,35 @@ mod tests {
         for t in 0..3 {
             let want: Vec<f32> = reference(f32s, &xs[t], gpt).iter().map(|v| v * weights[t]).collect();
             close(&out[t], &want, &format!("{what}, token {t}"));
+        }
+    }
+
+    /// Four tokens per pass over a row give each token's `dot` bit for bit, at lengths with and
+    /// without a tail; a prompt's token count then changes no token's result.
+    #[test]
+    fn four_tokens_per_pass_sum_as_one_does() {
+        for k in [1, 7, 8, 37, 64, 203] {
+            let a = random(k, 9);
+            let bs: Vec<Vec<f32>> = (0..4).map(|j| random(k, 10 + j)).collect();
+            let four = [&bs[0][..], &bs[1], &bs[2], &bs[3]];
+            let got = dot4(&a, &four);
+            for j in 0..4 {
+                assert_eq!(got[j].to_bits(), dot(&a, &bs[j]).to_bits(), "k {k}, token {j}");
+            }
+        }
+        // Through `project`: 1, 4 and 6 tokens give every token the same bits.
+        let (n, k) = (40, 72);
+        let m = random(n * k, 20);
+        let vs: Vec<Vec<f32>> = (0..6).map(|t| random(k, 30 + t)).collect();
+        let refs: Vec<&[f32]> = vs.iter().map(Vec::as_slice).collect();
+        let six = project(HostMatrix::F32(&m), n, k, &refs);
+        for t in 0..6 {
+            let one = project(HostMatrix::F32(&m), n, k, &refs[t..t + 1]);
+            let four = project(HostMatrix::F32(&m), n, k, &refs[t.min(2)..t.min(2) + 4]);
+            for r in 0..n {
+                assert_eq!(six[r * 6 + t].to_bits(), one[r].to_bits(), "row {r}, token {t} of 6 against alone");
+                assert_eq!(six[r * 6 + t].to_bits(), four[r * 4 + t - t.min(2)].to_bits(), "row {r}, token {t}");
+            }
         }
     }
 
