@@ -19,6 +19,10 @@ const LANES: usize = 8;
 /// Output rows one task decodes and computes: enough work per task that rayon's overhead stays
 /// small, few enough that a decode step's matrices spread over every core.
 const ROWS_PER_TASK: usize = 32;
+/// Tokens from which a task's rows meet its tokens in one matrix product (matrixmultiply's
+/// sgemm, register-tiled, AVX/FMA chosen at run time) instead of dot products: a prompt's batch
+/// is compute-bound, a few decode tokens are memory-bound and keep `dot`'s sums.
+const GEMM_TOKENS: usize = 8;
 
 /// One matrix `[n, k]` as the host reads it: row `r` is output `r`'s weights over the reduction.
 #[derive(Clone, Copy)]
@@ -118,6 +122,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// `c[r * tokens + t] = a[r] . x[t]` for the `rows` rows of `a` (`[rows, k]`) and the `tokens`
+/// rows of `x` (`[tokens, k]`), by matrixmultiply's sgemm.
+fn gemm(a: &[f32], x: &[f32], rows: usize, k: usize, tokens: usize, c: &mut [f32]) {
+    assert!(a.len() >= rows * k && x.len() >= tokens * k && c.len() >= rows * tokens, "gemm operand sizes");
+    // SAFETY: A is `rows x k` with strides (k, 1), B = x^T is `k x tokens` with strides (1, k),
+    // C is `rows x tokens` with strides (tokens, 1): every access lies inside the slices, whose
+    // lengths were just checked, and C's elements do not alias.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            k,
+            tokens,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            tokens as isize,
+            1,
+        );
+    }
+}
+
 /// `dot(a, b)` for four `b`s at once, bit for bit: the same partial sums in the same order.
 fn dot4(a: &[f32], bs: &[&[f32]; 4]) -> [f32; 4] {
     let (a_chunks, a_tail) = a.as_chunks::<LANES>();
@@ -211,10 +242,18 @@ pub fn swiglu(
 fn project(matrix: HostMatrix<'_>, n: usize, k: usize, vs: &[&[f32]]) -> Vec<f32> {
     let tokens = vs.len();
     let mut out = vec![0f32; n * tokens];
+    // A prompt's tokens, packed `[tokens, k]` for the matrix product.
+    let packed: Option<Vec<f32>> =
+        (tokens >= GEMM_TOKENS).then(|| vs.iter().flat_map(|v| v[..k].iter().copied()).collect());
     out.par_chunks_mut(ROWS_PER_TASK * tokens).enumerate().for_each(|(b, block)| {
         let first = b * ROWS_PER_TASK;
         let rows = block.len() / tokens;
         let mut buf = Vec::new();
+        if let Some(x) = &packed {
+            let weights = matrix.rows(n, k, first, rows, &mut buf);
+            gemm(weights, x, rows, k, tokens, block);
+            return;
+        }
         let step = matrix.rows_at_once(rows);
         for sub in (0..rows).step_by(step) {
             let count = step.min(rows - sub);
@@ -327,6 +366,32 @@ mod tests {
             for r in 0..n {
                 assert_eq!(six[r * 6 + t].to_bits(), one[r].to_bits(), "row {r}, token {t} of 6 against alone");
                 assert_eq!(six[r * 6 + t].to_bits(), four[r * 4 + t - t.min(2)].to_bits(), "row {r}, token {t}");
+            }
+        }
+    }
+
+    /// A prompt-sized batch goes through the matrix product: each token's outputs stay within
+    /// float rounding of its dot products, for float rows and decoded quantised ones.
+    #[test]
+    fn prompt_sized_batches_match_the_dot_products() {
+        let (n, k, tokens) = (70, 96, 11);
+        let m = random(n * k, 40);
+        let vs: Vec<Vec<f32>> = (0..tokens).map(|t| random(k, 50 + t as u32)).collect();
+        let refs: Vec<&[f32]> = vs.iter().map(Vec::as_slice).collect();
+        let q = quantize(&m, n, k, 8);
+        for (matrix, what) in
+            [(HostMatrix::F32(&m), "f32"), (HostMatrix::Quant { matrix: &q, bits: 8, fp4: false }, "int8")]
+        {
+            let batch = project(matrix, n, k, &refs);
+            for (t, v) in refs.iter().enumerate() {
+                let alone = project(matrix, n, k, &[v]);
+                for r in 0..n {
+                    let (got, want) = (batch[r * tokens + t], alone[r]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{what} row {r} token {t}: {got} against {want}"
+                    );
+                }
             }
         }
     }
