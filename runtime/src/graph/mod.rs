@@ -23,3 +23,12 @@ pub use linear::stored_dense_dtype;
 pub use model::{ForwardOutput, LogitsFor, Model};
 pub use mole_table::{lookup_header, write_lookup_table};
 pub use predictor::{FittedMap, PREDICTOR_FILE, fit_ridge, write_predictor};
+
+/// A tensor read back to the host as f32 values, errors naming `what` on one line.
+fn read_f32<const D: usize>(tensor: burn::tensor::Tensor<D>, what: &str) -> crate::error::Result<Vec<f32>> {
+    tensor
+        .try_into_data()
+        .map_err(|e| crate::error::FerryError::gpu_read(what, e))?
+        .try_into_vec()
+        .map_err(|e| crate::error::FerryError::Gpu(format!("reading {what}: {e:?}")))
+}

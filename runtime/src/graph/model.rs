@@ -551,10 +551,7 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             if matches!(layer.ffn, Ffn::Moe(_)) && experts.traces_inputs() {
                 // Calibration only: a pre-attention predictor is fitted on the block's input.
-                let values = h.clone().try_into_data().map_err(|e| FerryError::gpu_read("block input", e))?;
-                let values =
-                    values.try_into_vec().map_err(|e| FerryError::Gpu(format!("reading a block input: {e:?}")))?;
-                experts.trace_block_input(l, values);
+                experts.trace_block_input(l, super::read_f32(h.clone(), "a block input")?);
             }
             let want_received = attention_importance && matches!(layer.ffn, Ffn::Moe(_));
             let (attended, received) = layer.attention.forward(h, l, cache, &rope_tables, want_received, device);
@@ -613,11 +610,7 @@ impl Model {
             host_reads += 1;
             let experts = &mut self.experts;
             let tables: Vec<Tensor<2>> = on_device.iter().map(|(_, _, r)| r.clone()).collect();
-            let values: Vec<f32> = Tensor::cat(tables, 1)
-                .try_into_data()
-                .map_err(|e| FerryError::gpu_read("routes", e))?
-                .try_into_vec()
-                .map_err(|e| FerryError::Gpu(format!("reading routes: {e:?}")))?;
+            let values = super::read_f32(Tensor::cat(tables, 1), "routes")?;
             let row = values.len() / tokens.max(1);
             let mut at = 0;
             for (l, k, _) in on_device {

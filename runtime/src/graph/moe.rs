@@ -10,7 +10,7 @@ use ferry_shaders::cube_float;
 
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
-use crate::error::{FerryError, Result};
+use crate::error::Result;
 use ferry_shaders::expert::ExpertExtras;
 
 use crate::experts::{ExpertCache, LayerExtras, LayerOutput, LayerRequest, Prediction};
@@ -236,11 +236,7 @@ impl MoeBlock {
             parts.push(x.clone());
         }
         let columns = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(parts, 1) };
-        let logits: Vec<f32> = columns
-            .try_into_data()
-            .map_err(|e| FerryError::gpu_read("router logits", e))?
-            .try_into_vec()
-            .map_err(|e| FerryError::Gpu(format!("reading router logits: {e:?}")))?;
+        let logits = super::read_f32(columns, "router logits")?;
         let row = logits.len() / tokens;
         // Columns: [own router | pre-gate | received | routes | tokens].
         let routes_at = scores_width + usize::from(has_received);

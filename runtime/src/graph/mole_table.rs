@@ -64,11 +64,7 @@ pub fn write_lookup_table(
         // [tokens, layers * experts, hidden] -> one row per token, ordered [layer][expert][d].
         let outs: Vec<Tensor<3>> = layers.iter().map(|f| f.forward(embedded.clone(), spec.rms_norm_eps)).collect();
         let rows = Tensor::cat(outs, 1).reshape([end - start, header.row_len()]);
-        let values: Vec<f32> = rows
-            .try_into_data()
-            .map_err(|e| FerryError::gpu_read("table rows", e))?
-            .try_into_vec()
-            .map_err(|e| FerryError::Gpu(format!("reading table rows: {e:?}")))?;
+        let values = super::read_f32(rows, "table rows")?;
         bytes.clear();
         dtype.encode(&values, &mut bytes);
         out.write_all(&bytes).map_err(|e| FerryError::io(path, e))?;

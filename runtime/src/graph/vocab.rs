@@ -89,11 +89,7 @@ impl LmHead {
             // [rows, hidden] x [hidden, block rows].
             let part = block.product(&x, None);
             let width = part.dims()[1];
-            let values: Vec<f32> = part
-                .try_into_data()
-                .map_err(|e| FerryError::gpu_read("logits", e))?
-                .try_into_vec()
-                .map_err(|e| FerryError::Gpu(format!("reading logits: {e:?}")))?;
+            let values = super::read_f32(part, "logits")?;
             for (out, chunk) in logits.iter_mut().zip(values.chunks_exact(width)) {
                 out.extend_from_slice(chunk);
             }
