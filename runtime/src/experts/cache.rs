@@ -483,11 +483,7 @@ impl ExpertCache {
         last_use: u64,
         prefetched: bool,
     ) -> Result<SlotRef> {
-        match &upload {
-            Upload::Host(host) => finite_expert(id, host)?,
-            Upload::Mapped(parts) => finite_mapped(id, *parts, self.store.dtype() == ExpertDtype::Bf16)?,
-            Upload::Ring(_) => {}
-        }
+        finite_upload(id, &upload, self.store.dtype())?;
         let index = self.pool.take().ok_or_else(|| FerryError::Gpu("no free expert slot".into()))?;
         let ring = matches!(upload, Upload::Ring(_));
         let stored = match self.pool.store(index, upload) {
@@ -521,15 +517,25 @@ impl ExpertCache {
 
 /// The expert as an upload takes it: its mapped bytes where they are what the slot holds, else
 /// its converted form.
-fn source(store: &ExpertStore, layer: usize, expert: usize) -> Upload<'_> {
+pub(super) fn source(store: &ExpertStore, layer: usize, expert: usize) -> Upload<'_> {
     match store.upload_bytes(layer, expert) {
         Some(parts) => Upload::Mapped(parts),
         None => Upload::Host(store.host(layer, expert)),
     }
 }
 
+/// An upload's check before it goes into a slot or a staging buffer: host and mapped weights
+/// (`finite_expert`, `finite_mapped`); a filled staging buffer was checked when it was filled.
+pub(super) fn finite_upload(id: ExpertId, upload: &Upload<'_>, dtype: ExpertDtype) -> Result<()> {
+    match upload {
+        Upload::Host(host) => finite_expert(id, host),
+        Upload::Mapped(parts) => finite_mapped(id, *parts, dtype == ExpertDtype::Bf16),
+        Upload::Ring(_) => Ok(()),
+    }
+}
+
 /// A mapped expert's check (f32 or bf16 bytes, as `upload_bytes` gives them), as `finite_expert`.
-pub(super) fn finite_mapped(id: ExpertId, parts: [&[u8]; 3], bf16: bool) -> Result<()> {
+fn finite_mapped(id: ExpertId, parts: [&[u8]; 3], bf16: bool) -> Result<()> {
     let first_bad = parts.map(|bytes| {
         if bf16 {
             first_non_finite(

@@ -27,6 +27,18 @@ pub enum Upload<'a> {
     Ring(Ticket),
 }
 
+impl Upload<'_> {
+    /// The bytes a staging buffer takes: mapped or host f32/bf16; None when quantised or
+    /// already in a staging buffer.
+    pub fn parts(&self) -> Option<[&[u8]; 3]> {
+        match self {
+            Self::Host(host) => host.parts(),
+            Self::Mapped(parts) => Some(*parts),
+            Self::Ring(_) => None,
+        }
+    }
+}
+
 /// Where an expert sits on the GPU: its page, and its slot within the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SlotRef {
@@ -274,38 +286,27 @@ impl SlotPool {
         let at = self.locate(index);
         self.page_for(at)?;
         let dtype = self.staged_dtype();
-        let host = match upload {
-            Upload::Ring(ticket) => {
-                let Some(staging) = self.staging()? else { return Ok(None) };
-                let Some(sources) = staging.submit(ticket, dtype)? else { return Ok(None) };
-                self.page(at.page)?.store_device(at.slot, sources)?;
-                return Ok(Some(at));
-            }
-            Upload::Mapped(parts) => {
-                if let Some(staging) = self.staging()?
-                    && let Some(sources) = staging.upload(parts, dtype)?
-                {
-                    self.page(at.page)?.store_device(at.slot, sources)?;
-                    return Ok(Some(at));
-                }
-                match self.dtype {
-                    ExpertDtype::Bf16 => HostExpert::Bf16(parts.map(bytemuck::pod_collect_to_vec)),
-                    _ => HostExpert::F32(parts.map(bytemuck::pod_collect_to_vec)),
-                }
-            }
-            Upload::Host(host) => host,
-        };
-        if let Some(staging) = self.staging()? {
-            let sources = match &host {
-                HostExpert::F32([g, u, d]) => staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), dtype)?,
-                HostExpert::Bf16([g, u, d]) => staging.upload([g, u, d].map(|v| bytemuck::cast_slice(v)), dtype)?,
-                HostExpert::Quant(_) => None,
-            };
-            if let Some(sources) = sources {
-                self.page(at.page)?.store_device(at.slot, sources)?;
-                return Ok(Some(at));
-            }
+        if let Upload::Ring(ticket) = upload {
+            let Some(staging) = self.staging()? else { return Ok(None) };
+            let Some(sources) = staging.submit(ticket, dtype)? else { return Ok(None) };
+            self.page(at.page)?.store_device(at.slot, sources)?;
+            return Ok(Some(at));
         }
+        if let Some(staging) = self.staging()?
+            && let Some(parts) = upload.parts()
+            && let Some(sources) = staging.upload(parts, dtype)?
+        {
+            self.page(at.page)?.store_device(at.slot, sources)?;
+            return Ok(Some(at));
+        }
+        let host = match upload {
+            Upload::Host(host) => host,
+            Upload::Mapped(parts) if self.dtype == ExpertDtype::Bf16 => {
+                HostExpert::Bf16(parts.map(bytemuck::pod_collect_to_vec))
+            }
+            Upload::Mapped(parts) => HostExpert::F32(parts.map(bytemuck::pod_collect_to_vec)),
+            Upload::Ring(_) => return Ok(None),
+        };
         self.page(at.page)?.store(at.slot, host, &self.device)?;
         Ok(Some(at))
     }

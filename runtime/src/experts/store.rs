@@ -28,6 +28,17 @@ pub enum HostExpert {
     Quant(Arc<QuantExpert>),
 }
 
+impl HostExpert {
+    /// Gate, up and down as the bytes a slot holds (f32, or bf16 words); None when quantised.
+    pub fn parts(&self) -> Option<[&[u8]; 3]> {
+        match self {
+            Self::F32(w) => Some(w.each_ref().map(|v| bytemuck::cast_slice(v))),
+            Self::Bf16(w) => Some(w.each_ref().map(|v| bytemuck::cast_slice(v))),
+            Self::Quant(_) => None,
+        }
+    }
+}
+
 /// An expert's weights for the host kernel: borrowed from the mapping, or the upload form.
 pub enum HostSource<'a> {
     /// Gate, up and down as the checkpoint stores them (F32, BF16 or F16), aligned.

@@ -11,11 +11,11 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::cache::{finite_expert, finite_mapped};
+use super::cache::{finite_upload, source};
 use super::slots::Upload;
 use super::staging::Ticket;
-use super::store::{ExpertStore, HostExpert};
-use crate::options::{ExpertDtype, LinkModel};
+use super::store::ExpertStore;
+use crate::options::LinkModel;
 
 /// A prefetched expert ready to upload: converted (or quantised) in host memory, or already in
 /// a staging buffer.
@@ -81,20 +81,9 @@ impl UploadQueue {
 /// the slot holds, else its converted form. None (the ticket goes back to the ring) for a
 /// non-finite weight, which the compute thread then reports as for any upload, or a failed map.
 fn fill(store: &ExpertStore, layer: usize, expert: usize, mut ticket: Ticket) -> Option<Ticket> {
-    let id = (layer, expert);
-    if let Some(parts) = store.upload_bytes(layer, expert) {
-        finite_mapped(id, parts, store.dtype() == ExpertDtype::Bf16).ok()?;
-        ticket.fill(parts).ok()?;
-        return Some(ticket);
-    }
-    let host = store.host(layer, expert);
-    finite_expert(id, &host).ok()?;
-    match &host {
-        HostExpert::F32([g, u, d]) => ticket.fill([g, u, d].map(|v| bytemuck::cast_slice(v))),
-        HostExpert::Bf16([g, u, d]) => ticket.fill([g, u, d].map(|v| bytemuck::cast_slice(v))),
-        HostExpert::Quant(_) => return None,
-    }
-    .ok()?;
+    let upload = source(store, layer, expert);
+    finite_upload((layer, expert), &upload, store.dtype()).ok()?;
+    ticket.fill(upload.parts()?).ok()?;
     Some(ticket)
 }
 
