@@ -156,21 +156,19 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
     let mut layers = Vec::new();
     for (i, &from) in moe.iter().enumerate() {
         let Some(&to) = moe.get(i + 1) else { break };
-        let fitted = |target: usize| -> Result<(FittedMap, f64)> {
-            let (x, y) = (&data[from].inputs, &data[target].logits);
+        // A ridge map from `x` (`[tokens, hidden]`) to `target`'s router logits, and its recall
+        // on the held-out tokens.
+        let fit = |x: &[f32], target: usize| -> Result<(FittedMap, f64)> {
+            let y = &data[target].logits;
             let map = fit_ridge(&x[..fit_tokens * hidden], &y[..fit_tokens * experts], hidden, experts, args.ridge)
                 .with_context(|| format!("fitting layer {from} to layer {target}"))?;
             let guess = top_k(&map.apply(&x[fit_tokens * hidden..]), experts, k);
             Ok((map, recall(&guess, &data[target].chosen[fit_tokens..])))
         };
+        let fitted = |target: usize| fit(&data[from].inputs, target);
         let (map, learned) = fitted(to)?;
-        let pre_attention = {
-            let (x, y) = (&data[to].block_inputs, &data[to].logits);
-            let map = fit_ridge(&x[..fit_tokens * hidden], &y[..fit_tokens * experts], hidden, experts, args.ridge)
-                .with_context(|| format!("fitting layer {to}'s block input to its router"))?;
-            let guess = top_k(&map.apply(&x[fit_tokens * hidden..]), experts, k);
-            recall(&guess, &data[to].chosen[fit_tokens..])
-        };
+        // `to`'s own block input before its attention.
+        let pre_attention = fit(&data[to].block_inputs, to)?.1;
         let two_ahead = match moe.get(i + 2) {
             Some(&after) => Some((after, fitted(after)?.1)),
             None => None,

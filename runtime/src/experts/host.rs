@@ -112,6 +112,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
+    add_lanes(acc) + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// The partial sums added pairwise, halving the width each step.
+fn add_lanes(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -119,7 +124,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += acc[l + width];
         }
     }
-    acc[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+    acc[0]
 }
 
 /// `c[r * tokens + t] = a[r] . x[t]` for the `rows` rows of `a` (`[rows, k]`) and the `tokens`
@@ -163,17 +168,7 @@ fn dot4(a: &[f32], bs: &[&[f32]; 4]) -> [f32; 4] {
         }
     }
     let at = a_chunks.len() * LANES;
-    std::array::from_fn(|j| {
-        let acc = &mut acc[j];
-        let mut width = LANES;
-        while width > 1 {
-            width /= 2;
-            for l in 0..width {
-                acc[l] += acc[l + width];
-            }
-        }
-        acc[0] + a_tail.iter().zip(&bs[j][at..]).map(|(x, y)| x * y).sum::<f32>()
-    })
+    std::array::from_fn(|j| add_lanes(acc[j]) + a_tail.iter().zip(&bs[j][at..]).map(|(x, y)| x * y).sum::<f32>())
 }
 
 /// GPT-OSS's additions to plain SwiGLU, as host values: gate then up biases `[2 * inter]` and
