@@ -70,6 +70,10 @@ pub struct ExpertCache {
     pub(super) log: AccessLog,
     /// Upload or compute on the host (`--miss-policy`), and the rates `auto` weighs.
     pub(super) hybrid: Hybrid,
+    /// `[layer][expert]`: seconds the host spent computing the expert beyond what reading it from
+    /// a slot would have cost, since it last held one (what `auto` weighs against filling a free
+    /// slot).
+    pub(super) host_excess: Vec<Vec<f64>>,
     /// Forward passes since the configuration last changed (for expected reuse).
     pub(super) passes: u64,
     /// Forward passes since the cache was made, and the MoE layer computing now: where the
@@ -101,7 +105,6 @@ impl ExpertCache {
             slots: HashMap::new(),
             pinned: HashSet::new(),
             usage_at_reconfigure: usage.clone(),
-            usage,
             clock: 0,
             stats: ExpertStats::default(),
             link: None,
@@ -116,6 +119,8 @@ impl ExpertCache {
             retired: SelectionStats::default(),
             log: AccessLog::default(),
             hybrid: Hybrid::default(),
+            host_excess: usage.iter().map(|r| vec![0.0; r.len()]).collect(),
+            usage,
             passes: 0,
             pass: 0,
             layer: 0,
@@ -278,6 +283,7 @@ impl ExpertCache {
         self.policy = policy;
         self.pinned.clear();
         self.usage_at_reconfigure = self.usage.clone();
+        self.host_excess.iter_mut().flatten().for_each(|s| *s = 0.0);
         while self.slots.len() > self.plan.slots {
             self.evict_one(&HashSet::new());
         }
@@ -435,9 +441,8 @@ impl ExpertCache {
         pinned
     }
 
-    /// Evicts one slot by policy, never one in `keep`; pinned slots only when nothing else is
-    /// left. Returns false when nothing could be evicted.
-    pub(super) fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
+    /// The expert the eviction policy would evict now, sparing `keep`.
+    pub(super) fn victim(&self, keep: &HashSet<ExpertId>) -> Option<ExpertId> {
         // Only lookahead reads the predictions; the other policies skip gathering them per miss.
         let predicted: HashSet<ExpertId> = if self.policy == EvictionPolicy::Lookahead {
             (self.predictions.iter())
@@ -449,7 +454,13 @@ impl ExpertCache {
         };
         let now = Moment { pass: self.pass, layer: self.layer, cycle: self.usage.len(), predicted: &predicted };
         let slots = self.slots.iter().map(|(id, s)| (*id, &s.use_));
-        let Some(id) = self.policy.victim(slots, keep, &now) else { return false };
+        self.policy.victim(slots, keep, &now)
+    }
+
+    /// Evicts one slot by policy, never one in `keep`; pinned slots only when nothing else is
+    /// left. Returns false when nothing could be evicted.
+    pub(super) fn evict_one(&mut self, keep: &HashSet<ExpertId>) -> bool {
+        let Some(id) = self.victim(keep) else { return false };
         // Kernels already queued that read this slot run before whatever is copied into it next.
         if let Some(slot) = self.slots.remove(&id) {
             self.pool.release(slot.index);

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::cache::ExpertCache;
 use super::host::{LayerExtras, swiglu};
-use super::hybrid::{Decision, TOKENS_PER_PASS};
+use super::hybrid::{Decision, Miss, TOKENS_PER_PASS};
 use super::residency::Access;
 use super::slots::SlotRef;
 use super::trace::{LayerTrace, PredictedTrace};
@@ -116,9 +116,10 @@ impl ExpertCache {
         let (hits, misses): (Vec<usize>, Vec<usize>) = needed.iter().partition(|&&e| self.is_resident(layer, e));
         // Misses the policy computes on the host; prefetched ones in flight are already paid for.
         let (mut on_host, mut uploads) = (Vec::new(), Vec::new());
+        let used: HashSet<(usize, usize)> = hits.iter().map(|&e| (layer, e)).collect();
         for e in misses {
             let in_flight = self.in_flight.contains(&(layer, e));
-            if !in_flight && self.decide_miss(layer, e, served[e].len(), k, uploads.len()).on_host() {
+            if !in_flight && self.decide_miss(layer, e, served[e].len(), k, &uploads, &used).on_host() {
                 on_host.push(e);
             } else {
                 uploads.push(e);
@@ -290,15 +291,40 @@ impl ExpertCache {
     }
 
     /// Where a missed expert goes under `--miss-policy`, counted; `planned` uploads of this
-    /// layer come before it.
-    fn decide_miss(&mut self, layer: usize, expert: usize, tokens: usize, k: usize, planned: usize) -> Decision {
-        let reuse = self.expected_reuse(layer, expert, k);
-        let free = self.occupied() + planned < self.plan.slots;
-        let decision = self.hybrid.decide(tokens, self.plan.slot_bytes, reuse, self.plan.slots, free);
+    /// layer come before it, and the layer `used` its resident experts (which no upload evicts).
+    fn decide_miss(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        tokens: usize,
+        k: usize,
+        planned: &[usize],
+        used: &HashSet<(usize, usize)>,
+    ) -> Decision {
         let auto = self.hybrid.policy == crate::options::MissPolicy::Auto;
+        let free = self.occupied() + planned.len() < self.plan.slots;
+        // The expert an upload would displace: the policy's victim now (the planned uploads'
+        // victims are not picked yet, so it may be theirs too).
+        let displaced_reuse = match (auto && !free).then(|| self.victim(used)).flatten() {
+            Some((l, e)) => self.expected_reuse(l, e, k),
+            None => 0.0,
+        };
+        let miss = Miss {
+            tokens,
+            bytes: self.plan.slot_bytes,
+            reuse: self.expected_reuse(layer, expert, k),
+            displaced_reuse,
+            paid: self.host_excess[layer][expert],
+            slots: self.plan.slots,
+            free,
+        };
+        let decision = self.hybrid.decide(&miss);
+        let paid = &mut self.host_excess[layer][expert];
+        *paid = if decision.on_host() { *paid + self.hybrid.excess(tokens, miss.bytes) } else { 0.0 };
         match decision {
             Decision::Upload if auto => self.stats.auto_uploads += 1,
             Decision::UploadForReuse => self.stats.auto_uploads_for_reuse += 1,
+            Decision::UploadPaidFor => self.stats.auto_uploads_paid_for += 1,
             Decision::Host if auto => self.stats.auto_host += 1,
             Decision::Probe { .. } => self.stats.auto_probes += 1,
             _ => {}

@@ -48,10 +48,12 @@ pub struct ExpertStats {
     /// meanwhile, and the layer's output waits for the host rows.
     pub host_seconds: f64,
     /// `auto`'s decisions: uploads cheaper this step, uploads paid for by expected reuse,
-    /// experts computed on the host because that was cheaper, and tries made before both rates
-    /// were measured.
+    /// uploads into a free slot paid for by the host's extra time on the expert so far, experts
+    /// computed on the host because that was cheaper, and tries made before both rates were
+    /// measured.
     pub auto_uploads: u64,
     pub auto_uploads_for_reuse: u64,
+    pub auto_uploads_paid_for: u64,
     pub auto_host: u64,
     pub auto_probes: u64,
 }
@@ -94,6 +96,7 @@ impl Sub for ExpertStats {
             host_seconds: self.host_seconds - before.host_seconds,
             auto_uploads: self.auto_uploads - before.auto_uploads,
             auto_uploads_for_reuse: self.auto_uploads_for_reuse - before.auto_uploads_for_reuse,
+            auto_uploads_paid_for: self.auto_uploads_paid_for - before.auto_uploads_paid_for,
             auto_host: self.auto_host - before.auto_host,
             auto_probes: self.auto_probes - before.auto_probes,
         }
@@ -126,6 +129,7 @@ impl Add for ExpertStats {
             host_seconds: self.host_seconds + other.host_seconds,
             auto_uploads: self.auto_uploads + other.auto_uploads,
             auto_uploads_for_reuse: self.auto_uploads_for_reuse + other.auto_uploads_for_reuse,
+            auto_uploads_paid_for: self.auto_uploads_paid_for + other.auto_uploads_paid_for,
             auto_host: self.auto_host + other.auto_host,
             auto_probes: self.auto_probes + other.auto_probes,
         }

@@ -53,6 +53,7 @@ pub struct ModeReport {
     /// reuse, host computations, first tries.
     auto_uploads_per_token: f64,
     auto_uploads_for_reuse_per_token: f64,
+    auto_uploads_paid_for_per_token: f64,
     auto_host_per_token: f64,
     auto_probes_per_token: f64,
     /// "full" or "big-little".
@@ -168,6 +169,7 @@ impl ModeReport {
             host_bandwidth_fraction: 0.0,
             auto_uploads_per_token: d.auto_uploads as f64 / decode_tokens,
             auto_uploads_for_reuse_per_token: d.auto_uploads_for_reuse as f64 / decode_tokens,
+            auto_uploads_paid_for_per_token: d.auto_uploads_paid_for as f64 / decode_tokens,
             auto_host_per_token: d.auto_host as f64 / decode_tokens,
             auto_probes_per_token: d.auto_probes as f64 / decode_tokens,
             experts: if big_little.is_some() { "big-little" } else { "full" },
@@ -400,7 +402,7 @@ impl Summary<'_> {
             println!(
                 "host     {:<9} {:>5} {:>7} {:>36}: {:>5.2} experts per token on the host, {:>5.1}% of decode time, \
                  {:>6.2} GiB/s ({:>5.1}% of the host's RAM read rate); auto per token: {:.2} uploads, {:.2} for \
-                 reuse, {:.2} on host, {:.2} tries",
+                 reuse, {:.2} into free slots, {:.2} on host, {:.2} tries",
                 r.mode.name(),
                 r.emulated_link_gb_per_s.map_or("-".to_string(), |g| format!("{g}")),
                 r.vram_budget.to_string(),
@@ -411,6 +413,7 @@ impl Summary<'_> {
                 100.0 * r.host_bandwidth_fraction,
                 r.auto_uploads_per_token,
                 r.auto_uploads_for_reuse_per_token,
+                r.auto_uploads_paid_for_per_token,
                 r.auto_host_per_token,
                 r.auto_probes_per_token
             );
