@@ -321,6 +321,10 @@ pub enum EvictionPolicy {
     /// Least-stale, but experts the predictor named for the layers still to run this pass go
     /// last (`--prefetch`, or the predictions a trace records).
     Lookahead,
+    /// Experts the predictor named for the layers still to run this pass go last, as in
+    /// `lookahead`; among the rest, the least used since the cache was made (counted while out
+    /// of a slot too, unlike `lfu`), then the least recently used.
+    LookaheadLfu,
 }
 
 /// Whether the next layer's experts are predicted and fetched ahead (`--prefetch`).
@@ -699,7 +703,10 @@ mod tests {
             assert_eq!(name.parse::<ExpertDtype>().unwrap().to_string(), name);
         }
         assert_eq!(ExpertDtype::VARIANTS, ["f32", "f16", "bf16", "int8", "int4", "int3", "int2", "mxfp4"]);
-        assert_eq!(EvictionPolicy::VARIANTS, ["lru", "lfu", "lfu-pinned", "least-stale", "lfru", "lookahead"]);
+        assert_eq!(
+            EvictionPolicy::VARIANTS,
+            ["lru", "lfu", "lfu-pinned", "least-stale", "lfru", "lookahead", "lookahead-lfu"]
+        );
         assert_eq!("lfu-pinned".parse::<EvictionPolicy>().unwrap(), EvictionPolicy::LfuPinned);
         assert_eq!(Importance::DroppedMass.to_string(), "dropped-mass");
         let err = parse_choice::<PrefetchMode>("--prefetch", "always").unwrap_err().to_string();

@@ -5,7 +5,9 @@ use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use ferry_runtime::experts::{LayerTrace, SimCache, SimCounts, TraceOptions, belady, fraction_slots, simulate};
+use ferry_runtime::experts::{
+    LayerTrace, SimCache, SimCounts, TraceOptions, belady, fraction_slots, horizon_min, simulate,
+};
 use ferry_runtime::graph::{LogitsFor, Model};
 use ferry_runtime::options::{EvictionPolicy, MissPolicy, PrefetchMode, VramBudget};
 use strum::IntoEnumIterator;
@@ -242,6 +244,10 @@ struct BudgetRow {
     budget: String,
     slots: usize,
     policies: Vec<PolicyRow>,
+    /// MIN knowing next uses only within the current forward pass, and within it and the next:
+    /// the most a perfect predictor of the coming layers (or of one more token) could add.
+    min_this_pass: PolicyRow,
+    min_next_pass: PolicyRow,
     belady: PolicyRow,
 }
 
@@ -306,6 +312,8 @@ pub fn cache_sim(args: CacheSimArgs) -> Result<()> {
             budget: budget.to_string(),
             slots,
             policies,
+            min_this_pass: row("min-this-pass".into(), horizon_min(&layers, slots, 0)),
+            min_next_pass: row("min-next-pass".into(), horizon_min(&layers, slots, 1)),
             belady: row("belady".into(), belady(&layers, slots)),
         });
     }
@@ -352,13 +360,18 @@ pub fn cache_sim(args: CacheSimArgs) -> Result<()> {
     for p in &policies {
         print!(" {:>11}", p.to_string());
     }
-    println!(" {:>11}", "belady");
+    println!(" {:>14} {:>14} {:>11}", "min-this-pass", "min-next-pass", "belady");
     for b in &report.budgets {
         print!("{:>8} {:>6}", b.budget, b.slots);
         for p in &b.policies {
             print!(" {:>10.1}%", 100.0 * p.hit_rate);
         }
-        println!(" {:>10.1}%", 100.0 * b.belady.hit_rate);
+        println!(
+            " {:>13.1}% {:>13.1}% {:>10.1}%",
+            100.0 * b.min_this_pass.hit_rate,
+            100.0 * b.min_next_pass.hit_rate,
+            100.0 * b.belady.hit_rate
+        );
     }
     if let Some(r) = &report.runtime {
         let exact =

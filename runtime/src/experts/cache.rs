@@ -444,15 +444,22 @@ impl ExpertCache {
     /// The expert the eviction policy would evict now, sparing `keep`.
     pub(super) fn victim(&self, keep: &HashSet<ExpertId>) -> Option<ExpertId> {
         // Only lookahead reads the predictions; the other policies skip gathering them per miss.
-        let predicted: HashSet<ExpertId> = if self.policy == EvictionPolicy::Lookahead {
-            (self.predictions.iter())
-                .filter(|(target, _)| **target > self.layer)
-                .flat_map(|(&target, per_token)| per_token.iter().flatten().map(move |&e| (target, e as usize)))
-                .collect()
-        } else {
-            HashSet::new()
+        let predicted: HashSet<ExpertId> =
+            if matches!(self.policy, EvictionPolicy::Lookahead | EvictionPolicy::LookaheadLfu) {
+                (self.predictions.iter())
+                    .filter(|(target, _)| **target > self.layer)
+                    .flat_map(|(&target, per_token)| per_token.iter().flatten().map(move |&e| (target, e as usize)))
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+        let now = Moment {
+            pass: self.pass,
+            layer: self.layer,
+            cycle: self.usage.len(),
+            predicted: &predicted,
+            usage: &self.usage,
         };
-        let now = Moment { pass: self.pass, layer: self.layer, cycle: self.usage.len(), predicted: &predicted };
         let slots = self.slots.iter().map(|(id, s)| (*id, &s.use_));
         self.policy.victim(slots, keep, &now)
     }

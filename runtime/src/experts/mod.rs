@@ -31,7 +31,7 @@ pub use prefetch::LayerRecall;
 pub use quant::QuantExpert;
 pub use residency::{Access, ExpertCell, Residency, SlotState};
 pub use select::{SelectionStats, Selector};
-pub use sim::{SimCache, SimCounts, belady, simulate};
+pub use sim::{SimCache, SimCounts, belady, horizon_min, simulate};
 pub use slots::{SlotPage, SlotRef};
 pub use stats::ExpertStats;
 pub use store::{ExpertStore, HostExpert, HostSource, prequantised_names, stored_expert_dtype};

@@ -51,6 +51,14 @@ pub struct Moment<'a> {
     pub cycle: usize,
     /// Experts predicted for layers after `layer` in this pass.
     pub predicted: &'a HashSet<ExpertId>,
+    /// Uses per `[layer][expert]` since the cache was made, resident or not (`lookahead-lfu`).
+    pub usage: &'a [Vec<u64>],
+}
+
+impl Moment<'_> {
+    fn uses(&self, (layer, expert): ExpertId) -> u64 {
+        self.usage.get(layer).and_then(|r| r.get(expert)).copied().unwrap_or(0)
+    }
 }
 
 impl EvictionPolicy {
@@ -81,6 +89,7 @@ impl EvictionPolicy {
             // A decayed count is at most 2 (one use per pass); a fixed point keeps the order.
             Self::Lfru => ((slot.decayed(now.pass) * 1e9) as u64, pass, round),
             Self::Lookahead => (u64::from(now.predicted.contains(&id)), pass, round),
+            Self::LookaheadLfu => (u64::from(now.predicted.contains(&id)), now.uses(id), slot.last_use),
         }
     }
 }
@@ -123,7 +132,7 @@ mod tests {
         // (clock 4); from pass 1: layer 0's (clock 5).
         let slots = [((2, 0), used(3, 0)), ((3, 0), used(4, 0)), ((0, 0), used(5, 1))];
         let none = HashSet::new();
-        let now = Moment { pass: 1, layer: 1, cycle: 4, predicted: &none };
+        let now = Moment { pass: 1, layer: 1, cycle: 4, predicted: &none, usage: &[] };
         let iter = slots.iter().map(|(id, s)| (*id, s));
         // LRU gives up the expert the very next layer may need.
         assert_eq!(EvictionPolicy::Lru.victim(iter.clone(), &none, &now), Some((2, 0)));
@@ -133,7 +142,13 @@ mod tests {
         // A prediction for layer 3 keeps its expert; layer 2's goes instead.
         let predicted: HashSet<ExpertId> = [(3, 0)].into();
         let ahead = Moment { predicted: &predicted, ..now };
-        assert_eq!(EvictionPolicy::Lookahead.victim(iter, &none, &ahead), Some((2, 0)));
+        assert_eq!(EvictionPolicy::Lookahead.victim(iter.clone(), &none, &ahead), Some((2, 0)));
+        // lookahead-lfu keeps the prediction too; of the rest, the expert used least overall
+        // goes, however recently: layer 0's, used once against layer 2's three times.
+        let usage = vec![vec![1], vec![], vec![3], vec![2]];
+        let counted = Moment { usage: &usage, ..ahead };
+        assert_eq!(EvictionPolicy::LookaheadLfu.victim(iter.clone(), &none, &counted), Some((0, 0)));
+        assert_eq!(EvictionPolicy::LookaheadLfu.victim(iter, &[(0, 0)].into(), &counted), Some((2, 0)));
     }
 
     #[test]
@@ -147,7 +162,7 @@ mod tests {
         pinned.pinned = true;
         let slots = [((0, 0), often), ((0, 1), once), ((0, 2), pinned)];
         let none = HashSet::new();
-        let now = Moment { pass: 2, layer: 0, cycle: 1, predicted: &none };
+        let now = Moment { pass: 2, layer: 0, cycle: 1, predicted: &none, usage: &[] };
         let iter = slots.iter().map(|(id, s)| (*id, s));
         assert_eq!(EvictionPolicy::Lfru.victim(iter.clone(), &none, &now), Some((0, 1)));
         let keep: HashSet<ExpertId> = [(0, 0), (0, 1)].into();
