@@ -121,15 +121,32 @@ fn a_fitted_predictor_prefetches_exactly_and_bad_predictor_files_are_named() {
     // No predictor yet: --prefetch learned says how to make one.
     let err = error_line(&ferry(&["generate", "--model", dir_s, "--prompt", "In the", "--prefetch", "learned"]));
     assert!(err.contains("predictor fit") && err.contains(PREDICTOR_FILE), "{err}");
+    // The map alone first: no hidden layer's tensors in the file.
+    let fit_map = json_of(&ferry(&["predictor", "fit", "--model", dir_s, "--text", text, "--hidden", "0", "--json"]));
+    assert!(fit_map["mean_linear"].is_null(), "{fit_map}");
+    let names = |path: &std::path::Path| -> Vec<String> {
+        let bytes = std::fs::read(path).unwrap();
+        safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect()
+    };
+    assert!(names(&dir.join(PREDICTOR_FILE)).iter().all(|n| !n.contains("hidden")));
+    for bad in [["--hidden", "70000"], ["--epochs", "0"]] {
+        let mut args = vec!["predictor", "fit", "--model", dir_s, "--text", text];
+        args.extend(bad);
+        assert!(error_line(&ferry(&args)).contains(bad[0]), "{bad:?}");
+    }
     let fit = json_of(&ferry(&["predictor", "fit", "--model", dir_s, "--text", text, "--json"]));
     let learned = fit["mean_learned"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&learned), "{fit}");
     assert!(fit["layers"][0]["own"].as_f64().is_some(), "{fit}");
+    // The map under the hidden layer is the one fitted alone (the same ridge fit).
+    assert_eq!(fit["mean_linear"], fit_map["mean_learned"], "{fit}");
+    assert!(names(&dir.join(PREDICTOR_FILE)).iter().any(|n| n == "layers.0.out.weight"));
     // A layer's own block input, before its attention, predicts its routing better than the
-    // previous layer's router input does (76% against 61% on this fixture): were the block
-    // inputs recorded for another layer, or another pass, this would not hold.
+    // previous layer's router input does through a linear map (76% against 61% on this
+    // fixture): were the block inputs recorded for another layer, or another pass, this would
+    // not hold.
     let pre_attention = fit["mean_pre_attention"].as_f64().unwrap();
-    assert!(pre_attention > learned && pre_attention <= 1.0, "{fit}");
+    assert!(pre_attention > fit_map["mean_learned"].as_f64().unwrap() && pre_attention <= 1.0, "{fit}");
     assert!(fit["layers"][0]["pre_attention"].as_f64().is_some(), "{fit}");
 
     // Learned prefetching is exact: the same tokens as without prefetching, and it prefetched.
@@ -158,8 +175,31 @@ fn a_fitted_predictor_prefetches_exactly_and_bad_predictor_files_are_named() {
     };
     assert!(prefetched(&ahead) > 0, "{ahead}");
 
-    let model = load_copy(&dir, PrefetchMode::Learned);
-    assert!(model.is_ok(), "{:?}", model.err());
+    // The runtime predicts what the fitted predictor computes on the host: the map's logits
+    // plus the hidden layer's, top-k of them per token.
+    let mut model = load_copy(&dir, PrefetchMode::Learned).unwrap();
+    let host = host_predictor(&dir.join(PREDICTOR_FILE));
+    model.experts_mut().set_trace(Some(TraceOptions { inputs: true }));
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 200) as u32 + 3).collect();
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    model.forward(&ids, &mut cache, LogitsFor::Last).unwrap();
+    let (mut same, mut all) = (0, 0);
+    for entry in model.experts_mut().take_trace() {
+        let Some(predicted) = entry.predicted else { continue };
+        let logits = host[&entry.layer](entry.inputs.as_deref().unwrap());
+        let width = logits.len() / predicted.experts.len();
+        for (row, got) in logits.chunks_exact(width).zip(&predicted.experts) {
+            let mut order: Vec<u32> = (0..width as u32).collect();
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            let mut want = order[..got.len()].to_vec();
+            let mut got = got.clone();
+            want.sort_unstable();
+            got.sort_unstable();
+            same += usize::from(want == got);
+            all += 1;
+        }
+    }
+    assert!(all > 0 && same * 10 >= all * 9, "{same} of {all} tokens predicted as on the host");
     // A predictor of another shape, with a stray tensor, or with a NaN: errors naming the file.
     let path = dir.join(PREDICTOR_FILE);
     let good = std::fs::read(&path).unwrap();
@@ -194,9 +234,66 @@ fn a_fitted_predictor_prefetches_exactly_and_bad_predictor_files_are_named() {
     assert!(err.contains("predictor.safetensors") || err.contains("layers."), "{err}");
     let err = rewrite(&|t| t.iter_mut().find(|t| t.0.ends_with(".bias")).unwrap().2[0] = f32::NAN);
     assert!(err.contains("NaN") && err.contains(".bias"), "{err}");
+    // A hidden layer missing one of its three tensors, or whose output weight has the wrong
+    // width.
+    let err = rewrite(&|t| t.retain(|t| t.0 != "layers.0.out.weight"));
+    assert!(err.contains("predictor.safetensors") && err.contains("layers.0.out.weight"), "{err}");
+    let err = rewrite(&|t| {
+        let out = t.iter_mut().find(|t| t.0 == "layers.0.out.weight").unwrap();
+        out.1 = vec![out.1[0] * 2, out.1[1] / 2];
+    });
+    assert!(err.contains("layers.0.out.weight"), "{err}");
     std::fs::write(&path, b"not safetensors").unwrap();
     let err = load_copy(&dir, PrefetchMode::Learned).err().unwrap().to_string();
     assert!(err.contains("predictor.safetensors"), "{err}");
+}
+
+/// Per source layer, the predictor in `path` computed on the host: `[tokens, hidden]` router
+/// inputs to `[tokens, experts]` logits (`map · x + bias + out · relu(hidden · x + hidden bias)`).
+#[allow(clippy::type_complexity)]
+fn host_predictor(path: &std::path::Path) -> std::collections::HashMap<usize, Box<dyn Fn(&[f32]) -> Vec<f32>>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let get = |name: &str| -> (Vec<usize>, Vec<f32>) {
+        let v = st.tensor(name).unwrap();
+        (v.shape().to_vec(), v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    // `y[o] = b[o] + sum_i w[o, i] x[i]` for each row of `x`.
+    fn affine(w: &[f32], b: &[f32], x: &[f32], inputs: usize) -> Vec<f32> {
+        x.chunks_exact(inputs)
+            .flat_map(|row| {
+                (0..b.len())
+                    .map(move |o| b[o] + w[o * inputs..][..inputs].iter().zip(row).map(|(a, c)| a * c).sum::<f32>())
+            })
+            .collect()
+    }
+    let layers: std::collections::BTreeSet<usize> =
+        st.names().iter().filter_map(|n| n.strip_prefix("layers.")?.split('.').next()?.parse().ok()).collect();
+    layers
+        .into_iter()
+        .map(|l| {
+            let ((shape, w), (_, b)) = (get(&format!("layers.{l}.weight")), get(&format!("layers.{l}.bias")));
+            let ((hshape, hw), (_, hb), (_, out)) = (
+                get(&format!("layers.{l}.hidden.weight")),
+                get(&format!("layers.{l}.hidden.bias")),
+                get(&format!("layers.{l}.out.weight")),
+            );
+            let (inputs, width) = (shape[1], hshape[0]);
+            let f: Box<dyn Fn(&[f32]) -> Vec<f32>> = Box::new(move |x: &[f32]| {
+                let mut y = affine(&w, &b, x, inputs);
+                let pre = affine(&hw, &hb, x, inputs);
+                let relu: Vec<f32> = pre.iter().map(|v| v.max(0.0)).collect();
+                let outputs = b.len();
+                for (t, row) in y.chunks_exact_mut(outputs).enumerate() {
+                    let zeros = vec![0.0; outputs];
+                    let add = affine(&out, &zeros, &relu[t * width..(t + 1) * width], width);
+                    row.iter_mut().zip(add).for_each(|(r, a)| *r += a);
+                }
+                y
+            });
+            (l, f)
+        })
+        .collect()
 }
 
 /// A predictor file's tensors: name, shape, values.

@@ -248,6 +248,12 @@ pub struct PredictorFitArgs {
     /// Ridge penalty, relative to the inputs' mean square (0 to 1).
     #[arg(long, default_value_t = 1e-3)]
     pub ridge: f64,
+    /// ReLU units of the hidden layer fitted on top of the linear map (0: the map alone).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(0..=65536))]
+    pub hidden: u32,
+    /// Passes over the calibration tokens to train the hidden layer (1 to 1000).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub epochs: u32,
     /// Where to write the predictor (default: predictor.safetensors in the model folder).
     #[arg(long)]
     pub out: Option<PathBuf>,

@@ -1,11 +1,14 @@
-//! `ferry predictor fit`: a linear next-layer predictor per MoE layer, fitted on calibration text
-//! by ridge regression (N's router input to N+1's router logits), its recall on held-out tokens
-//! next to the plug-and-play pre-gate's and a two-layers-ahead fit's, written beside the model
-//! for `--prefetch learned`.
+//! `ferry predictor fit`: a next-layer predictor per MoE layer, fitted on calibration text (a
+//! ridge map from N's router input to N+1's router logits, and a ReLU hidden layer on top of
+//! it unless `--hidden 0`), its recall on held-out tokens next to the plug-and-play pre-gate's,
+//! the map's alone and a two-layers-ahead map's, written beside the model for
+//! `--prefetch learned`.
 
 use anyhow::{Context, Result};
 use ferry_runtime::experts::TraceOptions;
-use ferry_runtime::graph::{FittedMap, LogitsFor, PREDICTOR_FILE, fit_ridge, write_predictor};
+use ferry_runtime::graph::{
+    FittedMap, LayerPredictor, LogitsFor, PREDICTOR_FILE, Training, fit_hidden, fit_ridge, write_predictor,
+};
 use ferry_runtime::options::{ExpertOptions, PrefetchMode};
 
 use crate::args::{PredictorCommand, PredictorFitArgs};
@@ -35,7 +38,10 @@ struct PairReport {
     to: usize,
     /// Held-out recall of the model's own predictor (next router or trained pre-gate).
     own: Option<f64>,
+    /// The written predictor's (the map, plus the hidden layer when fitted).
     learned: f64,
+    /// The linear map's alone, when a hidden layer was fitted on it.
+    linear: Option<f64>,
     /// The learned fit from `from` to the MoE layer after `to`, when there is one.
     two_ahead: Option<(usize, f64)>,
     /// A fit from `to`'s own block input before its attention (the residual stream after
@@ -53,6 +59,7 @@ struct FitReport {
     layers: Vec<PairReport>,
     mean_own: Option<f64>,
     mean_learned: f64,
+    mean_linear: Option<f64>,
     mean_two_ahead: Option<f64>,
     mean_pre_attention: f64,
 }
@@ -152,7 +159,7 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
     model.experts_mut().set_trace(None);
     result?;
 
-    let mut maps: Vec<(usize, FittedMap)> = Vec::new();
+    let mut predictors: Vec<(usize, LayerPredictor)> = Vec::new();
     let mut layers = Vec::new();
     for (i, &from) in moe.iter().enumerate() {
         let Some(&to) = moe.get(i + 1) else { break };
@@ -166,7 +173,20 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
             Ok((map, recall(&guess, &data[target].chosen[fit_tokens..])))
         };
         let fitted = |target: usize| fit(&data[from].inputs, target);
-        let (map, learned) = fitted(to)?;
+        let (map, linear) = fitted(to)?;
+        // The hidden layer on top of the map, fitted to the same logits.
+        let hidden_layer = (args.hidden > 0)
+            .then(|| {
+                let x = &data[from].inputs[..fit_tokens * hidden];
+                let training =
+                    Training { width: args.hidden as usize, epochs: args.epochs as usize, ..Training::default() };
+                fit_hidden(x, &data[to].logits[..fit_tokens * experts], &map, training)
+                    .with_context(|| format!("fitting layer {from}'s hidden layer to layer {to}"))
+            })
+            .transpose()?;
+        let predictor = LayerPredictor { map, hidden: hidden_layer };
+        let guess = top_k(&predictor.apply(&data[from].inputs[fit_tokens * hidden..]), experts, k);
+        let learned = recall(&guess, &data[to].chosen[fit_tokens..]);
         // `to`'s own block input before its attention.
         let pre_attention = fit(&data[to].block_inputs, to)?.1;
         let two_ahead = match moe.get(i + 2) {
@@ -178,10 +198,11 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
             .iter()
             .any(|p| !p.is_empty())
             .then(|| recall(&data[from].predicted[fit_tokens..], &data[to].chosen[fit_tokens..]));
-        maps.push((from, map));
-        layers.push(PairReport { from, to, own, learned, two_ahead, pre_attention });
+        let linear = predictor.hidden.is_some().then_some(linear);
+        predictors.push((from, predictor));
+        layers.push(PairReport { from, to, own, learned, linear, two_ahead, pre_attention });
     }
-    write_predictor(&out, &maps).with_context(|| format!("writing the predictor to {}", out.display()))?;
+    write_predictor(&out, &predictors).with_context(|| format!("writing the predictor to {}", out.display()))?;
 
     let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let report = FitReport {
@@ -191,6 +212,7 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
         own_predictor,
         mean_own: mean(layers.iter().filter_map(|l| l.own).collect()),
         mean_learned: mean(layers.iter().map(|l| l.learned).collect()).unwrap_or(0.0),
+        mean_linear: mean(layers.iter().filter_map(|l| l.linear).collect()),
         mean_two_ahead: mean(layers.iter().filter_map(|l| l.two_ahead.map(|t| t.1)).collect()),
         mean_pre_attention: mean(layers.iter().map(|l| l.pre_attention).collect()).unwrap_or(0.0),
         layers,
@@ -205,24 +227,26 @@ fn fit(args: PredictorFitArgs) -> Result<()> {
     );
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
     println!(
-        "{:>10} {:>14} {:>14} {:>16} {:>14}",
-        "layers", report.own_predictor, "learned", "learned 2-ahead", "pre-attention"
+        "{:>10} {:>14} {:>14} {:>14} {:>16} {:>14}",
+        "layers", report.own_predictor, "learned", "map alone", "map 2-ahead", "pre-attention"
     );
     for l in &report.layers {
         println!(
-            "{:>10} {:>14} {:>14} {:>16} {:>14}",
+            "{:>10} {:>14} {:>14} {:>14} {:>16} {:>14}",
             format!("{} -> {}", l.from, l.to),
             pct(l.own),
             pct(Some(l.learned)),
+            pct(l.linear),
             l.two_ahead.map_or("-".to_string(), |(to, r)| format!("{:.1}% (-> {to})", 100.0 * r)),
             pct(Some(l.pre_attention))
         );
     }
     println!(
-        "{:>10} {:>14} {:>14} {:>16} {:>14}",
+        "{:>10} {:>14} {:>14} {:>14} {:>16} {:>14}",
         "mean",
         pct(report.mean_own),
         pct(Some(report.mean_learned)),
+        pct(report.mean_linear),
         pct(report.mean_two_ahead),
         pct(Some(report.mean_pre_attention))
     );

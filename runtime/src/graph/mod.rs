@@ -14,6 +14,7 @@ mod moe;
 mod mole;
 mod mole_table;
 mod predictor;
+mod residual;
 mod rope;
 mod vocab;
 
@@ -22,7 +23,8 @@ pub use kv_cache::KvCache;
 pub use linear::stored_dense_dtype;
 pub use model::{ForwardOutput, LogitsFor, Model};
 pub use mole_table::{lookup_header, write_lookup_table};
-pub use predictor::{FittedMap, PREDICTOR_FILE, fit_ridge, write_predictor};
+pub use predictor::{FittedMap, LayerPredictor, PREDICTOR_FILE, fit_ridge, write_predictor};
+pub use residual::{Head, HiddenLayer, Training, fit_hidden};
 
 /// A tensor read back to the host as f32 values, errors naming `what` on one line.
 fn read_f32<const D: usize>(tensor: burn::tensor::Tensor<D>, what: &str) -> crate::error::Result<Vec<f32>> {

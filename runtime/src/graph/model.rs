@@ -8,12 +8,12 @@ use super::attention::Attention;
 use super::blocked::KEY_BLOCK;
 use super::ffn::SwiGlu;
 use super::kv_cache::KvCache;
-use super::linear::{Linear, Loader};
+use super::linear::Loader;
 use super::mla::MlaAttention;
 use super::moe::{MoeBlock, MoeOutput, MoePass, PreGate};
 use super::mole::{MoleBlock, upload_rows};
 use super::mole_table::lookup_header;
-use super::predictor::{PREDICTOR_FILE, load_predictor};
+use super::predictor::{LoadedPredictor, PREDICTOR_FILE, load_predictor};
 use super::rope::Rope;
 use super::vocab::{Embedding, LmHead};
 use crate::error::{FerryError, Result};
@@ -112,7 +112,7 @@ pub struct Model {
     /// Per MoE layer followed by another: its own predictor (the next router, or a trained
     /// pre-gate), and the fitted one once `--prefetch learned` has loaded it.
     pregates: Vec<(usize, PreGate)>,
-    learned: Option<Vec<Linear>>,
+    learned: Option<Vec<LoadedPredictor>>,
     using_learned: bool,
     /// `--pregate-routing`: each MoE layer after the first routes by its predecessor's predictor.
     pregate_routing: bool,
@@ -280,7 +280,12 @@ impl Model {
         let learned = self.learned.as_ref().filter(|_| learn);
         for (i, (from, own)) in self.pregates.iter().enumerate() {
             let pregate = match learned {
-                Some(routers) => PreGate { router: routers[i].clone(), trained: false, ..own.clone() },
+                Some(learned) => PreGate {
+                    router: learned[i].linear.clone(),
+                    trained: false,
+                    head: learned[i].head.clone(),
+                    ..own.clone()
+                },
                 None => own.clone(),
             };
             if let Ffn::Moe(block) = &mut self.layers[*from].ffn {
@@ -708,7 +713,7 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
         } else {
             (target.router().clone(), false)
         };
-        let pregate = PreGate { target: to, router, trained, score_bias };
+        let pregate = PreGate { target: to, router, trained, score_bias, head: None };
         if let Ffn::Moe(block) = &mut layers[from].ffn {
             block.set_pregate(pregate.clone());
         }

@@ -3,6 +3,8 @@
 //! (`ExpertCache::run_layer`, or `run_layer_on_device` when the routes stay there), plus the
 //! shared expert where the family has one.
 
+use std::sync::Arc;
+
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
@@ -10,6 +12,7 @@ use ferry_shaders::cube_float;
 
 use super::ffn::SwiGlu;
 use super::linear::{Linear, Loader};
+use super::residual::Head;
 use crate::error::Result;
 use ferry_shaders::expert::ExpertExtras;
 
@@ -33,6 +36,27 @@ pub struct PreGate {
     /// The target layer's selection bias (DeepSeek-V3), so that the prediction follows its
     /// routing rule.
     pub score_bias: Option<Vec<f32>>,
+    /// A learned predictor's hidden layer: `router`'s last `width` columns are its
+    /// pre-activations, and the host adds its output to the logits before them.
+    pub head: Option<Arc<Head>>,
+}
+
+impl PreGate {
+    /// The target layer's experts: the columns of `router` before any hidden layer's.
+    pub fn targets(&self) -> usize {
+        self.router.outputs() - self.head.as_ref().map_or(0, |h| h.width)
+    }
+
+    /// One token's predicted logits from its score row, whose columns from `at` are this
+    /// predictor's (and the hidden layer's after them).
+    fn logits(&self, row: &[f32], at: usize) -> Vec<f32> {
+        let end = at + self.targets();
+        let mut logits = row[at..end].to_vec();
+        if let Some(head) = &self.head {
+            head.add_to(&row[end..end + head.width], &mut logits);
+        }
+        logits
+    }
 }
 
 /// What a forward pass hands one MoE block besides its tokens.
@@ -242,7 +266,7 @@ impl MoeBlock {
         let routes_at = scores_width + usize::from(has_received);
         let x_host: Option<Vec<f32>> = host_tokens
             .then(|| logits.chunks_exact(row).flat_map(|r| &r[routes_at + routes_width..]).copied().collect());
-        let targets = scores_width - self.num_experts;
+        let targets = pregate.map_or(0, PreGate::targets);
         let own: Vec<f32> = logits.chunks_exact(row).flat_map(|r| &r[..self.num_experts]).copied().collect();
         let received: Option<Vec<f32>> =
             has_received.then(|| logits.chunks_exact(row).map(|r| r[scores_width]).collect());
@@ -255,8 +279,10 @@ impl MoeBlock {
                 .collect(),
             None => route(&own, self.score_bias.as_deref(), self.num_experts, k, self.kind),
         };
-        let predicted: Vec<f32> =
-            logits.chunks_exact(row).flat_map(|r| &r[self.num_experts..self.num_experts + targets]).copied().collect();
+        let predicted: Vec<f32> = match pregate {
+            Some(p) => logits.chunks_exact(row).flat_map(|r| p.logits(r, self.num_experts)).collect(),
+            None => Vec::new(),
+        };
         // The target's routing rule (all MoE layers of a model share the router kind).
         let next = pregate.filter(|_| pregate_routing).map(|p| {
             let k = self.top_k.min(targets);

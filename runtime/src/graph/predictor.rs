@@ -1,11 +1,15 @@
 //! Learned next-layer predictors (`ferry predictor fit`, `--prefetch learned`): per MoE layer N
 //! a linear map from N's router input to the next MoE layer's router logits, fitted by ridge
-//! regression on calibration text, saved beside the model as `predictor.safetensors`
-//! (`layers.N.weight` `[experts, hidden]`, `layers.N.bias` `[experts]`, f32). Prefetching with it
-//! is exact as with the pre-gate: the real routing still decides.
+//! regression on calibration text, and optionally a ReLU hidden layer fitted to what the map
+//! misses (`residual`), saved beside the model as `predictor.safetensors` (`layers.N.weight`
+//! `[experts, hidden]`, `layers.N.bias` `[experts]`; with the hidden layer also
+//! `layers.N.hidden.weight` `[width, hidden]`, `layers.N.hidden.bias` `[width]` and
+//! `layers.N.out.weight` `[experts, width]`; f32). Prefetching with it is exact as with the
+//! pre-gate: the real routing still decides.
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::Device;
 use ferry_shaders::split::Split;
@@ -13,6 +17,7 @@ use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 
 use super::linear::{Linear, Loader};
+use super::residual::{Head, HiddenLayer};
 use crate::error::{FerryError, Result};
 use crate::weights::WeightStore;
 
@@ -41,6 +46,34 @@ impl FittedMap {
             })
             .collect()
     }
+}
+
+/// One MoE layer's fitted predictor of the next one: the linear map and, when fitted, the hidden
+/// layer whose output is added to it.
+#[derive(Debug, Clone)]
+pub struct LayerPredictor {
+    pub map: FittedMap,
+    pub hidden: Option<HiddenLayer>,
+}
+
+impl LayerPredictor {
+    /// `[tokens, outputs]` logits for `x` `[tokens, inputs]`.
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut logits = self.map.apply(x);
+        if let Some(hidden) = &self.hidden {
+            hidden.add_to(x, &mut logits);
+        }
+        logits
+    }
+}
+
+/// A predictor as loaded for the GPU: the linear map and the hidden layer's pre-activations as
+/// one projection (`[map | hidden]` columns, so that they join the router's launch), and the
+/// hidden layer's output weights, which the host applies.
+#[derive(Clone)]
+pub struct LoadedPredictor {
+    pub linear: Linear,
+    pub head: Option<Arc<Head>>,
 }
 
 /// Least squares with a ridge penalty, `min |X W^T + b - Y|^2 + lambda |W|^2`, solved in f64
@@ -151,16 +184,25 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize, m: usize) -> Result<()
     Ok(())
 }
 
-/// Writes predictors `(source MoE layer, map)` to `path`.
-pub fn write_predictor(path: &Path, maps: &[(usize, FittedMap)]) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = maps
+/// Writes predictors `(source MoE layer, predictor)` to `path`.
+pub fn write_predictor(path: &Path, predictors: &[(usize, LayerPredictor)]) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = predictors
         .iter()
-        .flat_map(|(layer, map)| {
-            let outputs = map.bias.len();
-            [
+        .flat_map(|(layer, p)| {
+            let (map, outputs) = (&p.map, p.map.bias.len());
+            let mut tensors = vec![
                 (format!("layers.{layer}.weight"), vec![outputs, map.inputs], f32_bytes(&map.weight)),
                 (format!("layers.{layer}.bias"), vec![outputs], f32_bytes(&map.bias)),
-            ]
+            ];
+            if let Some(h) = &p.hidden {
+                let width = h.head.width;
+                tensors.extend([
+                    (format!("layers.{layer}.hidden.weight"), vec![width, h.inputs], f32_bytes(&h.weight)),
+                    (format!("layers.{layer}.hidden.bias"), vec![width], f32_bytes(&h.bias)),
+                    (format!("layers.{layer}.out.weight"), vec![outputs, width], f32_bytes(&h.head.out)),
+                ]);
+            }
+            tensors
         })
         .collect();
     let views = bytes
@@ -178,8 +220,14 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// The hidden layer's tensors of MoE layer `from`'s predictor.
+fn hidden_names(from: usize) -> [String; 3] {
+    [format!("layers.{from}.hidden.weight"), format!("layers.{from}.hidden.bias"), format!("layers.{from}.out.weight")]
+}
+
 /// Reads the predictor for each `(from, to)` pair of consecutive MoE layers from `path`, checking
-/// that it holds exactly those tensors, of the model's shapes, with finite values.
+/// that it holds exactly those tensors (the hidden layer's three, or none of them), of the
+/// model's shapes, with finite values.
 pub(super) fn load_predictor(
     path: &Path,
     pairs: &[(usize, usize)],
@@ -188,11 +236,15 @@ pub(super) fn load_predictor(
     dense: crate::options::DenseDtype,
     limit: u64,
     split: Split,
-) -> Result<Vec<Linear>> {
+) -> Result<Vec<LoadedPredictor>> {
     crate::error::regular_file(path)?;
     let store = WeightStore::open_file(path)?;
-    let expected: HashSet<String> =
-        pairs.iter().flat_map(|(from, _)| [format!("layers.{from}.weight"), format!("layers.{from}.bias")]).collect();
+    let expected: HashSet<String> = pairs
+        .iter()
+        .flat_map(|&(from, _)| {
+            [format!("layers.{from}.weight"), format!("layers.{from}.bias")].into_iter().chain(hidden_names(from))
+        })
+        .collect();
     if let Some(extra) = store.names().into_iter().find(|n| !expected.contains(*n)) {
         let layers: Vec<String> = pairs.iter().map(|(from, _)| from.to_string()).collect();
         return Err(FerryError::config(
@@ -206,7 +258,30 @@ pub(super) fn load_predictor(
     }
     // Stored like the routers it is concatenated with (a bf16 model rounds it to bf16).
     let loader = Loader { store: &store, device, dense, limit, split, route_on_device: false };
-    pairs.iter().map(|(from, _)| loader.linear(&format!("layers.{from}"), hidden, experts, true)).collect()
+    pairs
+        .iter()
+        .map(|&(from, _)| {
+            let map = loader.linear(&format!("layers.{from}"), hidden, experts, true)?;
+            let names = hidden_names(from);
+            let present: Vec<&String> = names.iter().filter(|n| store.contains(n)).collect();
+            if present.is_empty() {
+                return Ok(LoadedPredictor { linear: map, head: None });
+            }
+            if let Some(missing) = names.iter().find(|n| !store.contains(n)) {
+                return Err(FerryError::config(
+                    path,
+                    format!("tensor {:?} is there but {missing:?} is not: a hidden layer needs all three", present[0]),
+                ));
+            }
+            let width = store.tensor(&names[0]).and_then(|t| t.shape.first().copied()).unwrap_or(0);
+            if width == 0 {
+                return Err(FerryError::config(path, format!("tensor {:?} has no rows", names[0])));
+            }
+            let pre = loader.linear(&format!("layers.{from}.hidden"), hidden, width, true)?;
+            let out = store.f32(&names[2], &[experts, width])?;
+            Ok(LoadedPredictor { linear: Linear::concat(&[&map, &pre]), head: Some(Arc::new(Head { width, out })) })
+        })
+        .collect()
 }
 
 #[cfg(test)]
