@@ -197,7 +197,10 @@ pub fn fit_hidden(x: &[f32], logits: &[f32], map: &FittedMap, training: Training
     let scale: Vec<f32> = (0..inputs)
         .map(|i| {
             let var = x.chunks_exact(inputs).map(|r| f64::from(r[i] - mean[i]).powi(2)).sum::<f64>() / tokens as f64;
-            1.0 / (var.sqrt() as f32).max(1e-6)
+            // A feature constant over the calibration text carries nothing to learn from; scaled
+            // by 0, its (untrained) weights fold to 0 rather than to huge values.
+            let std = var.sqrt() as f32;
+            if std > 1e-6 { 1.0 / std } else { 0.0 }
         })
         .collect();
     let standard: Vec<f32> =
@@ -308,6 +311,11 @@ mod tests {
         let linear = crate::graph::fit_ridge(&x, &logits, 2, 2, 1e-6).unwrap();
         assert!(agree(&linear.apply(&x)) < tokens * 3 / 4, "a linear map ranks the experts too well");
         let training = Training { width: 32, epochs: 20, ..Training::default() };
+        // A third input that never varies is ignored: its weights fold to 0, not to 1/0.
+        let with_constant: Vec<f32> = x.chunks_exact(2).flat_map(|r| [r[0], r[1], 5.0]).collect();
+        let map3 = FittedMap { weight: vec![0.0; 6], bias: vec![0.0; 2], inputs: 3 };
+        let layer3 = fit_hidden(&with_constant, &logits, &map3, Training { epochs: 1, ..training }).unwrap();
+        assert!(layer3.weight.chunks_exact(3).all(|w| w[2] == 0.0) && layer3.bias.iter().all(|b| b.is_finite()));
         let layer = fit_hidden(&x, &logits, &linear, training).unwrap();
         let mut got = linear.apply(&x);
         layer.add_to(&x, &mut got);
