@@ -9,6 +9,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod experts;
+mod gemm;
 pub mod graph;
 pub mod lut;
 pub mod measure;

@@ -12,6 +12,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::gemm::{Mat, gemm};
+
 use ferry_shaders::format::{GROUP, QuantMatrix, e2m1_twice, get_code};
 
 /// Partial sums per dot product: two 128-bit or one 256-bit register of f32.
@@ -127,33 +129,6 @@ fn add_lanes(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// `c[r * tokens + t] = a[r] . x[t]` for the `rows` rows of `a` (`[rows, k]`) and the `tokens`
-/// rows of `x` (`[tokens, k]`), by matrixmultiply's sgemm.
-fn gemm(a: &[f32], x: &[f32], rows: usize, k: usize, tokens: usize, c: &mut [f32]) {
-    assert!(a.len() >= rows * k && x.len() >= tokens * k && c.len() >= rows * tokens, "gemm operand sizes");
-    // SAFETY: A is `rows x k` with strides (k, 1), B = x^T is `k x tokens` with strides (1, k),
-    // C is `rows x tokens` with strides (tokens, 1): every access lies inside the slices, whose
-    // lengths were just checked, and C's elements do not alias.
-    unsafe {
-        matrixmultiply::sgemm(
-            rows,
-            k,
-            tokens,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            x.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            c.as_mut_ptr(),
-            tokens as isize,
-            1,
-        );
-    }
-}
-
 /// `dot(a, b)` for four `b`s at once, bit for bit: the same partial sums in the same order.
 fn dot4(a: &[f32], bs: &[&[f32]; 4]) -> [f32; 4] {
     let (a_chunks, a_tail) = a.as_chunks::<LANES>();
@@ -246,7 +221,8 @@ fn project(matrix: HostMatrix<'_>, n: usize, k: usize, vs: &[&[f32]]) -> Vec<f32
         let mut buf = Vec::new();
         if let Some(x) = &packed {
             let weights = matrix.rows(n, k, first, rows, &mut buf);
-            gemm(weights, x, rows, k, tokens, block);
+            // block[r * tokens + t] = weights[r] . x[t].
+            gemm(Mat::rows(weights, rows, k), Mat::transposed(x, tokens, k), block);
             return;
         }
         let step = matrix.rows_at_once(rows);

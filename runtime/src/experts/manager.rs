@@ -119,7 +119,7 @@ impl ExpertCache {
         let used: HashSet<(usize, usize)> = hits.iter().map(|&e| (layer, e)).collect();
         for e in misses {
             let in_flight = self.in_flight.contains(&(layer, e));
-            if !in_flight && self.decide_miss(layer, e, served[e].len(), k, &uploads, &used).on_host() {
+            if !in_flight && self.decide_miss(layer, e, served[e].len(), k, uploads.len(), &used).on_host() {
                 on_host.push(e);
             } else {
                 uploads.push(e);
@@ -298,11 +298,11 @@ impl ExpertCache {
         expert: usize,
         tokens: usize,
         k: usize,
-        planned: &[usize],
+        planned: usize,
         used: &HashSet<(usize, usize)>,
     ) -> Decision {
         let auto = self.hybrid.policy == crate::options::MissPolicy::Auto;
-        let free = self.occupied() + planned.len() < self.plan.slots;
+        let free = self.occupied() + planned < self.plan.slots;
         // The expert an upload would displace: the policy's victim now (the planned uploads'
         // victims are not picked yet, so it may be theirs too).
         let displaced_reuse = match (auto && !free).then(|| self.victim(used)).flatten() {

@@ -122,19 +122,25 @@ fn end_forward(
     }
 }
 
+/// A trace's demand accesses in fetch order, `(pass, expert)`, and for each the index of the
+/// same expert's next access (None: never again).
+fn demand_accesses(trace: &[LayerTrace]) -> (Vec<(u64, ExpertId)>, Vec<Option<usize>>) {
+    let accesses: Vec<(u64, ExpertId)> =
+        trace.iter().flat_map(|entry| needed(entry).into_iter().map(move |e| (entry.pass, (entry.layer, e)))).collect();
+    let mut next_use = vec![None; accesses.len()];
+    let mut seen: HashMap<ExpertId, usize> = HashMap::new();
+    for (i, (_, id)) in accesses.iter().enumerate().rev() {
+        next_use[i] = seen.insert(*id, i);
+    }
+    (accesses, next_use)
+}
+
 /// Belady's MIN over the same accesses: on a miss with every slot taken, evict the expert used
 /// again furthest in the future (or never).
 pub fn belady(trace: &[LayerTrace], slots: usize) -> SimCounts {
-    let accesses: Vec<ExpertId> =
-        trace.iter().flat_map(|entry| needed(entry).into_iter().map(move |e| (entry.layer, e))).collect();
-    let mut next_use = vec![usize::MAX; accesses.len()];
-    let mut seen: HashMap<ExpertId, usize> = HashMap::new();
-    for (i, id) in accesses.iter().enumerate().rev() {
-        if let Some(&later) = seen.get(id) {
-            next_use[i] = later;
-        }
-        seen.insert(*id, i);
-    }
+    let (accesses, next) = demand_accesses(trace);
+    let accesses: Vec<ExpertId> = accesses.into_iter().map(|(_, id)| id).collect();
+    let next_use: Vec<usize> = next.into_iter().map(|n| n.unwrap_or(usize::MAX)).collect();
     let capacity = slots.max(1);
     let mut resident: HashMap<ExpertId, usize> = HashMap::new();
     let mut by_next: BTreeSet<(usize, ExpertId)> = BTreeSet::new();
@@ -170,20 +176,19 @@ pub fn belady(trace: &[LayerTrace], slots: usize) -> SimCounts {
 /// furthest. It shows what prediction within that horizon can add to a demand cache, where
 /// `belady` bounds everything.
 pub fn horizon_min(trace: &[LayerTrace], slots: usize, horizon: u64) -> SimCounts {
-    let by_recency = horizon_replay(trace, slots, horizon, false);
-    let by_uses = horizon_replay(trace, slots, horizon, true);
+    let (accesses, next_use) = demand_accesses(trace);
+    let by_recency = horizon_replay(&accesses, &next_use, slots, horizon, false);
+    let by_uses = horizon_replay(&accesses, &next_use, slots, horizon, true);
     if by_uses.hits > by_recency.hits { by_uses } else { by_recency }
 }
 
-fn horizon_replay(trace: &[LayerTrace], slots: usize, horizon: u64, by_uses: bool) -> SimCounts {
-    let accesses: Vec<(u64, ExpertId)> =
-        trace.iter().flat_map(|entry| needed(entry).into_iter().map(move |e| (entry.pass, (entry.layer, e)))).collect();
-    let mut next_use = vec![None; accesses.len()];
-    let mut seen: HashMap<ExpertId, usize> = HashMap::new();
-    for (i, (_, id)) in accesses.iter().enumerate().rev() {
-        next_use[i] = seen.get(id).copied();
-        seen.insert(*id, i);
-    }
+fn horizon_replay(
+    accesses: &[(u64, ExpertId)],
+    next_use: &[Option<usize>],
+    slots: usize,
+    horizon: u64,
+    by_uses: bool,
+) -> SimCounts {
     let capacity = slots.max(1);
     // Per resident expert: its next access (index) and its last one; uses of every expert.
     let mut resident: HashMap<ExpertId, (Option<usize>, usize)> = HashMap::new();

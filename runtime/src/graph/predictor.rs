@@ -195,11 +195,11 @@ pub fn write_predictor(path: &Path, predictors: &[(usize, LayerPredictor)]) -> R
                 (format!("layers.{layer}.bias"), vec![outputs], f32_bytes(&map.bias)),
             ];
             if let Some(h) = &p.hidden {
-                let width = h.head.width;
+                let (width, [weight, bias, out]) = (h.head.width, hidden_names(*layer));
                 tensors.extend([
-                    (format!("layers.{layer}.hidden.weight"), vec![width, h.inputs], f32_bytes(&h.weight)),
-                    (format!("layers.{layer}.hidden.bias"), vec![width], f32_bytes(&h.bias)),
-                    (format!("layers.{layer}.out.weight"), vec![outputs, width], f32_bytes(&h.head.out)),
+                    (weight, vec![width, h.pre.inputs], f32_bytes(&h.pre.weight)),
+                    (bias, vec![width], f32_bytes(&h.pre.bias)),
+                    (out, vec![outputs, width], f32_bytes(&h.head.out)),
                 ]);
             }
             tensors

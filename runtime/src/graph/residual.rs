@@ -4,6 +4,7 @@
 
 use super::predictor::FittedMap;
 use crate::error::{FerryError, Result};
+use crate::gemm::{Mat, gemm};
 
 /// The hidden layer's output weights: what the host adds to a token's predicted logits from
 /// the layer's pre-activations (which the GPU computes in the router's launch).
@@ -25,14 +26,11 @@ impl Head {
     }
 }
 
-/// `out · relu(weight · x + bias)`, added to a linear map's logits.
+/// `out · relu(pre · x)`, added to a linear map's logits.
 #[derive(Debug, Clone)]
 pub struct HiddenLayer {
-    pub inputs: usize,
-    /// `[width, inputs]`, row-major.
-    pub weight: Vec<f32>,
-    /// `[width]`.
-    pub bias: Vec<f32>,
+    /// The pre-activations: `[width, inputs]` weights and `[width]` biases.
+    pub pre: FittedMap,
     pub head: Head,
 }
 
@@ -40,15 +38,10 @@ impl HiddenLayer {
     /// Adds the layer's output for each row of `x` (`[tokens, inputs]`) to `logits`
     /// (`[tokens, outputs]`).
     pub fn add_to(&self, x: &[f32], logits: &mut [f32]) {
-        let (width, outputs) = (self.head.width, self.head.out.len() / self.head.width.max(1));
-        for (row, l) in x.chunks_exact(self.inputs).zip(logits.chunks_exact_mut(outputs)) {
-            let pre: Vec<f32> = (0..width)
-                .map(|h| {
-                    let w = &self.weight[h * self.inputs..(h + 1) * self.inputs];
-                    self.bias[h] + w.iter().zip(row).map(|(a, b)| a * b).sum::<f32>()
-                })
-                .collect();
-            self.head.add_to(&pre, l);
+        let outputs = self.head.out.len() / self.head.width.max(1);
+        let pre = self.pre.apply(x);
+        for (p, l) in pre.chunks_exact(self.head.width).zip(logits.chunks_exact_mut(outputs)) {
+            self.head.add_to(p, l);
         }
     }
 }
@@ -67,58 +60,7 @@ pub struct Training {
 
 impl Default for Training {
     fn default() -> Self {
-        Self { width: 256, epochs: 30, batch: 64, learning_rate: 1e-3, weight_decay: 1e-4, seed: 0x5eed }
-    }
-}
-
-/// `c = a · b` for row-major `c` `[a.rows, b.cols]`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Mat<'a> {
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows, cols, row_stride: cols, col_stride: 1 }
-    }
-
-    /// The transpose of a row-major `[rows, cols]` matrix.
-    fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows: cols, cols: rows, row_stride: 1, col_stride: cols }
-    }
-
-    fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-fn gemm(a: Mat, b: Mat, c: &mut [f32]) {
-    assert!(a.cols == b.rows && a.fits() && b.fits() && c.len() >= a.rows * b.cols, "gemm operand shapes");
-    // SAFETY: every element either operand's strides reach lies inside its slice (`fits`), C is
-    // `a.rows x b.cols` row-major inside `c`, and `c` is borrowed mutably apart from both.
-    unsafe {
-        matrixmultiply::sgemm(
-            a.rows,
-            a.cols,
-            b.cols,
-            1.0,
-            a.data.as_ptr(),
-            a.row_stride as isize,
-            a.col_stride as isize,
-            b.data.as_ptr(),
-            b.row_stride as isize,
-            b.col_stride as isize,
-            0.0,
-            c.as_mut_ptr(),
-            b.cols as isize,
-            1,
-        );
+        Self { width: 512, epochs: 30, batch: 64, learning_rate: 1e-3, weight_decay: 1e-4, seed: 0x5eed }
     }
 }
 
@@ -290,7 +232,7 @@ pub fn fit_hidden(x: &[f32], logits: &[f32], map: &FittedMap, training: Training
         }
         b1[h] -= shift;
     }
-    Ok(HiddenLayer { inputs, weight: w1, bias: b1, head: Head { width, out: w2 } })
+    Ok(HiddenLayer { pre: FittedMap { weight: w1, bias: b1, inputs }, head: Head { width, out: w2 } })
 }
 
 #[cfg(test)]
@@ -315,13 +257,15 @@ mod tests {
         let with_constant: Vec<f32> = x.chunks_exact(2).flat_map(|r| [r[0], r[1], 5.0]).collect();
         let map3 = FittedMap { weight: vec![0.0; 6], bias: vec![0.0; 2], inputs: 3 };
         let layer3 = fit_hidden(&with_constant, &logits, &map3, Training { epochs: 1, ..training }).unwrap();
-        assert!(layer3.weight.chunks_exact(3).all(|w| w[2] == 0.0) && layer3.bias.iter().all(|b| b.is_finite()));
+        assert!(
+            layer3.pre.weight.chunks_exact(3).all(|w| w[2] == 0.0) && layer3.pre.bias.iter().all(|b| b.is_finite())
+        );
         let layer = fit_hidden(&x, &logits, &linear, training).unwrap();
         let mut got = linear.apply(&x);
         layer.add_to(&x, &mut got);
         assert!(agree(&got) > tokens * 95 / 100, "{} of {tokens} ranked right", agree(&got));
         // The same seed gives the same layer.
-        assert_eq!(fit_hidden(&x, &logits, &linear, training).unwrap().weight, layer.weight);
+        assert_eq!(fit_hidden(&x, &logits, &linear, training).unwrap().pre.weight, layer.pre.weight);
         assert!(fit_hidden(&x[..3], &logits, &linear, training).is_err());
     }
 }
