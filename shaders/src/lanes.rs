@@ -1,6 +1,24 @@
 //! Vector helpers the kernels share.
 
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+/// Inputs per load of an activation row of `steps` values (4, 2 or 1): the decode kernels load
+/// `x` a vector at a time, so that one load serves that many weight rows.
+pub fn input_lanes(steps: usize) -> usize {
+    if steps.is_multiple_of(4) {
+        4
+    } else if steps.is_multiple_of(2) {
+        2
+    } else {
+        1
+    }
+}
+
+/// `x` with contiguous rows (what the vector loads of `input_lanes` need): itself, or a copy.
+pub fn contiguous(x: &CubeTensor) -> CubeTensor {
+    if x.is_contiguous() { x.clone() } else { burn_cubecl::kernel::into_contiguous(x.clone()) }
+}
 
 /// `N` consecutive values of a scalar tensor from `at` on. Biases are bound as scalars: an
 /// unbiased launch binds a two-element stand-in, too short for a vector binding.

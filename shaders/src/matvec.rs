@@ -13,6 +13,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::CubeCount;
 
 use crate::bridge::{from_cube, try_cube_float};
+use crate::lanes::{contiguous, input_lanes};
 use crate::launches;
 use crate::split::{Shape, Split};
 
@@ -35,7 +36,7 @@ struct Prepared {
 /// boundaries).
 fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split, per_step: usize) -> Option<Prepared> {
     let rows = x.dims()[0];
-    let xc = try_cube_float(x.clone()).ok()?;
+    let xc = contiguous(&try_cube_float(x.clone()).ok()?);
     let bias = match bias {
         Some(b) => Some(try_cube_float(b.clone()).ok()?),
         None => None,
@@ -68,6 +69,7 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: S
         count,
         shape.dim,
         lanes,
+        input_lanes(w_in),
         xc.clone().into_tensor_arg(),
         wt.clone().into_tensor_arg(),
         bias.unwrap_or(xc).into_tensor_arg(),
@@ -95,6 +97,7 @@ pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>, 
         count,
         shape.dim,
         lanes,
+        input_lanes(2 * pairs).max(2),
         xc.clone().into_tensor_arg(),
         words.clone().into_tensor_arg(),
         bias.unwrap_or(xc).into_tensor_arg(),
@@ -119,8 +122,8 @@ mod kernel {
     /// in index order and `combine` adds the chunks in order.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
-    pub(super) fn matvec_kernel<F: Float, W: Float, N: Size>(
-        x: &Tensor<F>,                // [rows, in]
+    pub(super) fn matvec_kernel<F: Float, W: Float, N: Size, M: Size>(
+        x: &Tensor<Vector<F, M>>,     // [rows, in], contiguous
         wt: &Tensor<Vector<W, N>>,    // [in, out]
         bias: &Tensor<F>,             // [out] (when has_bias)
         y: &mut Tensor<Vector<F, N>>, // [rows, out]
@@ -137,12 +140,21 @@ mod kernel {
         let inputs = wt.shape(0);
         let start = min(UNIT_POS_Y as usize * chunk as usize, inputs);
         let end = min(start + chunk as usize, inputs);
-        let x_base = r * x.stride(0);
-        let x_step = x.stride(1);
+        let xm = x.vector_size();
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            for j in start..end {
-                s += Vector::<F, N>::cast_from(wt[j * cols + c]) * Vector::<F, N>::new(x[x_base + j * x_step]);
+            let mut at = start * cols + c;
+            let mut j = start;
+            while j < end {
+                // One load of x serves `xm` weight rows (on lavapipe a load costs a loop over
+                // the batch's lanes, x's as much as the weights').
+                let xv = x[(r * inputs + j) / xm];
+                #[unroll]
+                for l in 0..xm {
+                    s += Vector::<F, N>::cast_from(wt[at]) * Vector::<F, N>::new(xv.extract(l));
+                    at += cols;
+                }
+                j += xm;
             }
         }
         s = combine::<F, N>(s, ways);
@@ -157,8 +169,8 @@ mod kernel {
     /// `matvec_kernel` over bf16 pairs `[in / 2, out]`, chunks of `chunk` pairs.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)] // the kernel's buffers and switches, passed through
-    pub(super) fn matvec_bf16_kernel<F: Float, N: Size>(
-        x: &Tensor<F>,                  // [rows, in]
+    pub(super) fn matvec_bf16_kernel<F: Float, N: Size, M: Size>(
+        x: &Tensor<Vector<F, M>>,       // [rows, in], contiguous; M even
         words: &Tensor<Vector<u32, N>>, // [in / 2, out]
         bias: &Tensor<F>,               // [out] (when has_bias)
         y: &mut Tensor<Vector<F, N>>,   // [rows, out]
@@ -175,14 +187,22 @@ mod kernel {
         let pairs = words.shape(0);
         let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
         let end = min(start + chunk as usize, pairs);
-        let x_base = r * x.stride(0);
-        let x_step = x.stride(1);
+        let xm = x.vector_size();
+        let per_load = comptime!(xm / 2);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            for p in start..end {
-                let (w0, w1) = widen::<F, N>(words[p * cols + c]);
-                s += w0 * Vector::<F, N>::new(x[x_base + 2 * p * x_step]);
-                s += w1 * Vector::<F, N>::new(x[x_base + (2 * p + 1) * x_step]);
+            let mut at = start * cols + c;
+            let mut p = start;
+            while p < end {
+                let xv = x[(r * 2 * pairs + 2 * p) / xm];
+                #[unroll]
+                for w in 0..per_load {
+                    let (w0, w1) = widen::<F, N>(words[at]);
+                    s += w0 * Vector::<F, N>::new(xv.extract(2 * w));
+                    s += w1 * Vector::<F, N>::new(xv.extract(2 * w + 1));
+                    at += cols;
+                }
+                p += per_load;
             }
         }
         s = combine::<F, N>(s, ways);
@@ -198,7 +218,7 @@ mod kernel {
 /// `x W (+ bias)` on the host: `x` `[rows, in]`, `wt` `[in, out]`, each output summed as the
 /// kernel sums it split `ways` ways (chunks in index order, then the chunks in order).
 pub fn reference(x: &[f32], wt: &[f32], bias: Option<&[f32]>, inputs: usize, outputs: usize, ways: u32) -> Vec<f32> {
-    let chunk = Split::chunk(inputs, ways, 2);
+    let chunk = Split::chunk(inputs, ways, crate::split::ALIGN);
     x.chunks_exact(inputs)
         .flat_map(|row| {
             (0..outputs).map(move |c| {

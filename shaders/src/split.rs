@@ -25,6 +25,10 @@ pub const MIN_CHUNK: usize = 32;
 /// bytes of each weight row (two full 32-byte sectors).
 pub const MAX_WAYS: u32 = 64;
 
+/// Chunks start at multiples of this many inputs: the kernels load the activations four at a
+/// time (`crate::lanes::input_lanes`), and the f32 and bf16-pair kernels must chunk alike.
+pub const ALIGN: usize = 4;
+
 /// The largest split the kernels may use: 1 keeps every dot product in one unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Split {
@@ -75,7 +79,7 @@ impl Split {
     }
 
     /// The chunk length for `steps` inputs in `ways` ways, rounded up to a multiple of `align`
-    /// (2 for float reductions, so that an f32 and a bf16-pair reduction chunk alike).
+    /// (`ALIGN` for float reductions, so that an f32 and a bf16-pair reduction chunk alike).
     pub fn chunk(steps: usize, ways: u32, align: usize) -> usize {
         steps.div_ceil(ways as usize).div_ceil(align) * align
     }
@@ -85,7 +89,7 @@ impl Split {
     /// the f32 and bf16 kernels' on the same boundaries.
     pub fn shape(self, steps: usize, per_step: usize) -> Shape {
         let ways = self.ways(steps);
-        let chunk = Split::chunk(steps, ways, per_step.max(2)) / per_step;
+        let chunk = Split::chunk(steps, ways, per_step.max(ALIGN)) / per_step;
         Shape { ways, dim: Split::cube_dim(ways), chunk: chunk as u32 }
     }
 }

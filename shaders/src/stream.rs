@@ -2,6 +2,11 @@
 //! units at neighbouring addresses, and writes one value. It reads each byte once and writes
 //! almost nothing, so its rate is the adapter's own read ceiling: the figure a decode step,
 //! which only reads weights, is measured against.
+//!
+//! Two orders, and the ceiling is the faster: a grid stride (at each step the whole launch
+//! reads one contiguous stretch: a GPU's coalesced order), and runs (each `RUN` neighbouring
+//! units walk their own contiguous stretch: the order a CPU adapter's SIMD batch streams best,
+//! and the one the panelled expert slots give the decode kernels).
 
 use std::time::Instant;
 
@@ -14,20 +19,43 @@ use crate::bridge::{ShaderError, cube_float};
 
 /// Units per cube.
 const UNITS: u32 = 256;
+/// Units that share a run in the `runs` order: a panel's width in vectors of four.
+pub(crate) const RUN: usize = crate::expert::PANEL / 4;
+
+/// The order a probe reads its buffer in (see the module's comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    GridStride,
+    Runs,
+}
 
 /// The kernel, apart so that its `Tensor` is CubeCL's.
 mod kernel {
     use cubecl::prelude::*;
 
-    /// `out[u] = sum of input[u + k * stride]` over every `k` in range, lanes added in order.
+    /// `out[u] = sum of input[u + k * stride]` over every `k` in range (`runs`: of unit `u`'s
+    /// run's stretch, every `RUN`th vector from its lane on), lanes added in order.
     #[cube(launch)]
-    pub(super) fn read_kernel<N: Size>(input: &Tensor<Vector<f32, N>>, out: &mut Tensor<f32>, stride: u32) {
+    pub(super) fn read_kernel<N: Size>(
+        input: &Tensor<Vector<f32, N>>,
+        out: &mut Tensor<f32>,
+        stride: u32,
+        per_run: u32,
+        #[comptime] runs: bool,
+    ) {
         let u = ABSOLUTE_POS;
         let n = input.shape(0) / input.vector_size();
-        let step = stride as usize;
         let mut s = Vector::<f32, N>::new(0.0);
         let mut i = u;
-        while i < n {
+        let mut end = n;
+        let mut step = stride as usize;
+        if runs {
+            let first = u / crate::stream::RUN * per_run as usize;
+            i = first + u % crate::stream::RUN;
+            end = min(first + per_run as usize, n);
+            step = crate::stream::RUN;
+        }
+        while i < end {
             s += input[i];
             i += step;
         }
@@ -45,16 +73,33 @@ pub struct ReadProbe {
     input: burn_cubecl::tensor::CubeTensor,
     out: burn_cubecl::tensor::CubeTensor,
     cubes: u32,
+    order: Order,
+}
+
+/// A probe's rates: each order's median seconds per byte.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRates {
+    /// Bytes one read covers.
+    pub bytes: u64,
+    pub grid_stride: f64,
+    pub runs: f64,
+}
+
+impl ReadRates {
+    /// The faster order's seconds per byte: the ceiling.
+    pub fn best(&self) -> f64 {
+        self.grid_stride.min(self.runs)
+    }
 }
 
 impl ReadProbe {
     /// `values` f32 values (rounded down to a multiple of four), read by `cubes` cubes of 256
     /// units.
-    pub fn new(values: usize, cubes: u32, device: &burn::tensor::Device) -> Result<Self, ShaderError> {
+    pub fn new(values: usize, cubes: u32, order: Order, device: &burn::tensor::Device) -> Result<Self, ShaderError> {
         let values = (values / 4).max(1) * 4;
         let input = cube_float(Tensor::<1>::ones([values], device))?;
         let out = cube_float(Tensor::<1>::zeros([(cubes * UNITS) as usize], device))?;
-        Ok(Self { input, out, cubes })
+        Ok(Self { input, out, cubes, order })
     }
 
     /// Bytes one `queue` reads.
@@ -65,6 +110,9 @@ impl ReadProbe {
     /// Queues one read of the whole buffer.
     pub fn queue(&self) {
         let units = self.cubes * UNITS;
+        // Vectors per run, a whole number of steps of `RUN`.
+        let vectors = self.input.meta.shape().num_elements() / 4;
+        let per_run = vectors.div_ceil(units as usize / RUN).div_ceil(RUN) * RUN;
         crate::launches::record(&CubeCount::Static(self.cubes, 1, 1), &CubeDim::new_1d(UNITS));
         read_kernel::launch(
             &self.input.client,
@@ -74,32 +122,44 @@ impl ReadProbe {
             self.input.clone().into_tensor_arg(),
             self.out.clone().into_tensor_arg(),
             units,
+            per_run as u32,
+            self.order == Order::Runs,
         );
     }
 
     /// Streams `bytes` of a fresh buffer (read by 1024 cubes: enough that every core or SM has
     /// many, few enough that each unit reads a long run) `chain` times between two syncs, after
-    /// one read that compiles the kernel: the bytes one read covers and the median seconds per
-    /// byte of `repeats` timings.
+    /// one read that compiles the kernel, in each order, the orders' timings interleaved: the
+    /// median seconds per byte of `repeats` timings of each.
     pub fn seconds_per_byte(
         device: &burn::tensor::Device,
         bytes: usize,
         chain: usize,
         repeats: usize,
-    ) -> Result<(u64, f64), ShaderError> {
+    ) -> Result<ReadRates, ShaderError> {
         let sync = || device.sync().map_err(|e| ShaderError::Device(format!("reading a probe buffer: {e:?}")));
-        let probe = Self::new((bytes / 4).max(4), 1024, device)?;
-        probe.queue();
-        sync()?;
-        let mut times = Vec::with_capacity(repeats.max(1));
-        for _ in 0..repeats.max(1) {
-            let start = Instant::now();
-            (0..chain).for_each(|_| probe.queue());
-            sync()?;
-            times.push(start.elapsed().as_secs_f64());
+        let mut probe = Self::new((bytes / 4).max(4), 1024, Order::GridStride, device)?;
+        let mut times = [Vec::with_capacity(repeats.max(1)), Vec::with_capacity(repeats.max(1))];
+        for order in [Order::GridStride, Order::Runs] {
+            probe.order = order;
+            probe.queue();
         }
-        times.sort_by(f64::total_cmp);
-        Ok((probe.bytes(), times[times.len() / 2] / (probe.bytes() * chain.max(1) as u64) as f64))
+        sync()?;
+        for _ in 0..repeats.max(1) {
+            for (o, order) in [Order::GridStride, Order::Runs].into_iter().enumerate() {
+                probe.order = order;
+                let start = Instant::now();
+                (0..chain).for_each(|_| probe.queue());
+                sync()?;
+                times[o].push(start.elapsed().as_secs_f64());
+            }
+        }
+        let per_byte = |t: &mut Vec<f64>| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2] / (probe.bytes() * chain.max(1) as u64) as f64
+        };
+        let [mut grid, mut runs] = times;
+        Ok(ReadRates { bytes: probe.bytes(), grid_stride: per_byte(&mut grid), runs: per_byte(&mut runs) })
     }
 
     /// The per-unit sums of the last read (each unit's share of a buffer of ones).
@@ -110,16 +170,20 @@ impl ReadProbe {
 
 #[cfg(test)]
 mod tests {
-    use super::ReadProbe;
+    use super::{Order, ReadProbe};
     use crate::testing::device;
 
     /// Every value is read exactly once: the unit sums of a buffer of ones add up to its length.
     #[test]
     fn the_read_probe_reads_every_value_once() {
-        let probe = ReadProbe::new(4 * 1000 + 4, 2, &device()).unwrap();
-        probe.queue();
-        let total: f32 = probe.sums().iter().sum();
-        assert_eq!(total, 4004.0);
-        assert_eq!(probe.bytes(), 4004 * 4);
+        for order in [Order::GridStride, Order::Runs] {
+            for values in [4 * 1000 + 4, 4 * 7, 4 * 70_001] {
+                let probe = ReadProbe::new(values, 2, order, &device()).unwrap();
+                probe.queue();
+                let total: f32 = probe.sums().iter().sum();
+                assert_eq!(total, values as f32, "{order:?}, {values} values");
+                assert_eq!(probe.bytes(), values as u64 * 4);
+            }
+        }
     }
 }

@@ -263,8 +263,8 @@ impl ExpertCache {
             let bytes = (self.plan.slot_bytes as usize).clamp(1 << 20, 32 << 20);
             // The read probe's rate: what computing a resident expert costs per weight byte when
             // a step is memory-bound.
-            let (_, seconds_per_byte) = ReadProbe::seconds_per_byte(device, bytes, 8, 3)?;
-            self.hybrid.set_device_rate(seconds_per_byte);
+            let rates = ReadProbe::seconds_per_byte(device, bytes, 8, 3)?;
+            self.hybrid.set_device_rate(rates.best());
         }
         Ok(())
     }

@@ -75,9 +75,15 @@ pub fn ceiling_tokens_per_second(
 pub struct MemoryBandwidth {
     /// Bytes of the buffer streamed.
     pub bytes: u64,
-    /// Bytes read per second by a plain streaming-read kernel (median): the ceiling a decode
-    /// step, which reads weights and writes little, is measured against.
+    /// Bytes read per second by a plain streaming-read kernel (median), in the faster of its
+    /// two orders: the ceiling a decode step, which reads weights and writes little, is
+    /// measured against.
     pub bytes_per_second: f64,
+    /// The read kernel in a GPU's coalesced order (the whole launch one stretch per step).
+    pub grid_stride_bytes_per_second: f64,
+    /// The read kernel in runs (eight neighbouring units per contiguous stretch: a CPU
+    /// adapter's SIMD batch, and the panelled expert slots' order).
+    pub runs_bytes_per_second: f64,
     /// Bytes read plus written per second by an elementwise burn kernel (median), the probe
     /// Ferry used before the read kernel: lower where writes cost as much as reads.
     pub elementwise_bytes_per_second: f64,
@@ -108,7 +114,7 @@ fn median_seconds(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result
 pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<MemoryBandwidth> {
     let values = (bytes / 4).max(4);
     let sync = || gpu.device.sync().map_err(|e| FerryError::Gpu(format!("memory bandwidth: {e:?}")));
-    let (read_bytes, read_seconds_per_byte) = ReadProbe::seconds_per_byte(&gpu.device, bytes, CHAIN, repeats)?;
+    let read = ReadProbe::seconds_per_byte(&gpu.device, bytes, CHAIN, repeats)?;
     let mut x = Tensor::<1>::ones([values], &gpu.device);
     x = x * 1.0;
     sync()?;
@@ -119,8 +125,10 @@ pub fn measure_memory_bandwidth(gpu: &Gpu, bytes: usize, repeats: usize) -> Resu
         sync()
     })?;
     Ok(MemoryBandwidth {
-        bytes: read_bytes,
-        bytes_per_second: 1.0 / read_seconds_per_byte,
+        bytes: read.bytes,
+        bytes_per_second: 1.0 / read.best(),
+        grid_stride_bytes_per_second: 1.0 / read.grid_stride,
+        runs_bytes_per_second: 1.0 / read.runs,
         elementwise_bytes_per_second: (2 * values as u64 * 4 * CHAIN as u64) as f64 / elementwise,
         host_read_bytes_per_second: host_read_bandwidth(bytes, repeats),
     })

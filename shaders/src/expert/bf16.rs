@@ -14,17 +14,17 @@ use burn::tensor::{DType, Device};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::common::{ExpertExtras, Launch, Work, activate, group_at};
+use super::common::{ExpertExtras, Launch, Work, activate, group_at, panel_at, panel_walk};
 use crate::bridge::ShaderError;
-use crate::lanes::{load_vec, widen};
+use crate::lanes::{contiguous, input_lanes, load_vec, widen};
 use crate::split::{combine, combine_pair};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over BF16 slots; one unit per `N` adjacent
 /// intermediate rows and group.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
-    x: &Tensor<F>,                  // [tokens, hidden]
+fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size, M: Size>(
+    x: &Tensor<Vector<F, M>>,       // [tokens, hidden], contiguous; M even
     gate: &Tensor<Vector<u32, N>>,  // [slots, hidden / 2, intermediate] words
     up: &Tensor<Vector<u32, N>>,    // [slots, hidden / 2, intermediate] words
     groups: &Tensor<I>,             // [groups * 4]
@@ -44,11 +44,13 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let base = group.slot * pairs * row + i;
+    let (first, step) = panel_walk(i, row, pairs, lanes);
+    let base = group.slot * pairs * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
     let end = min(start + chunk as usize, pairs);
-    let xs0 = x.stride(0);
-    let xs1 = x.stride(1);
+    let xm = x.vector_size();
+    let per_load = comptime!(xm / 2);
+    let hidden = 2 * pairs;
     let inter = row * lanes;
     for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
@@ -56,15 +58,23 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
         let mut gs = Vector::<F, N>::new(F::new(0.0));
         let mut us = Vector::<F, N>::new(F::new(0.0));
         if live {
-            for p in start..end {
-                let x0 = Vector::<F, N>::new(x[t * xs0 + 2 * p * xs1]);
-                let x1 = Vector::<F, N>::new(x[t * xs0 + (2 * p + 1) * xs1]);
-                let (g0, g1) = widen::<F, N>(gate[base + p * row]);
-                let (u0, u1) = widen::<F, N>(up[base + p * row]);
-                gs += g0 * x0;
-                us += u0 * x0;
-                gs += g1 * x1;
-                us += u1 * x1;
+            let mut at = base + start * step;
+            let mut p = start;
+            while p < end {
+                let xv = x[(t * hidden + 2 * p) / xm];
+                #[unroll]
+                for w in 0..per_load {
+                    let x0 = Vector::<F, N>::new(xv.extract(2 * w));
+                    let x1 = Vector::<F, N>::new(xv.extract(2 * w + 1));
+                    let (g0, g1) = widen::<F, N>(gate[at]);
+                    let (u0, u1) = widen::<F, N>(up[at]);
+                    gs += g0 * x0;
+                    us += u0 * x0;
+                    gs += g1 * x1;
+                    us += u1 * x1;
+                    at += step;
+                }
+                p += per_load;
             }
         }
         let (gs, us) = combine_pair::<F, N>(gs, us, ways);
@@ -79,8 +89,8 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size>(
 /// rows and group.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
-    act: &Tensor<F>,               // [rows, intermediate]
+fn down_bf16_kernel<F: Float, I: Numeric, N: Size, M: Size>(
+    act: &Tensor<Vector<F, M>>,    // [rows, intermediate]; M even
     down: &Tensor<Vector<u32, N>>, // [slots, intermediate / 2, hidden] words
     groups: &Tensor<I>,
     assign: &Tensor<I>,
@@ -98,18 +108,29 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size>(
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let base = group.slot * pairs * row + h;
+    let (first, step) = panel_walk(h, row, pairs, lanes);
+    let base = group.slot * pairs * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
     let end = min(start + chunk as usize, pairs);
     let inter = 2 * pairs;
+    let am = act.vector_size();
+    let per_load = comptime!(am / 2);
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            for p in start..end {
-                let (d0, d1) = widen::<F, N>(down[base + p * row]);
-                s += d0 * Vector::<F, N>::new(act[o * inter + 2 * p]);
-                s += d1 * Vector::<F, N>::new(act[o * inter + 2 * p + 1]);
+            let mut at = base + start * step;
+            let mut p = start;
+            while p < end {
+                let av = act[(o * inter + 2 * p) / am];
+                #[unroll]
+                for w in 0..per_load {
+                    let (d0, d1) = widen::<F, N>(down[at]);
+                    s += d0 * Vector::<F, N>::new(av.extract(2 * w));
+                    s += d1 * Vector::<F, N>::new(av.extract(2 * w + 1));
+                    at += step;
+                }
+                p += per_load;
             }
         }
         s = combine::<F, N>(s, ways);
@@ -148,9 +169,10 @@ fn store_slot_words_kernel(
     let half_inter = down.shape(1);
     let hidden = down.shape(2);
     let base = slot as usize * n;
-    gate[base + (pos % pairs) * inter + pos / pairs] = gate_src[offsets[0] as usize + pos];
-    up[base + (pos % pairs) * inter + pos / pairs] = up_src[offsets[1] as usize + pos];
-    down[base + (pos % half_inter) * hidden + pos / half_inter] = down_src[offsets[2] as usize + pos];
+    let at = base + panel_at(pos % pairs, pos / pairs, pairs, inter);
+    gate[at] = gate_src[offsets[0] as usize + pos];
+    up[at] = up_src[offsets[1] as usize + pos];
+    down[base + panel_at(pos % half_inter, pos / half_inter, half_inter, hidden)] = down_src[offsets[2] as usize + pos];
 }
 
 /// Packs f32 weights (rows of `k`, `k` even) into bf16 words pairing neighbours along the row,
@@ -277,6 +299,7 @@ impl Bf16Page {
     ) -> Result<(), ShaderError> {
         let (inter, hidden) = (self.gate.meta.shape()[2], self.down.meta.shape()[2]);
         let Some(launch) = Launch::new(work, extras, device, hidden, inter)? else { return Ok(()) };
+        let x = &contiguous(x);
         let client = x.client.clone();
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let lanes = launch.lanes;
@@ -287,6 +310,7 @@ impl Bf16Page {
             launch.cubes(inter / lanes, &shape),
             shape.dim,
             lanes,
+            input_lanes(hidden).max(2),
             x.clone().into_tensor_arg(),
             self.gate.clone().into_tensor_arg(),
             self.up.clone().into_tensor_arg(),
@@ -308,6 +332,7 @@ impl Bf16Page {
             launch.cubes(hidden / lanes, &shape),
             shape.dim,
             lanes,
+            input_lanes(inter).max(2),
             act.clone().into_tensor_arg(),
             self.down.clone().into_tensor_arg(),
             launch.groups.clone().into_tensor_arg(),

@@ -9,9 +9,9 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, Work, activate, group_at};
+use super::common::{ExpertExtras, Launch, Work, activate, group_at, panel_at, panel_walk};
 use crate::bridge::{ShaderError, cube_float};
-use crate::lanes::load_vec;
+use crate::lanes::{contiguous, input_lanes, load_vec};
 use crate::split::{combine, combine_pair};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` for every assignment `(t, o)` of every group;
@@ -19,8 +19,8 @@ use crate::split::{combine, combine_pair};
 /// Each lane's dot product runs in index order, whatever `N`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
-    x: &Tensor<F>,                  // [tokens, hidden]
+fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size, M: Size>(
+    x: &Tensor<Vector<F, M>>,       // [tokens, hidden], contiguous
     gate: &Tensor<Vector<W, N>>,    // [slots, hidden, intermediate] (f32 or f16; sums in F)
     up: &Tensor<Vector<W, N>>,      // [slots, hidden, intermediate]
     groups: &Tensor<I>,             // [groups * 4]: slot, first assignment, end, expert
@@ -42,11 +42,11 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let base = group.slot * hidden * row + i;
+    let (first, step) = panel_walk(i, row, hidden, lanes);
+    let base = group.slot * hidden * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, hidden);
     let end = min(start + chunk as usize, hidden);
-    let xs0 = x.stride(0);
-    let xs1 = x.stride(1);
+    let xm = x.vector_size();
     let inter = act_row as usize * lanes;
     let out = act_offset as usize + i;
     for a in group.start..group.end {
@@ -55,10 +55,20 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
         let mut gs = Vector::<F, N>::new(F::new(0.0));
         let mut us = Vector::<F, N>::new(F::new(0.0));
         if live {
-            for j in start..end {
-                let xv = Vector::<F, N>::new(x[t * xs0 + j * xs1]);
-                gs += Vector::<F, N>::cast_from(gate[base + j * row]) * xv;
-                us += Vector::<F, N>::cast_from(up[base + j * row]) * xv;
+            let mut at = base + start * step;
+            let mut j = start;
+            while j < end {
+                // One load of x serves `xm` weight rows: on lavapipe each load is a loop over
+                // the batch's lanes, so x's loads cost as much as the weights' otherwise.
+                let xv = x[(t * hidden + j) / xm];
+                #[unroll]
+                for l in 0..xm {
+                    let xs = Vector::<F, N>::new(xv.extract(l));
+                    gs += Vector::<F, N>::cast_from(gate[at]) * xs;
+                    us += Vector::<F, N>::cast_from(up[at]) * xs;
+                    at += step;
+                }
+                j += xm;
             }
         }
         let (gs, us) = combine_pair::<F, N>(gs, us, ways);
@@ -73,8 +83,8 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size>(
 /// one unit per `N` adjacent hidden rows and group.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
-    act: &Tensor<F>,              // [rows, intermediate]
+fn down_kernel<F: Float, W: Float, I: Numeric, N: Size, M: Size>(
+    act: &Tensor<Vector<F, M>>,   // [rows, intermediate]
     down: &Tensor<Vector<W, N>>,  // [slots, intermediate, hidden]
     groups: &Tensor<I>,           // [groups * 4]
     assign: &Tensor<I>,           // [assignments * 2]
@@ -94,16 +104,26 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let base = group.slot * inter * row + h;
+    let (first, step) = panel_walk(h, row, inter, lanes);
+    let base = group.slot * inter * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, inter);
     let end = min(start + chunk as usize, inter);
+    let am = act.vector_size();
     let out = y_offset as usize + h;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            for i in start..end {
-                s += Vector::<F, N>::cast_from(down[base + i * row]) * Vector::<F, N>::new(act[o * inter + i]);
+            let mut at = base + start * step;
+            let mut i = start;
+            while i < end {
+                let av = act[(o * inter + i) / am];
+                #[unroll]
+                for l in 0..am {
+                    s += Vector::<F, N>::cast_from(down[at]) * Vector::<F, N>::new(av.extract(l));
+                    at += step;
+                }
+                i += am;
             }
         }
         s = combine::<F, N>(s, ways);
@@ -118,7 +138,7 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size>(
 
 /// Writes one expert (checkpoint layout: gate, up `[intermediate, hidden]`, down
 /// `[hidden, intermediate]`), or one part of it (some of the gate/up rows and as many of the down
-/// rows), into slot `slot` of a page, transposing on the way.
+/// rows), into slot `slot` of a page, transposing into panels on the way.
 #[cube(launch)]
 fn store_slot_kernel<F: Float, W: Float>(
     gate_src: &Tensor<F>,
@@ -139,14 +159,15 @@ fn store_slot_kernel<F: Float, W: Float>(
     let base = slot as usize * hidden * inter;
     let r = pos / hidden;
     let c = pos % hidden;
-    gate[base + c * inter + r] = W::cast_from(gate_src[pos]);
-    up[base + c * inter + r] = W::cast_from(up_src[pos]);
+    let at = base + panel_at(c, r, hidden, inter);
+    gate[at] = W::cast_from(gate_src[pos]);
+    up[at] = W::cast_from(up_src[pos]);
     // A part of a split expert holds some of the down rows: its own shape, the same size.
     let down_inter = down.shape(1);
     let down_hidden = down.shape(2);
     let hr = pos / down_inter;
     let ic = pos % down_inter;
-    down[base + ic * down_hidden + hr] = W::cast_from(down_src[pos]);
+    down[base + panel_at(ic, hr, down_inter, down_hidden)] = W::cast_from(down_src[pos]);
 }
 
 /// A page of f32 or f16 expert slots: one buffer per projection, or, where one projection is
@@ -247,6 +268,7 @@ impl FloatPage {
         let n = self.parts.len();
         let (hidden, inter) = (self.hidden, self.inter);
         let Some(launch) = Launch::new(work, extras, device, hidden / n, inter / n)? else { return Ok(()) };
+        let x = &contiguous(x);
         for (p, part) in self.parts.iter().enumerate() {
             part.gate_up(x, &launch, act, p * inter / n, inter);
         }
@@ -323,6 +345,7 @@ impl Part {
             launch.cubes(rows / lanes, &shape),
             shape.dim,
             lanes,
+            input_lanes(hidden),
             x.clone().into_tensor_arg(),
             self.gate.clone().into_tensor_arg(),
             self.up.clone().into_tensor_arg(),
@@ -352,6 +375,7 @@ impl Part {
             launch.cubes(rows / lanes, &shape),
             shape.dim,
             lanes,
+            input_lanes(inter),
             act.clone().into_tensor_arg(),
             self.down.clone().into_tensor_arg(),
             launch.groups.clone().into_tensor_arg(),

@@ -360,10 +360,13 @@ impl Summary<'_> {
         }
         let gib = |b: f64| b / (1u64 << 30) as f64;
         println!(
-            "roofline: memory {:.2} GiB/s (a streaming-read kernel over {} MiB; elementwise read+write {:.2} GiB/s; the \
-             host's cores read RAM at {:.2} GiB/s), uploads {:.2} GiB/s ({upload_method})",
+            "roofline: memory {:.2} GiB/s (a streaming-read kernel over {} MiB, the faster of grid-stride {:.2} and \
+             runs {:.2}; elementwise read+write {:.2} GiB/s; the host's cores read RAM at {:.2} GiB/s), uploads {:.2} \
+             GiB/s ({upload_method})",
             gib(memory.bytes_per_second),
             memory.bytes >> 20,
+            gib(memory.grid_stride_bytes_per_second),
+            gib(memory.runs_bytes_per_second),
             gib(memory.elementwise_bytes_per_second),
             gib(memory.host_read_bytes_per_second),
             gib(upload_rate)
