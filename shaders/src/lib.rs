@@ -15,6 +15,7 @@ pub mod launches;
 pub mod matvec;
 pub mod norm;
 pub mod pairs;
+pub mod panel;
 pub mod reduce;
 pub mod rope;
 pub mod route;

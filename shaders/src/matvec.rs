@@ -1,4 +1,5 @@
-//! The decode-shaped product: one row of activations times a weight matrix kept as `[in, out]`.
+//! The decode-shaped product: one row of activations times a weight matrix kept as `[in, out]`,
+//! in plain rows or in panels (`crate::panel`).
 //!
 //! A decode step multiplies a single row by every projection and by the LM head. burn's tiled
 //! matmul is built for many rows; for one it was 1.4x to 4.6x slower than this kernel on lavapipe
@@ -15,6 +16,7 @@ use cubecl::CubeCount;
 use crate::bridge::{from_cube, try_cube_float};
 use crate::lanes::{contiguous, input_lanes};
 use crate::launches;
+use crate::panel::Layout;
 use crate::split::{Shape, Split};
 
 /// Rows up to which the kernel is used (each row reads the weights again); more rows go to
@@ -56,7 +58,13 @@ fn prepare(x: &Tensor<2>, bias: Option<&Tensor<1>>, outputs: usize, split: Split
 /// `x W` for `x` `[rows, in]` (any strides) and `wt` `[in, out]` (contiguous), plus `bias`
 /// `[out]`, each dot product split as `split` says; None where the tensors are not on a CubeCL
 /// backend (the caller then runs a matmul).
-pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: Split) -> Option<Tensor<2>> {
+pub fn matvec(
+    x: &Tensor<2>,
+    wt: &CubeTensor,
+    bias: Option<&Tensor<1>>,
+    split: Split,
+    layout: Layout,
+) -> Option<Tensor<2>> {
     let (w_in, outputs) = (wt.meta.shape()[0], wt.meta.shape()[1]);
     debug_assert_eq!(x.dims()[1], w_in, "matvec: x has {} columns, the weight {w_in} rows", x.dims()[1]);
     let Prepared { x: xc, bias, y, lanes, count, shape } = prepare(x, bias, outputs, split, 1)?;
@@ -75,6 +83,7 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: S
         bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
         shape.chunk,
+        layout.width(outputs, lanes),
         shape.ways,
         has_bias,
         dtypes,
@@ -85,7 +94,13 @@ pub fn matvec(x: &Tensor<2>, wt: &CubeTensor, bias: Option<&Tensor<1>>, split: S
 /// `x W` for bf16 pairs `words` `[in / 2, out]` (see `pairs`), as `matvec`: each lane adds
 /// `w_j x_j` then `w_(j+1) x_(j+1)` in index order, so a BF16 checkpoint's projection gives
 /// the f32 kernel's output bit for bit.
-pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>, split: Split) -> Option<Tensor<2>> {
+pub fn matvec_bf16(
+    x: &Tensor<2>,
+    words: &CubeTensor,
+    bias: Option<&Tensor<1>>,
+    split: Split,
+    layout: Layout,
+) -> Option<Tensor<2>> {
     let (pairs, outputs) = (words.meta.shape()[0], words.meta.shape()[1]);
     debug_assert_eq!(x.dims()[1], 2 * pairs, "matvec_bf16: x has {} columns, the weight {pairs} pairs", x.dims()[1]);
     let Prepared { x: xc, bias, y, lanes, count, shape } = prepare(x, bias, outputs, split, 2)?;
@@ -103,6 +118,7 @@ pub fn matvec_bf16(x: &Tensor<2>, words: &CubeTensor, bias: Option<&Tensor<1>>, 
         bias.unwrap_or(xc).into_tensor_arg(),
         y.clone().into_tensor_arg(),
         shape.chunk,
+        layout.width(outputs, lanes),
         shape.ways,
         has_bias,
         dtype,
@@ -115,6 +131,7 @@ mod kernel {
     use cubecl::prelude::*;
 
     use crate::lanes::{load_vec, widen};
+    use crate::panel::panel_walk;
     use crate::split::combine;
 
     /// `y[r, c..c+N] = sum_j x[r, j] * wt[j, c..c+N] (+ bias)`: one unit per `N` adjacent
@@ -128,6 +145,7 @@ mod kernel {
         bias: &Tensor<F>,             // [out] (when has_bias)
         y: &mut Tensor<Vector<F, N>>, // [rows, out]
         chunk: u32,
+        panel: u32, // panel width in vectors (`wt`'s whole width for plain rows)
         #[comptime] ways: u32,
         #[comptime] has_bias: bool,
         #[define(F, W)] _dtypes: [ElemType; 2],
@@ -141,9 +159,10 @@ mod kernel {
         let start = min(UNIT_POS_Y as usize * chunk as usize, inputs);
         let end = min(start + chunk as usize, inputs);
         let xm = x.vector_size();
+        let (first, step) = panel_walk(c, cols, inputs, panel as usize);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            let mut at = start * cols + c;
+            let mut at = first + start * step;
             let mut j = start;
             while j < end {
                 // One load of x serves `xm` weight rows (on lavapipe a load costs a loop over
@@ -152,7 +171,7 @@ mod kernel {
                 #[unroll]
                 for l in 0..xm {
                     s += Vector::<F, N>::cast_from(wt[at]) * Vector::<F, N>::new(xv.extract(l));
-                    at += cols;
+                    at += step;
                 }
                 j += xm;
             }
@@ -175,6 +194,7 @@ mod kernel {
         bias: &Tensor<F>,               // [out] (when has_bias)
         y: &mut Tensor<Vector<F, N>>,   // [rows, out]
         chunk: u32,
+        panel: u32, // panel width in vectors (`words`' whole width for plain rows)
         #[comptime] ways: u32,
         #[comptime] has_bias: bool,
         #[define(F)] _dtype: ElemType,
@@ -189,9 +209,10 @@ mod kernel {
         let end = min(start + chunk as usize, pairs);
         let xm = x.vector_size();
         let per_load = comptime!(xm / 2);
+        let (first, step) = panel_walk(c, cols, pairs, panel as usize);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            let mut at = start * cols + c;
+            let mut at = first + start * step;
             let mut p = start;
             while p < end {
                 let xv = x[(r * 2 * pairs + 2 * p) / xm];
@@ -200,7 +221,7 @@ mod kernel {
                     let (w0, w1) = widen::<F, N>(words[at]);
                     s += w0 * Vector::<F, N>::new(xv.extract(2 * w));
                     s += w1 * Vector::<F, N>::new(xv.extract(2 * w + 1));
-                    at += cols;
+                    at += step;
                 }
                 p += per_load;
             }
@@ -233,7 +254,10 @@ pub fn reference(x: &[f32], wt: &[f32], bias: Option<&[f32]>, inputs: usize, out
 mod tests {
     use burn::tensor::{Tensor, TensorData};
 
-    use crate::bridge::cube_float;
+    use burn_cubecl::tensor::CubeTensor;
+
+    use crate::bridge::{cube_float, from_cube};
+    use crate::panel::{Layout, to_panels};
     use crate::split::Split;
     use crate::testing::{device, random};
 
@@ -258,6 +282,9 @@ mod tests {
             (1, 9, 7, false, true),
             (1, 1030, 12, true, false),
             (1, 300, 16, false, true),
+            // Two full panels and a narrower last one, by fours and by ones.
+            (1, 48, 100, true, false),
+            (1, 40, 70, false, false),
         ];
         for (rows, inputs, outputs, bias, f16) in cases {
             let mut wt = random(inputs * outputs, 1, 1.0);
@@ -274,9 +301,14 @@ mod tests {
                 cube_float(if f16 { wt_tensor.cast(burn::tensor::FloatDType::F16) } else { wt_tensor }).unwrap();
             assert_eq!(wt_gpu.dtype == burn::tensor::DType::F16, f16);
             let b_gpu = Tensor::<1>::from_data(TensorData::new(b.clone(), [outputs]), device);
-            let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu), split).expect("CubeCL backend");
+            let got = super::matvec(&x, &wt_gpu, bias.then_some(&b_gpu), split, Layout::Rows).expect("CubeCL backend");
             assert_eq!(got.dims(), [rows, outputs]);
             let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
+            // The same weights in panels: the same bits.
+            let panelled = cube_float(to_panels(from_cube(wt_gpu.clone())).unwrap()).unwrap();
+            let from_panels = super::matvec(&x, &panelled, bias.then_some(&b_gpu), split, Layout::Panels).unwrap();
+            let from_panels: Vec<f32> = from_panels.into_data().try_to_vec().unwrap();
+            assert_eq!(from_panels, got, "{rows}x{inputs}x{outputs} f16 {f16} {split:?}: panels against rows");
             let xs: Vec<f32> = (0..rows).flat_map(|r| wide[r * 2 * inputs + inputs..][..inputs].to_vec()).collect();
             let want = super::reference(&xs, &wt, bias.then_some(&b[..]), inputs, outputs, split.ways(inputs));
             for (g, w) in got.iter().zip(&want) {
@@ -290,11 +322,19 @@ mod tests {
                 let rounded: Vec<f32> = wt.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
                 let wt_f32 = Tensor::<2>::from_data(TensorData::new(rounded, [inputs, outputs]), device);
                 let words = cube_float(crate::pairs::pack(wt_f32.clone()).unwrap()).unwrap();
-                let from_pairs = super::matvec_bf16(&x, &words, bias.then_some(&b_gpu), split).expect("CubeCL backend");
-                let from_f32 = super::matvec(&x, &cube_float(wt_f32).unwrap(), bias.then_some(&b_gpu), split).unwrap();
-                let (a, b): (Vec<f32>, Vec<f32>) =
-                    (from_pairs.into_data().try_to_vec().unwrap(), from_f32.into_data().try_to_vec().unwrap());
+                let product = |w: &CubeTensor, layout| super::matvec_bf16(&x, w, bias.then_some(&b_gpu), split, layout);
+                let from_pairs = product(&words, Layout::Rows).expect("CubeCL backend");
+                let panelled = cube_float(to_panels(from_cube(words.clone())).unwrap()).unwrap();
+                let from_panelled_pairs = product(&panelled, Layout::Panels).unwrap();
+                let from_f32 =
+                    super::matvec(&x, &cube_float(wt_f32).unwrap(), bias.then_some(&b_gpu), split, Layout::Rows)
+                        .unwrap();
+                let values = |t: Tensor<2>| -> Vec<f32> { t.into_data().try_to_vec().unwrap() };
+                let (a, b) = (values(from_pairs), values(from_f32));
                 assert_eq!(a, b, "{rows}x{inputs}x{outputs} {split:?}: bf16 pairs against f32");
+                let c = values(from_panelled_pairs);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&c), bits(&a), "{rows}x{inputs}x{outputs} {split:?}: panelled pairs");
             }
         }
     }

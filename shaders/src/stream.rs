@@ -20,7 +20,7 @@ use crate::bridge::{ShaderError, cube_float};
 /// Units per cube.
 const UNITS: u32 = 256;
 /// Units that share a run in the `runs` order: a panel's width in vectors of four.
-pub(crate) const RUN: usize = crate::expert::PANEL / 4;
+pub(crate) const RUN: usize = crate::panel::PANEL / 4;
 
 /// The order a probe reads its buffer in (see the module's comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

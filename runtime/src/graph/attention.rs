@@ -57,7 +57,7 @@ impl Attention {
                 &loader.linear(&format!("{prefix}.q_proj"), h, q_dim, a.qkv_bias)?,
                 &loader.linear(&format!("{prefix}.k_proj"), h, kv_dim, a.qkv_bias)?,
                 &loader.linear(&format!("{prefix}.v_proj"), h, kv_dim, a.qkv_bias)?,
-            ]),
+            ])?,
             o: loader.linear(&format!("{prefix}.o_proj"), q_dim, h, a.o_bias)?,
             q_norm: norm("q_norm", q_norm_len)?,
             k_norm: norm("k_norm", k_norm_len)?,

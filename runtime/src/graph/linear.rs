@@ -2,6 +2,7 @@
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use ferry_shaders::matvec::{MAX_ROWS, matvec, matvec_bf16};
+use ferry_shaders::panel::{self, Layout, PANEL, from_panels, to_panels};
 use ferry_shaders::split::Split;
 use ferry_shaders::{from_cube, pairs, try_cube_float};
 
@@ -12,16 +13,55 @@ use crate::weights::WeightStore;
 /// A projection matrix `W^T` `[in, out]` as stored on the device (`--dense-dtype`): f32 or f16
 /// values, or bf16 pairs along `in` (`ferry_shaders::pairs`: words in an f32 tensor
 /// `[in / 2, out]`); in blocks of output columns where the whole would not fit one binding (each
-/// output's dot product stays whole in one block, so the split changes no result). Clones share
-/// the GPU tensors.
+/// output's dot product stays whole in one block, so the split changes no result). A block whose
+/// width divides into panels is kept in panels (`ferry_shaders::panel`), what the decode kernel
+/// reads fastest. Clones share the GPU tensors.
 #[derive(Clone)]
 pub struct StoredMatrix {
-    blocks: Vec<Tensor<2>>,
+    blocks: Vec<Block>,
     pairs: bool,
     /// The largest buffer a block may take, in bytes.
     limit: u64,
     /// How the matrix-vector kernel splits each output's dot product.
     split: Split,
+}
+
+/// One block of a stored matrix: `[in, out]` (or pairs `[in / 2, out]`) values, whose bits lie
+/// as `layout` says.
+#[derive(Clone)]
+struct Block {
+    values: Tensor<2>,
+    layout: Layout,
+}
+
+impl Block {
+    /// Blocks with the same inputs side by side (`ferry_shaders::panel::cat`).
+    fn cat(blocks: Vec<Block>) -> Result<Block> {
+        let (values, layout) = panel::cat(blocks.into_iter().map(|b| (b.values, b.layout)).collect())
+            .map_err(|e| FerryError::Gpu(format!("joining projections: {e}")))?;
+        Ok(Block { values, layout })
+    }
+
+    /// `values` in panels where its width divides into them, else as they are.
+    fn new(values: Tensor<2>) -> Result<Block> {
+        if !values.dims()[1].is_multiple_of(PANEL) {
+            return Ok(Block { values, layout: Layout::Rows });
+        }
+        let values = to_panels(values).map_err(|e| FerryError::Gpu(format!("a projection into panels: {e}")))?;
+        Ok(Block { values, layout: Layout::Panels })
+    }
+
+    fn dims(&self) -> [usize; 2] {
+        self.values.dims()
+    }
+
+    /// The values in plain rows.
+    fn rows(&self) -> Tensor<2> {
+        match (self.layout, try_cube_float(self.values.clone())) {
+            (Layout::Panels, Ok(c)) => from_panels(&c),
+            _ => self.values.clone(),
+        }
+    }
 }
 
 impl StoredMatrix {
@@ -51,11 +91,13 @@ impl StoredMatrix {
         Tensor::cat(parts, 1)
     }
 
-    fn block_product(&self, block: &Tensor<2>, x: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<2> {
+    fn block_product(&self, block: &Block, x: &Tensor<2>, bias: Option<&Tensor<1>>) -> Tensor<2> {
         if x.dims()[0] <= MAX_ROWS
-            && let Ok(w) = try_cube_float(block.clone())
+            && let Ok(w) = try_cube_float(block.values.clone())
         {
-            let y = if self.pairs { matvec_bf16(x, &w, bias, self.split) } else { matvec(x, &w, bias, self.split) };
+            let (split, layout) = (self.split, block.layout);
+            let y =
+                if self.pairs { matvec_bf16(x, &w, bias, split, layout) } else { matvec(x, &w, bias, split, layout) };
             if let Some(y) = y {
                 return y;
             }
@@ -67,30 +109,31 @@ impl StoredMatrix {
         }
     }
 
-    /// A block's values as burn's matmul takes them: f16 widened, bf16 pairs unpacked (a
-    /// prefill's cost; a decode step reads them as they are).
-    fn as_f32(&self, block: &Tensor<2>) -> Tensor<2> {
-        match (self.pairs, try_cube_float(block.clone())) {
+    /// A block's values as burn's matmul takes them: in plain rows, f16 widened, bf16 pairs
+    /// unpacked (a prefill's cost; a decode step reads them as they are).
+    fn as_f32(&self, block: &Block) -> Tensor<2> {
+        let rows = block.rows();
+        match (self.pairs, try_cube_float(rows.clone())) {
             (true, Ok(words)) => pairs::unpack(&words),
-            _ => block.clone().cast(FloatDType::F32),
+            _ => rows.cast(FloatDType::F32),
         }
     }
 
     /// Bytes of the stored matrix.
     fn bytes(&self) -> u64 {
-        self.blocks.iter().map(|b| (b.dims()[0] * b.dims()[1] * b.dtype().size()) as u64).sum()
+        self.blocks.iter().map(|b| (b.dims()[0] * b.dims()[1] * b.values.dtype().size()) as u64).sum()
     }
 
     /// Matrices with the same inputs side by side (one stored format): one block where they fit
     /// one buffer together, else their blocks in order.
-    fn cat(parts: &[&StoredMatrix]) -> StoredMatrix {
+    fn cat(parts: &[&StoredMatrix]) -> Result<StoredMatrix> {
         let limit = parts.iter().map(|p| p.limit).min().unwrap_or(u64::MAX);
         let pairs = parts.first().is_some_and(|p| p.pairs);
         let split = parts.first().map_or(Split::WHOLE, |p| p.split);
         let whole = parts.iter().map(|p| p.bytes()).sum::<u64>() <= limit;
-        let blocks: Vec<Tensor<2>> = parts.iter().flat_map(|p| p.blocks.iter().cloned()).collect();
-        let blocks = if whole && blocks.len() > 1 { vec![Tensor::cat(blocks, 1)] } else { blocks };
-        StoredMatrix { blocks, pairs, limit, split }
+        let blocks: Vec<Block> = parts.iter().flat_map(|p| p.blocks.iter().cloned()).collect();
+        let blocks = if whole && blocks.len() > 1 { vec![Block::cat(blocks)?] } else { blocks };
+        Ok(StoredMatrix { blocks, pairs, limit, split })
     }
 }
 
@@ -115,16 +158,16 @@ impl Linear {
     /// One projection whose outputs are `parts`' outputs side by side (same inputs), so that a
     /// decode step runs one launch instead of one per part. A part without a bias gets zeros
     /// when another has one.
-    pub fn concat(parts: &[&Linear]) -> Linear {
-        let weight_t = StoredMatrix::cat(&parts.iter().map(|p| &p.weight_t).collect::<Vec<_>>());
+    pub fn concat(parts: &[&Linear]) -> Result<Linear> {
+        let weight_t = StoredMatrix::cat(&parts.iter().map(|p| &p.weight_t).collect::<Vec<_>>())?;
         let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
-            let device = weight_t.blocks[0].device();
+            let device = weight_t.blocks[0].values.device();
             Tensor::cat(
                 parts.iter().map(|p| p.bias.clone().unwrap_or_else(|| Tensor::zeros([p.outputs()], &device))).collect(),
                 0,
             )
         });
-        Linear { weight_t, bias }
+        Ok(Linear { weight_t, bias })
     }
 }
 
@@ -202,7 +245,7 @@ impl Loader<'_> {
                 Tensor::from_data(TensorData::new(transpose(rows, width, inputs), [inputs, width]), self.device);
             blocks.push(self.stored(block, &name)?);
         }
-        let weight_t = StoredMatrix::cat(&blocks.iter().collect::<Vec<_>>());
+        let weight_t = StoredMatrix::cat(&blocks.iter().collect::<Vec<_>>())?;
         let bias = if bias {
             let values = reorder(self.store.f32(&format!("{prefix}.bias"), &[outputs])?, 1);
             Some(Tensor::from_data(TensorData::new(values, [outputs]), self.device))
@@ -224,7 +267,7 @@ impl Loader<'_> {
                 (packed, true)
             }
         };
-        Ok(StoredMatrix { blocks: vec![t], pairs, limit: self.limit, split: self.split })
+        Ok(StoredMatrix { blocks: vec![Block::new(t)?], pairs, limit: self.limit, split: self.split })
     }
 }
 

@@ -289,7 +289,7 @@ impl Model {
                 None => own.clone(),
             };
             if let Ffn::Moe(block) = &mut self.layers[*from].ffn {
-                block.set_pregate(pregate);
+                block.set_pregate(pregate)?;
             }
         }
         self.using_learned = learn;
@@ -715,7 +715,7 @@ fn link_pregates(layers: &mut [Layer], loader: &Loader, spec: &ModelSpec) -> Res
         };
         let pregate = PreGate { target: to, router, trained, score_bias, head: None };
         if let Ffn::Moe(block) = &mut layers[from].ffn {
-            block.set_pregate(pregate.clone());
+            block.set_pregate(pregate.clone())?;
         }
         linked.push((from, pregate));
     }

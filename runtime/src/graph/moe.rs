@@ -182,9 +182,10 @@ impl MoeBlock {
         self.score_bias.as_deref()
     }
 
-    pub fn set_pregate(&mut self, pregate: PreGate) {
-        self.router_and_pregate = Some(Linear::concat(&[&self.router, &pregate.router]));
+    pub fn set_pregate(&mut self, pregate: PreGate) -> Result<()> {
+        self.router_and_pregate = Some(Linear::concat(&[&self.router, &pregate.router])?);
         self.pregate = Some(pregate);
+        Ok(())
     }
 
     pub fn pregate(&self) -> Option<&PreGate> {

@@ -279,7 +279,7 @@ pub(super) fn load_predictor(
             }
             let pre = loader.linear(&format!("layers.{from}.hidden"), hidden, width, true)?;
             let out = store.f32(&names[2], &[experts, width])?;
-            Ok(LoadedPredictor { linear: Linear::concat(&[&map, &pre]), head: Some(Arc::new(Head { width, out })) })
+            Ok(LoadedPredictor { linear: Linear::concat(&[&map, &pre])?, head: Some(Arc::new(Head { width, out })) })
         })
         .collect()
 }

@@ -14,9 +14,10 @@ use burn::tensor::{DType, Device};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::common::{ExpertExtras, Launch, Work, activate, group_at, panel_at, panel_walk};
+use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::ShaderError;
 use crate::lanes::{contiguous, input_lanes, load_vec, widen};
+use crate::panel::{PANEL, panel_at, panel_walk};
 use crate::split::{combine, combine_pair};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` over BF16 slots; one unit per `N` adjacent
@@ -44,7 +45,7 @@ fn gate_up_bf16_kernel<F: Float, I: Numeric, N: Size, M: Size>(
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let (first, step) = panel_walk(i, row, pairs, lanes);
+    let (first, step) = panel_walk(i, row, pairs, PANEL / lanes);
     let base = group.slot * pairs * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
     let end = min(start + chunk as usize, pairs);
@@ -108,7 +109,7 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size, M: Size>(
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let (first, step) = panel_walk(h, row, pairs, lanes);
+    let (first, step) = panel_walk(h, row, pairs, PANEL / lanes);
     let base = group.slot * pairs * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
     let end = min(start + chunk as usize, pairs);

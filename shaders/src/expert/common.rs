@@ -3,7 +3,7 @@
 //!
 //! Layout of a slot (transposed from the checkpoint so that neighbouring units read
 //! neighbouring addresses): gate and up `[hidden, intermediate]`, down `[intermediate, hidden]`,
-//! stored in panels of `PANEL` output columns (`panel_index`). Each unit computes four adjacent
+//! stored in panels of output columns (`crate::panel`). Each unit computes four adjacent
 //! output rows from one vector load per weight row (one row where the sizes do not divide by
 //! four) over one chunk of the reduction (`crate::split`).
 
@@ -20,39 +20,6 @@ use crate::split::{Shape, Split};
 /// dimensions allow it, else one. Results are the same either way; only the speed differs.
 pub fn vector_size(hidden: usize, inter: usize) -> usize {
     if hidden.is_multiple_of(4) && inter.is_multiple_of(4) { 4 } else { 1 }
-}
-
-/// Output columns per panel of a slot: 32 values (128 bytes of f32), so that the eight lanes
-/// of a CPU adapter's SIMD batch read one contiguous run per weight row and the next row's run
-/// follows it. In plain `[inputs, outputs]` rows the batch's next run lies a whole row further
-/// on (4-8 KiB on OLMoE's shapes): on lavapipe the kernels then read 2.2-3.0 GB/s where the
-/// panelled layout reads 4.6-8.8 (BENCHMARKS.md). A GPU's warp still reads whole 128-byte
-/// runs, so every adapter gets the one layout.
-pub const PANEL: usize = 32;
-
-/// Where weight `(input j, output r)` of a `[steps, cols]` matrix lies in its panelled slot:
-/// the columns in panels of `PANEL` (the last one narrower where `cols` does not divide), each
-/// panel's rows one after the other. A unit's four adjacent outputs (lanes dividing `PANEL` and
-/// `cols`) stay adjacent, so the kernels load them as one vector.
-pub fn panel_index(j: usize, r: usize, steps: usize, cols: usize) -> usize {
-    let first = r / PANEL * PANEL;
-    first * steps + j * PANEL.min(cols - first) + r % PANEL
-}
-
-/// `panel_index` in the kernels.
-#[cube]
-pub fn panel_at(j: usize, r: usize, steps: usize, cols: usize) -> usize {
-    let first = r / PANEL * PANEL;
-    first * steps + j * min(PANEL, cols - first) + r % PANEL
-}
-
-/// The first vector of unit `i`'s outputs in its panel and the distance, in vectors, from one
-/// input's to the next's (`panel_index` over vectors of `lanes` outputs).
-#[cube]
-pub fn panel_walk(i: usize, row: usize, steps: usize, lanes: usize) -> (usize, usize) {
-    let width = PANEL / lanes;
-    let first = i / width * width;
-    (first * steps + i % width, min(width, row - first))
 }
 
 /// One group of assignments: the slot it reads, its assignments `start..end`, and the expert

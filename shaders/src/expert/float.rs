@@ -9,9 +9,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::common::{ExpertExtras, Launch, Work, activate, group_at, panel_at, panel_walk};
+use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::lanes::{contiguous, input_lanes, load_vec};
+use crate::panel::{PANEL, panel_at, panel_walk};
 use crate::split::{combine, combine_pair};
 
 /// `act[o, i] = act(gate_i · x_t, up_i · x_t)` for every assignment `(t, o)` of every group;
@@ -42,7 +43,7 @@ fn gate_up_kernel<F: Float, W: Float, I: Numeric, N: Size, M: Size>(
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let (first, step) = panel_walk(i, row, hidden, lanes);
+    let (first, step) = panel_walk(i, row, hidden, PANEL / lanes);
     let base = group.slot * hidden * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, hidden);
     let end = min(start + chunk as usize, hidden);
@@ -104,7 +105,7 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size, M: Size>(
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let (first, step) = panel_walk(h, row, inter, lanes);
+    let (first, step) = panel_walk(h, row, inter, PANEL / lanes);
     let base = group.slot * inter * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, inter);
     let end = min(start + chunk as usize, inter);

@@ -13,7 +13,7 @@ mod float;
 mod packed;
 
 pub use bf16::{Bf16Page, pack_bf16, unpack_bf16};
-pub use common::{DeviceWork, ExpertExtras, PANEL, PageWork, Work, panel_index};
+pub use common::{DeviceWork, ExpertExtras, PageWork, Work};
 pub use float::FloatPage;
 pub use packed::PackedPage;
 
@@ -89,25 +89,6 @@ mod tests {
         gate_up: Vec<f32>,
         down: Vec<f32>,
         limit: f32,
-    }
-
-    /// The panelled slot layout puts every weight of a `[steps, cols]` matrix in its own place
-    /// (full panels and a narrower last one), a unit's adjacent outputs adjacent.
-    #[test]
-    fn panels_place_every_weight_once() {
-        for (steps, cols) in [(3, 32), (5, 40), (2, 70), (4, 7), (1, 96)] {
-            let mut seen = vec![false; steps * cols];
-            for j in 0..steps {
-                for r in 0..cols {
-                    let at = super::panel_index(j, r, steps, cols);
-                    assert!(!seen[at], "{steps} x {cols}: ({j}, {r}) lands on a taken place");
-                    seen[at] = true;
-                    if r + 1 < cols && (r + 1) % super::PANEL != 0 {
-                        assert_eq!(super::panel_index(j, r + 1, steps, cols), at + 1);
-                    }
-                }
-            }
-        }
     }
 
     /// Imbalanced routing (one expert serves every token), experts serving nobody, a token with
