@@ -4,10 +4,11 @@
 //!
 //! Why: a CPU adapter (lavapipe) runs eight lanes of units at a time, each lane four adjacent
 //! outputs, so a batch reads 128 bytes of each weight row. In plain rows the next row's 128 bytes
-//! lie a whole row (4-24 KiB on OLMoE's shapes) further on, and the kernels read 2.2-3.0 GB/s
-//! there; in panels the next row's run follows on, and they read 4.6-8.8 GB/s (BENCHMARKS.md).
-//! A GPU's warp still reads whole 128-byte runs, so every adapter gets the one layout. Plain rows
-//! are the same layout with one panel as wide as the matrix, which is how the kernels take both.
+//! lie a whole row (4-24 KiB on OLMoE's shapes) further on; in panels they follow on. Measured
+//! on lavapipe, the same product read 2.1-3.0 GB/s over plain rows and 4.6-8.8 GB/s over panels
+//! (BENCHMARKS.md). A GPU's warp still reads whole 128-byte runs, so every adapter gets the one
+//! layout. Plain rows are the same layout with one panel as wide as the matrix, which is how the
+//! kernels take both.
 
 use burn::tensor::Tensor;
 use burn_cubecl::tensor::CubeTensor;

@@ -19,12 +19,14 @@ use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::format::{GROUP, QuantMatrix, code_rows};
 use crate::lanes::load_vec;
+use crate::panel::{PANEL, panel_at, panel_walk};
 use crate::split::{combine, combine_pair};
 
 /// The dot products of `N` adjacent packed columns with `v[v_base + v_stride * j]` over the
 /// quantisation groups `first..end` of the reduction: one vector load of the `N` columns' words
 /// per code word, codes unpacked word by word, each group's partial sums scaled once. Each lane's
-/// sum runs in index order.
+/// sum runs in index order. `columns` is the distance from one code row (or scale row) of the
+/// columns to the next: their panel's width.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the same arguments as packed_dot
 fn packed_dot<F: Float, N: Size>(
@@ -129,8 +131,11 @@ fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
     let i = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = i < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let code_base = group.slot * words * row + i;
-    let scale_base = group.slot * n_scales * row + i;
+    // Codes and scales lie in panels of the same columns; one step walks both.
+    let (code_first, step) = panel_walk(i, row, words, PANEL / lanes);
+    let (scale_first, _) = panel_walk(i, row, n_scales, PANEL / lanes);
+    let code_base = group.slot * words * row + code_first;
+    let scale_base = group.slot * n_scales * row + scale_first;
     let first = min(UNIT_POS_Y as usize * chunk as usize, n_scales);
     let end = min(first + chunk as usize, n_scales);
     for a in group.start..group.end {
@@ -141,9 +146,21 @@ fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
         let mut gs = Vector::<F, N>::new(F::new(0.0));
         let mut us = Vector::<F, N>::new(F::new(0.0));
         if live {
-            gs =
-                packed_dot::<F, N>(gate, gate_scales, code_base, scale_base, row, first, end, x, x_base, xs, bits, fp4);
-            us = packed_dot::<F, N>(up, up_scales, code_base, scale_base, row, first, end, x, x_base, xs, bits, fp4);
+            gs = packed_dot::<F, N>(
+                gate,
+                gate_scales,
+                code_base,
+                scale_base,
+                step,
+                first,
+                end,
+                x,
+                x_base,
+                xs,
+                bits,
+                fp4,
+            );
+            us = packed_dot::<F, N>(up, up_scales, code_base, scale_base, step, first, end, x, x_base, xs, bits, fp4);
         }
         let (gs, us) = combine_pair::<F, N>(gs, us, ways);
         if live && UNIT_POS_Y == 0 {
@@ -182,8 +199,11 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
     let h = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
     let live = h < row;
     let group = group_at::<I>(groups, CUBE_POS_Y as usize);
-    let code_base = group.slot * words * row + h;
-    let scale_base = group.slot * n_scales * row + h;
+    // Codes and scales lie in panels of the same columns; one step walks both.
+    let (code_first, step) = panel_walk(h, row, words, PANEL / lanes);
+    let (scale_first, _) = panel_walk(h, row, n_scales, PANEL / lanes);
+    let code_base = group.slot * words * row + code_first;
+    let scale_base = group.slot * n_scales * row + scale_first;
     let first = min(UNIT_POS_Y as usize * chunk as usize, n_scales);
     let end = min(first + chunk as usize, n_scales);
     for a in group.start..group.end {
@@ -195,7 +215,7 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
                 down_scales,
                 code_base,
                 scale_base,
-                row,
+                step,
                 first,
                 end,
                 act,
@@ -215,24 +235,27 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
     }
 }
 
-/// Copies `src` into `dst` from element `offset` on (an expert's codes into its slot).
+/// Copies `src` (`[rows, cols]` row-major) into slot `slot` of `dst` (`[slots, rows, cols]`), in
+/// panels (an expert's codes into its slot).
 #[cube(launch)]
-fn copy_codes_kernel(src: &Tensor<u32>, dst: &mut Tensor<u32>, offset: u32) {
+fn copy_codes_kernel(src: &Tensor<u32>, dst: &mut Tensor<u32>, slot: u32) {
     let pos = ABSOLUTE_POS;
     if pos >= src.len() {
         terminate!();
     }
-    dst[offset as usize + pos] = src[pos];
+    let (rows, cols) = (dst.shape(1), dst.shape(2));
+    dst[slot as usize * rows * cols + panel_at(pos / cols, pos % cols, rows, cols)] = src[pos];
 }
 
-/// Copies `src` into `dst` from element `offset` on (an expert's scales into its slot).
+/// `copy_codes_kernel` for an expert's scales.
 #[cube(launch)]
-fn copy_scales_kernel<F: Float>(src: &Tensor<F>, dst: &mut Tensor<F>, offset: u32, #[define(F)] _dtype: ElemType) {
+fn copy_scales_kernel<F: Float>(src: &Tensor<F>, dst: &mut Tensor<F>, slot: u32, #[define(F)] _dtype: ElemType) {
     let pos = ABSOLUTE_POS;
     if pos >= src.len() {
         terminate!();
     }
-    dst[offset as usize + pos] = src[pos];
+    let (rows, cols) = (dst.shape(1), dst.shape(2));
+    dst[slot as usize * rows * cols + panel_at(pos / cols, pos % cols, rows, cols)] = src[pos];
 }
 
 /// One projection of a page of quantised slots.
@@ -277,7 +300,7 @@ impl Packed {
             dim,
             codes.into_tensor_arg(),
             self.codes.clone().into_tensor_arg(),
-            (slot * m.words.len()) as u32,
+            slot as u32,
         );
         let (count, dim) = launch(m.scales.len());
         let dtype = dtype_to_storage_type(scales.dtype);
@@ -288,7 +311,7 @@ impl Packed {
             dim,
             scales.into_tensor_arg(),
             self.scales.clone().into_tensor_arg(),
-            (slot * m.scales.len()) as u32,
+            slot as u32,
             dtype,
         );
         Ok(())
