@@ -18,18 +18,18 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
 use crate::format::{GROUP, QuantMatrix, code_rows};
-use crate::lanes::load_vec;
+use crate::lanes::{contiguous, input_lanes, load_vec};
 use crate::panel::{PANEL, panel_at, panel_walk};
 use crate::split::{combine, combine_pair};
 
-/// The dot products of `N` adjacent packed columns with `v[v_base + v_stride * j]` over the
-/// quantisation groups `first..end` of the reduction: one vector load of the `N` columns' words
-/// per code word, codes unpacked word by word, each group's partial sums scaled once. Each lane's
-/// sum runs in index order. `columns` is the distance from one code row (or scale row) of the
-/// columns to the next: their panel's width.
+/// The dot products of `N` adjacent packed columns with the contiguous row `v[v_base..]` over
+/// the quantisation groups `first..end` of the reduction: one vector load of the `N` columns'
+/// words per code word, one load of `v` per `M` inputs, codes unpacked word by word, each
+/// group's partial sums scaled once. Each lane's sum runs in index order. `columns` is the
+/// distance from one code row (or scale row) of the columns to the next: their panel's width.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the same arguments as packed_dot
-fn packed_dot<F: Float, N: Size>(
+fn packed_dot<F: Float, N: Size, M: Size>(
     codes: &Tensor<Vector<u32, N>>,
     scales: &Tensor<Vector<F, N>>,
     code_base: usize,
@@ -37,30 +37,34 @@ fn packed_dot<F: Float, N: Size>(
     columns: usize,
     first: usize,
     end: usize,
-    v: &Tensor<F>,
+    v: &Tensor<Vector<F, M>>,
     v_base: usize,
-    v_stride: usize,
     #[comptime] bits: u32,
     #[comptime] fp4: bool,
 ) -> Vector<F, N> {
     let mut total = Vector::<F, N>::new(F::new(0.0));
     let zero = Vector::<F, N>::new(F::cast_from(comptime!(1u32 << (bits - 1))));
+    let m = v.vector_size();
     if comptime!(bits == 3) {
         for q in first..end {
             let r = q * 3;
             let high = codes[code_base + (r + 2) * columns];
-            let v_group = v_base + q * comptime!(GROUP) * v_stride;
+            let v_group = (v_base + q * comptime!(GROUP)) / m;
             let mut part = Vector::<F, N>::new(F::new(0.0));
             #[unroll]
             for half in 0..2u32 {
                 let low = codes[code_base + (r + half as usize) * columns];
                 #[unroll]
-                for b in 0..16u32 {
-                    let at = comptime!(half * 16 + b);
-                    let code = ((low >> Vector::new(comptime!(2 * b))) & Vector::new(3))
-                        | (((high >> Vector::new(at)) & Vector::new(1)) << Vector::new(2));
-                    part += (Vector::<F, N>::cast_from(code) - zero)
-                        * Vector::<F, N>::new(v[v_group + at as usize * v_stride]);
+                for l in 0..comptime!(16 / m) {
+                    let xv = v[v_group + comptime!(half as usize * 16 / m) + l];
+                    #[unroll]
+                    for c in 0..m {
+                        let b = comptime!((l * m + c) as u32);
+                        let at = comptime!(half * 16 + b);
+                        let code = ((low >> Vector::new(comptime!(2 * b))) & Vector::new(3))
+                            | (((high >> Vector::new(at)) & Vector::new(1)) << Vector::new(2));
+                        part += (Vector::<F, N>::cast_from(code) - zero) * Vector::<F, N>::new(xv.extract(c));
+                    }
                 }
             }
             total += part * scales[scale_base + q * columns];
@@ -74,11 +78,18 @@ fn packed_dot<F: Float, N: Size>(
             for w in 0..words_per_group {
                 let r = q * words_per_group + w;
                 let word = codes[code_base + r * columns];
+                let at = (v_base + r * per_word) / m;
                 #[unroll]
-                for b in 0..per_word {
-                    let code = (word >> Vector::new(comptime!(b as u32 * bits))) & mask;
-                    let weight = if fp4 { e2m1_twice::<F, N>(code) } else { Vector::<F, N>::cast_from(code) - zero };
-                    part += weight * Vector::<F, N>::new(v[v_base + (r * per_word + b) * v_stride]);
+                for l in 0..comptime!(per_word / m) {
+                    let xv = v[at + l];
+                    #[unroll]
+                    for c in 0..m {
+                        let b = comptime!((l * m + c) as u32);
+                        let code = (word >> Vector::new(comptime!(b * bits))) & mask;
+                        let weight =
+                            if fp4 { e2m1_twice::<F, N>(code) } else { Vector::<F, N>::cast_from(code) - zero };
+                        part += weight * Vector::<F, N>::new(xv.extract(c));
+                    }
                 }
             }
             total += part * scales[scale_base + q * columns];
@@ -105,8 +116,8 @@ fn e2m1_twice<F: Float, N: Size>(code: Vector<u32, N>) -> Vector<F, N> {
 /// rows per unit.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
-    x: &Tensor<F>,
+fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size, M: Size>(
+    x: &Tensor<Vector<F, M>>, // [tokens, hidden], contiguous
     gate: &Tensor<Vector<u32, N>>,
     gate_scales: &Tensor<Vector<F, N>>,
     up: &Tensor<Vector<u32, N>>,
@@ -141,26 +152,13 @@ fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
     for a in group.start..group.end {
         let t = usize::cast_from(assign[a * 2]);
         let o = usize::cast_from(assign[a * 2 + 1]);
-        let x_base = t * x.stride(0);
-        let xs = x.stride(1);
+        let x_base = t * x.shape(1);
         let mut gs = Vector::<F, N>::new(F::new(0.0));
         let mut us = Vector::<F, N>::new(F::new(0.0));
         if live {
-            gs = packed_dot::<F, N>(
-                gate,
-                gate_scales,
-                code_base,
-                scale_base,
-                step,
-                first,
-                end,
-                x,
-                x_base,
-                xs,
-                bits,
-                fp4,
-            );
-            us = packed_dot::<F, N>(up, up_scales, code_base, scale_base, step, first, end, x, x_base, xs, bits, fp4);
+            gs =
+                packed_dot::<F, N, M>(gate, gate_scales, code_base, scale_base, step, first, end, x, x_base, bits, fp4);
+            us = packed_dot::<F, N, M>(up, up_scales, code_base, scale_base, step, first, end, x, x_base, bits, fp4);
         }
         let (gs, us) = combine_pair::<F, N>(gs, us, ways);
         if live && UNIT_POS_Y == 0 {
@@ -175,8 +173,8 @@ fn gate_up_quant_kernel<F: Float, I: Numeric, N: Size>(
 /// unit.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
-    act: &Tensor<F>,
+fn down_quant_kernel<F: Float, I: Numeric, N: Size, M: Size>(
+    act: &Tensor<Vector<F, M>>,
     down: &Tensor<Vector<u32, N>>,
     down_scales: &Tensor<Vector<F, N>>,
     groups: &Tensor<I>,
@@ -210,7 +208,7 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            s = packed_dot::<F, N>(
+            s = packed_dot::<F, N, M>(
                 down,
                 down_scales,
                 code_base,
@@ -220,7 +218,6 @@ fn down_quant_kernel<F: Float, I: Numeric, N: Size>(
                 end,
                 act,
                 o * inter,
-                1,
                 bits,
                 fp4,
             );
@@ -359,6 +356,7 @@ impl PackedPage {
     ) -> Result<(), ShaderError> {
         let (inter, hidden) = (self.gate.codes.meta.shape()[2], self.down.codes.meta.shape()[2]);
         let Some(launch) = Launch::new(work, extras, device, hidden, inter)? else { return Ok(()) };
+        let x = &contiguous(x);
         let client = x.client.clone();
         let dtypes = [dtype_to_storage_type(x.dtype), dtype_to_storage_type(launch.groups.dtype)];
         let lanes = launch.lanes;
@@ -369,6 +367,7 @@ impl PackedPage {
             launch.cubes(inter / lanes, &shape),
             shape.dim,
             lanes,
+            input_lanes(hidden),
             x.clone().into_tensor_arg(),
             self.gate.codes.clone().into_tensor_arg(),
             self.gate.scales.clone().into_tensor_arg(),
@@ -394,6 +393,7 @@ impl PackedPage {
             launch.cubes(hidden / lanes, &shape),
             shape.dim,
             lanes,
+            input_lanes(inter),
             act.clone().into_tensor_arg(),
             self.down.codes.clone().into_tensor_arg(),
             self.down.scales.clone().into_tensor_arg(),
