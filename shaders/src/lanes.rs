@@ -41,3 +41,65 @@ pub fn widen<F: Float, N: Size>(words: Vector<u32, N>) -> (Vector<F, N>, Vector<
     let high = Vector::<f32, N>::reinterpret(words & Vector::new(0xFFFF_0000u32));
     (Vector::<F, N>::cast_from(low), Vector::<F, N>::cast_from(high))
 }
+
+/// The dot products of `N` adjacent outputs with inputs `start..end` of the contiguous row
+/// `v[v_base..]`: the weights of input `start` at `at`, each next input's `step` vectors on (a
+/// panel's walk); `v` loaded `M` inputs at a time (one load serves `M` weight rows: on lavapipe a
+/// load costs a loop over the batch's lanes, x's as much as a weight's). Summed in index order.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the walk and the row, as the kernels have them
+pub fn dot<F: Float, W: Float, N: Size, M: Size>(
+    w: &Tensor<Vector<W, N>>,
+    at: usize,
+    step: usize,
+    v: &Tensor<Vector<F, M>>,
+    v_base: usize,
+    start: usize,
+    end: usize,
+) -> Vector<F, N> {
+    let m = v.vector_size();
+    let mut s = Vector::<F, N>::new(F::new(0.0));
+    let mut k = at;
+    let mut j = start;
+    while j < end {
+        let xv = v[(v_base + j) / m];
+        #[unroll]
+        for l in 0..m {
+            s += Vector::<F, N>::cast_from(w[k]) * Vector::<F, N>::new(xv.extract(l));
+            k += step;
+        }
+        j += m;
+    }
+    s
+}
+
+/// `dot` over bf16 pairs (`widen`): pairs `start..end`, each one word per output, `M` even.
+#[cube]
+#[allow(clippy::too_many_arguments)] // as dot
+pub fn dot_pairs<F: Float, N: Size, M: Size>(
+    words: &Tensor<Vector<u32, N>>,
+    at: usize,
+    step: usize,
+    v: &Tensor<Vector<F, M>>,
+    v_base: usize,
+    start: usize,
+    end: usize,
+) -> Vector<F, N> {
+    let m = v.vector_size();
+    let per_load = comptime!(m / 2);
+    let mut s = Vector::<F, N>::new(F::new(0.0));
+    let mut k = at;
+    let mut p = start;
+    while p < end {
+        let xv = v[(v_base + 2 * p) / m];
+        #[unroll]
+        for w in 0..per_load {
+            let (w0, w1) = widen::<F, N>(words[k]);
+            s += w0 * Vector::<F, N>::new(xv.extract(2 * w));
+            s += w1 * Vector::<F, N>::new(xv.extract(2 * w + 1));
+            k += step;
+        }
+        p += per_load;
+    }
+    s
+}

@@ -130,7 +130,7 @@ pub fn matvec_bf16(
 mod kernel {
     use cubecl::prelude::*;
 
-    use crate::lanes::{load_vec, widen};
+    use crate::lanes::{dot, dot_pairs, load_vec};
     use crate::panel::panel_walk;
     use crate::split::combine;
 
@@ -158,23 +158,10 @@ mod kernel {
         let inputs = wt.shape(0);
         let start = min(UNIT_POS_Y as usize * chunk as usize, inputs);
         let end = min(start + chunk as usize, inputs);
-        let xm = x.vector_size();
         let (first, step) = panel_walk(c, cols, inputs, panel as usize);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            let mut at = first + start * step;
-            let mut j = start;
-            while j < end {
-                // One load of x serves `xm` weight rows (on lavapipe a load costs a loop over
-                // the batch's lanes, x's as much as the weights').
-                let xv = x[(r * inputs + j) / xm];
-                #[unroll]
-                for l in 0..xm {
-                    s += Vector::<F, N>::cast_from(wt[at]) * Vector::<F, N>::new(xv.extract(l));
-                    at += step;
-                }
-                j += xm;
-            }
+            s = dot::<F, W, N, M>(wt, first + start * step, step, x, r * inputs, start, end);
         }
         s = combine::<F, N>(s, ways);
         if live && UNIT_POS_Y == 0 {
@@ -207,24 +194,10 @@ mod kernel {
         let pairs = words.shape(0);
         let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
         let end = min(start + chunk as usize, pairs);
-        let xm = x.vector_size();
-        let per_load = comptime!(xm / 2);
         let (first, step) = panel_walk(c, cols, pairs, panel as usize);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            let mut at = first + start * step;
-            let mut p = start;
-            while p < end {
-                let xv = x[(r * 2 * pairs + 2 * p) / xm];
-                #[unroll]
-                for w in 0..per_load {
-                    let (w0, w1) = widen::<F, N>(words[at]);
-                    s += w0 * Vector::<F, N>::new(xv.extract(2 * w));
-                    s += w1 * Vector::<F, N>::new(xv.extract(2 * w + 1));
-                    at += step;
-                }
-                p += per_load;
-            }
+            s = dot_pairs::<F, N, M>(words, first + start * step, step, x, r * 2 * pairs, start, end);
         }
         s = combine::<F, N>(s, ways);
         if live && UNIT_POS_Y == 0 {

@@ -89,8 +89,9 @@ mod kernel {
     }
 }
 
-fn reorder(t: Tensor<2>, to_panels: bool) -> Result<Tensor<2>, ShaderError> {
-    let c = burn_cubecl::kernel::into_contiguous(cube_float(t)?);
+/// `t` (`[steps, cols]`) reordered into panels, or out of them, in a new tensor.
+fn reorder(t: &CubeTensor, to_panels: bool) -> Tensor<2> {
+    let c = burn_cubecl::kernel::into_contiguous(t.clone());
     let client = c.client.clone();
     let out = burn_cubecl::ops::numeric::empty_device_dtype(
         client.clone(),
@@ -109,19 +110,18 @@ fn reorder(t: Tensor<2>, to_panels: bool) -> Result<Tensor<2>, ShaderError> {
         to_panels,
         burn::backend::cubecl::dtype_to_storage_type(c.dtype),
     );
-    Ok(from_cube(out))
+    from_cube(out)
 }
 
 /// A `[steps, cols]` matrix (any float type; the values' bits are copied) in panels, with the
 /// same shape: only the panelled kernels read it right.
 pub fn to_panels(plain: Tensor<2>) -> Result<Tensor<2>, ShaderError> {
-    reorder(plain, true)
+    Ok(reorder(&cube_float(plain)?, true))
 }
 
 /// The plain rows of a panelled matrix (for burn's matmul in a prefill).
 pub fn from_panels(panelled: &CubeTensor) -> Tensor<2> {
-    // The tensor came from `to_panels`, so it is a CubeCL tensor.
-    reorder(from_cube(panelled.clone()), false).unwrap_or_else(|_| unreachable!("a CubeCL tensor"))
+    reorder(panelled, false)
 }
 
 /// Matrices with the same inputs side by side, each in its `Layout`: the joined matrix and its

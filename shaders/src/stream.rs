@@ -73,7 +73,6 @@ pub struct ReadProbe {
     input: burn_cubecl::tensor::CubeTensor,
     out: burn_cubecl::tensor::CubeTensor,
     cubes: u32,
-    order: Order,
 }
 
 /// A probe's rates: each order's median seconds per byte.
@@ -95,11 +94,11 @@ impl ReadRates {
 impl ReadProbe {
     /// `values` f32 values (rounded down to a multiple of four), read by `cubes` cubes of 256
     /// units.
-    pub fn new(values: usize, cubes: u32, order: Order, device: &burn::tensor::Device) -> Result<Self, ShaderError> {
+    pub fn new(values: usize, cubes: u32, device: &burn::tensor::Device) -> Result<Self, ShaderError> {
         let values = (values / 4).max(1) * 4;
         let input = cube_float(Tensor::<1>::ones([values], device))?;
         let out = cube_float(Tensor::<1>::zeros([(cubes * UNITS) as usize], device))?;
-        Ok(Self { input, out, cubes, order })
+        Ok(Self { input, out, cubes })
     }
 
     /// Bytes one `queue` reads.
@@ -107,8 +106,8 @@ impl ReadProbe {
         (self.input.meta.shape().num_elements() * DType::F32.size()) as u64
     }
 
-    /// Queues one read of the whole buffer.
-    pub fn queue(&self) {
+    /// Queues one read of the whole buffer in `order`.
+    pub fn queue(&self, order: Order) {
         let units = self.cubes * UNITS;
         // Vectors per run, a whole number of steps of `RUN`.
         let vectors = self.input.meta.shape().num_elements() / 4;
@@ -123,7 +122,7 @@ impl ReadProbe {
             self.out.clone().into_tensor_arg(),
             units,
             per_run as u32,
-            self.order == Order::Runs,
+            order == Order::Runs,
         );
     }
 
@@ -138,18 +137,15 @@ impl ReadProbe {
         repeats: usize,
     ) -> Result<ReadRates, ShaderError> {
         let sync = || device.sync().map_err(|e| ShaderError::Device(format!("reading a probe buffer: {e:?}")));
-        let mut probe = Self::new((bytes / 4).max(4), 1024, Order::GridStride, device)?;
+        let probe = Self::new((bytes / 4).max(4), 1024, device)?;
+        let orders = [Order::GridStride, Order::Runs];
         let mut times = [Vec::with_capacity(repeats.max(1)), Vec::with_capacity(repeats.max(1))];
-        for order in [Order::GridStride, Order::Runs] {
-            probe.order = order;
-            probe.queue();
-        }
+        orders.iter().for_each(|&order| probe.queue(order));
         sync()?;
         for _ in 0..repeats.max(1) {
-            for (o, order) in [Order::GridStride, Order::Runs].into_iter().enumerate() {
-                probe.order = order;
+            for (o, &order) in orders.iter().enumerate() {
                 let start = Instant::now();
-                (0..chain).for_each(|_| probe.queue());
+                (0..chain).for_each(|_| probe.queue(order));
                 sync()?;
                 times[o].push(start.elapsed().as_secs_f64());
             }
@@ -178,8 +174,8 @@ mod tests {
     fn the_read_probe_reads_every_value_once() {
         for order in [Order::GridStride, Order::Runs] {
             for values in [4 * 1000 + 4, 4 * 7, 4 * 70_001] {
-                let probe = ReadProbe::new(values, 2, order, &device()).unwrap();
-                probe.queue();
+                let probe = ReadProbe::new(values, 2, &device()).unwrap();
+                probe.queue(order);
                 let total: f32 = probe.sums().iter().sum();
                 assert_eq!(total, values as f32, "{order:?}, {values} values");
                 assert_eq!(probe.bytes(), values as u64 * 4);

@@ -16,7 +16,7 @@ use cubecl::prelude::*;
 
 use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::ShaderError;
-use crate::lanes::{contiguous, input_lanes, load_vec, widen};
+use crate::lanes::{contiguous, dot_pairs, input_lanes, load_vec, widen};
 use crate::panel::{PANEL, panel_at, panel_walk};
 use crate::split::{combine, combine_pair};
 
@@ -114,25 +114,11 @@ fn down_bf16_kernel<F: Float, I: Numeric, N: Size, M: Size>(
     let start = min(UNIT_POS_Y as usize * chunk as usize, pairs);
     let end = min(start + chunk as usize, pairs);
     let inter = 2 * pairs;
-    let am = act.vector_size();
-    let per_load = comptime!(am / 2);
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            let mut at = base + start * step;
-            let mut p = start;
-            while p < end {
-                let av = act[(o * inter + 2 * p) / am];
-                #[unroll]
-                for w in 0..per_load {
-                    let (d0, d1) = widen::<F, N>(down[at]);
-                    s += d0 * Vector::<F, N>::new(av.extract(2 * w));
-                    s += d1 * Vector::<F, N>::new(av.extract(2 * w + 1));
-                    at += step;
-                }
-                p += per_load;
-            }
+            s = dot_pairs::<F, N, M>(down, base + start * step, step, act, o * inter, start, end);
         }
         s = combine::<F, N>(s, ways);
         if live && UNIT_POS_Y == 0 {

@@ -11,7 +11,7 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::common::{ExpertExtras, Launch, Work, activate, group_at};
 use crate::bridge::{ShaderError, cube_float};
-use crate::lanes::{contiguous, input_lanes, load_vec};
+use crate::lanes::{contiguous, dot, input_lanes, load_vec};
 use crate::panel::{PANEL, panel_at, panel_walk};
 use crate::split::{combine, combine_pair};
 
@@ -109,23 +109,12 @@ fn down_kernel<F: Float, W: Float, I: Numeric, N: Size, M: Size>(
     let base = group.slot * inter * row + first;
     let start = min(UNIT_POS_Y as usize * chunk as usize, inter);
     let end = min(start + chunk as usize, inter);
-    let am = act.vector_size();
     let out = y_offset as usize + h;
     for a in group.start..group.end {
         let o = usize::cast_from(assign[a * 2 + 1]);
         let mut s = Vector::<F, N>::new(F::new(0.0));
         if live {
-            let mut at = base + start * step;
-            let mut i = start;
-            while i < end {
-                let av = act[(o * inter + i) / am];
-                #[unroll]
-                for l in 0..am {
-                    s += Vector::<F, N>::cast_from(down[at]) * Vector::<F, N>::new(av.extract(l));
-                    at += step;
-                }
-                i += am;
-            }
+            s = dot::<F, W, N, M>(down, base + start * step, step, act, o * inter, start, end);
         }
         s = combine::<F, N>(s, ways);
         if live && UNIT_POS_Y == 0 {
